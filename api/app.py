@@ -1,0 +1,105 @@
+"""The FastAPI application: ``create_app()``; run with ``dagsmith api``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
+
+import dagsmith
+from api import errors
+from api.deps import AppState
+from api.events_hub import EventsHub
+from api.routes import system, workflows
+from controller.db import create_engine
+from dagsmith.settings import Settings, get_settings
+from dagsmith.spec import WorkflowDocument
+
+REQUEST_SECONDS = Histogram(
+    "dagsmith_api_request_seconds",
+    "API request latency.",
+    ["method", "route", "status"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = create_engine(settings.database_url.get_secret_value(), settings.db_pool_size, name="dagsmith-api")
+        hub = EventsHub(settings.psycopg_dsn())
+        hub.start()
+        app.state.dagsmith = AppState(settings=settings, db=db, hub=hub)
+        yield
+        await hub.stop()
+        await db.dispose()
+
+    app = FastAPI(
+        title="Dagsmith",
+        version=dagsmith.__version__,
+        description="Submit workflow DAGs, watch them run, fetch their results.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.include_router(workflows.router)
+    app.include_router(system.router)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        length = request.headers.get("content-length")
+        limit = settings.max_body_bytes
+        if length is not None and length.isdigit() and int(length) > limit:
+            return JSONResponse(
+                errors.error_body(
+                    "too_large",
+                    f"request body is {length} bytes; the limit is {limit} (DAGSMITH_MAX_BODY_BYTES)",
+                ),
+                status_code=413,
+            )
+        if request.method in ("POST", "PUT", "PATCH") and length is None:
+            body = b""
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    return JSONResponse(
+                        errors.error_body("too_large", f"request body is over the limit of {limit} bytes"),
+                        status_code=413,
+                    )
+            request._body = body  # the route reads the buffered body
+        return await call_next(request)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        import time
+
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        REQUEST_SECONDS.labels(request.method, path, str(response.status_code)).observe(time.perf_counter() - start)
+        return response
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        spec_schema = WorkflowDocument.model_json_schema(by_alias=True, ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(spec_schema.pop("$defs", {}))
+        components["WorkflowDocument"] = spec_schema
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,150 @@
+"""Response bodies, as pydantic models, so /openapi.json describes exactly what the API returns."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class Problem(BaseModel):
+    path: str
+    message: str
+    code: str
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Submitted(BaseModel):
+    id: str
+    name: str
+    namespace: str
+    status: str
+    created: bool = Field(description="False when an earlier submission with the same Idempotency-Key is returned.")
+    warnings: list[Problem] = Field(default_factory=list)
+
+
+class Progress(BaseModel):
+    total: int
+    pending: int
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    skipped: int
+    cancelled: int
+
+
+class Workflow(BaseModel):
+    id: str
+    name: str
+    namespace: str
+    labels: dict[str, str]
+    status: str
+    source: str
+    progress: Progress
+    total_reward: float
+    dag_revision: int
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: dict[str, Any] | None
+
+
+class WorkflowList(BaseModel):
+    items: list[Workflow]
+    next_cursor: str | None = Field(None, description="Pass as ?cursor= to get the next page.")
+
+
+class Task(BaseModel):
+    id: int
+    name: str
+    type: str
+    status: str
+    depends_on: list[str]
+    params: dict[str, Any]
+    resolved_params: dict[str, Any] | None
+    attempt: int
+    retries: int
+    max_retries: int
+    output: Any = None
+    error: dict[str, Any] | None
+    reward: float | None
+    feedback_notes: dict[str, Any] | None
+    executor_id: str | None
+    not_before: datetime | None
+    queued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    inserted_by_revision: int | None
+
+
+class TaskList(BaseModel):
+    items: list[Task]
+    next_after: int | None = Field(None, description="Pass as ?after= to get the next page.")
+
+
+class Result(BaseModel):
+    id: str
+    status: str
+    output: Any = None
+    error: dict[str, Any] | None
+    total_reward: float
+
+
+class DagNode(BaseModel):
+    id: str
+    task_id: int
+    type: str
+    status: str
+    reward: float | None
+    attempt: int
+    inserted: bool
+    rerouted: bool
+
+
+class DagEdge(BaseModel):
+    from_: str = Field(alias="from")
+    to: str
+
+
+class Dag(BaseModel):
+    workflow_id: str
+    revision: int
+    nodes: list[DagNode]
+    edges: list[DagEdge]
+
+
+class Cancelled(BaseModel):
+    id: str
+    status: Literal["cancelling"]
+
+
+class Executor(BaseModel):
+    id: str
+    types: list[str]
+    capabilities: list[dict[str, Any]]
+    version: str
+    hostname: str
+    pid: int
+    concurrency: int
+    running: int
+    stopping: bool
+    alive: bool
+    first_seen: datetime
+    last_heartbeat: datetime
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = Field(default_factory=dict)

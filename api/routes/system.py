@@ -1,0 +1,57 @@
+"""/v1/executors, /healthz, /readyz."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aio_pika
+import sqlalchemy as sa
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from api.deps import Conn, State
+from api.models import Executor, Health
+from controller import queries
+
+router = APIRouter()
+
+
+@router.get("/v1/executors", response_model=list[Executor], tags=["executors"], summary="Registered executors")
+async def list_executors(conn: Conn, state: State) -> list[Executor]:
+    window = state.settings.heartbeat_interval * 3
+    return [Executor(**e) for e in await queries.list_executors(conn, window)]
+
+
+@router.get("/healthz", response_model=Health, tags=["system"], summary="The process is up")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=Health,
+    responses={503: {"model": Health, "description": "Postgres or RabbitMQ is not reachable."}},
+    tags=["system"],
+    summary="Postgres and RabbitMQ are reachable",
+)
+async def readyz(state: State) -> JSONResponse:
+    checks: dict[str, str] = {}
+    try:
+        async with state.db.connect() as conn:
+            await asyncio.wait_for(conn.execute(sa.text("SELECT 1")), timeout=3)
+        checks["postgres"] = "ok"
+    except Exception as exc:
+        checks["postgres"] = f"unreachable: {type(exc).__name__}"
+    try:
+        connection = await asyncio.wait_for(
+            aio_pika.connect(state.settings.amqp_url.get_secret_value(), timeout=3), timeout=4
+        )
+        await connection.close()
+        checks["rabbitmq"] = "ok"
+    except Exception as exc:
+        checks["rabbitmq"] = f"unreachable: {type(exc).__name__}"
+    ok = all(v == "ok" for v in checks.values())
+    return JSONResponse(
+        Health(status="ok" if ok else "unavailable", checks=checks).model_dump(),
+        status_code=200 if ok else 503,
+    )

@@ -1,0 +1,260 @@
+"""/v1/workflows: submit, list, inspect, watch, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+import orjson
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import PlainTextResponse
+from prometheus_client import Counter
+from sse_starlette.sse import EventSourceResponse
+
+from api.dag_render import nodes_and_edges, to_dot, to_mermaid
+from api.deps import AppState, Conn, State
+from api.errors import APIError
+from api.models import Cancelled, Dag, ErrorResponse, Result, Submitted, TaskList, Workflow, WorkflowList
+from controller import queries
+from controller.store import known_task_types
+from controller.submit import submit
+from dagsmith.validation import load_document, validate
+
+router = APIRouter(prefix="/v1/workflows", tags=["workflows"])
+
+SUBMITTED = Counter("dagsmith_api_workflows_submitted_total", "Workflows accepted by the API.", ["source"])
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorResponse, "description": "No such workflow."},
+    422: {"model": ErrorResponse, "description": "Invalid request."},
+}
+
+
+async def _known_types(state: AppState, conn: Conn) -> set[str]:
+    fetched_at, types = state.known_types
+    if time.monotonic() - fetched_at > 5.0:
+        types = await known_task_types(conn)
+        state.known_types = (time.monotonic(), types)
+    return types
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=Submitted,
+    responses={
+        200: {
+            "model": Submitted,
+            "description": "Same Idempotency-Key as an earlier submission: that workflow.",
+        },
+        409: {"model": ErrorResponse, "description": "Idempotency-Key reused with a different document."},
+        413: {"model": ErrorResponse, "description": "Body larger than DAGSMITH_MAX_BODY_BYTES."},
+        422: {
+            "model": ErrorResponse,
+            "description": "Invalid workflow document; details.problems lists each.",
+        },
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/WorkflowDocument"}},
+                "application/yaml": {"schema": {"$ref": "#/components/schemas/WorkflowDocument"}},
+            },
+        }
+    },
+    summary="Submit a workflow (JSON or YAML)",
+)
+async def submit_workflow(
+    request: Request,
+    response: Response,
+    state: State,
+    conn: Conn,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> Submitted:
+    body = await request.body()
+    raw = load_document(body, request.headers.get("content-type", ""))
+    checked = validate(raw, state.settings.limits(), await _known_types(state, conn))
+    namespace = checked.document.metadata.namespace or "default"
+    await conn.commit()  # end the read transaction; the write below is its own
+    async with state.db.begin() as tx:
+        result = await submit(tx, checked, namespace=namespace, idempotency_key=idempotency_key, source="api")
+    if result.created:
+        SUBMITTED.labels("api").inc()
+    else:
+        response.status_code = 200
+    return Submitted(
+        id=str(result.id),
+        name=checked.document.metadata.name,
+        namespace=namespace,
+        status=result.status,
+        created=result.created,
+        warnings=checked.warnings,
+    )
+
+
+def _labels(selectors: list[str]) -> dict[str, str]:
+    labels = {}
+    for selector in selectors:
+        key, sep, value = selector.partition("=")
+        if not sep or not key:
+            raise APIError(422, "invalid_request", f"label filter {selector!r} must look like key=value")
+        labels[key] = value
+    return labels
+
+
+@router.get("", response_model=WorkflowList, responses=_ERRORS, summary="List workflows, newest first")
+async def list_workflows(
+    conn: Conn,
+    status: Annotated[list[Literal["pending", "running", "succeeded", "failed", "cancelled"]] | None, Query()] = None,
+    label: Annotated[list[str] | None, Query(description="key=value; repeat to require several")] = None,
+    name: Annotated[str | None, Query(max_length=253)] = None,
+    namespace: Annotated[str | None, Query(max_length=63)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
+) -> WorkflowList:
+    try:
+        rows, next_cursor = await queries.list_workflows(
+            conn,
+            namespaces=[namespace] if namespace else None,
+            status=list(status) if status else None,
+            labels=_labels(label or []),
+            name=name,
+            limit=limit,
+            cursor=cursor,
+        )
+    except ValueError as exc:
+        raise APIError(422, "invalid_request", str(exc)) from exc
+    return WorkflowList(items=[Workflow(**queries.workflow_summary(r)) for r in rows], next_cursor=next_cursor)
+
+
+@router.get("/{workflow_id}", response_model=Workflow, responses=_ERRORS, summary="A workflow's status and progress")
+async def get_workflow(workflow_id: str, conn: Conn) -> Workflow:
+    row = await queries.get_workflow(conn, queries.parse_id(workflow_id))
+    return Workflow(**queries.workflow_summary(row))
+
+
+@router.get("/{workflow_id}/tasks", response_model=TaskList, responses=_ERRORS, summary="A workflow's tasks")
+async def list_tasks(
+    workflow_id: str,
+    conn: Conn,
+    status: Annotated[
+        list[Literal["pending", "queued", "running", "succeeded", "failed", "skipped", "cancelled"]] | None,
+        Query(),
+    ] = None,
+    after: Annotated[int | None, Query(ge=0, le=2**62)] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> TaskList:
+    wid = queries.parse_id(workflow_id)
+    await queries.get_workflow(conn, wid)
+    rows, next_after = await queries.list_tasks(
+        conn, wid, status=list(status) if status else None, after=after, limit=limit
+    )
+    return TaskList(items=[queries.task_json(r) for r in rows], next_after=next_after)
+
+
+@router.get(
+    "/{workflow_id}/result",
+    response_model=Result,
+    responses={**_ERRORS, 409: {"model": ErrorResponse, "description": "The workflow has not finished yet."}},
+    summary="The workflow's output once it has finished",
+)
+async def get_result(workflow_id: str, conn: Conn) -> Result:
+    row = await queries.get_workflow(conn, queries.parse_id(workflow_id))
+    if row.status not in queries.TERMINAL:
+        done = row.n_total - row.n_pending - row.n_queued - row.n_running
+        raise APIError(
+            409,
+            "not_finished",
+            f"workflow {row.id} is {row.status} ({done}/{row.n_total} tasks done)",
+            {"status": row.status},
+        )
+    return Result(id=str(row.id), status=row.status, output=row.output, error=row.error, total_reward=row.total_reward)
+
+
+@router.get(
+    "/{workflow_id}/dag",
+    response_model=Dag,
+    responses={**_ERRORS, 200: {"content": {"text/plain": {}}, "description": "JSON, or Mermaid/DOT text"}},
+    summary="The DAG with each node's status and reward (json, mermaid or dot)",
+)
+async def get_dag(workflow_id: str, conn: Conn, format: Literal["json", "mermaid", "dot"] = "json") -> Any:
+    row = await queries.get_workflow(conn, queries.parse_id(workflow_id))
+    graph = nodes_and_edges(await queries.dag_rows(conn, row.id))
+    if format == "mermaid":
+        return PlainTextResponse(to_mermaid(graph))
+    if format == "dot":
+        return PlainTextResponse(to_dot(graph, row.name))
+    return Dag(workflow_id=str(row.id), revision=row.dag_revision, **graph)
+
+
+@router.get(
+    "/{workflow_id}/events",
+    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}},
+    summary="Live task transitions as Server-Sent Events (ends when the workflow finishes)",
+)
+async def stream_events(
+    workflow_id: str,
+    request: Request,
+    state: State,
+    conn: Conn,
+    after: Annotated[int, Query(ge=0, le=2**62, description="Only events with a larger id")] = 0,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> EventSourceResponse:
+    wid = queries.parse_id(workflow_id)
+    await queries.get_workflow(conn, wid)
+    if state.hub.streams >= state.settings.max_sse_connections:
+        raise APIError(
+            503,
+            "too_many_streams",
+            f"this API serves at most {state.settings.max_sse_connections} event streams "
+            "(DAGSMITH_MAX_SSE_CONNECTIONS)",
+        )
+    if last_event_id and last_event_id.isdigit():
+        after = max(after, int(last_event_id))
+    return EventSourceResponse(_events(request, state, wid, after), ping=15)
+
+
+async def _events(request: Request, state: AppState, wid: Any, after: int) -> AsyncIterator[dict[str, Any]]:
+    wake = state.hub.watch(str(wid))
+    try:
+        while True:
+            wake.clear()
+            async with state.db.connect() as conn:
+                rows = await queries.events_after(conn, wid, after)
+                status = (await queries.get_workflow(conn, wid)).status
+            for row in rows:
+                after = row.id
+                yield {
+                    "id": str(row.id),
+                    "event": "transition",
+                    "data": orjson.dumps(queries.event_json(row)).decode(),
+                }
+            if len(rows) == 1000:
+                continue
+            if status in queries.TERMINAL:
+                yield {"event": "end", "data": orjson.dumps({"status": status}).decode()}
+                return
+            if await request.is_disconnected():
+                return
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=15.0)
+            except TimeoutError:
+                pass
+    finally:
+        state.hub.unwatch(str(wid), wake)
+
+
+@router.post(
+    "/{workflow_id}/cancel",
+    status_code=202,
+    response_model=Cancelled,
+    responses={**_ERRORS, 409: {"model": ErrorResponse, "description": "Already finished."}},
+    summary="Cancel a workflow: running tasks are told to stop, queued ones are dropped",
+)
+async def cancel_workflow(workflow_id: str, state: State) -> Cancelled:
+    wid = queries.parse_id(workflow_id)
+    async with state.db.begin() as tx:
+        await queries.request_cancel(tx, wid)
+    return Cancelled(id=str(wid), status="cancelling")

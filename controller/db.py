@@ -1,0 +1,70 @@
+"""Database engine, transactions that retry on transient errors, and notification channels."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import structlog
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+# NOTIFY channels. Payloads are workflow ids.
+CHANNEL_WORKFLOWS = "dagsmith_workflows"  # a workflow needs the controller (new, cancel, surgery)
+CHANNEL_EVENTS = "dagsmith_events"  # a workflow's tasks changed (for event streams)
+
+# SQLSTATEs worth retrying the whole transaction for.
+_RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "08000", "08003", "08006"}
+
+
+def create_engine(url: str, pool_size: int = 10, name: str = "dagsmith") -> AsyncEngine:
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        connect_args={"application_name": name},
+    )
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Deadlocks, serialization failures and lost connections: retrying the transaction helps."""
+    if isinstance(exc, OperationalError | DBAPIError) and getattr(exc, "connection_invalidated", False):
+        return True
+    orig = getattr(exc, "orig", None)
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate in _RETRYABLE_SQLSTATES:
+        return True
+    return isinstance(exc, OperationalError | ConnectionError | OSError)
+
+
+async def in_transaction(
+    engine: AsyncEngine,
+    work: Callable[[AsyncConnection], Awaitable[T]],
+    *,
+    what: str,
+    attempts: int | None = None,
+) -> T:
+    """Run ``work`` in a transaction, retrying it whole on transient errors (forever if attempts is None).
+
+    ``work`` must be safe to repeat: it is only ever partly done if the transaction rolled back.
+    """
+    delay = 0.05
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            async with engine.begin() as conn:
+                return await work(conn)
+        except Exception as exc:
+            if not is_transient(exc) or (attempts is not None and attempt >= attempts):
+                raise
+            log.warning("transaction failed; retrying", what=what, attempt=attempt, error=str(exc)[:300])
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)

@@ -1,0 +1,473 @@
+"""The reconciliation round: the I/O shell around :mod:`controller.reconcile`.
+
+One round = one transaction over a batch of inbound messages and the workflows they touch:
+lock the workflows, apply started/evaluated/dead-lettered attempts, then plan each workflow and
+dispatch what became ready. Task messages are published (with confirms) *before* the commit, so a
+crash can at worst publish an attempt twice — never lose one. Messages are acked after the commit.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from controller import metrics, store
+from controller.db import in_transaction
+from controller.dispatch import Prepared, Publisher, prepare, template_context
+from controller.reconcile import (
+    CancelWorkflow,
+    Dispatch,
+    FailTask,
+    Failure,
+    FinishWorkflow,
+    Ignore,
+    ScheduleRetry,
+    StartWorkflow,
+    Succeed,
+    accepts_result,
+    on_failure,
+    on_result,
+    plan,
+)
+from controller.states import TERMINAL_WORKFLOW, WorkflowStatus
+from controller.store import Event, Events, Outcome, TaskRow, WorkflowRow
+from dagsmith.errors import ErrorClass, TemplateError
+from dagsmith.messages import EvaluatedMessage, StartedMessage, TaskMessage
+from dagsmith.settings import Settings
+from dagsmith.templating import render
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Inbound:
+    evaluated: list[EvaluatedMessage] = field(default_factory=list)
+    started: list[StartedMessage] = field(default_factory=list)
+    dead: list[tuple[TaskMessage, int]] = field(default_factory=list)  # (message, deliveries)
+    dirty: set[uuid.UUID] = field(default_factory=set)
+
+    def __len__(self) -> int:
+        return len(self.evaluated) + len(self.started) + len(self.dead) + len(self.dirty)
+
+
+@dataclass
+class RoundResult:
+    again: set[uuid.UUID] = field(default_factory=set)  # workflows with more to do right away
+    cancelled: set[uuid.UUID] = field(default_factory=set)  # tell executors to stop these
+    dispatched: int = 0
+    applied: int = 0
+
+
+# Decisions the correction layer may replace: (conn, workflow, task, failure, now) -> action.
+FailureHandler = Callable[[AsyncConnection, WorkflowRow, TaskRow, Failure, float], Awaitable[ScheduleRetry | FailTask]]
+
+
+class Engine:
+    def __init__(self, db: AsyncEngine, publisher: Publisher, settings: Settings) -> None:
+        self.db = db
+        self.publisher = publisher
+        self.settings = settings
+
+    async def run_round(self, inbound: Inbound) -> RoundResult:
+        started = time.perf_counter()
+        result = await in_transaction(self.db, lambda conn: self._round(conn, inbound), what="reconcile")
+        metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+        metrics.ROUND_SIZE.observe(len(inbound))
+        return result
+
+    async def _round(self, conn: AsyncConnection, inbound: Inbound) -> RoundResult:
+        now = time.time()
+        out = RoundResult()
+        events = Events()
+        touched = set(inbound.dirty)
+        touched |= {uuid.UUID(m.result.task.workflow_id) for m in inbound.evaluated}
+        touched |= {uuid.UUID(m.workflow_id) for m in inbound.started}
+        touched |= {uuid.UUID(m.workflow_id) for m, _ in inbound.dead}
+        workflows = await store.lock_workflows(conn, touched)
+        live = {wid for wid, wf in workflows.items() if wf.status not in TERMINAL_WORKFLOW}
+
+        await self._apply_started(conn, inbound.started, live, events)
+        ready_since: dict[int, float] = {}
+        out.applied = await self._apply_results(conn, inbound, workflows, live, events, ready_since, now)
+
+        workflows = await store.reload_counts(conn, {w: workflows[w] for w in live})
+        candidates = await store.load_candidates(conn, list(live), now, self.settings.controller_batch_size * 4)
+        by_workflow: dict[uuid.UUID, list[TaskRow]] = defaultdict(list)
+        for task in candidates:
+            by_workflow[task.workflow_id].append(task)
+
+        to_start: list[uuid.UUID] = []
+        to_dispatch: list[Prepared] = []
+        failures: list[tuple[TaskRow, ScheduleRetry | FailTask, None]] = []
+        for wid in sorted(live):
+            workflow = workflows[wid]
+            tasks = by_workflow.get(wid, [])
+            if len(tasks) >= self.settings.controller_batch_size * 4:
+                out.again.add(wid)
+            rows = {t.id: t for t in tasks}
+            for action in plan(workflow.view(), [t.view() for t in tasks], now):
+                match action:
+                    case StartWorkflow():
+                        to_start.append(wid)
+                    case Dispatch(task_id=task_id, attempt=attempt):
+                        task = rows[task_id]
+                        try:
+                            to_dispatch.append(await self._prepare(conn, workflow, task, attempt))
+                        except TemplateError as exc:
+                            failures.append(
+                                (
+                                    task,
+                                    FailTask(task_id, attempt, Failure(ErrorClass.invalid_input, str(exc))),
+                                    None,
+                                )
+                            )
+                            out.again.add(wid)
+                    case ScheduleRetry() | FailTask():
+                        metrics.LEASES_EXPIRED.inc()
+                        failures.append((rows[action.task_id], action, None))
+                        out.again.add(wid)
+                    case CancelWorkflow():
+                        await self._cancel(conn, workflow, now, events)
+                        out.cancelled.add(wid)
+                    case FinishWorkflow(status=status):
+                        await self._finish(conn, workflow, status, now, events)
+
+        await store.start_workflows(conn, to_start, now, events)
+        if failures:
+            await self._apply_failures(conn, [(t, a, None) for t, a, _ in failures], now, events)
+        if to_dispatch:
+            await self.publisher.publish(to_dispatch)
+            await store.mark_queued(conn, [(p.task.id, p.attempt, p.resolved) for p in to_dispatch], now)
+            for p in to_dispatch:
+                events.add(Event(p.task.workflow_id, "queued", p.task.id, p.task.name, p.attempt, "pending", at=now))
+                metrics.TASKS_DISPATCHED.labels(p.task.type).inc()
+                if p.task.id in ready_since:
+                    metrics.FINISH_TO_DISPATCH.observe(max(time.time() - ready_since[p.task.id], 0.0))
+        out.dispatched = len(to_dispatch)
+        await store.insert_events(conn, events)
+        return out
+
+    async def _prepare(self, conn: AsyncConnection, workflow: WorkflowRow, task: TaskRow, attempt: int) -> Prepared:
+        outputs = await store.outputs_of(conn, workflow.id, task.refs) if task.refs else {}
+        return prepare(task, attempt, workflow, outputs, self.settings.max_template_bytes)
+
+    async def _apply_started(
+        self, conn: AsyncConnection, started: list[StartedMessage], live: set[uuid.UUID], events: Events
+    ) -> None:
+        items = [
+            (m.task_id, m.attempt, m.executor_id, m.started_at) for m in started if uuid.UUID(m.workflow_id) in live
+        ]
+        rows = await store.mark_running(conn, items, self.settings.lease_ttl, self.settings.lease_grace)
+        dispatched_at = {(m.task_id, m.attempt): m for m in started}
+        for task_id, wid, name, attempt, old, at in rows:
+            if old == "queued":
+                events.add(Event(wid, "running", task_id, name, attempt, "queued", at=at))
+                m = dispatched_at.get((task_id, attempt))
+                if m is not None and m.dispatched_at:
+                    metrics.DISPATCH_TO_START.labels(m.type).observe(max(at - m.dispatched_at, 0.0))
+
+    async def _apply_results(
+        self,
+        conn: AsyncConnection,
+        inbound: Inbound,
+        workflows: dict[uuid.UUID, WorkflowRow],
+        live: set[uuid.UUID],
+        events: Events,
+        ready_since: dict[int, float],
+        now: float,
+    ) -> int:
+        ids = [m.result.task.task_id for m in inbound.evaluated] + [m.task_id for m, _ in inbound.dead]
+        if not ids:
+            return 0
+        tasks = await store.load_tasks(conn, ids)
+        seen: set[tuple[int, int]] = set()
+        decided: list[tuple[TaskRow, Succeed | ScheduleRetry | FailTask, EvaluatedMessage | None]] = []
+        rewards: dict[uuid.UUID, float] = defaultdict(float)
+        for m in inbound.evaluated:
+            ref = m.result.task
+            task = tasks.get(ref.task_id)
+            if task is None or task.workflow_id not in live or (ref.task_id, ref.attempt) in seen:
+                metrics.RESULTS_IGNORED.labels("duplicate_or_gone").inc()
+                continue
+            seen.add((ref.task_id, ref.attempt))
+            failure = None
+            if not m.evaluation.passed:
+                err = m.evaluation.error or m.result.error
+                failure = (
+                    Failure(err.error_class, err.message, err.details)
+                    if err
+                    else Failure(ErrorClass.unknown, "failed without an error")
+                )
+            action = on_result(task.view(), ref.attempt, m.evaluation.passed, failure, now)
+            if isinstance(action, Ignore):
+                metrics.RESULTS_IGNORED.labels("stale").inc()
+                log.debug("result ignored", task_id=action.task_id, attempt=action.attempt, reason=action.reason)
+                continue
+            if isinstance(action, FailTask | ScheduleRetry):
+                action = await self.handle_failure(conn, workflows[task.workflow_id], task, action, now)
+            assert isinstance(action, Succeed | FailTask | ScheduleRetry)
+            decided.append((task, action, m))
+            rewards[task.workflow_id] += m.evaluation.reward
+            metrics.RUN_SECONDS.labels(task.type).observe(m.result.duration)
+            if task.status == "queued":
+                events.add(
+                    Event(
+                        task.workflow_id,
+                        "running",
+                        task.id,
+                        task.name,
+                        ref.attempt,
+                        "queued",
+                        at=m.result.started_at,
+                        data={"executor": m.result.executor_id},
+                    )
+                )
+                if ref.dispatched_at:
+                    metrics.DISPATCH_TO_START.labels(task.type).observe(
+                        max(m.result.started_at - ref.dispatched_at, 0.0)
+                    )
+        for msg, deliveries in inbound.dead:
+            task = tasks.get(msg.task_id)
+            metrics.DEAD_LETTERS.inc()
+            if task is None or task.workflow_id not in live or accepts_result(task.view(), msg.attempt) is not None:
+                continue
+            failure = Failure(
+                ErrorClass.poison,
+                f"the task message was delivered {deliveries} times and crashed or was rejected by an "
+                "executor each time; it was dead-lettered",
+                {"deliveries": deliveries},
+            )
+            action = await self.handle_failure(
+                conn, workflows[task.workflow_id], task, on_failure(task.view(), failure, now), now
+            )
+            decided.append((task, action, None))
+        await self._apply_decisions(conn, decided, now, events, ready_since)
+        await store.add_rewards(conn, dict(rewards))
+        return len(decided)
+
+    async def handle_failure(
+        self,
+        conn: AsyncConnection,
+        workflow: WorkflowRow,
+        task: TaskRow,
+        action: ScheduleRetry | FailTask,
+        now: float,
+    ) -> ScheduleRetry | FailTask:
+        """Hook for Correction Mode; the core engine keeps the spec's retry policy as decided."""
+        return action
+
+    async def _apply_decisions(
+        self,
+        conn: AsyncConnection,
+        decided: list[tuple[TaskRow, Succeed | ScheduleRetry | FailTask, EvaluatedMessage | None]],
+        now: float,
+        events: Events,
+        ready_since: dict[int, float],
+    ) -> None:
+        succeeded: list[Outcome] = []
+        finished_at: dict[int, float] = {}
+        for task, action, m in decided:
+            if isinstance(action, Succeed) and m is not None:
+                outcome = _outcome(task, m, None, now)
+                succeeded.append(outcome)
+                finished_at[task.id] = outcome.finished_at
+                events.add(
+                    Event(
+                        task.workflow_id,
+                        "succeeded",
+                        task.id,
+                        task.name,
+                        action.attempt,
+                        "running",
+                        at=outcome.finished_at,
+                        data={"reward": m.evaluation.reward},
+                    )
+                )
+                metrics.TASKS_COMPLETED.labels(task.type, "succeeded").inc()
+        released = await store.mark_succeeded(conn, succeeded)
+        children: Counter[int] = Counter()
+        for task_id, kids in released:
+            for kid in kids:
+                children[kid] += 1
+                ready_since[kid] = max(ready_since.get(kid, 0.0), finished_at.get(task_id, now))
+        await store.release_children(conn, dict(children))
+        await self._apply_failures(
+            conn, [(t, a, m) for t, a, m in decided if isinstance(a, ScheduleRetry | FailTask)], now, events
+        )
+
+    async def _apply_failures(
+        self,
+        conn: AsyncConnection,
+        items: list[tuple[TaskRow, ScheduleRetry | FailTask, EvaluatedMessage | None]],
+        now: float,
+        events: Events,
+    ) -> None:
+        retries: list[Outcome] = []
+        not_before: list[float] = []
+        failed: list[Outcome] = []
+        for task, action, m in items:
+            error = _error_json(action.failure)
+            outcome = _outcome(task, m, error, now)
+            old = "running" if task.status in ("queued", "running") else str(task.status)
+            if isinstance(action, ScheduleRetry):
+                retries.append(outcome)
+                not_before.append(action.not_before)
+                events.add(
+                    Event(
+                        task.workflow_id,
+                        "pending",
+                        task.id,
+                        task.name,
+                        action.attempt,
+                        old,
+                        at=outcome.finished_at,
+                        reason=f"retry after {action.failure.error_class}",
+                        data={"error": error, "not_before": action.not_before},
+                    )
+                )
+                metrics.TASKS_COMPLETED.labels(task.type, "retried").inc()
+            else:
+                failed.append(outcome)
+                events.add(
+                    Event(
+                        task.workflow_id,
+                        "failed",
+                        task.id,
+                        task.name,
+                        action.attempt,
+                        old,
+                        at=outcome.finished_at,
+                        reason=str(action.failure.error_class),
+                        data={"error": error},
+                    )
+                )
+                metrics.TASKS_COMPLETED.labels(task.type, "failed").inc()
+            log.info(
+                "task attempt failed",
+                workflow_id=str(task.workflow_id),
+                task_id=task.id,
+                attempt=action.attempt,
+                task=task.name,
+                error_class=str(action.failure.error_class),
+                retry=isinstance(action, ScheduleRetry),
+            )
+        await store.schedule_retries(conn, retries, not_before)
+        await store.mark_failed(conn, failed)
+        names = {task.id: task.name for task, _, _ in items}
+        for row in await store.cancel_descendants(conn, [o.task_id for o in failed], now):
+            events.add(
+                Event(
+                    row.workflow_id,
+                    "cancelled",
+                    row.id,
+                    row.name,
+                    row.attempt,
+                    "pending",
+                    at=now,
+                    reason="upstream task failed",
+                )
+            )
+        del names
+
+    async def _cancel(self, conn: AsyncConnection, workflow: WorkflowRow, now: float, events: Events) -> None:
+        rows = await store.cancel_workflow(conn, workflow.id, now, "cancelled by request")
+        for row in rows:
+            events.add(
+                Event(
+                    workflow.id,
+                    "cancelled",
+                    row.id,
+                    row.name,
+                    row.attempt,
+                    row.old_status,
+                    at=now,
+                    reason="workflow cancelled",
+                )
+            )
+        events.add(
+            Event(
+                workflow.id,
+                "cancelled",
+                from_status=str(workflow.status),
+                reason="cancelled by request",
+                at=now,
+            )
+        )
+        metrics.WORKFLOWS_FINISHED.labels("cancelled").inc()
+        log.info("workflow cancelled", workflow_id=str(workflow.id), tasks_cancelled=len(rows))
+
+    async def _finish(
+        self, conn: AsyncConnection, workflow: WorkflowRow, status: WorkflowStatus, now: float, events: Events
+    ) -> None:
+        output: Any = None
+        error: dict[str, Any] | None = None
+        if status == WorkflowStatus.succeeded:
+            template, outputs = await store.output_context(conn, workflow.id)
+            if template is None:
+                output = {name: value["output"] for name, value in outputs.items()} if len(outputs) <= 100 else None
+            else:
+                try:
+                    output = render(
+                        template,
+                        template_context(workflow, None, outputs),
+                        max_bytes=self.settings.max_template_bytes,
+                        path="spec.output",
+                    )
+                except TemplateError as exc:
+                    status = WorkflowStatus.failed
+                    error = {
+                        "code": "output_error",
+                        "message": f"could not render the workflow output: {exc}",
+                    }
+        else:
+            first = await store.first_failure(conn, workflow.id)
+            if first is not None:
+                err = first.error or {}
+                error = {
+                    "code": "task_failed",
+                    "message": f"task {first.name!r} failed: {err.get('class', 'unknown')}: {err.get('message', '')}",
+                    "task": first.name,
+                    "error": err,
+                }
+            else:
+                error = {"code": "tasks_cancelled", "message": "tasks were cancelled"}
+        await store.finish_workflow(conn, workflow.id, status, now, output=output, error=error)
+        events.add(
+            Event(
+                workflow.id,
+                status.value,
+                from_status=str(workflow.status),
+                at=now,
+                reason="finished",
+                data={"error": error} if error else None,
+            )
+        )
+        metrics.WORKFLOWS_FINISHED.labels(status.value).inc()
+        log.info("workflow finished", workflow_id=str(workflow.id), status=status.value)
+
+
+def _error_json(failure: Failure) -> dict[str, Any]:
+    return {"class": str(failure.error_class), "message": failure.message, "details": failure.details}
+
+
+def _outcome(task: TaskRow, m: EvaluatedMessage | None, error: dict[str, Any] | None, now: float) -> Outcome:
+    if m is None:
+        return Outcome(task.id, None, error, None, None, None, None, now)
+    r = m.result
+    return Outcome(
+        task_id=task.id,
+        output=r.output if error is None else None,
+        error=error,
+        reward=m.evaluation.reward,
+        feedback=m.evaluation.feedback,
+        executor_id=r.executor_id,
+        started_at=r.started_at,
+        finished_at=r.finished_at,
+    )

@@ -1,0 +1,45 @@
+"""Run the Alembic migrations programmatically (``dagsmith migrate``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import create_engine, pool
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+def alembic_config(database_url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    return config
+
+
+def upgrade(database_url: str, revision: str = "head") -> None:
+    engine = create_engine(database_url, poolclass=pool.NullPool)
+    with engine.begin() as conn:
+        # One migrator at a time: several services may start together and all run migrations.
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7428113)")
+        config = alembic_config(database_url)
+        config.attributes["connection"] = conn
+        command.upgrade(config, revision)
+
+
+def downgrade(database_url: str, revision: str) -> None:
+    engine = create_engine(database_url, poolclass=pool.NullPool)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7428113)")
+        config = alembic_config(database_url)
+        config.attributes["connection"] = conn
+        command.downgrade(config, revision)
+
+
+def current(database_url: str) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    engine = create_engine(database_url, poolclass=pool.NullPool)
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()

@@ -1,0 +1,290 @@
+"""The controller process: consumes executor reports, wakes on NOTIFY and timers, runs rounds.
+
+Woken, never polling: a round runs when a message arrives, when the API notifies a new or
+cancelled workflow, or when the earliest backoff/lease timer is due. A slow resync
+(``DAGSMITH_RESYNC_INTERVAL``) catches anything a crash may have dropped on the floor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from typing import Any
+
+import aio_pika
+import psycopg
+import sqlalchemy as sa
+import structlog
+from aio_pika.abc import AbstractIncomingMessage
+from prometheus_client import start_http_server
+from pydantic import ValidationError
+
+from controller import metrics, store
+from controller.db import CHANNEL_WORKFLOWS, create_engine, in_transaction
+from controller.dispatch import Publisher
+from controller.engine import Engine, Inbound
+from dagsmith.amqp import Names, Topology, connect, persistent
+from dagsmith.messages import CancelMessage, EvaluatedMessage, EventEnvelope, HeartbeatMessage, TaskMessage
+from dagsmith.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_METRICS_PORT = 9101
+
+
+class Controller:
+    def __init__(self, settings: Settings, engine_class: type[Engine] = Engine) -> None:
+        self.settings = settings
+        self.engine_class = engine_class
+        self.names = Names(settings.amqp_prefix)
+        self.inbox: list[tuple[str, Any, AbstractIncomingMessage | None]] = []
+        self.dirty: set[uuid.UUID] = set()
+        self.wake = asyncio.Event()
+        self.resync_now = asyncio.Event()
+        self.heartbeats: asyncio.Queue[tuple[HeartbeatMessage, AbstractIncomingMessage]] = asyncio.Queue()
+        self.known_capabilities: dict[str, str] = {}
+        self.rounds = 0
+
+    # --- inbound ---------------------------------------------------------------------------
+
+    async def _on_evaluated(self, message: AbstractIncomingMessage) -> None:
+        try:
+            parsed = EvaluatedMessage.model_validate_json(message.body)
+        except ValidationError as exc:
+            log.error("dropping unreadable evaluated message", error=str(exc)[:500])
+            await message.reject()
+            return
+        self.inbox.append(("evaluated", parsed, message))
+        self.wake.set()
+
+    async def _on_event(self, message: AbstractIncomingMessage) -> None:
+        try:
+            event = EventEnvelope.model_validate_json(message.body).event
+        except ValidationError as exc:
+            log.error("dropping unreadable executor event", error=str(exc)[:500])
+            await message.reject()
+            return
+        if isinstance(event, HeartbeatMessage):
+            await self.heartbeats.put((event, message))
+        else:
+            self.inbox.append(("started", event, message))
+            self.wake.set()
+
+    async def _on_dead(self, message: AbstractIncomingMessage) -> None:
+        try:
+            parsed = TaskMessage.model_validate_json(message.body)
+        except ValidationError:
+            await message.reject()
+            return
+        headers = message.headers or {}
+        deliveries = int(str(headers.get("x-delivery-count") or self.settings.delivery_limit))
+        self.inbox.append(("dead", (parsed, deliveries), message))
+        self.wake.set()
+
+    # --- the loop --------------------------------------------------------------------------
+
+    async def _rounds(self, engine: Engine, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            if not self.inbox and not self.dirty:
+                self.wake.clear()
+                waiter = asyncio.ensure_future(self.wake.wait())
+                stopper = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                stopper.cancel()
+                continue
+            batch = self.inbox[: self.settings.controller_batch_size]
+            del self.inbox[: len(batch)]
+            inbound = Inbound(dirty=set(self.dirty))
+            self.dirty.clear()
+            for kind, item, _ in batch:
+                if kind == "evaluated":
+                    inbound.evaluated.append(item)
+                elif kind == "started":
+                    inbound.started.append(item)
+                else:
+                    inbound.dead.append(item)
+            try:
+                result = await engine.run_round(inbound)
+            except Exception:
+                log.exception("reconciliation round failed; retrying its messages one by one")
+                await self._isolate(engine, batch, inbound.dirty)
+                continue
+            self.rounds += 1
+            for _, _, message in batch:
+                if message is not None:
+                    await message.ack()
+            self.dirty |= result.again
+            if result.cancelled:
+                await self._broadcast_cancel(result.cancelled)
+
+    async def _isolate(
+        self,
+        engine: Engine,
+        batch: list[tuple[str, Any, AbstractIncomingMessage | None]],
+        dirty: set[uuid.UUID],
+    ) -> None:
+        """After a non-transient failure, apply messages singly so one bad message cannot block the rest."""
+        for kind, item, message in batch:
+            inbound = Inbound()
+            getattr(inbound, {"evaluated": "evaluated", "started": "started", "dead": "dead"}[kind]).append(item)
+            try:
+                await engine.run_round(inbound)
+            except Exception:
+                log.exception("message could not be applied; dropping it (the task's lease or a resync recovers it)")
+            if message is not None:
+                await message.ack()
+        self.dirty |= dirty
+
+    async def _heartbeat_loop(self, db: Any) -> None:
+        while True:
+            hb, message = await self.heartbeats.get()
+            caps_key = ",".join(sorted(c.model_dump_json() for c in hb.capabilities))
+            new_types = self.known_capabilities.get(hb.executor_id) != caps_key
+
+            async def record(conn: Any, hb: HeartbeatMessage = hb, new_types: bool = new_types) -> int:
+                return await store.record_heartbeat(
+                    conn, hb, self.settings.lease_ttl, self.settings.lease_grace, new_types
+                )
+
+            try:
+                await in_transaction(db, record, what="heartbeat")
+                self.known_capabilities[hb.executor_id] = caps_key
+            except Exception:
+                log.exception("could not record heartbeat", executor=hb.executor_id)
+            await message.ack()
+
+    async def _listen(self, stop: asyncio.Event) -> None:
+        """LISTEN for new and cancelled workflows; reconnects on failure."""
+        while not stop.is_set():
+            try:
+                async with await psycopg.AsyncConnection.connect(self.settings.psycopg_dsn(), autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {CHANNEL_WORKFLOWS}")
+                    # Anything notified while we were not listening is found by a resync now.
+                    self.resync_now.set()
+                    async for note in conn.notifies():
+                        with contextlib.suppress(ValueError):
+                            self.dirty.add(uuid.UUID(note.payload))
+                        self.wake.set()
+            except (psycopg.Error, OSError) as exc:
+                log.warning("LISTEN connection lost; reconnecting", error=str(exc)[:200])
+                await asyncio.sleep(1.0)
+
+    async def _resync_loop(self, db: Any, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            now = time.time()
+            next_at: float | None = None
+            try:
+                async with db.connect() as conn:
+                    found = await store.workflows_needing_attention(conn, now)
+                    next_at = await store.next_timer(conn)
+                if found:
+                    self.dirty |= found
+                    self.wake.set()
+            except Exception as exc:
+                log.warning("resync failed", error=str(exc)[:200])
+            wait = self.settings.resync_interval
+            if next_at is not None:
+                wait = min(wait, max(next_at - time.time(), 0.01))
+            self.resync_now.clear()
+            waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.resync_now.wait())}
+            await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def _gauges_loop(self, db: Any, channel: Any, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                async with db.connect() as conn:
+                    rows = await conn.execute(sa.text("SELECT status, count(*) FROM workflows GROUP BY status"))
+                    counts = dict(rows.all())
+                    for status in ("pending", "running", "succeeded", "failed", "cancelled"):
+                        metrics.WORKFLOWS.labels(status).set(counts.get(status, 0))
+                    alive = await conn.execute(
+                        sa.text(
+                            "SELECT c->>'type', count(*) FROM executors, jsonb_array_elements(capabilities) c "
+                            "WHERE last_heartbeat > now() - make_interval(secs => :window) GROUP BY 1"
+                        ),
+                        {"window": self.settings.heartbeat_interval * 3},
+                    )
+                    metrics.EXECUTORS_ALIVE.clear()
+                    types = [r[0] for r in (await conn.execute(sa.text("SELECT type FROM task_types"))).all()]
+                    alive_counts = dict(alive.all())
+                    for task_type in types:
+                        metrics.EXECUTORS_ALIVE.labels(task_type).set(alive_counts.get(task_type, 0))
+                for name in [
+                    self.names.results,
+                    self.names.evaluated,
+                    self.names.events,
+                    self.names.dead_queue,
+                ]:
+                    await self._queue_depth(channel, name)
+                for task_type in types:
+                    await self._queue_depth(channel, self.names.task_queue(task_type))
+            except Exception as exc:
+                log.debug("gauge refresh failed", error=str(exc)[:200])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=5.0)
+
+    async def _queue_depth(self, connection: Any, name: str) -> None:
+        channel = await connection.channel()
+        try:
+            queue = await channel.declare_queue(name, passive=True)
+            metrics.QUEUE_DEPTH.labels(name).set(queue.declaration_result.message_count or 0)
+        except aio_pika.exceptions.ChannelClosed:
+            pass
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def _broadcast_cancel(self, workflow_ids: set[uuid.UUID]) -> None:
+        exchange = await self.topology.control_exchange()
+        body = CancelMessage(workflow_ids=[str(w) for w in workflow_ids]).model_dump_json().encode()
+        await exchange.publish(persistent(body), routing_key="")
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        settings = self.settings
+        port = settings.metrics_port or DEFAULT_METRICS_PORT
+        if port > 0:
+            start_http_server(port)
+        db = create_engine(settings.database_url.get_secret_value(), pool_size=4, name="dagsmith-controller")
+        connection = await connect(settings.amqp_url.get_secret_value(), name="dagsmith-controller")
+        publish_channel = await connection.channel(publisher_confirms=True)
+        self.topology = Topology(publish_channel, self.names, settings.delivery_limit)
+        consume_channel = await connection.channel()
+        await consume_channel.set_qos(prefetch_count=settings.controller_batch_size * 2)
+        consume_topology = Topology(consume_channel, self.names, settings.delivery_limit)
+        engine = self.engine_class(db, Publisher(publish_channel, self.topology), settings)
+        await self.topology.control_exchange()
+        evaluated = await consume_topology.queue(self.names.evaluated)
+        events = await consume_topology.queue(self.names.events)
+        dead = await consume_topology.dead_queue()
+        await consume_topology.queue(self.names.results)
+        tags = [
+            (evaluated, await evaluated.consume(self._on_evaluated)),
+            (events, await events.consume(self._on_event)),
+            (dead, await dead.consume(self._on_dead)),
+        ]
+        log.info("controller started", prefix=settings.amqp_prefix, metrics_port=port)
+        background = [
+            asyncio.create_task(self._listen(stop)),
+            asyncio.create_task(self._resync_loop(db, stop)),
+            asyncio.create_task(self._heartbeat_loop(db)),
+            asyncio.create_task(self._gauges_loop(db, connection, stop)),
+        ]
+        try:
+            await self._rounds(engine, stop)
+        finally:
+            for queue, tag in tags:
+                with contextlib.suppress(Exception):
+                    await queue.cancel(tag)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await connection.close()
+            await db.dispose()
+            log.info("controller stopped")

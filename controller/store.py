@@ -1,0 +1,657 @@
+"""The controller's reads and writes. Set-based SQL: one statement per kind of change per round.
+
+Rule that keeps concurrent controllers free of deadlocks: a transaction that changes task
+*status* first locks the workflow rows involved, in id order (:func:`lock_workflows`). Lease
+extensions change no status and skip rows that are locked.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from controller.db import CHANNEL_EVENTS
+from controller.reconcile import Counts, TaskView, WorkflowView
+from controller.states import TaskStatus, WorkflowStatus
+from dagsmith.spec import Backoff
+
+
+def ts(epoch: float | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
+
+
+def epoch(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
+
+
+@dataclass(frozen=True)
+class WorkflowRow:
+    id: uuid.UUID
+    name: str
+    namespace: str
+    status: WorkflowStatus
+    cancel_requested: bool
+    counts: Counts
+    params: dict[str, Any]
+
+    def view(self) -> WorkflowView:
+        return WorkflowView(str(self.id), self.status, self.counts, self.cancel_requested)
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    id: int
+    workflow_id: uuid.UUID
+    name: str
+    type: str
+    status: TaskStatus
+    attempt: int
+    waiting_on: int
+    retries: int
+    max_retries: int
+    spec: dict[str, Any]
+    params: dict[str, Any]
+    refs: list[str]
+    timeout_s: float | None
+    not_before: float | None
+    lease_expires_at: float | None
+
+    def view(self) -> TaskView:
+        retry = self.spec.get("retry") or {}
+        return TaskView(
+            id=self.id,
+            name=self.name,
+            status=self.status,
+            attempt=self.attempt,
+            waiting_on=self.waiting_on,
+            retries=self.retries,
+            max_retries=self.max_retries,
+            backoff=Backoff.model_validate(retry.get("backoff") or {}),
+            not_before=self.not_before,
+            lease_expires_at=self.lease_expires_at,
+        )
+
+
+@dataclass
+class Event:
+    workflow_id: uuid.UUID
+    to_status: str
+    task_id: int | None = None
+    task_name: str | None = None
+    attempt: int | None = None
+    from_status: str | None = None
+    reason: str | None = None
+    data: dict[str, Any] | None = None
+    at: float | None = None
+
+
+@dataclass
+class Events:
+    """Events collected during a round, written with one INSERT at its end."""
+
+    items: list[Event] = field(default_factory=list)
+
+    def add(self, event: Event) -> None:
+        self.items.append(event)
+
+
+_COUNT_COLUMNS = ", ".join(f"n_{s.value}" for s in TaskStatus)
+
+
+async def lock_workflows(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, WorkflowRow]:
+    rows = await conn.execute(
+        sa.text(
+            f"""
+            SELECT id, name, namespace, status, cancel_requested, {_COUNT_COLUMNS},
+                   spec->'spec'->'params' AS params
+            FROM workflows WHERE id = ANY(:ids) ORDER BY id FOR UPDATE
+            """
+        ),
+        {"ids": sorted(set(ids))},
+    )
+    return {r.id: _workflow_row(r) for r in rows}
+
+
+def _workflow_row(r: Any) -> WorkflowRow:
+    counts = Counts(**{s.value: getattr(r, f"n_{s.value}") for s in TaskStatus})
+    return WorkflowRow(r.id, r.name, r.namespace, WorkflowStatus(r.status), r.cancel_requested, counts, r.params or {})
+
+
+async def reload_counts(conn: AsyncConnection, rows: dict[uuid.UUID, WorkflowRow]) -> dict[uuid.UUID, WorkflowRow]:
+    """Fresh counters and status for already-locked workflows (the triggers changed them)."""
+    if not rows:
+        return {}
+    result = await conn.execute(
+        sa.text(f"SELECT id, status, cancel_requested, {_COUNT_COLUMNS} FROM workflows WHERE id = ANY(:ids)"),
+        {"ids": list(rows)},
+    )
+    fresh = {}
+    for r in result:
+        old = rows[r.id]
+        counts = Counts(**{s.value: getattr(r, f"n_{s.value}") for s in TaskStatus})
+        fresh[r.id] = WorkflowRow(
+            old.id, old.name, old.namespace, WorkflowStatus(r.status), r.cancel_requested, counts, old.params
+        )
+    return fresh
+
+
+_TASK_COLUMNS = """id, workflow_id, name, type, status, attempt, waiting_on, retries, max_retries, spec,
+    params, refs, timeout_s, not_before, lease_expires_at"""
+
+
+def _task_row(r: Any) -> TaskRow:
+    return TaskRow(
+        id=r.id,
+        workflow_id=r.workflow_id,
+        name=r.name,
+        type=r.type,
+        status=TaskStatus(r.status),
+        attempt=r.attempt,
+        waiting_on=r.waiting_on,
+        retries=r.retries,
+        max_retries=r.max_retries,
+        spec=r.spec,
+        params=r.params,
+        refs=list(r.refs),
+        timeout_s=r.timeout_s,
+        not_before=epoch(r.not_before),
+        lease_expires_at=epoch(r.lease_expires_at),
+    )
+
+
+async def load_tasks(conn: AsyncConnection, ids: Iterable[int]) -> dict[int, TaskRow]:
+    rows = await conn.execute(
+        sa.text(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = ANY(:ids)"), {"ids": list(set(ids))}
+    )
+    return {r.id: _task_row(r) for r in rows}
+
+
+async def load_candidates(
+    conn: AsyncConnection, workflow_ids: Sequence[uuid.UUID], now: float, limit: int
+) -> list[TaskRow]:
+    """Tasks that may need action: ready to dispatch (or in backoff), and expired leases."""
+    rows = await conn.execute(
+        sa.text(
+            f"""
+            (SELECT {_TASK_COLUMNS} FROM tasks
+             WHERE workflow_id = ANY(:ids) AND status = 'pending' AND waiting_on = 0
+             ORDER BY id LIMIT :limit)
+            UNION ALL
+            (SELECT {_TASK_COLUMNS} FROM tasks
+             WHERE status = 'running' AND lease_expires_at <= :now AND workflow_id = ANY(:ids))
+            """
+        ),
+        {"ids": list(workflow_ids), "now": ts(now), "limit": limit},
+    )
+    return [_task_row(r) for r in rows]
+
+
+async def outputs_of(conn: AsyncConnection, workflow_id: uuid.UUID, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``{name: {"output": ..., "status": ...}}`` for the named tasks, as templates see them."""
+    wanted = sorted(set(names))
+    if not wanted:
+        return {}
+    rows = await conn.execute(
+        sa.text("SELECT name, output, status FROM tasks WHERE workflow_id = :w AND name = ANY(:names)"),
+        {"w": workflow_id, "names": wanted},
+    )
+    return {r.name: {"output": r.output, "status": r.status} for r in rows}
+
+
+async def start_workflows(conn: AsyncConnection, ids: Sequence[uuid.UUID], now: float, events: Events) -> None:
+    if not ids:
+        return
+    await conn.execute(
+        sa.text(
+            "UPDATE workflows SET status = 'running', started_at = :now, updated_at = :now "
+            "WHERE id = ANY(:ids) AND status = 'pending'"
+        ),
+        {"ids": list(ids), "now": ts(now)},
+    )
+    for wid in ids:
+        events.add(Event(wid, "running", from_status="pending", reason="started", at=now))
+
+
+async def mark_running(
+    conn: AsyncConnection, started: Sequence[tuple[int, int, str, float]], lease_ttl: float, grace: float
+) -> list[tuple[int, uuid.UUID, str, int, str, float]]:
+    """Record (task_id, attempt, executor_id, started_at) for in-flight tasks of the current attempt.
+
+    Returns (id, workflow_id, name, attempt, old_status, started_at) of the rows changed.
+    """
+    if not started:
+        return []
+    rows = await conn.execute(
+        sa.text(
+            """
+            UPDATE tasks t
+            SET status = 'running', started_at = v.started_at, executor_id = v.executor_id,
+                lease_expires_at = LEAST(
+                    COALESCE(v.started_at + make_interval(secs => t.timeout_s + :grace), 'infinity'),
+                    now() + make_interval(secs => :ttl))
+            FROM (SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[]),
+                                       CAST(:executors AS text[]), CAST(:started AS timestamptz[]))
+                  AS u(id, attempt, executor_id, started_at)) v,
+                 (SELECT id, status AS old_status FROM tasks WHERE id = ANY(:ids)) o
+            WHERE t.id = v.id AND o.id = v.id AND t.attempt = v.attempt
+              AND t.status IN ('queued', 'running')
+            RETURNING t.id, t.workflow_id, t.name, t.attempt, o.old_status, t.started_at
+            """
+        ),
+        {
+            "ids": [s[0] for s in started],
+            "attempts": [s[1] for s in started],
+            "executors": [s[2] for s in started],
+            "started": [ts(s[3]) for s in started],
+            "ttl": lease_ttl,
+            "grace": grace,
+        },
+    )
+    return [(r.id, r.workflow_id, r.name, r.attempt, r.old_status, r.started_at.timestamp()) for r in rows]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an evaluated attempt leaves on its task row."""
+
+    task_id: int
+    output: Any
+    error: dict[str, Any] | None
+    reward: float | None
+    feedback: dict[str, Any] | None
+    executor_id: str | None
+    started_at: float | None
+    finished_at: float
+
+
+_OUTCOME_UNNEST = """unnest(CAST(:ids AS bigint[]), CAST(:outputs AS jsonb[]), CAST(:errors AS jsonb[]),
+                CAST(:rewards AS float8[]), CAST(:feedbacks AS jsonb[]), CAST(:executors AS text[]),
+                CAST(:started AS timestamptz[]), CAST(:finished AS timestamptz[]))
+         AS v(id, output, error, reward, feedback, executor_id, started_at, finished_at)"""
+
+
+def _outcome_params(outcomes: Sequence[Outcome]) -> dict[str, Any]:
+    return {
+        "ids": [o.task_id for o in outcomes],
+        "outputs": [None if o.output is None else _json(o.output) for o in outcomes],
+        "errors": [None if o.error is None else _json(o.error) for o in outcomes],
+        "rewards": [o.reward for o in outcomes],
+        "feedbacks": [None if o.feedback is None else _json(o.feedback) for o in outcomes],
+        "executors": [o.executor_id for o in outcomes],
+        "started": [ts(o.started_at) for o in outcomes],
+        "finished": [ts(o.finished_at) for o in outcomes],
+    }
+
+
+async def mark_succeeded(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> list[tuple[int, list[int]]]:
+    """Succeed tasks; returns (task_id, children) so the caller can release the children."""
+    if not outcomes:
+        return []
+    rows = await conn.execute(
+        sa.text(
+            f"""
+            UPDATE tasks t SET status = 'succeeded', output = v.output, error = NULL, reward = v.reward,
+                feedback_notes = v.feedback, executor_id = COALESCE(v.executor_id, t.executor_id),
+                started_at = COALESCE(v.started_at, t.started_at), finished_at = v.finished_at,
+                lease_expires_at = NULL
+            FROM {_OUTCOME_UNNEST}
+            WHERE t.id = v.id
+            RETURNING t.id, t.children
+            """
+        ),
+        _outcome_params(outcomes),
+    )
+    return [(r.id, list(r.children)) for r in rows]
+
+
+async def release_children(conn: AsyncConnection, children: dict[int, int]) -> None:
+    """Each child's ``waiting_on`` drops by how many of its dependencies just finished well."""
+    if not children:
+        return
+    await conn.execute(
+        sa.text(
+            """
+            UPDATE tasks t SET waiting_on = t.waiting_on - v.n
+            FROM unnest(CAST(:ids AS bigint[]), CAST(:ns AS int[])) AS v(id, n)
+            WHERE t.id = v.id
+            """
+        ),
+        {"ids": list(children), "ns": list(children.values())},
+    )
+
+
+async def schedule_retries(conn: AsyncConnection, outcomes: Sequence[Outcome], not_before: Sequence[float]) -> None:
+    if not outcomes:
+        return
+    params = _outcome_params(outcomes)
+    params["not_before"] = [ts(n) for n in not_before]
+    await conn.execute(
+        sa.text(
+            f"""
+            UPDATE tasks t SET status = 'pending', retries = t.retries + 1, not_before = nb.not_before,
+                error = v.error, reward = v.reward, feedback_notes = v.feedback,
+                executor_id = COALESCE(v.executor_id, t.executor_id), finished_at = v.finished_at,
+                lease_expires_at = NULL
+            FROM {_OUTCOME_UNNEST}, unnest(CAST(:ids AS bigint[]), CAST(:not_before AS timestamptz[]))
+                 AS nb(id, not_before)
+            WHERE t.id = v.id AND nb.id = v.id
+            """
+        ),
+        params,
+    )
+
+
+async def mark_failed(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> None:
+    if not outcomes:
+        return
+    await conn.execute(
+        sa.text(
+            f"""
+            UPDATE tasks t SET status = 'failed', error = v.error, reward = v.reward,
+                feedback_notes = v.feedback, executor_id = COALESCE(v.executor_id, t.executor_id),
+                started_at = COALESCE(v.started_at, t.started_at), finished_at = v.finished_at,
+                lease_expires_at = NULL
+            FROM {_OUTCOME_UNNEST}
+            WHERE t.id = v.id
+            """
+        ),
+        _outcome_params(outcomes),
+    )
+
+
+async def cancel_descendants(conn: AsyncConnection, failed_ids: Sequence[int], now: float) -> list[Any]:
+    """Cancel every task downstream of the failed ones. Linear in the edges walked."""
+    if not failed_ids:
+        return []
+    rows = await conn.execute(
+        sa.text(
+            """
+            WITH RECURSIVE down(id) AS (
+                SELECT unnest(children) FROM tasks WHERE id = ANY(:ids)
+                UNION
+                SELECT unnest(t.children) FROM tasks t JOIN down d ON t.id = d.id
+            )
+            UPDATE tasks t SET status = 'cancelled', finished_at = :now
+            WHERE t.id IN (SELECT id FROM down) AND t.status = 'pending'
+            RETURNING t.id, t.workflow_id, t.name, t.attempt
+            """
+        ),
+        {"ids": list(failed_ids), "now": ts(now)},
+    )
+    return list(rows)
+
+
+async def mark_queued(
+    conn: AsyncConnection, items: Sequence[tuple[int, int, dict[str, Any] | None]], now: float
+) -> None:
+    """(task_id, attempt, resolved_params or None) for tasks just published."""
+    if not items:
+        return
+    await conn.execute(
+        sa.text(
+            """
+            UPDATE tasks t SET status = 'queued', attempt = v.attempt, queued_at = :now,
+                not_before = NULL, resolved_params = COALESCE(v.resolved, t.resolved_params),
+                started_at = NULL, executor_id = NULL
+            FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[]), CAST(:resolved AS jsonb[]))
+                 AS v(id, attempt, resolved)
+            WHERE t.id = v.id
+            """
+        ),
+        {
+            "ids": [i[0] for i in items],
+            "attempts": [i[1] for i in items],
+            "resolved": [None if i[2] is None else _json(i[2]) for i in items],
+            "now": ts(now),
+        },
+    )
+
+
+async def cancel_workflow(conn: AsyncConnection, workflow_id: uuid.UUID, now: float, reason: str) -> list[Any]:
+    """Cancel every active task and the workflow. Returns the cancelled tasks' (id, name, attempt, old)."""
+    rows = await conn.execute(
+        sa.text(
+            """
+            UPDATE tasks t SET status = 'cancelled', finished_at = :now, lease_expires_at = NULL
+            FROM (SELECT id, status AS old_status FROM tasks
+                  WHERE workflow_id = :w AND status IN ('pending', 'queued', 'running')) o
+            WHERE t.id = o.id
+            RETURNING t.id, t.name, t.attempt, o.old_status
+            """
+        ),
+        {"w": workflow_id, "now": ts(now)},
+    )
+    cancelled = list(rows)
+    await finish_workflow(
+        conn,
+        workflow_id,
+        WorkflowStatus.cancelled,
+        now,
+        output=None,
+        error={"code": "cancelled", "message": reason},
+    )
+    return cancelled
+
+
+async def finish_workflow(
+    conn: AsyncConnection,
+    workflow_id: uuid.UUID,
+    status: WorkflowStatus,
+    now: float,
+    *,
+    output: Any,
+    error: dict[str, Any] | None,
+) -> None:
+    await conn.execute(
+        sa.text(
+            """
+            UPDATE workflows SET status = :status, finished_at = :now, updated_at = :now,
+                started_at = COALESCE(started_at, :now),
+                output = CAST(:output AS jsonb), error = CAST(:error AS jsonb)
+            WHERE id = :w
+            """
+        ),
+        {
+            "w": workflow_id,
+            "status": status.value,
+            "now": ts(now),
+            "output": None if output is None else _json(output),
+            "error": None if error is None else _json(error),
+        },
+    )
+
+
+async def first_failure(conn: AsyncConnection, workflow_id: uuid.UUID) -> Any:
+    return (
+        await conn.execute(
+            sa.text(
+                "SELECT name, error FROM tasks WHERE workflow_id = :w AND status = 'failed' "
+                "ORDER BY finished_at NULLS LAST, id LIMIT 1"
+            ),
+            {"w": workflow_id},
+        )
+    ).first()
+
+
+async def output_context(conn: AsyncConnection, workflow_id: uuid.UUID) -> tuple[Any, dict[str, Any]]:
+    """The workflow's output template and the task outputs it refers to (or the sinks' outputs)."""
+    from dagsmith.templating import value_references
+
+    template = (
+        await conn.execute(sa.text("SELECT spec->'spec'->'output' FROM workflows WHERE id = :w"), {"w": workflow_id})
+    ).scalar()
+    if template is not None:
+        return template, await outputs_of(conn, workflow_id, value_references(template))
+    sinks = await conn.execute(
+        sa.text(
+            "SELECT name, output, status FROM tasks WHERE workflow_id = :w AND cardinality(children) = 0 "
+            "ORDER BY id LIMIT 101"
+        ),
+        {"w": workflow_id},
+    )
+    return None, {r.name: {"output": r.output, "status": r.status} for r in sinks}
+
+
+async def add_rewards(conn: AsyncConnection, rewards: dict[uuid.UUID, float]) -> None:
+    if not rewards:
+        return
+    await conn.execute(
+        sa.text(
+            """
+            UPDATE workflows w SET total_reward = w.total_reward + v.r, updated_at = now()
+            FROM unnest(CAST(:ids AS uuid[]), CAST(:rs AS float8[])) AS v(id, r) WHERE w.id = v.id
+            """
+        ),
+        {"ids": list(rewards), "rs": list(rewards.values())},
+    )
+
+
+async def insert_events(conn: AsyncConnection, events: Events) -> None:
+    items = events.items
+    if not items:
+        return
+    await conn.execute(
+        sa.text(
+            """
+            INSERT INTO task_events (workflow_id, task_id, task_name, attempt, from_status, to_status,
+                                     reason, data, at)
+            SELECT * FROM unnest(CAST(:w AS uuid[]), CAST(:t AS bigint[]), CAST(:n AS text[]),
+                                 CAST(:a AS int[]), CAST(:f AS text[]), CAST(:s AS text[]),
+                                 CAST(:r AS text[]), CAST(:d AS jsonb[]), CAST(:at AS timestamptz[]))
+            """
+        ),
+        {
+            "w": [e.workflow_id for e in items],
+            "t": [e.task_id for e in items],
+            "n": [e.task_name for e in items],
+            "a": [e.attempt for e in items],
+            "f": [e.from_status for e in items],
+            "s": [e.to_status for e in items],
+            "r": [e.reason for e in items],
+            "d": [None if e.data is None else _json(e.data) for e in items],
+            "at": [ts(e.at) for e in items],
+        },
+    )
+    await conn.execute(
+        sa.text("SELECT pg_notify(:channel, w) FROM unnest(CAST(:ids AS text[])) AS w"),
+        {"channel": CHANNEL_EVENTS, "ids": sorted({str(e.workflow_id) for e in items})},
+    )
+    items.clear()
+
+
+# --- Resync: what needs the controller even though no message arrived. ---
+
+
+async def workflows_needing_attention(conn: AsyncConnection, now: float, limit: int = 1000) -> set[uuid.UUID]:
+    rows = await conn.execute(
+        sa.text(
+            """
+            (SELECT id FROM workflows WHERE status = 'pending' LIMIT :limit)
+            UNION
+            (SELECT id FROM workflows WHERE status IN ('pending', 'running') AND cancel_requested LIMIT :limit)
+            UNION
+            (SELECT DISTINCT workflow_id FROM tasks
+             WHERE status = 'pending' AND waiting_on = 0 AND (not_before IS NULL OR not_before <= :now)
+             LIMIT :limit)
+            UNION
+            (SELECT DISTINCT workflow_id FROM tasks WHERE status = 'running' AND lease_expires_at <= :now
+             LIMIT :limit)
+            """
+        ),
+        {"now": ts(now), "limit": limit},
+    )
+    return {r[0] for r in rows}
+
+
+async def next_timer(conn: AsyncConnection) -> float | None:
+    """The earliest backoff or lease deadline (epoch seconds), if any."""
+    row = (
+        await conn.execute(
+            sa.text(
+                """
+                SELECT LEAST(
+                    (SELECT min(not_before) FROM tasks WHERE status = 'pending' AND waiting_on = 0),
+                    (SELECT min(lease_expires_at) FROM tasks WHERE status = 'running'))
+                """
+            )
+        )
+    ).scalar()
+    return epoch(row)
+
+
+async def record_heartbeat(conn: AsyncConnection, hb: Any, lease_ttl: float, grace: float, new_types: bool) -> int:
+    """Upsert the executor's registry row and extend the leases of the tasks it runs."""
+    await conn.execute(
+        sa.text(
+            """
+            INSERT INTO executors (id, capabilities, version, hostname, pid, concurrency, running, stopping,
+                                   last_heartbeat)
+            VALUES (:id, CAST(:caps AS jsonb), :version, :hostname, :pid, :concurrency, :running, :stopping, now())
+            ON CONFLICT (id) DO UPDATE SET capabilities = EXCLUDED.capabilities, version = EXCLUDED.version,
+                running = EXCLUDED.running, stopping = EXCLUDED.stopping, last_heartbeat = now(),
+                concurrency = EXCLUDED.concurrency
+            """
+        ),
+        {
+            "id": hb.executor_id,
+            "caps": _json([c.model_dump() for c in hb.capabilities]),
+            "version": hb.version,
+            "hostname": hb.hostname,
+            "pid": hb.pid,
+            "concurrency": hb.concurrency,
+            "running": len(hb.running),
+            "stopping": hb.stopping,
+        },
+    )
+    if new_types:
+        await conn.execute(
+            sa.text(
+                """
+                INSERT INTO task_types (type, capability, last_seen)
+                SELECT v.type, v.cap, now() FROM unnest(CAST(:types AS text[]), CAST(:caps AS jsonb[])) AS v(type, cap)
+                ON CONFLICT (type) DO UPDATE SET capability = EXCLUDED.capability, last_seen = now()
+                """
+            ),
+            {
+                "types": [c.type for c in hb.capabilities],
+                "caps": [_json(c.model_dump()) for c in hb.capabilities],
+            },
+        )
+    if not hb.running:
+        return 0
+    result = await conn.execute(
+        sa.text(
+            """
+            UPDATE tasks t SET lease_expires_at = LEAST(
+                    COALESCE(t.started_at + make_interval(secs => t.timeout_s + :grace), 'infinity'),
+                    now() + make_interval(secs => :ttl))
+            WHERE t.id IN (
+                SELECT id FROM tasks
+                WHERE (id, attempt) IN (SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[])))
+                  AND status = 'running'
+                ORDER BY id FOR UPDATE SKIP LOCKED)
+            """
+        ),
+        {
+            "ids": [r[0] for r in hb.running],
+            "attempts": [r[1] for r in hb.running],
+            "ttl": lease_ttl,
+            "grace": grace,
+        },
+    )
+    return int(result.rowcount or 0)
+
+
+async def known_task_types(conn: AsyncConnection) -> set[str]:
+    return {r[0] for r in await conn.execute(sa.text("SELECT type FROM task_types"))}

@@ -1,0 +1,3 @@
+from dagsmith.cli import main
+
+main()

@@ -1,0 +1,143 @@
+"""RabbitMQ topology: the one place that names exchanges and queues, and declares them.
+
+- ``<prefix>.tasks`` (direct exchange) routes a TaskMessage by its task type to the quorum queue
+  ``<prefix>.task.<type>``. Quorum queues count deliveries; after ``delivery_limit`` a message
+  is dead-lettered to ``<prefix>.dead`` and the controller fails the task as poison.
+- ``<prefix>.results``: executors → evaluator. ``<prefix>.evaluated``: evaluator → controller.
+- ``<prefix>.events``: executors → controller (started, heartbeats).
+- ``<prefix>.control`` (fanout exchange): controller → every executor (cancellations).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Names:
+    prefix: str
+
+    @property
+    def tasks_exchange(self) -> str:
+        return f"{self.prefix}.tasks"
+
+    def task_queue(self, task_type: str) -> str:
+        return f"{self.prefix}.task.{task_type}"
+
+    @property
+    def dead_exchange(self) -> str:
+        return f"{self.prefix}.dead"
+
+    @property
+    def dead_queue(self) -> str:
+        return f"{self.prefix}.dead"
+
+    @property
+    def results(self) -> str:
+        return f"{self.prefix}.results"
+
+    @property
+    def evaluated(self) -> str:
+        return f"{self.prefix}.evaluated"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}.events"
+
+    @property
+    def control_exchange(self) -> str:
+        return f"{self.prefix}.control"
+
+
+async def connect(url: str, *, name: str, attempts: int = 60) -> AbstractRobustConnection:
+    """A robust connection (it reconnects and restores channels and consumers after a broker restart).
+
+    The first connection is retried for about ``attempts`` seconds so services can start before
+    the broker is ready.
+    """
+    delay = 0.2
+    for attempt in range(1, attempts + 1):
+        try:
+            return await aio_pika.connect_robust(
+                url, client_properties={"connection_name": name}, heartbeat=15, timeout=10
+            )
+        except (OSError, aio_pika.exceptions.AMQPError) as exc:
+            if attempt == attempts:
+                raise
+            log.warning("rabbitmq not reachable (%s); retrying in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    raise RuntimeError("unreachable")
+
+
+class Topology:
+    """Declares (idempotently) and hands out the exchanges and queues of one installation."""
+
+    def __init__(self, channel: AbstractChannel, names: Names, delivery_limit: int = 3) -> None:
+        self.channel = channel
+        self.names = names
+        self.delivery_limit = delivery_limit
+        self._task_queues: dict[str, AbstractQueue] = {}
+        self._tasks_exchange: AbstractExchange | None = None
+
+    async def tasks_exchange(self) -> AbstractExchange:
+        if self._tasks_exchange is None:
+            self._tasks_exchange = await self.channel.declare_exchange(
+                self.names.tasks_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+            )
+        return self._tasks_exchange
+
+    async def dead_queue(self) -> AbstractQueue:
+        dead = await self.channel.declare_exchange(self.names.dead_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+        queue = await self.channel.declare_queue(self.names.dead_queue, durable=True)
+        await queue.bind(dead)
+        return queue
+
+    async def task_queue(self, task_type: str) -> AbstractQueue:
+        """The durable quorum queue for one task type, bound to the tasks exchange."""
+        queue = self._task_queues.get(task_type)
+        if queue is None:
+            exchange = await self.tasks_exchange()
+            await self.dead_queue()
+            queue = await self.channel.declare_queue(
+                self.names.task_queue(task_type),
+                durable=True,
+                arguments={
+                    "x-queue-type": "quorum",
+                    "x-delivery-limit": self.delivery_limit,
+                    "x-dead-letter-exchange": self.names.dead_exchange,
+                },
+            )
+            await queue.bind(exchange, routing_key=task_type)
+            self._task_queues[task_type] = queue
+        return queue
+
+    async def queue(self, name: str) -> AbstractQueue:
+        """One of the plain durable pipeline queues (results, evaluated, events)."""
+        return await self.channel.declare_queue(name, durable=True)
+
+    async def control_exchange(self) -> AbstractExchange:
+        return await self.channel.declare_exchange(
+            self.names.control_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+
+
+def persistent(body: bytes, *, message_id: str | None = None) -> aio_pika.Message:
+    return aio_pika.Message(
+        body,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=message_id,
+    )

@@ -1,0 +1,296 @@
+"""Client commands: submit, status, result, dag, cancel, list, tasks, executors."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import orjson
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dagsmith.client import Client, ClientError
+
+console = Console(stderr=True)
+out = Console()
+
+ApiOption = Annotated[
+    str, typer.Option("--api", envvar="DAGSMITH_API", help="API base URL [DAGSMITH_API]", show_default=True)
+]
+TokenOption = Annotated[str | None, typer.Option("--token", envvar="DAGSMITH_TOKEN", help="API token [DAGSMITH_TOKEN]")]
+DEFAULT_API = "http://127.0.0.1:8000"
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def fail(message: str, code: int) -> NoReturn:
+    console.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def handle(exc: ClientError) -> NoReturn:
+    if exc.status == 422 and exc.details.get("problems"):
+        console.print(f"[red]error:[/red] {exc.message}", highlight=False)
+        for p in exc.details["problems"]:
+            console.print(f"  [bold]{p.get('path') or '(document)'}[/bold]: {p['message']}", highlight=False)
+        raise typer.Exit(2)
+    code = {0: 3, 404: 4, 422: 2, 413: 2}.get(exc.status, 3)
+    fail(exc.message, code)
+
+
+def _json(value: Any) -> None:
+    out.print_json(orjson.dumps(value, default=str).decode())
+
+
+def submit(
+    file: Annotated[Path, typer.Argument(help="Workflow file (YAML or JSON); '-' reads stdin", allow_dash=True)],
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until it finishes; print the result")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Show live progress until it finishes")] = False,
+    idempotency_key: Annotated[str | None, typer.Option("--idempotency-key", help="Same key → same workflow")] = None,
+    api: ApiOption = DEFAULT_API,
+    token: TokenOption = None,
+) -> None:
+    """Submit a workflow. Prints its id (or, with --wait/--watch, its result)."""
+    try:
+        body = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
+    except OSError as exc:
+        fail(f"cannot read {file}: {exc.strerror}", 2)
+    content_type = "application/json" if str(file).endswith(".json") else "application/yaml"
+    with Client(api, token=token) as client:
+        try:
+            submitted = client.submit(body, content_type=content_type, idempotency_key=idempotency_key)
+        except ClientError as exc:
+            handle(exc)
+        for warning in submitted.get("warnings", []):
+            console.print(f"[yellow]warning:[/yellow] {warning['path']}: {warning['message']}", highlight=False)
+        wid = submitted["id"]
+        verb = "submitted" if submitted.get("created", True) else "already submitted"
+        console.print(f"{verb} workflow [bold]{submitted['name']}[/bold] {wid}", highlight=False)
+        if not (wait or watch):
+            out.print(wid)
+            return
+        status = _watch(client, wid) if watch else _wait(client, wid)
+        _print_result(client, wid)
+        if status != "succeeded":
+            raise typer.Exit(1)
+
+
+def _wait(client: Client, wid: str) -> str:
+    try:
+        for event, data in client.events(wid):
+            if event == "end":
+                return str(data["status"])
+    except ClientError:
+        pass  # the stream broke: fall back to polling
+    delay = 0.2
+    while True:
+        status = str(client.workflow(wid)["status"])
+        if status in TERMINAL:
+            return status
+        time.sleep(delay)
+        delay = min(delay * 1.5, 2.0)
+
+
+def _watch(client: Client, wid: str) -> str:
+    wf = client.workflow(wid)
+    total = wf["progress"]["total"]
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task(wf["name"], total=total, detail="")
+        last = 0.0
+        status = wf["status"]
+
+        def refresh() -> str:
+            w = client.workflow(wid)
+            p = w["progress"]
+            done = p["succeeded"] + p["failed"] + p["skipped"] + p["cancelled"]
+            detail = f"running {p['running'] + p['queued']} · failed {p['failed']} · reward {w['total_reward']:.2f}"
+            progress.update(bar, completed=done, total=p["total"], detail=detail)
+            return str(w["status"])
+
+        try:
+            for event, data in client.events(wid):
+                if event == "transition" and data["to"] in ("failed",) and data.get("task"):
+                    err = (data.get("data") or {}).get("error") or {}
+                    where = f"{data['task']} (attempt {data['attempt']})"
+                    progress.console.print(
+                        f"[red]✗[/red] {where}: {err.get('class')}: {err.get('message')}", highlight=False
+                    )
+                if event == "transition" and data["to"] == "pending" and data.get("task") and data.get("reason"):
+                    progress.console.print(f"[yellow]↻[/yellow] {data['task']}: {data['reason']}", highlight=False)
+                if time.monotonic() - last > 0.25 or event == "end":
+                    status = refresh()
+                    last = time.monotonic()
+                if event == "end":
+                    break
+        except ClientError:
+            status = _wait(client, wid)
+        return refresh() if status not in TERMINAL else status
+
+
+def _print_result(client: Client, wid: str) -> None:
+    try:
+        result = client.result(wid)
+    except ClientError as exc:
+        handle(exc)
+    color = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(result["status"], "white")
+    console.print(f"[{color}]{result['status']}[/{color}] · reward {result['total_reward']:.3f}", highlight=False)
+    if result.get("error"):
+        console.print(f"[red]{result['error'].get('message')}[/red]", highlight=False)
+    _json(result.get("output"))
+
+
+def status(workflow_id: str, api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
+    """Show a workflow's status, progress and reward."""
+    with Client(api, token=token) as client:
+        try:
+            wf = client.workflow(workflow_id)
+        except ClientError as exc:
+            handle(exc)
+    p = wf["progress"]
+    table = Table(show_header=False, box=None)
+    table.add_row("workflow", f"{wf['name']} ({wf['id']})")
+    table.add_row("namespace", wf["namespace"])
+    table.add_row("status", wf["status"])
+    table.add_row(
+        "progress",
+        f"{p['succeeded'] + p['skipped']}/{p['total']} done · {p['running'] + p['queued']} running · "
+        f"{p['pending']} pending · {p['failed']} failed · {p['cancelled']} cancelled",
+    )
+    table.add_row("reward", f"{wf['total_reward']:.3f}")
+    table.add_row("created", str(wf["created_at"]))
+    if wf.get("finished_at"):
+        table.add_row("finished", str(wf["finished_at"]))
+    if wf.get("error"):
+        table.add_row("error", wf["error"].get("message", ""))
+    out.print(table)
+
+
+def result(workflow_id: str, api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
+    """Print a finished workflow's output (exit 1 if it failed)."""
+    with Client(api, token=token) as client:
+        try:
+            res = client.result(workflow_id)
+        except ClientError as exc:
+            handle(exc)
+    if res["status"] != "succeeded":
+        console.print(f"[red]{res['status']}[/red]: {(res.get('error') or {}).get('message', '')}", highlight=False)
+        raise typer.Exit(1)
+    _json(res["output"])
+
+
+def dag(
+    workflow_id: str,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="json, mermaid or dot")] = "mermaid",
+    api: ApiOption = DEFAULT_API,
+    token: TokenOption = None,
+) -> None:
+    """Print a workflow's DAG with each task's status."""
+    if fmt not in ("json", "mermaid", "dot"):
+        fail("--format must be json, mermaid or dot", 2)
+    with Client(api, token=token) as client:
+        try:
+            graph = client.dag(workflow_id, fmt)
+        except ClientError as exc:
+            handle(exc)
+    if fmt == "json":
+        _json(graph)
+    else:
+        sys.stdout.write(graph)
+
+
+def cancel(workflow_id: str, api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
+    """Cancel a workflow."""
+    with Client(api, token=token) as client:
+        try:
+            client.cancel(workflow_id)
+        except ClientError as exc:
+            handle(exc)
+    console.print(f"cancelling {workflow_id}", highlight=False)
+
+
+def list_(
+    status_: Annotated[str | None, typer.Option("--status", help="Only this status")] = None,
+    label: Annotated[list[str] | None, typer.Option("--label", "-l", help="key=value")] = None,
+    limit: Annotated[int, typer.Option(help="How many")] = 20,
+    api: ApiOption = DEFAULT_API,
+    token: TokenOption = None,
+) -> None:
+    """List recent workflows."""
+    with Client(api, token=token) as client:
+        try:
+            page = client.workflows(status=status_, label=label, limit=limit)
+        except ClientError as exc:
+            handle(exc)
+    table = Table("ID", "NAME", "NAMESPACE", "STATUS", "PROGRESS", "REWARD", "CREATED")
+    for wf in page["items"]:
+        p = wf["progress"]
+        table.add_row(
+            wf["id"],
+            wf["name"],
+            wf["namespace"],
+            wf["status"],
+            f"{p['succeeded'] + p['skipped']}/{p['total']}",
+            f"{wf['total_reward']:.2f}",
+            str(wf["created_at"])[:19],
+        )
+    out.print(table)
+
+
+def tasks(
+    workflow_id: str,
+    status_: Annotated[str | None, typer.Option("--status", help="Only this status")] = None,
+    api: ApiOption = DEFAULT_API,
+    token: TokenOption = None,
+) -> None:
+    """List a workflow's tasks."""
+    with Client(api, token=token) as client:
+        try:
+            page = client.tasks(workflow_id, **({"status": status_} if status_ else {}))
+        except ClientError as exc:
+            handle(exc)
+    table = Table("NAME", "TYPE", "STATUS", "ATTEMPT", "REWARD", "ERROR")
+    for t in page["items"]:
+        err = t.get("error") or {}
+        table.add_row(
+            t["name"],
+            t["type"],
+            t["status"],
+            str(t["attempt"]),
+            "" if t["reward"] is None else f"{t['reward']:.2f}",
+            f"{err.get('class')}: {err.get('message', '')}"[:80] if err else "",
+        )
+    out.print(table)
+
+
+def executors(api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
+    """List registered executors and their task types."""
+    with Client(api, token=token) as client:
+        try:
+            items = client.executors()
+        except ClientError as exc:
+            handle(exc)
+    table = Table("ID", "ALIVE", "RUNNING", "TYPES")
+    for e in items:
+        table.add_row(
+            e["id"],
+            "yes" if e["alive"] else "no",
+            f"{e['running']}/{e['concurrency']}",
+            ", ".join(e["types"]),
+        )
+    out.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    for fn in (submit, status, result, dag, cancel, tasks, executors):
+        app.command(rich_help_panel="Client")(fn)
+    app.command("list", rich_help_panel="Client")(list_)

@@ -1,0 +1,220 @@
+"""Service commands: migrate, api, controller, executor, evaluator, dev, config."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+
+import typer
+
+from dagsmith.settings import get_settings, settings_table
+
+
+def run_service(name: str, make: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
+    """Run an async service until SIGINT/SIGTERM, on uvloop when it is installed."""
+    from dagsmith.logs import configure
+
+    settings = get_settings()
+    configure(name, settings.log_level, settings.log_format)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await make(stop)
+
+    try:
+        import uvloop
+
+        factory: Any = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())
+
+
+def migrate(
+    revision: Annotated[str, typer.Argument(help="Target revision (head, or an id)")] = "head",
+    down: Annotated[bool, typer.Option("--down", help="Downgrade to REVISION instead")] = False,
+) -> None:
+    """Create or upgrade the database schema."""
+    from controller.migrate import current, downgrade, upgrade
+
+    url = get_settings().database_url.get_secret_value()
+    try:
+        (downgrade if down else upgrade)(url, revision)
+    except Exception as exc:
+        typer.echo(f"error: migration failed: {exc}", err=True)
+        raise typer.Exit(3) from exc
+    typer.echo(f"database at revision {current(url)}")
+
+
+def api(
+    host: Annotated[str | None, typer.Option(help="Bind address [DAGSMITH_API_HOST]")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [DAGSMITH_API_PORT]")] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes")] = 1,
+) -> None:
+    """Serve the REST API."""
+    import uvicorn
+
+    from dagsmith.logs import configure
+
+    settings = get_settings()
+    configure("api", settings.log_level, settings.log_format)
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        workers=workers,
+        log_config=None,
+        access_log=False,
+        proxy_headers=True,
+    )
+
+
+def controller() -> None:
+    """Run the controller (reconciliation loop)."""
+    from controller.service import Controller
+
+    run_service("controller", lambda stop: Controller(get_settings()).run(stop))
+
+
+def evaluator() -> None:
+    """Run an evaluator (stateless; run as many as you like)."""
+    from evaluator.service import Evaluator
+
+    run_service("evaluator", lambda stop: Evaluator(get_settings()).run(stop))
+
+
+def executor(
+    types: Annotated[
+        str,
+        typer.Option("--types", "-t", help="Comma-separated task types or globs, e.g. 'text.*,json.*'; '!x' excludes"),
+    ] = "*",
+    module: Annotated[
+        list[str] | None, typer.Option("--module", "-m", help="Import this module for its task types")
+    ] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Tasks run at once [DAGSMITH_EXECUTOR_CONCURRENCY]")] = None,
+    allow_shell: Annotated[bool, typer.Option("--allow-shell", help="Enable shell.run")] = False,
+    python_module: Annotated[
+        list[str] | None, typer.Option("--python-module", help="Allow python.call into this module")
+    ] = None,
+    allow_host: Annotated[
+        list[str] | None, typer.Option("--allow-host", help="Limit http.request to these hosts")
+    ] = None,
+    allow_crash: Annotated[bool, typer.Option("--allow-crash", help="Enable chaos.crash (tests only)")] = False,
+    no_entry_points: Annotated[bool, typer.Option("--no-entry-points", help="Skip installed plugins")] = False,
+) -> None:
+    """Run an executor agent for the given task types."""
+    from executors.registry import ExecutorOptions, load_plugins
+    from executors.runtime import ExecutorRuntime
+
+    settings = get_settings()
+    try:
+        registry = load_plugins(module or [], use_entry_points=not no_entry_points)
+    except ImportError as exc:
+        typer.echo(f"error: cannot import executor module: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if no_entry_points:
+        import executors.builtins  # noqa: F401  (the built-ins are always available)
+    patterns = [t.strip() for t in types.split(",") if t.strip()]
+    specs = registry.select(patterns)
+    if not specs:
+        typer.echo(
+            f"error: no registered task type matches {types!r}; known: {', '.join(registry.types())}",
+            err=True,
+        )
+        raise typer.Exit(2)
+    options = ExecutorOptions(
+        allow_shell=allow_shell or settings.executor_allow_shell,
+        python_modules=tuple(python_module or settings.executor_python_modules),
+        http_allow_hosts=tuple(allow_host or settings.executor_http_allow_hosts),
+        allow_crash=allow_crash,
+    )
+    run_service(
+        "executor",
+        lambda stop: ExecutorRuntime(settings, specs, options=options, concurrency=concurrency).run(stop),
+    )
+
+
+def config() -> None:
+    """Print every setting (environment variable, default, meaning) as a markdown table."""
+    typer.echo(settings_table())
+
+
+def dev(
+    executors: Annotated[int, typer.Option(help="Executor processes")] = 1,
+    port: Annotated[int | None, typer.Option(help="API port")] = None,
+) -> None:
+    """Run migrations, then the API, controller, evaluator and executors together, logs interleaved."""
+    settings = get_settings()
+    typer.secho("dagsmith dev: local development mode — the API has no authentication here.", fg="yellow", err=True)
+    migrate_cmd = [sys.executable, "-m", "dagsmith", "migrate"]
+    if subprocess.call(migrate_cmd) != 0:
+        raise typer.Exit(3)
+    env = {**os.environ, "DAGSMITH_LOG_FORMAT": os.environ.get("DAGSMITH_LOG_FORMAT", "console")}
+    api_port = str(port or settings.api_port)
+    procs: list[tuple[str, list[str], dict[str, str]]] = [
+        ("api", ["api", "--port", api_port], {}),
+        ("controller", ["controller"], {"DAGSMITH_METRICS_PORT": "9101"}),
+        ("evaluator", ["evaluator"], {"DAGSMITH_METRICS_PORT": "9102"}),
+    ]
+    for i in range(executors):
+        procs.append((f"executor-{i + 1}", ["executor"], {"DAGSMITH_METRICS_PORT": str(9103 + i)}))
+    children: list[subprocess.Popen[bytes]] = []
+    colors = ["cyan", "magenta", "green", "yellow", "blue"]
+    for i, (label, args, extra) in enumerate(procs):
+        child = subprocess.Popen(
+            [sys.executable, "-m", "dagsmith", *args],
+            env={**env, **extra},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        children.append(child)
+        prefix = typer.style(f"{label:>12} │ ", fg=colors[i % len(colors)])
+        threading.Thread(target=_pump, args=(child, prefix), daemon=True).start()
+    typer.echo(f"API on http://127.0.0.1:{api_port}  (Ctrl-C stops everything)", err=True)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while all(c.poll() is None for c in children):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+    failed = [label for (label, _, _), c in zip(procs, children, strict=True) if c.returncode not in (0, -15, None)]
+    if failed:
+        typer.echo(f"stopped; these exited with errors: {', '.join(failed)}", err=True)
+        raise typer.Exit(1)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _pump(child: subprocess.Popen[bytes], prefix: str) -> None:
+    assert child.stdout is not None
+    for line in child.stdout:
+        sys.stdout.write(prefix + line.decode(errors="replace"))
+        sys.stdout.flush()
+
+
+def register(app: typer.Typer) -> None:
+    for fn in (migrate, api, controller, executor, evaluator, dev, config):
+        app.command(rich_help_panel="Services")(fn)

@@ -1,0 +1,113 @@
+"""A small HTTP client for the Dagsmith API (used by the CLI; handy in scripts and tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import orjson
+
+from dagsmith.errors import DagsmithError
+
+
+class ClientError(DagsmithError):
+    """The API answered with an error (``status`` > 0) or could not be reached (``status`` == 0)."""
+
+    def __init__(self, status: int, code: str, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details or {}
+
+
+class Client:
+    def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 30.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.base_url = base_url.rstrip("/")
+        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ClientError(0, "unreachable", f"cannot reach the API at {self.base_url}: {exc}") from exc
+        if response.status_code >= 400:
+            try:
+                error = response.json()["error"]
+                raise ClientError(response.status_code, error["code"], error["message"], error.get("details"))
+            except (ValueError, KeyError, TypeError):
+                raise ClientError(
+                    response.status_code, "http_error", response.text[:500] or response.reason_phrase
+                ) from None
+        return response
+
+    def submit(
+        self, body: bytes, *, content_type: str = "application/yaml", idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        headers = {"Content-Type": content_type}
+        if idempotency_key:
+            headers["Idempotency-Key"] = idempotency_key
+        return self._request("POST", "/v1/workflows", content=body, headers=headers).json()
+
+    def workflow(self, workflow_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/workflows/{workflow_id}").json()
+
+    def workflows(self, **params: Any) -> dict[str, Any]:
+        return self._request("GET", "/v1/workflows", params={k: v for k, v in params.items() if v}).json()
+
+    def tasks(self, workflow_id: str, **params: Any) -> dict[str, Any]:
+        return self._request("GET", f"/v1/workflows/{workflow_id}/tasks", params=params).json()
+
+    def result(self, workflow_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/workflows/{workflow_id}/result").json()
+
+    def dag(self, workflow_id: str, fmt: str = "json") -> Any:
+        response = self._request("GET", f"/v1/workflows/{workflow_id}/dag", params={"format": fmt})
+        return response.json() if fmt == "json" else response.text
+
+    def cancel(self, workflow_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/v1/workflows/{workflow_id}/cancel").json()
+
+    def executors(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/executors").json()
+
+    def events(self, workflow_id: str, after: int = 0) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield (event, data) from the workflow's event stream until it ends."""
+        try:
+            with self.http.stream(
+                "GET", f"/v1/workflows/{workflow_id}/events", params={"after": after}, timeout=None
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._raise_for(response)
+                event, data = "message", ""
+                for line in response.iter_lines():
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data += line[5:].strip()
+                    elif not line and data:
+                        yield event, orjson.loads(data)
+                        if event == "end":
+                            return
+                        event, data = "message", ""
+        except httpx.HTTPError as exc:
+            raise ClientError(0, "unreachable", f"event stream from {self.base_url} broke: {exc}") from exc
+
+    def _raise_for(self, response: httpx.Response) -> None:
+        try:
+            error = response.json()["error"]
+        except (ValueError, KeyError, TypeError):
+            raise ClientError(response.status_code, "http_error", response.text[:500]) from None
+        raise ClientError(response.status_code, error["code"], error["message"], error.get("details"))

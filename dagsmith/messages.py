@@ -1,0 +1,138 @@
+"""What crosses RabbitMQ, as pydantic models. Every message is JSON.
+
+Flow: controller --TaskMessage--> executor --ResultMessage--> evaluator --EvaluatedMessage-->
+controller. Executors also send StartedMessage and HeartbeatMessage straight to the controller,
+and the controller broadcasts CancelMessage to every executor.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dagsmith.errors import ErrorClass
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class TaskRef(_Message):
+    """What identifies an attempt and what the evaluator needs to judge it; echoed back by executors."""
+
+    task_id: int
+    attempt: int
+    workflow_id: str
+    name: str
+    type: str
+    timeout: float | None = None
+    expect: dict[str, Any] | None = None
+    max_attempts: int = 1
+    dispatched_at: float = 0.0
+
+    @property
+    def idempotency_key(self) -> str:
+        """Stable for one attempt; executors pass it to the outside world to make side effects safe."""
+        return f"{self.task_id}:{self.attempt}"
+
+
+class TaskMessage(TaskRef):
+    params: dict[str, Any] = Field(default_factory=dict)
+    secrets: list[str] = Field(default_factory=list)
+
+
+class TaskError(_Message):
+    error_class: ErrorClass = Field(alias="class")
+    message: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class ResultMessage(_Message):
+    task: TaskRef
+    executor_id: str
+    ok: bool
+    output: Any = None
+    error: TaskError | None = None
+    started_at: float
+    finished_at: float
+
+    @property
+    def duration(self) -> float:
+        return max(self.finished_at - self.started_at, 0.0)
+
+
+class Check(_Message):
+    name: str
+    passed: bool
+    detail: str = ""
+
+
+class Evaluation(_Message):
+    verdict: Literal["pass", "fail"]
+    reward: float
+    feedback: dict[str, Any]  # stored as the task's feedback_notes
+    error: TaskError | None = None  # the attempt's error, including invalid_output from checks
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "pass"
+
+
+class EvaluatedMessage(_Message):
+    result: ResultMessage
+    evaluation: Evaluation
+
+
+class StartedMessage(_Message):
+    kind: Literal["started"] = "started"
+    task_id: int
+    attempt: int
+    workflow_id: str
+    type: str
+    executor_id: str
+    started_at: float
+    dispatched_at: float = 0.0
+
+
+class Capability(_Message):
+    """What an executor declares about a task type it runs (used by the registry and correction)."""
+
+    type: str
+    description: str = ""
+    repair: str | None = None  # task type that can repair this type's bad input
+    tunable: dict[str, str] = Field(default_factory=dict)  # param -> how to tune it, e.g. "x2", "/2"
+
+
+class HeartbeatMessage(_Message):
+    kind: Literal["heartbeat"] = "heartbeat"
+    executor_id: str
+    version: str
+    hostname: str
+    pid: int
+    concurrency: int
+    capabilities: list[Capability]
+    running: list[tuple[int, int]] = Field(default_factory=list)  # (task_id, attempt)
+    stopping: bool = False
+
+
+ExecutorEvent = Annotated[StartedMessage | HeartbeatMessage, Field(discriminator="kind")]
+
+
+class EventEnvelope(_Message):
+    event: ExecutorEvent
+
+
+class CancelMessage(_Message):
+    workflow_ids: list[str]
+
+
+class DeadLetter(_Message):
+    """Why RabbitMQ dead-lettered a task message (read from its x-death header)."""
+
+    task_id: int
+    attempt: int
+    deliveries: int

@@ -1,0 +1,130 @@
+"""Every setting, from environment variables prefixed ``DAGSMITH_`` (or a ``.env`` file).
+
+The README's configuration table is generated from this class (``dagsmith config``), so the
+description next to each field is the documentation.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from dagsmith.validation import Limits
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="DAGSMITH_",
+        env_file=".env",
+        extra="ignore",
+        secrets_dir=None,
+    )
+
+    # Connections
+    database_url: SecretStr = Field(
+        SecretStr("postgresql+psycopg://postgres@127.0.0.1:5432/dagsmith"),
+        description="SQLAlchemy URL of the Postgres database (driver psycopg).",
+    )
+    amqp_url: SecretStr = Field(
+        SecretStr("amqp://guest:guest@127.0.0.1:5672/"),
+        description="RabbitMQ URL. The vhost is part of the URL.",
+    )
+    amqp_prefix: str = Field(
+        "dagsmith", description="Prefix of every exchange and queue name (isolates installations)."
+    )
+    db_pool_size: int = Field(10, ge=1, description="Postgres connections per process.")
+
+    # API
+    api_host: str = Field("127.0.0.1", description="Address the API binds to.")
+    api_port: int = Field(8000, description="Port the API listens on.")
+    api_url: str = Field(
+        "http://127.0.0.1:8000", description="Where clients (the CLI) find the API.", alias="DAGSMITH_API"
+    )
+    max_body_bytes: int = Field(32 * 1024 * 1024, description="Largest request body the API accepts (413 above).")
+    max_tasks: int = Field(50_000, ge=1, description="Most tasks in one workflow.")
+    max_params_bytes: int = Field(65_536, description="Largest params object of one task, as JSON.")
+    max_output_bytes: int = Field(
+        1024 * 1024,
+        description="Largest task output stored; larger outputs fail the attempt (resource_exhausted).",
+    )
+    max_template_bytes: int = Field(1024 * 1024, description="Largest value one template may render to.")
+    max_sse_connections: int = Field(200, description="Concurrent event streams the API serves.")
+
+    # Controller
+    controller_batch_size: int = Field(500, ge=1, description="Most results applied in one transaction.")
+    resync_interval: float = Field(
+        5.0, gt=0, description="Seconds between checks for expired leases and due retries (besides wake-ups)."
+    )
+    lease_ttl: float = Field(
+        30.0, gt=0, description="Seconds a running task's lease lasts without a heartbeat from its executor."
+    )
+    lease_grace: float = Field(5.0, ge=0, description="Slack added to a task's timeout before its lease expires.")
+    delivery_limit: int = Field(
+        3, ge=1, description="Deliveries of one task message before it is dead-lettered as poison."
+    )
+
+    # Executors
+    executor_concurrency: int = Field(16, ge=1, description="Tasks one executor process runs at once.")
+    heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between executor heartbeats.")
+    start_report_after: float = Field(
+        0.05,
+        ge=0,
+        description="An executor reports 'running' for tasks that take longer than this many seconds "
+        "(faster tasks report start and finish in one message).",
+    )
+    shutdown_grace: float = Field(
+        20.0,
+        ge=0,
+        description="Seconds a stopping executor lets running tasks finish before handing them back.",
+    )
+    executor_allow_shell: bool = Field(False, description="Allow the shell.run task type.")
+    executor_python_modules: list[str] = Field(
+        default_factory=list, description="Modules python.call may import functions from."
+    )
+    executor_http_allow_hosts: list[str] = Field(
+        default_factory=list, description="Hosts http.request may reach (empty: any host)."
+    )
+
+    # Observability
+    metrics_port: int = Field(
+        0,
+        description="Port for /metrics of the controller, evaluator and executors (0: the service default).",
+    )
+    log_level: str = Field("INFO", description="Log level.")
+    log_format: str = Field("auto", description="'json', 'console' or 'auto' (JSON when not a TTY).")
+
+    @field_validator("executor_python_modules", "executor_http_allow_hosts", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str) and not value.startswith("["):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    def limits(self) -> Limits:
+        return Limits(max_tasks=self.max_tasks, max_params_bytes=self.max_params_bytes)
+
+    def sync_database_url(self) -> str:
+        return self.database_url.get_secret_value()
+
+    def psycopg_dsn(self) -> str:
+        """The database URL in the form psycopg itself accepts (for LISTEN connections)."""
+        return self.database_url.get_secret_value().replace("postgresql+psycopg://", "postgresql://")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def settings_table() -> str:
+    """A markdown table of every setting, for the README."""
+    rows = ["| Variable | Default | Description |", "|---|---|---|"]
+    for name, info in Settings.model_fields.items():
+        env = info.alias or f"DAGSMITH_{name.upper()}"
+        default = info.get_default(call_default_factory=True)
+        if isinstance(default, SecretStr):
+            default = default.get_secret_value()
+        rows.append(f"| `{env}` | `{default}` | {info.description or ''} |")
+    return "\n".join(rows)

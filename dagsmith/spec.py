@@ -1,0 +1,148 @@
+"""The workflow document: one shape for the REST API and, later, ``kubectl apply``.
+
+These models check the *shape* of a document (types, names, unknown keys). Checks that need the
+whole graph (duplicates, cycles, references) live in :mod:`dagsmith.validation`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    field_validator,
+)
+
+from dagsmith.durations import format_duration, parse_duration
+
+API_VERSION = "dagsmith.io/v1"
+KIND = "Workflow"
+
+# Task names appear in templates as ``tasks.<name>``, so they must be valid identifiers there.
+TASK_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,62}$"
+# Task types are routing keys and entry-point names: dotted lowercase words, e.g. ``text.upper``.
+TASK_TYPE_PATTERN = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$"
+# Workflow names follow Kubernetes object names so the same file works as a custom resource.
+WORKFLOW_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str),
+    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN, "example": "10s"}),
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class Backoff(_Model):
+    """Delay before retry *n* is ``min(initial * factor**(n-1), max)``."""
+
+    initial: Duration = 1.0
+    factor: float = Field(2.0, ge=1.0, le=10.0)
+    max: Duration = 300.0
+
+    def delay(self, retry_number: int) -> float:
+        return float(min(self.initial * self.factor ** max(retry_number - 1, 0), self.max))
+
+
+class RetryPolicy(_Model):
+    limit: int = Field(0, ge=0, le=100, description="How many times a failed task is retried.")
+    backoff: Backoff = Field(default_factory=Backoff)
+
+
+class TaskSpec(_Model):
+    name: str = Field(pattern=TASK_NAME_PATTERN, description="Unique within the workflow.")
+    type: str = Field(pattern=TASK_TYPE_PATTERN, max_length=100, description="The capability that runs it.")
+    depends_on: list[str] = Field(default_factory=list, alias="dependsOn")
+    params: dict[str, Any] = Field(default_factory=dict)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    timeout: Duration | None = None
+    expect: dict[str, Any] | None = Field(
+        None, description="JSON Schema the evaluator checks the task's output against."
+    )
+    # Room for Correction Mode: what a failing task may be rerouted to, or skipped with.
+    fallback: list[str] = Field(default_factory=list, description="Capabilities to reroute to.")
+    optional: bool = False
+    default: Any = None
+    secrets: list[str] = Field(
+        default_factory=list,
+        description="Names of params whose values are redacted in logs, events and the API.",
+    )
+
+    @field_validator("fallback", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("fallback")
+    @classmethod
+    def _fallback_types(cls, value: list[str]) -> list[str]:
+        import re
+
+        for item in value:
+            if not re.match(TASK_TYPE_PATTERN, item):
+                raise ValueError(f"fallback {item!r} is not a task type (e.g. 'text.upper')")
+        return value
+
+
+class CorrectionMode(StrEnum):
+    off = "off"
+    rules = "rules"
+    learned = "learned"
+    shadow = "shadow"
+
+
+class CorrectionSpec(_Model):
+    """How the controller reacts when a task fails beyond a plain retry."""
+
+    mode: CorrectionMode = CorrectionMode.rules
+    max_surgeries: int = Field(10, ge=0, le=1000, alias="maxSurgeries")
+    max_inserted_tasks: int = Field(5, ge=0, le=1000, alias="maxInsertedTasks")
+    time_budget: Duration | None = Field(None, alias="timeBudget")
+    task_seconds_budget: float | None = Field(None, ge=0, alias="taskSecondsBudget")
+
+
+class WorkflowBody(_Model):
+    params: dict[str, Any] = Field(default_factory=dict)
+    tasks: list[TaskSpec] = Field(min_length=1)
+    output: Any = Field(None, description="Template(s) over task outputs that form the result.")
+    correction: CorrectionSpec = Field(default_factory=CorrectionSpec)
+    cancel: bool = Field(False, description="Set to true to cancel a running workflow.")
+
+
+class Metadata(_Model):
+    # Kubernetes adds many fields to metadata (uid, resourceVersion, managedFields, ...); the
+    # same document must pass through, so only metadata ignores what it does not know.
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    name: str = Field(pattern=WORKFLOW_NAME_PATTERN, max_length=253)
+    namespace: str | None = Field(None, pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class WorkflowDocument(_Model):
+    # Status is written by the system (the Kubernetes operator), never read from a submission.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    api_version: Literal["dagsmith.io/v1"] = Field(alias="apiVersion")
+    kind: Literal["Workflow"]
+    metadata: Metadata
+    spec: WorkflowBody
+    status: dict[str, Any] | None = Field(None, exclude=True)
+
+    def task(self, name: str) -> TaskSpec:
+        for task in self.spec.tasks:
+            if task.name == name:
+                return task
+        raise KeyError(name)

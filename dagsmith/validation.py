@@ -1,0 +1,349 @@
+"""Whole-document validation: shape (pydantic), then the graph (duplicates, cycles, references).
+
+Every problem is collected with its path, so a user fixes them all in one round trip.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections import Counter, deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, get_args
+
+import jsonschema
+import orjson
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from dagsmith.errors import SpecError, TemplateError
+from dagsmith.spec import TaskSpec, WorkflowDocument
+from dagsmith.templating import iter_templates, references
+
+Problem = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits for one workflow. Defaults match :class:`dagsmith.settings.Settings`."""
+
+    max_tasks: int = 50_000
+    max_params_bytes: int = 65_536
+    max_dependencies: int = 10_000
+
+
+@dataclass(frozen=True)
+class ValidatedWorkflow:
+    document: WorkflowDocument
+    order: list[str]  # topological order, roots first
+    refs: dict[str, frozenset[str]]  # task name -> task names its params refer to
+    children: dict[str, list[str]]
+    warnings: list[Problem] = field(default_factory=list)
+
+    @property
+    def tasks(self) -> list[TaskSpec]:
+        return list(self.document.spec.tasks)
+
+
+def load_document(body: bytes | str, content_type: str = "") -> Any:
+    """Parse JSON or YAML text into plain data. Raises SpecError for unparseable text."""
+    text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
+    if "json" in content_type:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise SpecError([_problem("", f"body is not valid JSON: {exc}", "parse")]) from exc
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError([_problem("", f"body is not valid YAML or JSON{where}: {exc}", "parse")]) from exc
+    if len(docs) != 1:
+        raise SpecError([_problem("", f"expected one workflow document, found {len(docs)}", "parse")])
+    return docs[0]
+
+
+def validate(raw: Any, limits: Limits = Limits(), known_types: Iterable[str] | None = None) -> ValidatedWorkflow:
+    """Validate a parsed document. Raises SpecError listing every problem; returns the checked workflow."""
+    if not isinstance(raw, Mapping):
+        raise SpecError([_problem("", "a workflow document must be an object", "type")])
+    tasks_raw = raw.get("spec", {}).get("tasks") if isinstance(raw.get("spec"), Mapping) else None
+    if isinstance(tasks_raw, list) and len(tasks_raw) > limits.max_tasks:
+        raise SpecError(
+            [
+                _problem(
+                    "spec.tasks",
+                    f"{len(tasks_raw)} tasks is over the limit of {limits.max_tasks} (DAGSMITH_MAX_TASKS)",
+                    "limit",
+                )
+            ]
+        )
+    try:
+        doc = WorkflowDocument.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(_pydantic_problems(exc)) from None
+    problems = _graph_problems(doc, limits)
+    order, cycle_problems = _topological_order(doc)
+    problems += cycle_problems
+    refs, ref_problems = _reference_problems(doc, order if not cycle_problems else None)
+    problems += ref_problems
+    if problems:
+        raise SpecError(problems)
+    children: dict[str, list[str]] = {t.name: [] for t in doc.spec.tasks}
+    for task in doc.spec.tasks:
+        for dep in task.depends_on:
+            children[dep].append(task.name)
+    warnings: list[Problem] = []
+    if known_types is not None:
+        known = set(known_types)
+        for i, task in enumerate(doc.spec.tasks):
+            if task.type not in known:
+                warnings.append(
+                    _problem(
+                        f"spec.tasks[{i}].type",
+                        f"no executor has declared task type {task.type!r} yet; the task waits until one does",
+                        "unknown_type",
+                    )
+                )
+    return ValidatedWorkflow(doc, order, refs, children, warnings)
+
+
+def _problem(path: str, message: str, code: str) -> Problem:
+    return {"path": path, "message": message, "code": code}
+
+
+def _loc_to_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _known_keys(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys allowed at ``loc`` (used to suggest a fix for an unknown key)."""
+    model: Any = WorkflowDocument
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+        info = next((f for n, f in model.model_fields.items() if part in (n, f.alias)), None)
+        if info is None:
+            return []
+        annotation = info.annotation
+        candidates = [annotation, *get_args(annotation)]
+        for arg in list(candidates):
+            candidates += list(get_args(arg))
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return [f.alias or n for n, f in model.model_fields.items()]
+    return []
+
+
+def _pydantic_problems(exc: ValidationError) -> list[Problem]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        path = _loc_to_path(loc)
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            key = str(loc[-1])
+            message = f"unknown field {key!r}"
+            close = difflib.get_close_matches(key, _known_keys(loc[:-1]), n=1)
+            if close:
+                message += f" (did you mean {close[0]!r}?)"
+        elif err["type"] == "missing":
+            message = f"required field {str(loc[-1])!r} is missing"
+        elif err["type"] == "string_pattern_mismatch":
+            message = f"{err['input']!r} does not match {err['ctx']['pattern']}"
+        elif err["type"] == "literal_error":
+            message = f"{err['input']!r} is not allowed here: {message}"
+        problems.append(_problem(path, message, str(err["type"])))
+    return problems
+
+
+def _graph_problems(doc: WorkflowDocument, limits: Limits) -> list[Problem]:
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    for i, task in enumerate(doc.spec.tasks):
+        if task.name in seen:
+            problems.append(
+                _problem(
+                    f"spec.tasks[{i}].name",
+                    f"duplicate task name {task.name!r} (first used by spec.tasks[{seen[task.name]}])",
+                    "duplicate",
+                )
+            )
+        else:
+            seen[task.name] = i
+    for i, task in enumerate(doc.spec.tasks):
+        if len(task.depends_on) > limits.max_dependencies:
+            problems.append(
+                _problem(
+                    f"spec.tasks[{i}].dependsOn",
+                    f"{len(task.depends_on)} dependencies is over the limit of {limits.max_dependencies}",
+                    "limit",
+                )
+            )
+        for d in sorted(d for d, n in Counter(task.depends_on).items() if n > 1):
+            problems.append(_problem(f"spec.tasks[{i}].dependsOn", f"{d!r} is listed more than once", "duplicate"))
+        for j, dep in enumerate(task.depends_on):
+            if dep not in seen:
+                close = difflib.get_close_matches(dep, list(seen)[:5000], n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(
+                    _problem(f"spec.tasks[{i}].dependsOn[{j}]", f"no task is named {dep!r}{hint}", "unknown_task")
+                )
+        size = len(orjson.dumps(task.params, default=str))
+        if size > limits.max_params_bytes:
+            problems.append(
+                _problem(
+                    f"spec.tasks[{i}].params",
+                    f"params are {size} bytes, over the limit of {limits.max_params_bytes} (DAGSMITH_MAX_PARAMS_BYTES)",
+                    "limit",
+                )
+            )
+        if task.expect is not None:
+            try:
+                jsonschema.validators.validator_for(task.expect).check_schema(task.expect)
+            except jsonschema.SchemaError as exc:
+                problems.append(
+                    _problem(f"spec.tasks[{i}].expect", f"not a valid JSON Schema: {exc.message}", "schema")
+                )
+        for key in task.secrets:
+            if key not in task.params:
+                problems.append(
+                    _problem(
+                        f"spec.tasks[{i}].secrets",
+                        f"{key!r} is not one of this task's params",
+                        "unknown_param",
+                    )
+                )
+    return problems
+
+
+def _topological_order(doc: WorkflowDocument) -> tuple[list[str], list[Problem]]:
+    """Kahn's algorithm; on a cycle, report one cycle as ``a → b → a``."""
+    names = list(dict.fromkeys(t.name for t in doc.spec.tasks))  # duplicates are reported elsewhere
+    known = set(names)
+    indegree = {n: 0 for n in names}
+    children: dict[str, list[str]] = {n: [] for n in names}
+    seen: set[str] = set()
+    for task in doc.spec.tasks:
+        if task.name in seen:
+            continue
+        seen.add(task.name)
+        for dep in set(task.depends_on):
+            if dep in known:
+                indegree[task.name] += 1
+                children[dep].append(task.name)
+    queue = deque(n for n in names if indegree[n] == 0)
+    order: list[str] = []
+    while queue:
+        name = queue.popleft()
+        order.append(name)
+        for child in children[name]:
+            indegree[child] -= 1
+            if indegree[child] == 0:
+                queue.append(child)
+    if len(order) == len(indegree):
+        return order, []
+    cycle = _find_cycle({n for n, d in indegree.items() if d > 0}, doc)
+    index = {t.name: i for i, t in enumerate(doc.spec.tasks)}
+    text = " → ".join([*cycle, cycle[0]])
+    return order, [_problem(f"spec.tasks[{index[cycle[0]]}].dependsOn", f"dependency cycle: {text}", "cycle")]
+
+
+def _find_cycle(stuck: set[str], doc: WorkflowDocument) -> list[str]:
+    deps = {t.name: [d for d in t.depends_on if d in stuck] for t in doc.spec.tasks if t.name in stuck}
+    # Every stuck node has a stuck dependency, so walking dependencies must revisit a node.
+    start = min(stuck)
+    path: list[str] = []
+    position: dict[str, int] = {}
+    node = start
+    while node not in position:
+        position[node] = len(path)
+        path.append(node)
+        node = deps[node][0]
+    cycle = path[position[node] :]
+    cycle.reverse()  # present it in execution order: a dependency before its dependent
+    first = cycle.index(min(cycle))  # and start at the same place every time
+    return cycle[first:] + cycle[:first]
+
+
+def _reference_problems(
+    doc: WorkflowDocument, order: list[str] | None
+) -> tuple[dict[str, frozenset[str]], list[Problem]]:
+    problems: list[Problem] = []
+    refs: dict[str, frozenset[str]] = {}
+    names = {t.name for t in doc.spec.tasks}
+    deps = {t.name: t.depends_on for t in doc.spec.tasks}
+    topo = {n: i for i, n in enumerate(order)} if order is not None else None
+    for i, task in enumerate(doc.spec.tasks):
+        found: set[str] = set()
+        for path, template in iter_templates(task.params, f"spec.tasks[{i}].params"):
+            try:
+                found_here = references(template)
+            except TemplateError as exc:
+                problems.append(_problem(path, str(exc), "template"))
+                continue
+            for ref in sorted(found_here.tasks):
+                if ref not in names:
+                    problems.append(
+                        _problem(path, f"refers to tasks.{ref}, but no task is named {ref!r}", "unknown_task")
+                    )
+                elif ref == task.name:
+                    problems.append(_problem(path, f"task {task.name!r} refers to its own output", "reference"))
+                elif topo is not None and not _is_ancestor(ref, task.name, deps, topo):
+                    problems.append(
+                        _problem(
+                            path,
+                            f"refers to tasks.{ref}, which is not upstream of {task.name!r}; "
+                            f"add {ref!r} to dependsOn (directly or through another task)",
+                            "reference",
+                        )
+                    )
+                else:
+                    found.add(ref)
+            for param in sorted(found_here.params):
+                if param not in doc.spec.params:
+                    problems.append(
+                        _problem(
+                            path,
+                            f"refers to params.{param}, which spec.params does not define",
+                            "unknown_param",
+                        )
+                    )
+        refs[task.name] = frozenset(found)
+    for path, template in iter_templates(doc.spec.output, "spec.output"):
+        try:
+            found_here = references(template)
+        except TemplateError as exc:
+            problems.append(_problem(path, str(exc), "template"))
+            continue
+        for ref in sorted(found_here.tasks - names):
+            problems.append(_problem(path, f"refers to tasks.{ref}, but no task is named {ref!r}", "unknown_task"))
+    return refs, problems
+
+
+def _is_ancestor(candidate: str, task: str, deps: dict[str, list[str]], topo: dict[str, int]) -> bool:
+    """Is ``candidate`` reachable by walking ``task``'s dependencies? Prunes by topological index."""
+    if candidate in deps[task]:
+        return True
+    if topo[candidate] >= topo[task]:
+        return False
+    seen = {task}
+    stack = [task]
+    limit = topo[candidate]
+    while stack:
+        for dep in deps[stack.pop()]:
+            if dep == candidate:
+                return True
+            if dep not in seen and topo[dep] > limit:
+                seen.add(dep)
+                stack.append(dep)
+    return False

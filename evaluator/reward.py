@@ -1,0 +1,107 @@
+"""The reward formula — pure, versioned, documented.
+
+``reward_version = "v1"``. For one task attempt:
+
+- **pass** (the executor succeeded and the output satisfies ``expect``):
+  ``r = 1 - 0.25 * min(1, duration / timeout) - 0.1 * (attempt - 1)``, floored at 0.1.
+  Fast, first-try successes score near 1; every retry costs 0.1; using the whole timeout costs 0.25.
+- **fail**: ``-1``, except ``invalid_output`` (the executor ran but its output failed the checks):
+  ``-0.75``, and ``cancelled``: ``0`` (nobody's fault).
+
+A workflow's ``total_reward`` is the sum over all its evaluated attempts.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import jsonschema
+import orjson
+
+from dagsmith.errors import ErrorClass
+from dagsmith.messages import Check, Evaluation, ResultMessage, TaskError
+
+REWARD_VERSION = "v1"
+
+
+@lru_cache(maxsize=1024)
+def _validator(schema_json: str) -> Any:
+    schema = orjson.loads(schema_json)
+    return jsonschema.validators.validator_for(schema)(schema)
+
+
+def check_expect(expect: dict[str, Any], output: Any, limit: int = 5) -> list[str]:
+    """Problems of ``output`` against the JSON Schema ``expect``, each with its path."""
+    validator = _validator(orjson.dumps(expect, option=orjson.OPT_SORT_KEYS).decode())
+    problems = []
+    for error in validator.iter_errors(output):
+        path = "output" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+        problems.append(f"{path}: {error.message}")
+        if len(problems) >= limit:
+            break
+    return problems
+
+
+def reward_for(
+    passed: bool, error_class: ErrorClass | None, duration: float, timeout: float | None, attempt: int
+) -> float:
+    if passed:
+        used = min(1.0, duration / timeout) if timeout else 0.0
+        return round(max(0.1, 1.0 - 0.25 * used - 0.1 * max(attempt - 1, 0)), 4)
+    if error_class == ErrorClass.cancelled:
+        return 0.0
+    if error_class == ErrorClass.invalid_output:
+        return -0.75
+    return -1.0
+
+
+def evaluate(result: ResultMessage) -> Evaluation:
+    task = result.task
+    checks: list[Check] = [
+        Check(
+            name="executor",
+            passed=result.ok,
+            detail="" if result.ok else (result.error.message if result.error else "failed"),
+        )
+    ]
+    error: TaskError | None = result.error
+    if result.ok and task.expect is not None:
+        problems = check_expect(task.expect, result.output)
+        checks.append(Check(name="expect", passed=not problems, detail="; ".join(problems)))
+        if problems:
+            error = TaskError(
+                error_class=ErrorClass.invalid_output,
+                message="output does not match expect: " + "; ".join(problems),
+                details={"problems": problems},
+            )
+    duration = result.duration
+    if task.timeout:
+        checks.append(
+            Check(
+                name="within_timeout",
+                passed=duration <= task.timeout,
+                detail=f"{duration:.3f}s of {task.timeout:g}s",
+            )
+        )
+    passed = all(c.passed for c in checks if c.name in ("executor", "expect"))
+    error_class = None if passed else (error.error_class if error else ErrorClass.unknown)
+    reward = reward_for(passed, error_class, duration, task.timeout, task.attempt)
+    feedback = {
+        "verdict": "pass" if passed else "fail",
+        "error_class": str(error_class) if error_class else None,
+        "checks": [c.model_dump() for c in checks],
+        "reward_version": REWARD_VERSION,
+        "attempt": task.attempt,
+        "timings": {
+            "queue_wait": round(max(result.started_at - task.dispatched_at, 0.0), 6) if task.dispatched_at else None,
+            "run": round(duration, 6),
+            "timeout": task.timeout,
+        },
+    }
+    return Evaluation(
+        verdict="pass" if passed else "fail",
+        reward=reward,
+        feedback=feedback,
+        error=None if passed else error,
+    )

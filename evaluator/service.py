@@ -1,0 +1,72 @@
+"""The evaluator process: results in, evaluated results out. Stateless; run as many as needed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from prometheus_client import Counter, Histogram, start_http_server
+from pydantic import ValidationError
+
+from dagsmith.amqp import Names, Topology, connect, persistent
+from dagsmith.messages import EvaluatedMessage, ResultMessage
+from dagsmith.settings import Settings
+from evaluator.reward import REWARD_VERSION, evaluate
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_METRICS_PORT = 9102
+EVALUATIONS = Counter("dagsmith_evaluations_total", "Task attempts evaluated.", ["type", "verdict"])
+REWARD = Histogram(
+    "dagsmith_task_reward",
+    "Reward per evaluated attempt.",
+    ["type"],
+    buckets=(-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 0.9, 1.0),
+)
+
+
+class Evaluator:
+    def __init__(self, settings: Settings, prefetch: int = 500) -> None:
+        self.settings = settings
+        self.names = Names(settings.amqp_prefix)
+        self.prefetch = prefetch
+        self.evaluated = 0
+
+    async def _on_result(self, message: AbstractIncomingMessage) -> None:
+        try:
+            result = ResultMessage.model_validate_json(message.body)
+        except ValidationError as exc:
+            log.error("dropping unreadable result", error=str(exc)[:300])
+            await message.reject()
+            return
+        evaluation = evaluate(result)
+        out = EvaluatedMessage(result=result, evaluation=evaluation)
+        await self.channel.default_exchange.publish(
+            persistent(out.model_dump_json(by_alias=True).encode()), routing_key=self.names.evaluated
+        )
+        await message.ack()
+        self.evaluated += 1
+        EVALUATIONS.labels(result.task.type, evaluation.verdict).inc()
+        REWARD.labels(result.task.type).observe(evaluation.reward)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        port = self.settings.metrics_port or DEFAULT_METRICS_PORT
+        if port > 0:
+            with contextlib.suppress(OSError):
+                start_http_server(port)
+        connection = await connect(self.settings.amqp_url.get_secret_value(), name="dagsmith-evaluator")
+        self.channel: AbstractChannel = await connection.channel(publisher_confirms=True)
+        consume = await connection.channel()
+        await consume.set_qos(prefetch_count=self.prefetch)
+        topology = Topology(consume, self.names)
+        await topology.queue(self.names.evaluated)
+        results = await topology.queue(self.names.results)
+        tag = await results.consume(self._on_result)
+        log.info("evaluator started", reward_version=REWARD_VERSION)
+        await stop.wait()
+        with contextlib.suppress(Exception):
+            await results.cancel(tag)
+        await connection.close()
+        log.info("evaluator stopped", evaluated=self.evaluated)

@@ -1,0 +1,42 @@
+"""python.call: call a function from a module the executor was started with."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from executors.registry import TaskContext, TaskFailed, executor
+
+
+class CallParams(BaseModel):  # type: ignore[no-redef]  # pydantic-mypy: the alias "kwargs" clashes
+    function: str = Field(description="'package.module:function'")
+    args: list[Any] = Field(default_factory=list)
+    keyword_args: dict[str, Any] = Field(default_factory=dict, validation_alias="kwargs")
+
+
+@executor("python.call", description="Calls module:function (allowed modules only); returns {result}.")
+async def call(params: CallParams, ctx: TaskContext) -> dict[str, Any]:
+    module_name, _, attr = params.function.partition(":")
+    if not attr:
+        raise TaskFailed("invalid_input", "function must look like 'package.module:function'")
+    allowed = ctx.options.python_modules
+    if module_name not in allowed:
+        raise TaskFailed(
+            "invalid_input",
+            f"module {module_name!r} is not allowed on this executor (start it with --python-module {module_name})",
+            {"allowed": list(allowed)},
+        )
+    if attr.startswith("_"):
+        raise TaskFailed("invalid_input", "private functions cannot be called")
+    fn = getattr(importlib.import_module(module_name), attr, None)
+    if not callable(fn):
+        raise TaskFailed("invalid_input", f"{params.function} is not a function")
+    if inspect.iscoroutinefunction(fn):
+        result = await fn(*params.args, **params.keyword_args)
+    else:
+        result = await asyncio.to_thread(fn, *params.args, **params.keyword_args)
+    return {"result": result}

@@ -1,0 +1,160 @@
+"""Task types as plugins: a decorator registers a function under a type name.
+
+Plugins are found three ways: the built-ins, modules named on the command line, and installed
+packages that declare an entry point in the ``dagsmith.executors`` group (the entry point names a
+module; importing it registers its task types).
+"""
+
+from __future__ import annotations
+
+import builtins
+import fnmatch
+import importlib
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, get_type_hints
+
+from pydantic import BaseModel
+
+from dagsmith.errors import DagsmithError, ErrorClass
+from dagsmith.messages import Capability
+
+ENTRY_POINT_GROUP = "dagsmith.executors"
+
+
+class TaskFailed(DagsmithError):
+    """Raise from a task to report a structured error; the error class decides what happens next."""
+
+    def __init__(self, error_class: ErrorClass | str, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.error_class = ErrorClass(error_class)
+        self.message = message
+        self.details = details or {}
+
+
+@dataclass(frozen=True)
+class ExecutorOptions:
+    """What an executor process allows its tasks to do (from settings and command-line flags)."""
+
+    allow_shell: bool = False
+    python_modules: tuple[str, ...] = ()
+    http_allow_hosts: tuple[str, ...] = ()
+    allow_crash: bool = False
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    task_id: int
+    attempt: int
+    workflow_id: str
+    name: str
+    type: str
+    timeout: float | None
+    options: ExecutorOptions = field(default_factory=ExecutorOptions)
+
+    @property
+    def idempotency_key(self) -> str:
+        """Stable across redeliveries of one attempt: pass it to APIs that deduplicate side effects."""
+        return f"{self.task_id}:{self.attempt}"
+
+
+Handler = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    type: str
+    handler: Handler
+    description: str = ""
+    params_model: builtins.type[BaseModel] | None = None
+    repair: str | None = None  # the task type that repairs this type's bad input
+    tunable: dict[str, str] = field(default_factory=dict)  # param -> "x2" | "/2" | ...
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.handler)
+
+    def capability(self) -> Capability:
+        return Capability(type=self.type, description=self.description, repair=self.repair, tunable=self.tunable)
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._specs: dict[str, ExecutorSpec] = {}
+
+    def register(self, spec: ExecutorSpec) -> None:
+        existing = self._specs.get(spec.type)
+        if existing is not None and existing.handler is not spec.handler:
+            raise DagsmithError(f"task type {spec.type!r} is registered twice ({existing.handler} and {spec.handler})")
+        self._specs[spec.type] = spec
+
+    def get(self, task_type: str) -> ExecutorSpec | None:
+        return self._specs.get(task_type)
+
+    def types(self) -> list[str]:
+        return sorted(self._specs)
+
+    def select(self, patterns: Iterable[str]) -> list[ExecutorSpec]:
+        """The registered types matching the glob patterns (``text.*``, ``noop``); ``!x`` excludes."""
+        patterns = list(patterns)
+        include = [p for p in patterns if not p.startswith("!")]
+        exclude = [p[1:] for p in patterns if p.startswith("!")]
+        return [
+            self._specs[name]
+            for name in self.types()
+            if any(fnmatch.fnmatchcase(name, p) for p in include)
+            and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+        ]
+
+
+registry = Registry()
+
+
+def executor(
+    task_type: str,
+    *,
+    description: str = "",
+    repair: str | None = None,
+    tunable: dict[str, str] | None = None,
+    into: Registry | None = None,
+) -> Callable[[Handler], Handler]:
+    """Register the decorated function as the handler of ``task_type``.
+
+    The handler receives the task's params and a :class:`TaskContext`, and returns the output
+    (anything JSON-serialisable). If its first parameter is annotated with a pydantic model, the
+    params are validated into that model first (bad params fail with ``invalid_input``). It may be
+    sync (run in a thread) or async.
+    """
+
+    def register(fn: Handler) -> Handler:
+        doc = description or (inspect.getdoc(fn) or "").split("\n")[0]
+        (into or registry).register(ExecutorSpec(task_type, fn, doc, _params_model(fn), repair, dict(tunable or {})))
+        return fn
+
+    return register
+
+
+def _params_model(fn: Handler) -> type[BaseModel] | None:
+    try:
+        hints = get_type_hints(fn)
+    except (NameError, TypeError):
+        return None
+    first = next(iter(inspect.signature(fn).parameters), None)
+    annotation = hints.get(first) if first else None
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def load_plugins(modules: Iterable[str] = (), *, use_entry_points: bool = True) -> Registry:
+    """Import entry-point plugins and the named modules; their decorators fill the registry."""
+    if use_entry_points:
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            loaded = ep.load()
+            if callable(loaded) and not inspect.ismodule(loaded):
+                loaded(registry)
+    for module in modules:
+        importlib.import_module(module)
+    return registry

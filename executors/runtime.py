@@ -1,0 +1,311 @@
+"""The executor process: consume task messages for the declared types, run them, report.
+
+For every message: run the handler under its timeout, publish the result (with a publisher
+confirm), *then* ack the task message — a crash in between redelivers the task rather than losing
+it. Tasks that run longer than ``start_report_after`` report their start, and every heartbeat
+lists the running attempts so the controller extends their leases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+import traceback
+import uuid
+from collections import OrderedDict
+from typing import Any
+
+import orjson
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from pydantic import ValidationError
+
+import dagsmith
+from dagsmith.amqp import Names, Topology, connect, persistent
+from dagsmith.errors import ErrorClass
+from dagsmith.logs import redact
+from dagsmith.messages import (
+    CancelMessage,
+    EventEnvelope,
+    HeartbeatMessage,
+    ResultMessage,
+    StartedMessage,
+    TaskError,
+    TaskMessage,
+    TaskRef,
+)
+from dagsmith.settings import Settings
+from executors.registry import ExecutorOptions, ExecutorSpec, TaskContext, TaskFailed
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_METRICS_PORT = 9103
+TASKS_RUN = Counter("dagsmith_executor_tasks_total", "Task attempts run by this executor.", ["type", "outcome"])
+TASK_SECONDS = Histogram("dagsmith_executor_task_seconds", "Handler run time.", ["type"])
+RUNNING = Gauge("dagsmith_executor_running", "Task attempts running now.")
+
+
+async def execute(
+    spec: ExecutorSpec, message: TaskMessage, options: ExecutorOptions, max_output_bytes: int
+) -> tuple[bool, Any, TaskError | None]:
+    """Run one attempt of a task. Never raises (except CancelledError): failures become TaskErrors."""
+    ctx = TaskContext(
+        task_id=message.task_id,
+        attempt=message.attempt,
+        workflow_id=message.workflow_id,
+        name=message.name,
+        type=message.type,
+        timeout=message.timeout,
+        options=options,
+    )
+    try:
+        params: Any = message.params
+        if spec.params_model is not None:
+            params = spec.params_model.model_validate(message.params)
+        if spec.is_async:
+            call = spec.handler(params, ctx)
+        else:
+            call = asyncio.to_thread(spec.handler, params, ctx)
+        output = await asyncio.wait_for(call, timeout=message.timeout)
+        size = len(orjson.dumps(output))
+        if size > max_output_bytes:
+            return (
+                False,
+                None,
+                TaskError(
+                    error_class=ErrorClass.resource_exhausted,
+                    message=f"output is {size} bytes, over the limit of {max_output_bytes} (DAGSMITH_MAX_OUTPUT_BYTES)",
+                    details={"size": size, "limit": max_output_bytes},
+                ),
+            )
+        return True, output, None
+    except TaskFailed as exc:
+        return False, None, TaskError(error_class=exc.error_class, message=exc.message, details=exc.details)
+    except ValidationError as exc:
+        problems = [
+            {"path": "params." + ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
+            for e in exc.errors(include_url=False)
+        ]
+        return (
+            False,
+            None,
+            TaskError(
+                error_class=ErrorClass.invalid_input,
+                message=f"invalid params for {message.type}",
+                details={"problems": problems},
+            ),
+        )
+    except TimeoutError:
+        return (
+            False,
+            None,
+            TaskError(
+                error_class=ErrorClass.timeout,
+                message=f"the task did not finish within its timeout of {message.timeout}s",
+            ),
+        )
+    except TypeError as exc:
+        if "JSON" in str(exc) or "serializable" in str(exc):
+            return (
+                False,
+                None,
+                TaskError(error_class=ErrorClass.permanent, message=f"output is not JSON: {exc}"),
+            )
+        return False, None, _unexpected(exc)
+    except Exception as exc:
+        return False, None, _unexpected(exc)
+
+
+def _unexpected(exc: Exception) -> TaskError:
+    tail = traceback.format_exception(exc)[-3:]
+    return TaskError(
+        error_class=ErrorClass.unknown,
+        message=f"{type(exc).__name__}: {exc}",
+        details={"traceback": "".join(tail)[-2000:]},
+    )
+
+
+class ExecutorRuntime:
+    def __init__(
+        self,
+        settings: Settings,
+        specs: list[ExecutorSpec],
+        *,
+        options: ExecutorOptions | None = None,
+        concurrency: int | None = None,
+        executor_id: str | None = None,
+    ) -> None:
+        if not specs:
+            raise ValueError("an executor needs at least one task type")
+        self.settings = settings
+        self.specs = {s.type: s for s in specs}
+        self.options = options or ExecutorOptions()
+        self.concurrency = concurrency or settings.executor_concurrency
+        self.id = executor_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+        self.names = Names(settings.amqp_prefix)
+        self.slots = asyncio.Semaphore(self.concurrency)
+        self.running: dict[tuple[int, int], tuple[str, asyncio.Task[Any]]] = {}  # -> (workflow, runner)
+        self.cancelled: OrderedDict[str, None] = OrderedDict()  # recently cancelled workflow ids
+        self.stopping = False
+        self.completed = 0
+
+    async def _publish(self, channel: AbstractChannel, queue: str, body: bytes) -> None:
+        await channel.default_exchange.publish(persistent(body), routing_key=queue)
+
+    async def _on_task(self, message: AbstractIncomingMessage) -> None:
+        try:
+            task = TaskMessage.model_validate_json(message.body)
+        except ValidationError as exc:
+            log.error("rejecting unreadable task message; it is dead-lettered", error=str(exc)[:300])
+            await message.reject(requeue=False)
+            return
+        spec = self.specs.get(task.type)
+        if spec is None:  # a queue we consume carries a type we do not run: give it back
+            await message.reject(requeue=True)
+            return
+        if task.workflow_id in self.cancelled:
+            await message.ack()
+            return
+        async with self.slots:
+            await self._run(task, spec, message)
+
+    async def _run(self, task: TaskMessage, spec: ExecutorSpec, message: AbstractIncomingMessage) -> None:
+        bound = log.bind(workflow_id=task.workflow_id, task_id=task.task_id, attempt=task.attempt, task=task.name)
+        started_at = time.time()
+        reporter = asyncio.get_running_loop().call_later(
+            self.settings.start_report_after,
+            lambda: asyncio.ensure_future(self._report_started(task, started_at)),
+        )
+        key = (task.task_id, task.attempt)
+        runner = asyncio.ensure_future(execute(spec, task, self.options, self.settings.max_output_bytes))
+        self.running[key] = (task.workflow_id, runner)
+        RUNNING.inc()
+        try:
+            ok, output, error = await runner
+        except asyncio.CancelledError:
+            if self.stopping and task.workflow_id not in self.cancelled:
+                raise  # shutting down: leave the message unacked so another executor runs it
+            ok, output, error = False, None, TaskError(error_class=ErrorClass.cancelled, message="cancelled")
+        finally:
+            reporter.cancel()
+            self.running.pop(key, None)
+            RUNNING.dec()
+        finished_at = time.time()
+        TASK_SECONDS.labels(task.type).observe(finished_at - started_at)
+        TASKS_RUN.labels(task.type, "ok" if ok else str(error.error_class if error else "error")).inc()
+        if ok:
+            bound.debug("task succeeded", seconds=round(finished_at - started_at, 4))
+        else:
+            bound.info(
+                "task failed",
+                error_class=str(error.error_class) if error else None,
+                error=error.message if error else None,
+                params=redact(task.params, task.secrets),
+            )
+        result = ResultMessage(
+            task=TaskRef.model_validate(task.model_dump(exclude={"params", "secrets"})),
+            executor_id=self.id,
+            ok=ok,
+            output=output,
+            error=error,
+            started_at=started_at,
+            finished_at=finished_at,
+        )
+        await self._publish(self.channel, self.names.results, result.model_dump_json(by_alias=True).encode())
+        await message.ack()
+        self.completed += 1
+
+    async def _report_started(self, task: TaskMessage, started_at: float) -> None:
+        event = StartedMessage(
+            task_id=task.task_id,
+            attempt=task.attempt,
+            workflow_id=task.workflow_id,
+            type=task.type,
+            executor_id=self.id,
+            started_at=started_at,
+            dispatched_at=task.dispatched_at,
+        )
+        with contextlib.suppress(Exception):
+            await self._publish(self.channel, self.names.events, EventEnvelope(event=event).model_dump_json().encode())
+
+    async def _on_control(self, message: AbstractIncomingMessage) -> None:
+        with contextlib.suppress(ValidationError):
+            cancel = CancelMessage.model_validate_json(message.body)
+            for wid in cancel.workflow_ids:
+                self.cancelled[wid] = None
+                while len(self.cancelled) > 10_000:
+                    self.cancelled.popitem(last=False)
+            stop = set(cancel.workflow_ids)
+            for workflow_id, runner in list(self.running.values()):
+                if workflow_id in stop and not runner.done():
+                    runner.cancel()
+        await message.ack()
+
+    def heartbeat(self) -> HeartbeatMessage:
+        return HeartbeatMessage(
+            executor_id=self.id,
+            version=dagsmith.__version__,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            concurrency=self.concurrency,
+            capabilities=[s.capability() for s in self.specs.values()],
+            running=list(self.running),
+            stopping=self.stopping,
+        )
+
+    async def _heartbeats(self, stop: asyncio.Event) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                body = EventEnvelope(event=self.heartbeat()).model_dump_json().encode()
+                await self._publish(self.channel, self.names.events, body)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.settings.heartbeat_interval)
+            if stop.is_set():
+                return
+
+    async def run(self, stop: asyncio.Event) -> None:
+        port = self.settings.metrics_port if self.settings.metrics_port else DEFAULT_METRICS_PORT
+        if port > 0:
+            with contextlib.suppress(OSError):  # several executors on one host: only the first serves
+                start_http_server(port)
+        connection = await connect(self.settings.amqp_url.get_secret_value(), name=f"dagsmith-executor-{self.id}")
+        self.channel = await connection.channel(publisher_confirms=True)
+        consume = await connection.channel()
+        await consume.set_qos(prefetch_count=self.concurrency)
+        topology = Topology(consume, self.names, self.settings.delivery_limit)
+        await topology.queue(self.names.results)
+        await topology.queue(self.names.events)
+        consumers = []
+        for task_type in self.specs:
+            queue = await topology.task_queue(task_type)
+            consumers.append((queue, await queue.consume(self._on_task)))
+        control_queue = await consume.declare_queue(exclusive=True, auto_delete=True)
+        await control_queue.bind(await topology.control_exchange())
+        consumers.append((control_queue, await control_queue.consume(self._on_control)))
+        log.info("executor started", executor_id=self.id, types=sorted(self.specs), concurrency=self.concurrency)
+        heartbeats = asyncio.create_task(self._heartbeats(stop))
+        await stop.wait()
+        # Graceful stop: take no new work, let running tasks finish for a while, then leave the
+        # rest unacked so the broker redelivers them to another executor.
+        self.stopping = True
+        for queue, tag in consumers:
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+        if self.running:
+            log.info("waiting for running tasks", running=len(self.running))
+            await asyncio.wait([r for _, r in self.running.values()], timeout=self.settings.shutdown_grace)
+        heartbeats.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await heartbeats
+        with contextlib.suppress(Exception):
+            await self._publish(
+                self.channel,
+                self.names.events,
+                EventEnvelope(event=self.heartbeat()).model_dump_json().encode(),
+            )
+        await connection.close()
+        log.info("executor stopped", executor_id=self.id, completed=self.completed)

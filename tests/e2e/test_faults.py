@@ -1,0 +1,130 @@
+"""Crashes on purpose: a killed controller, two controllers at once, a poison message."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from dagsmith.client import Client
+from dagsmith.settings import Settings
+from tests.e2e.conftest import pg, submit, wait_finished, workflow
+from tests.support.stack import Stack
+from tests.support.wait import wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def chain(name: str, n: int, seconds: float) -> dict[str, object]:
+    tasks = [{"name": "t0", "type": "sleep", "params": {"seconds": seconds}}]
+    tasks += [
+        {"name": f"t{i}", "type": "sleep", "dependsOn": [f"t{i - 1}"], "params": {"seconds": seconds}}
+        for i in range(1, n)
+    ]
+    return workflow(name, *tasks)
+
+
+def succeeded_transitions(settings: Settings, wid: str) -> dict[str, int]:
+    with pg(settings) as conn:
+        rows = conn.execute(
+            "SELECT task_name, count(*) FROM task_events WHERE workflow_id = %s AND to_status = 'succeeded' "
+            "AND task_id IS NOT NULL GROUP BY 1",
+            (wid,),
+        ).fetchall()
+    return dict(rows)
+
+
+def test_controller_sigkill_mid_workflow(stack: Stack, client: Client, settings: Settings) -> None:
+    wid = submit(client, chain("survivor", 20, 0.1))
+    wait_until(lambda: client.workflow(wid)["progress"]["succeeded"] >= 5, timeout=30, what="a few tasks to finish")
+    stack.kill("controller")
+    done_at_kill = client.workflow(wid)["progress"]["succeeded"]
+    assert client.workflow(wid)["status"] == "running"
+    stack.start("controller", "controller")
+    wf = wait_finished(client, wid, timeout=60)
+    assert wf["status"] == "succeeded", wf
+    assert wf["progress"]["succeeded"] == 20
+    assert done_at_kill < 20
+    # every result applied exactly once
+    assert succeeded_transitions(settings, wid) == {f"t{i}": 1 for i in range(20)}
+
+
+def test_two_controllers_never_double_dispatch(stack: Stack, client: Client, settings: Settings) -> None:
+    stack.start("controller-2", "controller")
+    try:
+        tasks = [{"name": "root", "type": "noop"}]
+        tasks += [{"name": f"w{i}", "type": "noop", "dependsOn": ["root"]} for i in range(300)]
+        tasks += [{"name": f"x{i}", "type": "noop", "dependsOn": [f"w{i}"]} for i in range(300)]
+        ids = [submit(client, workflow(f"pair-{k}", *tasks)) for k in range(3)]
+        for wid in ids:
+            assert wait_finished(client, wid, timeout=120)["status"] == "succeeded"
+        with pg(settings) as conn:
+            dupes = conn.execute(
+                "SELECT task_id, attempt, count(*) FROM task_events WHERE workflow_id = ANY(%s::uuid[]) "
+                "AND to_status = 'queued' GROUP BY 1, 2 HAVING count(*) > 1",
+                (ids,),
+            ).fetchall()
+            attempts = conn.execute(
+                "SELECT max(attempt) FROM tasks WHERE workflow_id = ANY(%s::uuid[])", (ids,)
+            ).fetchone()
+        assert dupes == []
+        assert attempts == (1,)
+        for wid in ids:
+            assert set(succeeded_transitions(settings, wid).values()) == {1}
+        # one controller dies: the other carries on alone
+        stack.kill("controller-2")
+        wid = submit(client, chain("after-pair", 5, 0.01))
+        assert wait_finished(client, wid, timeout=60)["status"] == "succeeded"
+    finally:
+        if stack.procs["controller-2"].alive():
+            stack.stop("controller-2")
+
+
+def test_poison_message_is_failed_after_the_delivery_limit(stack: Stack, client: Client, settings: Settings) -> None:
+    wid = submit(client, workflow("poison", {"name": "boom", "type": "chaos.crash", "retry": {"limit": 3}}))
+    # A dedicated executor that crashes on chaos.crash; restart it each time it dies, until the
+    # broker gives up on the message and the controller fails the task.
+    crashes = 0
+    try:
+        for _ in range(settings.delivery_limit + 2):
+            proc = stack.start("crasher", "executor", "--types", "chaos.crash", "--allow-crash")
+            proc.popen.wait(timeout=60)
+            stack.stop("crasher")
+            crashes += 1
+            try:
+                wait_until(
+                    lambda: client.tasks(wid)["items"][0]["status"] == "failed", timeout=3, what="the task to fail"
+                )
+                break
+            except AssertionError:
+                continue
+        wf = wait_finished(client, wid, timeout=30)
+    finally:
+        if "crasher" in stack.procs and stack.procs["crasher"].alive():
+            stack.stop("crasher")
+    assert wf["status"] == "failed"
+    (task,) = client.tasks(wid)["items"]
+    assert task["error"]["class"] == "poison"
+    assert "dead-lettered" in task["error"]["message"]
+    assert crashes == settings.delivery_limit + 1  # the first delivery, then `delivery_limit` redeliveries
+
+
+def test_executor_killed_mid_task_is_redelivered(stack: Stack, client: Client) -> None:
+    stack.start("victim", "executor", "--types", "sleep")
+    try:
+        stack.wait_executors(2)
+        stack.stop("executor")  # leave only the victim to take sleep tasks
+        wid = submit(client, workflow("redeliver", {"name": "s", "type": "sleep", "params": {"seconds": 1.5}}))
+        wait_until(lambda: client.workflow(wid)["progress"]["running"] == 1, timeout=20, what="the sleep to start")
+        stack.signal("victim", signal.SIGKILL)
+        stack.procs["victim"].popen.wait(timeout=10)
+        stack.start_executor()
+        wf = wait_finished(client, wid, timeout=60)
+        assert wf["status"] == "succeeded"
+        (task,) = client.tasks(wid)["items"]
+        assert task["attempt"] == 1  # the same attempt, redelivered by the broker
+    finally:
+        if stack.procs["victim"].alive():
+            stack.stop("victim")
+        if not stack.procs["executor"].alive():
+            stack.start_executor()

@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from dagsmith.errors import ErrorClass
+from dagsmith.messages import ResultMessage, TaskError, TaskRef
+from evaluator.reward import REWARD_VERSION, evaluate, reward_for
+
+
+def result(
+    ok: bool = True,
+    output: Any = None,
+    expect: dict[str, Any] | None = None,
+    timeout: float | None = None,
+    attempt: int = 1,
+    duration: float = 1.0,
+    error: TaskError | None = None,
+) -> ResultMessage:
+    ref = TaskRef(
+        task_id=1,
+        attempt=attempt,
+        workflow_id="w",
+        name="t",
+        type="x",
+        timeout=timeout,
+        expect=expect,
+        dispatched_at=99.0,
+    )
+    return ResultMessage(
+        task=ref,
+        executor_id="e",
+        ok=ok,
+        output=output,
+        error=error,
+        started_at=100.0,
+        finished_at=100.0 + duration,
+    )
+
+
+def test_reward_formula() -> None:
+    assert reward_for(True, None, 1.0, None, 1) == 1.0
+    assert reward_for(True, None, 5.0, 10.0, 1) == pytest.approx(0.875)
+    assert reward_for(True, None, 50.0, 10.0, 3) == pytest.approx(0.55)
+    assert reward_for(True, None, 1.0, None, 20) == 0.1
+    assert reward_for(False, ErrorClass.transient, 1, None, 1) == -1.0
+    assert reward_for(False, ErrorClass.invalid_output, 1, None, 1) == -0.75
+    assert reward_for(False, ErrorClass.cancelled, 1, None, 1) == 0.0
+
+
+def test_pass_with_feedback() -> None:
+    ev = evaluate(result(output={"text": "x"}, expect={"type": "object", "required": ["text"]}, timeout=10))
+    assert ev.verdict == "pass"
+    assert ev.feedback["reward_version"] == REWARD_VERSION
+    assert [c["name"] for c in ev.feedback["checks"]] == ["executor", "expect", "within_timeout"]
+    assert ev.feedback["timings"]["queue_wait"] == 1.0
+
+
+def test_output_failing_expect_is_invalid_output() -> None:
+    ev = evaluate(result(output={"txt": 1}, expect={"type": "object", "required": ["text"]}))
+    assert ev.verdict == "fail"
+    assert ev.error is not None and ev.error.error_class == ErrorClass.invalid_output
+    assert "'text' is a required property" in ev.error.message
+    assert ev.reward == -0.75
+
+
+def test_executor_failure_keeps_its_class() -> None:
+    ev = evaluate(result(ok=False, error=TaskError(error_class=ErrorClass.rate_limited, message="slow down")))
+    assert ev.verdict == "fail" and ev.error is not None
+    assert ev.error.error_class == ErrorClass.rate_limited
+    assert ev.feedback["error_class"] == "rate_limited"

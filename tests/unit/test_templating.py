@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import pytest
+
+from dagsmith.errors import TemplateError
+from dagsmith.templating import references, render, value_references
+
+CTX = {"params": {"who": "world", "n": 3}, "tasks": {"a": {"output": {"text": "123", "items": [{"id": 7}]}}}}
+
+
+def r(value: object) -> object:
+    return render(value, CTX, max_bytes=10_000)
+
+
+def test_single_expression_keeps_native_type() -> None:
+    assert r("{{ params.n }}") == 3
+    assert r("{{ tasks.a.output.items }}") == [{"id": 7}]
+
+
+def test_strings_that_look_like_numbers_stay_strings() -> None:
+    assert r("{{ tasks.a.output.text }}") == "123"
+
+
+def test_interpolation_renders_a_string() -> None:
+    assert r("Hello {{ params.who }}!") == "Hello world!"
+    assert r({"x": ["{{ params.n }}", "plain"]}) == {"x": [3, "plain"]}
+
+
+def test_jmespath_filter() -> None:
+    assert r("{{ tasks.a.output | jmespath('items[0].id') }}") == 7
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ ''.__class__.__mro__ }}",
+        "{{ params.__class__ }}",
+        "{{ tasks.a.output.items.append(1) }}",
+        "{{ 'a' * 100000000 }}",
+        "{{ 2 ** 100000 }}",
+        "{{ range(10**9) | list }}",
+    ],
+)
+def test_sandbox_refuses_unsafe_templates(template: str) -> None:
+    with pytest.raises(TemplateError):
+        r(template)
+
+
+def test_unknown_reference_names_the_path() -> None:
+    with pytest.raises(TemplateError, match=r"params.x: .*'nope'"):
+        render({"x": "{{ tasks.nope.output }}"}, CTX, max_bytes=1000, path="params")
+
+
+def test_output_size_limit() -> None:
+    with pytest.raises(TemplateError, match="over the limit"):
+        render("{{ params.who * 100 }}", CTX, max_bytes=50)
+
+
+def test_references() -> None:
+    refs = references("{{ tasks.a.output.x }} {{ tasks['b'].output }} {{ params.z }}")
+    assert refs.tasks == {"a", "b"}
+    assert refs.params == {"z"}
+    assert value_references({"k": ["{{ tasks.c.output }}", 1]}) == {"c"}

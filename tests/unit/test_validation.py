@@ -1,0 +1,177 @@
+"""Every validation rule gives a problem with its path; nothing else is needed to find it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from dagsmith.errors import SpecError
+from dagsmith.validation import Limits, load_document, validate
+
+
+def doc(*tasks: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "dagsmith.io/v1",
+        "kind": "Workflow",
+        "metadata": {"name": "wf"},
+        "spec": {"tasks": list(tasks), **spec},
+    }
+
+
+def problems(raw: Any, **kw: Any) -> list[dict[str, Any]]:
+    with pytest.raises(SpecError) as info:
+        validate(raw, **kw)
+    return info.value.problems
+
+
+def test_valid_document_gives_order_refs_and_children() -> None:
+    checked = validate(
+        doc(
+            {"name": "a", "type": "noop"},
+            {"name": "b", "type": "echo", "dependsOn": ["a"], "params": {"x": "{{ tasks.a.output }}"}},
+            {"name": "c", "type": "echo", "dependsOn": ["b"], "params": {"x": "{{ tasks.a.output.y }}"}},
+        )
+    )
+    assert checked.order == ["a", "b", "c"]
+    assert checked.refs == {"a": frozenset(), "b": frozenset({"a"}), "c": frozenset({"a"})}
+    assert checked.children == {"a": ["b"], "b": ["c"], "c": []}
+
+
+def test_unknown_key_is_reported_with_path_and_suggestion() -> None:
+    found = problems(doc({"name": "a", "type": "noop", "dependson": ["x"]}))
+    assert found[0]["path"] == "spec.tasks[0].dependson"
+    assert "did you mean 'dependsOn'" in found[0]["message"]
+
+
+def test_duplicate_names() -> None:
+    found = problems(doc({"name": "a", "type": "noop"}, {"name": "a", "type": "noop"}))
+    assert found == [
+        {
+            "path": "spec.tasks[1].name",
+            "message": "duplicate task name 'a' (first used by spec.tasks[0])",
+            "code": "duplicate",
+        }
+    ]
+
+
+def test_depends_on_unknown_task() -> None:
+    found = problems(doc({"name": "alpha", "type": "noop"}, {"name": "b", "type": "noop", "dependsOn": ["alpah"]}))
+    assert found[0]["path"] == "spec.tasks[1].dependsOn[0]"
+    assert "no task is named 'alpah'" in found[0]["message"]
+    assert "did you mean 'alpha'" in found[0]["message"]
+
+
+def test_cycle_is_printed() -> None:
+    found = problems(
+        doc(
+            {"name": "a", "type": "noop", "dependsOn": ["c"]},
+            {"name": "b", "type": "noop", "dependsOn": ["a"]},
+            {"name": "c", "type": "noop", "dependsOn": ["b"]},
+            {"name": "d", "type": "noop"},
+        )
+    )
+    assert len(found) == 1
+    assert found[0]["code"] == "cycle"
+    assert "a → b → c → a" in found[0]["message"]
+
+
+def test_self_dependency_is_a_cycle() -> None:
+    found = problems(doc({"name": "a", "type": "noop", "dependsOn": ["a"]}))
+    assert "a → a" in found[0]["message"]
+
+
+def test_reference_to_non_ancestor() -> None:
+    found = problems(
+        doc(
+            {"name": "a", "type": "noop"},
+            {"name": "b", "type": "noop"},
+            {"name": "c", "type": "echo", "dependsOn": ["a"], "params": {"x": "{{ tasks.b.output }}"}},
+        )
+    )
+    assert found[0]["path"] == "spec.tasks[2].params.x"
+    assert "not upstream of 'c'" in found[0]["message"]
+
+
+def test_reference_to_unknown_task_and_param() -> None:
+    found = problems(doc({"name": "a", "type": "echo", "params": {"x": "{{ tasks.zz.output }} {{ params.nope }}"}}))
+    messages = sorted(p["message"] for p in found)
+    assert any("no task is named 'zz'" in m for m in messages)
+    assert any("params.nope" in m for m in messages)
+
+
+def test_bad_duration() -> None:
+    found = problems(doc({"name": "a", "type": "noop", "timeout": "10 parsecs"}))
+    assert found[0]["path"] == "spec.tasks[0].timeout"
+    assert "invalid duration" in found[0]["message"]
+
+
+def test_template_syntax_error() -> None:
+    found = problems(doc({"name": "a", "type": "echo", "params": {"x": "{{ params.who "}}, params={"who": 1}))
+    assert found[0]["path"] == "spec.tasks[0].params.x"
+    assert "syntax error" in found[0]["message"]
+
+
+def test_expect_must_be_a_json_schema() -> None:
+    found = problems(doc({"name": "a", "type": "noop", "expect": {"type": "banana"}}))
+    assert found[0]["path"] == "spec.tasks[0].expect"
+
+
+def test_every_problem_is_listed_at_once() -> None:
+    found = problems(
+        doc(
+            {"name": "a", "type": "noop", "dependsOn": ["missing"]},
+            {"name": "a", "type": "noop"},
+            {"name": "b", "type": "Not A Type"},
+        )
+    )
+    assert {p["path"] for p in found} >= {"spec.tasks[2].type"}
+    found2 = problems(doc({"name": "a", "type": "noop", "dependsOn": ["missing"]}, {"name": "a", "type": "noop"}))
+    assert {p["path"] for p in found2} == {"spec.tasks[1].name", "spec.tasks[0].dependsOn[0]"}
+
+
+def test_wrong_api_version_and_kind() -> None:
+    raw = doc({"name": "a", "type": "noop"})
+    raw["apiVersion"] = "v2"
+    raw["kind"] = "Pipeline"
+    assert {p["path"] for p in problems(raw)} == {"apiVersion", "kind"}
+
+
+def test_limits() -> None:
+    many = doc(*({"name": f"t{i}", "type": "noop"} for i in range(11)))
+    found = problems(many, limits=Limits(max_tasks=10))
+    assert found[0]["path"] == "spec.tasks" and "limit of 10" in found[0]["message"]
+    big = doc({"name": "a", "type": "echo", "params": {"x": "y" * 100}})
+    found = problems(big, limits=Limits(max_params_bytes=50))
+    assert found[0]["path"] == "spec.tasks[0].params"
+
+
+def test_unknown_type_is_a_warning_not_an_error() -> None:
+    checked = validate(doc({"name": "a", "type": "noop"}, {"name": "b", "type": "custom.thing"}), known_types={"noop"})
+    assert checked.warnings == [
+        {
+            "path": "spec.tasks[1].type",
+            "message": "no executor has declared task type 'custom.thing' yet; the task waits until one does",
+            "code": "unknown_type",
+        }
+    ]
+
+
+def test_load_document_yaml_json_and_garbage() -> None:
+    assert load_document(b"a: 1") == {"a": 1}
+    assert load_document(b'{"a": 1}', "application/json") == {"a": 1}
+    with pytest.raises(SpecError) as info:
+        load_document(b"a: [1, 2", "application/yaml")
+    assert "line" in info.value.problems[0]["message"]
+    with pytest.raises(SpecError):
+        load_document(b"{nope", "application/json")
+    with pytest.raises(SpecError) as info:
+        load_document(b"a: 1\n---\nb: 2\n")
+    assert "found 2" in info.value.problems[0]["message"]
+
+
+def test_kubernetes_metadata_passes_through() -> None:
+    raw = doc({"name": "a", "type": "noop"})
+    raw["metadata"].update({"uid": "123", "resourceVersion": "7", "namespace": "team-a", "generation": 1})
+    checked = validate(raw)
+    assert checked.document.metadata.namespace == "team-a"
