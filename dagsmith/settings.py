@@ -7,9 +7,10 @@ description next to each field is the documentation.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from dagsmith.validation import Limits
 
@@ -80,17 +81,18 @@ class Settings(BaseSettings):
         description="Seconds a stopping executor lets running tasks finish before handing them back.",
     )
     executor_allow_shell: bool = Field(False, description="Allow the shell.run task type.")
-    executor_python_modules: list[str] = Field(
-        default_factory=list, description="Modules python.call may import functions from."
+    executor_python_modules: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Modules python.call may import functions from (comma-separated)."
     )
-    executor_http_allow_hosts: list[str] = Field(
-        default_factory=list, description="Hosts http.request may reach (empty: any host)."
+    executor_http_allow_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Hosts http.request may reach, comma-separated (empty: any host)."
     )
 
     # Observability
     metrics_port: int = Field(
         0,
-        description="Port for /metrics of the controller, evaluator and executors (0: the service default).",
+        description="Port for /metrics of the controller, evaluator and executors (0: the service default "
+        "9101/9102/9103; -1: off).",
     )
     log_level: str = Field("INFO", description="Log level.")
     log_format: str = Field("auto", description="'json', 'console' or 'auto' (JSON when not a TTY).")
