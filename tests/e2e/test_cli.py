@@ -1,0 +1,81 @@
+"""The CLI as users call it: real processes, real exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import EXAMPLES
+from tests.support.stack import Stack, free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def cli(stack_url: str, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSMITH_")}
+    env.update({"DAGSMITH_API": stack_url, "COLUMNS": "200"})
+    return subprocess.run(
+        [sys.executable, "-m", "dagsmith", *args],
+        input=stdin.decode() if stdin else None,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_submit_wait_prints_result_and_exits_0(stack: Stack) -> None:
+    done = cli(stack.url, "submit", str(EXAMPLES / "hello.yaml"), "--wait")
+    assert done.returncode == 0, done.stderr
+    assert '"result": "HELLO WORLD"' in done.stdout
+    assert "succeeded" in done.stderr
+
+
+def test_watch_shows_progress(stack: Stack) -> None:
+    done = cli(stack.url, "submit", str(EXAMPLES / "hello.yaml"), "--watch")
+    assert done.returncode == 0, done.stderr
+    assert "2/2" in done.stderr
+
+
+def test_failed_workflow_exits_1_with_reason(stack: Stack, tmp_path: Path) -> None:
+    spec = tmp_path / "fail.yaml"
+    spec.write_text(
+        "apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {name: fails}\n"
+        "spec:\n  tasks:\n    - {name: bad, type: chaos.fail, params: {class: permanent, message: nope}}\n"
+    )
+    done = cli(stack.url, "submit", str(spec), "--wait")
+    assert done.returncode == 1
+    assert "task 'bad' failed: permanent: nope" in done.stderr
+
+
+def test_invalid_spec_exits_2_listing_problems(stack: Stack) -> None:
+    body = b"apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {name: x}\nspec:\n  tasks:\n    - {name: a, type: noop, dependsOn: [zz]}\n"
+    done = cli(stack.url, "submit", "-", stdin=body)
+    assert done.returncode == 2
+    assert "spec.tasks[0].dependsOn[0]" in done.stderr
+    assert "no task is named 'zz'" in done.stderr
+
+
+def test_unreachable_api_exits_3(stack: Stack) -> None:
+    done = cli(f"http://127.0.0.1:{free_port()}", "list")
+    assert done.returncode == 3
+    assert "cannot reach the API" in done.stderr
+
+
+def test_status_result_dag_and_not_found(stack: Stack) -> None:
+    submitted = cli(stack.url, "submit", str(EXAMPLES / "hello.yaml"), "--wait")
+    wid = next(line.split()[-1] for line in submitted.stderr.splitlines() if line.startswith("submitted workflow"))
+    status = cli(stack.url, "status", wid)
+    assert status.returncode == 0 and "succeeded" in status.stdout
+    result = cli(stack.url, "result", wid)
+    assert result.returncode == 0 and "HELLO WORLD" in result.stdout
+    dag = cli(stack.url, "dag", wid, "--format", "mermaid")
+    assert dag.stdout.startswith("flowchart TD")
+    listing = cli(stack.url, "list")
+    assert wid in listing.stdout
+    missing = cli(stack.url, "status", "00000000-0000-0000-0000-000000000000")
+    assert missing.returncode == 4

@@ -1,0 +1,132 @@
+"""The executor runtime against the real broker: task in, result out, ack after publish."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import aio_pika
+import pytest
+
+from dagsmith.amqp import Names, Topology
+from dagsmith.errors import ErrorClass
+from dagsmith.messages import ResultMessage, TaskMessage
+from dagsmith.settings import Settings
+from executors.registry import ExecutorOptions, Registry, TaskContext, TaskFailed, executor
+from executors.runtime import ExecutorRuntime, execute
+
+local = Registry()
+
+
+@executor("test.echo", into=local)
+async def _echo(params: dict[str, object], ctx: TaskContext) -> dict[str, object]:
+    return {"params": params, "key": ctx.idempotency_key}
+
+
+@executor("test.sync", into=local)
+def _sync(params: dict[str, object], ctx: TaskContext) -> int:
+    return 41 + 1
+
+
+@executor("test.raise", into=local)
+async def _raise(params: dict[str, object], ctx: TaskContext) -> None:
+    raise TaskFailed("rate_limited", "slow down", {"retry_after": 3})
+
+
+@executor("test.bug", into=local)
+async def _bug(params: dict[str, object], ctx: TaskContext) -> None:
+    raise KeyError("oops")
+
+
+@executor("test.slow", into=local)
+async def _slow(params: dict[str, object], ctx: TaskContext) -> None:
+    await asyncio.sleep(10)
+
+
+@executor("test.big", into=local)
+async def _big(params: dict[str, object], ctx: TaskContext) -> str:
+    return "x" * 2000
+
+
+def msg(task_type: str, timeout: float | None = None, **params: object) -> TaskMessage:
+    return TaskMessage(task_id=7, attempt=2, workflow_id="w", name="t", type=task_type, params=params, timeout=timeout)
+
+
+async def run(task_type: str, timeout: float | None = None, **params: object) -> tuple[bool, object, object]:
+    spec = local.get(task_type)
+    assert spec is not None
+    return await execute(spec, msg(task_type, timeout, **params), ExecutorOptions(), max_output_bytes=1000)
+
+
+async def test_execute_outcomes() -> None:
+    assert await run("test.echo", a=1) == (True, {"params": {"a": 1}, "key": "7:2"}, None)
+    assert await run("test.sync") == (True, 42, None)
+    ok, _, error = await run("test.raise")
+    assert not ok and error.error_class == ErrorClass.rate_limited and error.details == {"retry_after": 3}  # type: ignore[union-attr]
+    ok, _, error = await run("test.bug")
+    assert error.error_class == ErrorClass.unknown and "KeyError" in error.message  # type: ignore[union-attr]
+    ok, _, error = await run("test.slow", timeout=0.1)
+    assert error.error_class == ErrorClass.timeout  # type: ignore[union-attr]
+    ok, _, error = await run("test.big")
+    assert error.error_class == ErrorClass.resource_exhausted  # type: ignore[union-attr]
+
+
+async def test_builtin_params_are_validated() -> None:
+    import executors.builtins  # noqa: F401
+    from executors.registry import registry
+
+    spec = registry.get("text.upper")
+    assert spec is not None
+    ok, _, error = await execute(spec, msg("text.upper", nope=1), ExecutorOptions(), 1000)
+    assert not ok and error is not None
+    assert error.error_class == ErrorClass.invalid_input
+    assert error.details["problems"][0]["path"] == "params.text"
+
+
+@pytest.fixture
+async def broker(settings: Settings) -> AsyncIterator[tuple[aio_pika.abc.AbstractChannel, Names, Settings]]:
+    prefix = settings.amqp_prefix + "rt"
+    s = settings.model_copy(update={"amqp_prefix": prefix})
+    connection = await aio_pika.connect(s.amqp_url.get_secret_value())
+    channel = await connection.channel()
+    yield channel, Names(prefix), s
+    for queue in (
+        Names(prefix).results,
+        Names(prefix).events,
+        Names(prefix).task_queue("test.echo"),
+        Names(prefix).dead_queue,
+    ):
+        with contextlib.suppress(Exception):
+            await channel.queue_delete(queue)
+    await connection.close()
+
+
+async def test_runtime_consumes_runs_and_reports(broker: tuple[aio_pika.abc.AbstractChannel, Names, Settings]) -> None:
+    channel, names, s = broker
+    topology = Topology(channel, names)
+    results = await topology.queue(names.results)
+    runtime = ExecutorRuntime(s, [local.get("test.echo")], concurrency=2)  # type: ignore[list-item]
+    stop = asyncio.Event()
+    running = asyncio.create_task(runtime.run(stop))
+    try:
+        exchange = await topology.tasks_exchange()
+        await topology.task_queue("test.echo")
+        await exchange.publish(
+            aio_pika.Message(msg("test.echo", x=1).model_dump_json().encode()), routing_key="test.echo"
+        )
+        async with asyncio.timeout(20):
+            async with results.iterator() as it:
+                async for incoming in it:
+                    result = ResultMessage.model_validate_json(incoming.body)
+                    await incoming.ack()
+                    break
+        assert result.ok
+        assert result.output == {"params": {"x": 1}, "key": "7:2"}
+        assert result.task.task_id == 7 and result.task.attempt == 2
+        assert result.executor_id == runtime.id
+        queue = await channel.declare_queue(names.task_queue("test.echo"), passive=True)
+        assert queue.declaration_result.message_count == 0  # acked after the result went out
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 20)

@@ -1,0 +1,32 @@
+"""Migrations run up, down and up again on an empty database."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+
+from controller.migrate import current, downgrade, upgrade
+from tests.conftest import create_database, drop_database
+
+
+def tables(url: str) -> set[str]:
+    with psycopg.connect(url.replace("+psycopg", ""), autocommit=True) as conn:
+        rows = conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'").fetchall()
+    return {r[0] for r in rows}
+
+
+def test_up_down_up() -> None:
+    name = f"dagsmith_mig_{uuid.uuid4().hex[:8]}"
+    url = create_database(name)
+    try:
+        upgrade(url)
+        assert current(url) is not None
+        assert {"workflows", "tasks", "task_events", "executors", "task_types"} <= tables(url)
+        downgrade(url, "base")
+        assert current(url) is None
+        assert tables(url) <= {"alembic_version"}
+        upgrade(url)
+        assert {"workflows", "tasks"} <= tables(url)
+    finally:
+        drop_database(name)
