@@ -53,7 +53,10 @@ def test_failed_workflow_exits_1_with_reason(stack: Stack, tmp_path: Path) -> No
 
 
 def test_invalid_spec_exits_2_listing_problems(stack: Stack) -> None:
-    body = b"apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {name: x}\nspec:\n  tasks:\n    - {name: a, type: noop, dependsOn: [zz]}\n"
+    body = (
+        b"apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {name: x}\n"
+        b"spec:\n  tasks:\n    - {name: a, type: noop, dependsOn: [zz]}\n"
+    )
     done = cli(stack.url, "submit", "-", stdin=body)
     assert done.returncode == 2
     assert "spec.tasks[0].dependsOn[0]" in done.stderr
