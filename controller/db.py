@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import orjson
 import structlog
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -22,7 +23,16 @@ CHANNEL_EVENTS = "dagsmith_events"  # a workflow's tasks changed (for event stre
 _RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "08000", "08003", "08006"}
 
 
+def _use_orjson() -> None:
+    """psycopg parses and writes JSON with orjson: several times faster than the json module."""
+    from psycopg.types.json import set_json_dumps, set_json_loads
+
+    set_json_loads(orjson.loads)
+    set_json_dumps(lambda obj: orjson.dumps(obj, default=str))
+
+
 def create_engine(url: str, pool_size: int = 10, name: str = "dagsmith") -> AsyncEngine:
+    _use_orjson()
     return create_async_engine(
         url,
         pool_size=pool_size,

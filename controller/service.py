@@ -26,7 +26,7 @@ from controller.db import CHANNEL_WORKFLOWS, create_engine, in_transaction
 from controller.dispatch import Publisher
 from controller.engine import Engine, Inbound
 from dagsmith.amqp import Names, Topology, connect, persistent
-from dagsmith.messages import CancelMessage, EvaluatedMessage, EventEnvelope, HeartbeatMessage, TaskMessage
+from dagsmith.messages import CancelMessage, EvaluatedBatch, EventEnvelope, HeartbeatMessage, TaskMessage
 from dagsmith.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -51,12 +51,12 @@ class Controller:
 
     async def _on_evaluated(self, message: AbstractIncomingMessage) -> None:
         try:
-            parsed = EvaluatedMessage.model_validate_json(message.body)
+            parsed = EvaluatedBatch.model_validate_json(message.body)
         except ValidationError as exc:
-            log.error("dropping unreadable evaluated message", error=str(exc)[:500])
+            log.error("dropping unreadable evaluated batch", error=str(exc)[:500])
             await message.reject()
             return
-        self.inbox.append(("evaluated", parsed, message))
+        self.inbox.append(("evaluated", parsed.items, message))
         self.wake.set()
 
     async def _on_event(self, message: AbstractIncomingMessage) -> None:
@@ -95,13 +95,12 @@ class Controller:
                 waiter.cancel()
                 stopper.cancel()
                 continue
-            batch = self.inbox[: self.settings.controller_batch_size]
-            del self.inbox[: len(batch)]
+            batch = self._take_batch()
             inbound = Inbound(dirty=set(self.dirty))
             self.dirty.clear()
             for kind, item, _ in batch:
                 if kind == "evaluated":
-                    inbound.evaluated.append(item)
+                    inbound.evaluated.extend(item)
                 elif kind == "started":
                     inbound.started.append(item)
                 else:
@@ -120,6 +119,19 @@ class Controller:
             if result.cancelled:
                 await self._broadcast_cancel(result.cancelled)
 
+    def _take_batch(self) -> list[tuple[str, Any, AbstractIncomingMessage | None]]:
+        """Inbox entries up to about ``controller_batch_size`` items (an evaluated entry holds many)."""
+        taken = 0
+        size = 0
+        for kind, item, _ in self.inbox:
+            taken += 1
+            size += len(item) if kind == "evaluated" else 1
+            if size >= self.settings.controller_batch_size:
+                break
+        batch = self.inbox[:taken]
+        del self.inbox[:taken]
+        return batch
+
     async def _isolate(
         self,
         engine: Engine,
@@ -129,7 +141,12 @@ class Controller:
         """After a non-transient failure, apply messages singly so one bad message cannot block the rest."""
         for kind, item, message in batch:
             inbound = Inbound()
-            getattr(inbound, {"evaluated": "evaluated", "started": "started", "dead": "dead"}[kind]).append(item)
+            if kind == "evaluated":
+                inbound.evaluated.extend(item)
+            elif kind == "started":
+                inbound.started.append(item)
+            else:
+                inbound.dead.append(item)
             try:
                 await engine.run_round(inbound)
             except Exception:
@@ -256,7 +273,7 @@ class Controller:
         publish_channel = await connection.channel(publisher_confirms=True)
         self.topology = Topology(publish_channel, self.names, settings.delivery_limit)
         consume_channel = await connection.channel()
-        await consume_channel.set_qos(prefetch_count=settings.controller_batch_size * 2)
+        await consume_channel.set_qos(prefetch_count=256)
         consume_topology = Topology(consume_channel, self.names, settings.delivery_limit)
         engine = self.engine_class(db, Publisher(publish_channel, self.topology), settings)
         await self.topology.control_exchange()

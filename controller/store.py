@@ -7,6 +7,7 @@ extensions change no status and skip rows that are locked.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,18 @@ from controller.db import CHANNEL_EVENTS
 from controller.reconcile import Counts, TaskView, WorkflowView
 from controller.states import TaskStatus, WorkflowStatus
 from dagsmith.spec import Backoff
+
+
+def rows_json(rows: Iterable[dict[str, Any]]) -> str:
+    """Rows for ``jsonb_to_recordset``: one JSON document instead of one array per column — orjson
+    encodes it in a single pass, and Postgres parses it in C (much cheaper than per-element binds)."""
+    return orjson.dumps(list(rows), default=_default).decode()
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, uuid.UUID | datetime):
+        return str(value)
+    raise TypeError(f"cannot encode {type(value).__name__}")
 
 
 def ts(epoch: float | None) -> datetime | None:
@@ -148,6 +161,10 @@ async def reload_counts(conn: AsyncConnection, rows: dict[uuid.UUID, WorkflowRow
 
 _TASK_COLUMNS = """id, workflow_id, name, type, status, attempt, waiting_on, retries, max_retries, spec,
     params, refs, timeout_s, not_before, lease_expires_at"""
+# Applying a result needs much less than dispatching: not the params or the whole spec.
+_RESULT_COLUMNS = """id, workflow_id, name, type, status, attempt, waiting_on, retries, max_retries,
+    jsonb_build_object('retry', spec->'retry') AS spec, '{}'::jsonb AS params, refs, timeout_s, not_before,
+    lease_expires_at"""
 
 
 def _task_row(r: Any) -> TaskRow:
@@ -172,7 +189,7 @@ def _task_row(r: Any) -> TaskRow:
 
 async def load_tasks(conn: AsyncConnection, ids: Iterable[int]) -> dict[int, TaskRow]:
     rows = await conn.execute(
-        sa.text(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = ANY(:ids)"), {"ids": list(set(ids))}
+        sa.text(f"SELECT {_RESULT_COLUMNS} FROM tasks WHERE id = ANY(:ids)"), {"ids": list(set(ids))}
     )
     return {r.id: _task_row(r) for r in rows}
 
@@ -236,24 +253,21 @@ async def mark_running(
         sa.text(
             """
             UPDATE tasks t
-            SET status = 'running', started_at = v.started_at, executor_id = v.executor_id,
+            SET status = 'running', started_at = to_timestamp(v.started_at), executor_id = v.executor_id,
                 lease_expires_at = LEAST(
-                    COALESCE(v.started_at + make_interval(secs => t.timeout_s + :grace), 'infinity'),
+                    COALESCE(to_timestamp(v.started_at) + make_interval(secs => t.timeout_s + :grace), 'infinity'),
                     now() + make_interval(secs => :ttl))
-            FROM (SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[]),
-                                       CAST(:executors AS text[]), CAST(:started AS timestamptz[]))
-                  AS u(id, attempt, executor_id, started_at)) v,
-                 (SELECT id, status AS old_status FROM tasks WHERE id = ANY(:ids)) o
-            WHERE t.id = v.id AND o.id = v.id AND t.attempt = v.attempt
-              AND t.status IN ('queued', 'running')
-            RETURNING t.id, t.workflow_id, t.name, t.attempt, o.old_status, t.started_at
+            FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+                 AS v(id bigint, attempt int, executor_id text, started_at float8)
+                 JOIN tasks o ON o.id = v.id  -- the row as it was, for the event's "from"
+            WHERE t.id = v.id AND t.attempt = v.attempt AND t.status IN ('queued', 'running')
+            RETURNING t.id, t.workflow_id, t.name, t.attempt, o.status AS old_status, t.started_at
             """
         ),
         {
-            "ids": [s[0] for s in started],
-            "attempts": [s[1] for s in started],
-            "executors": [s[2] for s in started],
-            "started": [ts(s[3]) for s in started],
+            "rows": rows_json(
+                {"id": s[0], "attempt": s[1], "executor_id": s[2], "started_at": s[3]} for s in started
+            ),
             "ttl": lease_ttl,
             "grace": grace,
         },
@@ -275,22 +289,27 @@ class Outcome:
     finished_at: float
 
 
-_OUTCOME_UNNEST = """unnest(CAST(:ids AS bigint[]), CAST(:outputs AS jsonb[]), CAST(:errors AS jsonb[]),
-                CAST(:rewards AS float8[]), CAST(:feedbacks AS jsonb[]), CAST(:executors AS text[]),
-                CAST(:started AS timestamptz[]), CAST(:finished AS timestamptz[]))
-         AS v(id, output, error, reward, feedback, executor_id, started_at, finished_at)"""
+_OUTCOME_ROWS = """jsonb_to_recordset(CAST(:rows AS jsonb))
+         AS v(id bigint, output jsonb, error jsonb, reward float8, feedback jsonb, executor_id text,
+              started_at float8, finished_at float8, not_before float8)"""
 
 
-def _outcome_params(outcomes: Sequence[Outcome]) -> dict[str, Any]:
+def _outcome_params(outcomes: Sequence[Outcome], not_before: Sequence[float] | None = None) -> dict[str, Any]:
     return {
-        "ids": [o.task_id for o in outcomes],
-        "outputs": [None if o.output is None else _json(o.output) for o in outcomes],
-        "errors": [None if o.error is None else _json(o.error) for o in outcomes],
-        "rewards": [o.reward for o in outcomes],
-        "feedbacks": [None if o.feedback is None else _json(o.feedback) for o in outcomes],
-        "executors": [o.executor_id for o in outcomes],
-        "started": [ts(o.started_at) for o in outcomes],
-        "finished": [ts(o.finished_at) for o in outcomes],
+        "rows": rows_json(
+            {
+                "id": o.task_id,
+                "output": o.output,
+                "error": o.error,
+                "reward": o.reward,
+                "feedback": o.feedback,
+                "executor_id": o.executor_id,
+                "started_at": o.started_at,
+                "finished_at": o.finished_at,
+                "not_before": not_before[i] if not_before is not None else None,
+            }
+            for i, o in enumerate(outcomes)
+        )
     }
 
 
@@ -303,9 +322,9 @@ async def mark_succeeded(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> 
             f"""
             UPDATE tasks t SET status = 'succeeded', output = v.output, error = NULL, reward = v.reward,
                 feedback_notes = v.feedback, executor_id = COALESCE(v.executor_id, t.executor_id),
-                started_at = COALESCE(v.started_at, t.started_at), finished_at = v.finished_at,
+                started_at = COALESCE(to_timestamp(v.started_at), t.started_at), finished_at = to_timestamp(v.finished_at),
                 lease_expires_at = NULL
-            FROM {_OUTCOME_UNNEST}
+            FROM {_OUTCOME_ROWS}
             WHERE t.id = v.id
             RETURNING t.id, t.children
             """
@@ -323,32 +342,29 @@ async def release_children(conn: AsyncConnection, children: dict[int, int]) -> N
         sa.text(
             """
             UPDATE tasks t SET waiting_on = t.waiting_on - v.n
-            FROM unnest(CAST(:ids AS bigint[]), CAST(:ns AS int[])) AS v(id, n)
+            FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(id bigint, n int)
             WHERE t.id = v.id
             """
         ),
-        {"ids": list(children), "ns": list(children.values())},
+        {"rows": rows_json({"id": k, "n": n} for k, n in children.items())},
     )
 
 
 async def schedule_retries(conn: AsyncConnection, outcomes: Sequence[Outcome], not_before: Sequence[float]) -> None:
     if not outcomes:
         return
-    params = _outcome_params(outcomes)
-    params["not_before"] = [ts(n) for n in not_before]
     await conn.execute(
         sa.text(
             f"""
-            UPDATE tasks t SET status = 'pending', retries = t.retries + 1, not_before = nb.not_before,
+            UPDATE tasks t SET status = 'pending', retries = t.retries + 1, not_before = to_timestamp(v.not_before),
                 error = v.error, reward = v.reward, feedback_notes = v.feedback,
-                executor_id = COALESCE(v.executor_id, t.executor_id), finished_at = v.finished_at,
+                executor_id = COALESCE(v.executor_id, t.executor_id), finished_at = to_timestamp(v.finished_at),
                 lease_expires_at = NULL
-            FROM {_OUTCOME_UNNEST}, unnest(CAST(:ids AS bigint[]), CAST(:not_before AS timestamptz[]))
-                 AS nb(id, not_before)
-            WHERE t.id = v.id AND nb.id = v.id
+            FROM {_OUTCOME_ROWS}
+            WHERE t.id = v.id
             """
         ),
-        params,
+        _outcome_params(outcomes, not_before),
     )
 
 
@@ -360,9 +376,9 @@ async def mark_failed(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> Non
             f"""
             UPDATE tasks t SET status = 'failed', error = v.error, reward = v.reward,
                 feedback_notes = v.feedback, executor_id = COALESCE(v.executor_id, t.executor_id),
-                started_at = COALESCE(v.started_at, t.started_at), finished_at = v.finished_at,
+                started_at = COALESCE(to_timestamp(v.started_at), t.started_at), finished_at = to_timestamp(v.finished_at),
                 lease_expires_at = NULL
-            FROM {_OUTCOME_UNNEST}
+            FROM {_OUTCOME_ROWS}
             WHERE t.id = v.id
             """
         ),
@@ -404,17 +420,11 @@ async def mark_queued(
             UPDATE tasks t SET status = 'queued', attempt = v.attempt, queued_at = :now,
                 not_before = NULL, resolved_params = COALESCE(v.resolved, t.resolved_params),
                 started_at = NULL, executor_id = NULL
-            FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[]), CAST(:resolved AS jsonb[]))
-                 AS v(id, attempt, resolved)
+            FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(id bigint, attempt int, resolved jsonb)
             WHERE t.id = v.id
             """
         ),
-        {
-            "ids": [i[0] for i in items],
-            "attempts": [i[1] for i in items],
-            "resolved": [None if i[2] is None else _json(i[2]) for i in items],
-            "now": ts(now),
-        },
+        {"rows": rows_json({"id": i[0], "attempt": i[1], "resolved": i[2]} for i in items), "now": ts(now)},
     )
 
 
@@ -510,10 +520,10 @@ async def add_rewards(conn: AsyncConnection, rewards: dict[uuid.UUID, float]) ->
         sa.text(
             """
             UPDATE workflows w SET total_reward = w.total_reward + v.r, updated_at = now()
-            FROM unnest(CAST(:ids AS uuid[]), CAST(:rs AS float8[])) AS v(id, r) WHERE w.id = v.id
+            FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(id uuid, r float8) WHERE w.id = v.id
             """
         ),
-        {"ids": list(rewards), "rs": list(rewards.values())},
+        {"rows": rows_json({"id": k, "r": r} for k, r in rewards.items())},
     )
 
 
@@ -526,21 +536,26 @@ async def insert_events(conn: AsyncConnection, events: Events) -> None:
             """
             INSERT INTO task_events (workflow_id, task_id, task_name, attempt, from_status, to_status,
                                      reason, data, at)
-            SELECT * FROM unnest(CAST(:w AS uuid[]), CAST(:t AS bigint[]), CAST(:n AS text[]),
-                                 CAST(:a AS int[]), CAST(:f AS text[]), CAST(:s AS text[]),
-                                 CAST(:r AS text[]), CAST(:d AS jsonb[]), CAST(:at AS timestamptz[]))
+            SELECT w, t, n, a, f, s, r, d, to_timestamp(at)
+            FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+                 AS v(w uuid, t bigint, n text, a int, f text, s text, r text, d jsonb, at float8)
             """
         ),
         {
-            "w": [e.workflow_id for e in items],
-            "t": [e.task_id for e in items],
-            "n": [e.task_name for e in items],
-            "a": [e.attempt for e in items],
-            "f": [e.from_status for e in items],
-            "s": [e.to_status for e in items],
-            "r": [e.reason for e in items],
-            "d": [None if e.data is None else _json(e.data) for e in items],
-            "at": [ts(e.at) for e in items],
+            "rows": rows_json(
+                {
+                    "w": e.workflow_id,
+                    "t": e.task_id,
+                    "n": e.task_name,
+                    "a": e.attempt,
+                    "f": e.from_status,
+                    "s": e.to_status,
+                    "r": e.reason,
+                    "d": e.data,
+                    "at": e.at if e.at is not None else time.time(),
+                }
+                for e in items
+            )
         },
     )
     await conn.execute(

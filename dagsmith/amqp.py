@@ -11,8 +11,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import aio_pika
 from aio_pika.abc import (
@@ -23,6 +26,7 @@ from aio_pika.abc import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,69 @@ class Topology:
         )
 
 
+class BatchPublisher(Generic[T]):
+    """Publishes items in batches that form by themselves: whatever arrives while one batch is
+    being confirmed goes into the next. Idle, an item leaves at once (no timer, no added latency);
+    under load, batches grow and the per-message cost is shared.
+
+    ``await publish(items)`` returns once the broker has confirmed the batch holding the items, so
+    the caller can ack its inputs after it.
+    """
+
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        routing_key: str,
+        encode: Callable[[list[T]], bytes],
+        max_items: int = 500,
+    ) -> None:
+        self.channel = channel
+        self.routing_key = routing_key
+        self.encode = encode
+        self.max_items = max_items
+        self._pending: list[tuple[T, asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def publish(self, items: list[T]) -> None:
+        if not items:
+            return
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in items]
+        self._pending.extend(zip(items, futures, strict=True))
+        self._wake.set()
+        await asyncio.gather(*futures)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = self._pending[: self.max_items]
+                del self._pending[: len(batch)]
+                try:
+                    await self.channel.default_exchange.publish(
+                        persistent(self.encode([item for item, _ in batch])), routing_key=self.routing_key
+                    )
+                except Exception as exc:  # the callers decide (their inputs stay unacked)
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                else:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_result(None)
+
+
 def persistent(body: bytes, *, message_id: str | None = None) -> aio_pika.Message:
     return aio_pika.Message(
         body,
@@ -141,3 +208,25 @@ def persistent(body: bytes, *, message_id: str | None = None) -> aio_pika.Messag
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         message_id=message_id,
     )
+
+
+async def delete_topology(url: str, prefix: str, task_types: list[str]) -> None:
+    """Delete every queue and exchange of one installation (tests, benchmarks, uninstall)."""
+    names = Names(prefix)
+    queues = [names.results, names.evaluated, names.events, names.dead_queue, *(names.task_queue(t) for t in task_types)]
+    connection = await aio_pika.connect(url)
+    async with connection:
+        for kind, name in [("queue", q) for q in queues] + [
+            ("exchange", e) for e in (names.tasks_exchange, names.dead_exchange, names.control_exchange)
+        ]:
+            channel = await connection.channel()  # a failed delete closes its channel: one each
+            try:
+                if kind == "queue":
+                    await channel.queue_delete(name)
+                else:
+                    await channel.exchange_delete(name)
+            except aio_pika.exceptions.AMQPError:
+                pass
+            finally:
+                if not channel.is_closed:
+                    await channel.close()

@@ -1,7 +1,8 @@
 """What crosses RabbitMQ, as pydantic models. Every message is JSON.
 
-Flow: controller --TaskMessage--> executor --ResultMessage--> evaluator --EvaluatedMessage-->
-controller. Executors also send StartedMessage and HeartbeatMessage straight to the controller,
+Flow: controller --TaskMessage--> executor --ResultBatch--> evaluator --EvaluatedBatch-->
+controller. Task messages travel one per task (so redelivery and the delivery limit apply per
+task); results travel in batches that form under load. Executors also send StartedMessage and HeartbeatMessage straight to the controller,
 and the controller broadcasts CancelMessage to every executor.
 """
 
@@ -65,6 +66,12 @@ class ResultMessage(_Message):
         return max(self.finished_at - self.started_at, 0.0)
 
 
+class ResultBatch(_Message):
+    """Executors send results in batches (see dagsmith.amqp.BatchPublisher)."""
+
+    results: list[ResultMessage]
+
+
 class Check(_Message):
     name: str
     passed: bool
@@ -85,6 +92,10 @@ class Evaluation(_Message):
 class EvaluatedMessage(_Message):
     result: ResultMessage
     evaluation: Evaluation
+
+
+class EvaluatedBatch(_Message):
+    items: list[EvaluatedMessage]
 
 
 class StartedMessage(_Message):

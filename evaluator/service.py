@@ -10,8 +10,8 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from prometheus_client import Counter, Histogram, start_http_server
 from pydantic import ValidationError
 
-from dagsmith.amqp import Names, Topology, connect, persistent
-from dagsmith.messages import EvaluatedMessage, ResultMessage
+from dagsmith.amqp import BatchPublisher, Names, Topology, connect
+from dagsmith.messages import EvaluatedBatch, EvaluatedMessage, ResultBatch
 from dagsmith.settings import Settings
 from evaluator.reward import REWARD_VERSION, evaluate
 
@@ -28,28 +28,26 @@ REWARD = Histogram(
 
 
 class Evaluator:
-    def __init__(self, settings: Settings, prefetch: int = 500) -> None:
+    def __init__(self, settings: Settings, prefetch: int = 200) -> None:
         self.settings = settings
         self.names = Names(settings.amqp_prefix)
         self.prefetch = prefetch
         self.evaluated = 0
 
-    async def _on_result(self, message: AbstractIncomingMessage) -> None:
+    async def _on_results(self, message: AbstractIncomingMessage) -> None:
         try:
-            result = ResultMessage.model_validate_json(message.body)
+            batch = ResultBatch.model_validate_json(message.body)
         except ValidationError as exc:
-            log.error("dropping unreadable result", error=str(exc)[:300])
+            log.error("dropping unreadable result batch", error=str(exc)[:300])
             await message.reject()
             return
-        evaluation = evaluate(result)
-        out = EvaluatedMessage(result=result, evaluation=evaluation)
-        await self.channel.default_exchange.publish(
-            persistent(out.model_dump_json(by_alias=True).encode()), routing_key=self.names.evaluated
-        )
+        out = [EvaluatedMessage(result=r, evaluation=evaluate(r)) for r in batch.results]
+        await self.publisher.publish(out)
         await message.ack()
-        self.evaluated += 1
-        EVALUATIONS.labels(result.task.type, evaluation.verdict).inc()
-        REWARD.labels(result.task.type).observe(evaluation.reward)
+        self.evaluated += len(out)
+        for item in out:
+            EVALUATIONS.labels(item.result.task.type, item.evaluation.verdict).inc()
+            REWARD.labels(item.result.task.type).observe(item.evaluation.reward)
 
     async def run(self, stop: asyncio.Event) -> None:
         port = self.settings.metrics_port or DEFAULT_METRICS_PORT
@@ -57,16 +55,23 @@ class Evaluator:
             with contextlib.suppress(OSError):
                 start_http_server(port)
         connection = await connect(self.settings.amqp_url.get_secret_value(), name="dagsmith-evaluator")
-        self.channel: AbstractChannel = await connection.channel(publisher_confirms=True)
+        channel: AbstractChannel = await connection.channel(publisher_confirms=True)
+        self.publisher: BatchPublisher[EvaluatedMessage] = BatchPublisher(
+            channel,
+            self.names.evaluated,
+            lambda items: EvaluatedBatch(items=items).model_dump_json(by_alias=True).encode(),
+        )
+        self.publisher.start()
         consume = await connection.channel()
         await consume.set_qos(prefetch_count=self.prefetch)
         topology = Topology(consume, self.names)
         await topology.queue(self.names.evaluated)
         results = await topology.queue(self.names.results)
-        tag = await results.consume(self._on_result)
+        tag = await results.consume(self._on_results)
         log.info("evaluator started", reward_version=REWARD_VERSION)
         await stop.wait()
         with contextlib.suppress(Exception):
             await results.cancel(tag)
+        await self.publisher.stop()
         await connection.close()
         log.info("evaluator stopped", evaluated=self.evaluated)

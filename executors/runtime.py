@@ -25,13 +25,14 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from pydantic import ValidationError
 
 import dagsmith
-from dagsmith.amqp import Names, Topology, connect, persistent
+from dagsmith.amqp import BatchPublisher, Names, Topology, connect, persistent
 from dagsmith.errors import ErrorClass
 from dagsmith.logs import redact
 from dagsmith.messages import (
     CancelMessage,
     EventEnvelope,
     HeartbeatMessage,
+    ResultBatch,
     ResultMessage,
     StartedMessage,
     TaskError,
@@ -215,7 +216,7 @@ class ExecutorRuntime:
             started_at=started_at,
             finished_at=finished_at,
         )
-        await self._publish(self.channel, self.names.results, result.model_dump_json(by_alias=True).encode())
+        await self.results.publish([result])
         await message.ack()
         self.completed += 1
 
@@ -274,6 +275,10 @@ class ExecutorRuntime:
                 start_http_server(port)
         connection = await connect(self.settings.amqp_url.get_secret_value(), name=f"dagsmith-executor-{self.id}")
         self.channel = await connection.channel(publisher_confirms=True)
+        self.results: BatchPublisher[ResultMessage] = BatchPublisher(
+            self.channel, self.names.results, lambda items: ResultBatch(results=items).model_dump_json(by_alias=True).encode()
+        )
+        self.results.start()
         consume = await connection.channel()
         await consume.set_qos(prefetch_count=self.concurrency)
         topology = Topology(consume, self.names, self.settings.delivery_limit)
@@ -307,5 +312,6 @@ class ExecutorRuntime:
                 self.names.events,
                 EventEnvelope(event=self.heartbeat()).model_dump_json().encode(),
             )
+        await self.results.stop()
         await connection.close()
         log.info("executor stopped", executor_id=self.id, completed=self.completed)

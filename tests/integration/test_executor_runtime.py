@@ -11,7 +11,7 @@ import pytest
 
 from dagsmith.amqp import Names, Topology
 from dagsmith.errors import ErrorClass
-from dagsmith.messages import ResultMessage, TaskMessage
+from dagsmith.messages import ResultBatch, TaskMessage
 from dagsmith.settings import Settings
 from executors.registry import ExecutorOptions, Registry, TaskContext, TaskFailed, executor
 from executors.runtime import ExecutorRuntime, execute
@@ -118,7 +118,7 @@ async def test_runtime_consumes_runs_and_reports(broker: tuple[aio_pika.abc.Abst
         async with asyncio.timeout(20):
             async with results.iterator() as it:
                 async for incoming in it:
-                    result = ResultMessage.model_validate_json(incoming.body)
+                    (result,) = ResultBatch.model_validate_json(incoming.body).results
                     await incoming.ack()
                     break
         assert result.ok

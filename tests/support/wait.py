@@ -7,18 +7,16 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from dagsmith.local import wait_until as _wait_until
+
 T = TypeVar("T")
 
 
 def wait_until(condition: Callable[[], T], *, timeout: float, what: str, interval: float = 0.05) -> T:
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = condition()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value: {last!r})")
+    try:
+        return _wait_until(condition, timeout=timeout, what=what, interval=interval)
+    except TimeoutError as exc:
+        raise AssertionError(str(exc)) from None
 
 
 async def async_wait_until(

@@ -1,0 +1,1 @@
+"""Dagsmith's benchmark suite: ``python -m benchmarks --help`` (or ``dagsmith bench``)."""
