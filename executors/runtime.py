@@ -175,7 +175,6 @@ class ExecutorRuntime:
             await self._run(task, spec, message)
 
     async def _run(self, task: TaskMessage, spec: ExecutorSpec, message: AbstractIncomingMessage) -> None:
-        bound = log.bind(workflow_id=task.workflow_id, task_id=task.task_id, attempt=task.attempt, task=task.name)
         started_at = time.time()
         reporter = asyncio.get_running_loop().call_later(
             self.settings.start_report_after,
@@ -198,17 +197,19 @@ class ExecutorRuntime:
         finished_at = time.time()
         TASK_SECONDS.labels(task.type).observe(finished_at - started_at)
         TASKS_RUN.labels(task.type, "ok" if ok else str(error.error_class if error else "error")).inc()
-        if ok:
-            bound.debug("task succeeded", seconds=round(finished_at - started_at, 4))
-        else:
-            bound.info(
+        if not ok:
+            log.info(
                 "task failed",
+                workflow_id=task.workflow_id,
+                task_id=task.task_id,
+                attempt=task.attempt,
+                task=task.name,
                 error_class=str(error.error_class) if error else None,
                 error=error.message if error else None,
                 params=redact(task.params, task.secrets),
             )
         result = ResultMessage(
-            task=TaskRef.model_validate(task.model_dump(exclude={"params", "secrets"})),
+            task=TaskRef.model_construct(**{f: getattr(task, f) for f in TaskRef.model_fields}),
             executor_id=self.id,
             ok=ok,
             output=output,
