@@ -79,12 +79,14 @@ class Bench:
     def wait_all(self, ids: list[str], timeout: float) -> None:
         with self.pg() as conn:
             wait_until(
-                lambda: conn.execute(
-                    "SELECT count(*) FROM workflows WHERE id = ANY(%s::uuid[]) AND status IN "
-                    "('succeeded', 'failed', 'cancelled')",
-                    (ids,),
-                ).fetchone()[0]  # type: ignore[index]
-                == len(ids),
+                lambda: (
+                    conn.execute(
+                        "SELECT count(*) FROM workflows WHERE id = ANY(%s::uuid[]) AND status IN "
+                        "('succeeded', 'failed', 'cancelled')",
+                        (ids,),
+                    ).fetchone()[0]  # type: ignore[index]
+                    == len(ids)
+                ),
                 timeout=timeout,
                 what=f"{len(ids)} workflows to finish",
                 interval=0.02,

@@ -265,9 +265,7 @@ async def mark_running(
             """
         ),
         {
-            "rows": rows_json(
-                {"id": s[0], "attempt": s[1], "executor_id": s[2], "started_at": s[3]} for s in started
-            ),
+            "rows": rows_json({"id": s[0], "attempt": s[1], "executor_id": s[2], "started_at": s[3]} for s in started),
             "ttl": lease_ttl,
             "grace": grace,
         },
@@ -322,7 +320,8 @@ async def mark_succeeded(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> 
             f"""
             UPDATE tasks t SET status = 'succeeded', output = v.output, error = NULL, reward = v.reward,
                 feedback_notes = v.feedback, executor_id = COALESCE(v.executor_id, t.executor_id),
-                started_at = COALESCE(to_timestamp(v.started_at), t.started_at), finished_at = to_timestamp(v.finished_at),
+                started_at = COALESCE(to_timestamp(v.started_at), t.started_at),
+                finished_at = to_timestamp(v.finished_at),
                 lease_expires_at = NULL
             FROM {_OUTCOME_ROWS}
             WHERE t.id = v.id
@@ -376,7 +375,8 @@ async def mark_failed(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> Non
             f"""
             UPDATE tasks t SET status = 'failed', error = v.error, reward = v.reward,
                 feedback_notes = v.feedback, executor_id = COALESCE(v.executor_id, t.executor_id),
-                started_at = COALESCE(to_timestamp(v.started_at), t.started_at), finished_at = to_timestamp(v.finished_at),
+                started_at = COALESCE(to_timestamp(v.started_at), t.started_at),
+                finished_at = to_timestamp(v.finished_at),
                 lease_expires_at = NULL
             FROM {_OUTCOME_ROWS}
             WHERE t.id = v.id

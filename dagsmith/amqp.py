@@ -213,7 +213,13 @@ def persistent(body: bytes, *, message_id: str | None = None) -> aio_pika.Messag
 async def delete_topology(url: str, prefix: str, task_types: list[str]) -> None:
     """Delete every queue and exchange of one installation (tests, benchmarks, uninstall)."""
     names = Names(prefix)
-    queues = [names.results, names.evaluated, names.events, names.dead_queue, *(names.task_queue(t) for t in task_types)]
+    queues = [
+        names.results,
+        names.evaluated,
+        names.events,
+        names.dead_queue,
+        *(names.task_queue(t) for t in task_types),
+    ]
     connection = await aio_pika.connect(url)
     async with connection:
         for kind, name in [("queue", q) for q in queues] + [

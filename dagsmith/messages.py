@@ -2,8 +2,9 @@
 
 Flow: controller --TaskMessage--> executor --ResultBatch--> evaluator --EvaluatedBatch-->
 controller. Task messages travel one per task (so redelivery and the delivery limit apply per
-task); results travel in batches that form under load. Executors also send StartedMessage and HeartbeatMessage straight to the controller,
-and the controller broadcasts CancelMessage to every executor.
+task); results travel in batches that form under load. Executors also send StartedMessage and
+HeartbeatMessage straight to the controller, and the controller broadcasts CancelMessage to every
+executor.
 """
 
 from __future__ import annotations

@@ -277,7 +277,9 @@ class ExecutorRuntime:
         connection = await connect(self.settings.amqp_url.get_secret_value(), name=f"dagsmith-executor-{self.id}")
         self.channel = await connection.channel(publisher_confirms=True)
         self.results: BatchPublisher[ResultMessage] = BatchPublisher(
-            self.channel, self.names.results, lambda items: ResultBatch(results=items).model_dump_json(by_alias=True).encode()
+            self.channel,
+            self.names.results,
+            lambda items: ResultBatch(results=items).model_dump_json(by_alias=True).encode(),
         )
         self.results.start()
         consume = await connection.channel()
