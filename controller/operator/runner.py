@@ -9,6 +9,8 @@ once, and the new one resumes).
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +55,7 @@ def kopf_settings(options: OperatorOptions) -> kopf.OperatorSettings:
         prefix="dagsmith.io", key="last-handled-configuration"
     )
     settings.posting.reporting_component = "dagsmith-operator"
+    settings.posting.reporting_instance = options.identity or os.environ.get("POD_ID") or socket.gethostname()
     settings.posting.event_name_prefix = "dagsmith-"
     settings.peering.lifetime = 30
     # Reconnect watches regularly: a stream a proxy silently dropped is noticed within a minute.
