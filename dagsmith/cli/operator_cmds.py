@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 import typer
@@ -44,6 +45,7 @@ def operator(
         raise typer.Exit(2)
     settings = get_settings()
     configure("operator", settings.log_level, settings.log_format)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # liveness probes, every few seconds
     options = OperatorOptions(
         namespaces=tuple(namespace or ()),
         peering=peering,

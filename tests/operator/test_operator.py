@@ -235,3 +235,39 @@ def test_two_replicas_one_active_and_the_other_takes_over(
         assert len(store(engine_settings, "SELECT 1 FROM workflows WHERE name IN ('first', 'second')")) == 2
     finally:
         standby.stop()
+
+
+def test_the_command_serves_liveness_joins_the_peering_and_stops_cleanly(kube: Any, engine: Any, tmp_path: Any) -> None:
+    """``dagsmith operator`` as a process, stopped with SIGTERM as Kubernetes stops a pod."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.support.stack import ROOT, free_port
+
+    liveness = f"http://127.0.0.1:{free_port()}/healthz"
+    env = engine.env({"KUBECONFIG": str(kube.kubeconfig), "POD_ID": "cli-replica"})
+    args = ["operator", "--namespace", "default", "--namespace", "team-a", "--liveness", liveness]
+    with open(tmp_path / "operator.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "dagsmith", *args], cwd=ROOT, env=env, stdout=log, stderr=log)
+        try:
+            peering = kube.url + "/apis/kopf.dev/v1/namespaces/team-a/kopfpeerings/dagsmith"
+
+            def live() -> bool:
+                try:
+                    return httpx.get(liveness, timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_until(live, timeout=30, what="the liveness endpoint")
+            wait_until(
+                lambda: "cli-replica" in httpx.get(peering).json().get("status", {}),
+                timeout=30,
+                what="the replica in the peering object",
+            )
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+            assert "cli-replica" not in httpx.get(peering).json().get("status", {})
+        finally:
+            if proc.poll() is None:
+                proc.kill()
