@@ -211,6 +211,29 @@ def test_an_invalid_spec_is_reported_and_nothing_is_stored(
     assert store(engine_settings, "SELECT id FROM workflows WHERE idempotency_key = %s", uid) == []
 
 
+def test_a_failing_task_is_reported_in_status_and_events(operator: OperatorThread, kube_api: Kube) -> None:
+    doc = workflow(
+        "doomed",
+        {"name": "first", "type": "echo", "params": {"value": 1}},
+        {
+            "name": "second",
+            "type": "chaos.fail",
+            "dependsOn": ["first"],
+            "params": {"class": "permanent", "message": "no way"},
+        },
+    )
+    kube_api.create(doc)
+    obj = kube_api.wait_status("doomed", lambda s: s.get("phase") == "Failed", "phase Failed")
+    status = obj["status"]
+    assert (status["succeeded"], status["failed"]) == (1, 1)
+    failed = status["tasks"][0]  # failed tasks are listed first
+    assert failed["name"] == "second" and failed["phase"] == "failed"
+    assert failed["error"].startswith("permanent: no way")
+    [event] = kube_api.wait_event("doomed", "TaskFailed")
+    assert event.type == "Warning" and "second" in event.message
+    kube_api.wait_event("doomed", "Failed")
+
+
 def test_two_replicas_one_active_and_the_other_takes_over(
     operator: OperatorThread, kube_api: Kube, kube: Any, engine_settings: Settings
 ) -> None:
