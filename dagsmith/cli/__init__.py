@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from dagsmith.cli import client_cmds, services
+from dagsmith.cli import client_cmds, operator_cmds, services
 
 app = typer.Typer(
     name="dagsmith",
@@ -19,6 +19,7 @@ app = typer.Typer(
 )
 services.register(app)
 client_cmds.register(app)
+operator_cmds.register(app)
 
 
 def main() -> None:

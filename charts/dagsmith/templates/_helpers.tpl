@@ -1,0 +1,118 @@
+{{/* Names and labels. */}}
+{{- define "dagsmith.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "dagsmith.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "dagsmith.labels" -}}
+{{ include "dagsmith.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: dagsmith
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{/* Labels of one component: (dict "ctx" $ "component" "api") */}}
+{{- define "dagsmith.componentLabels" -}}
+{{ include "dagsmith.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "dagsmith.componentSelector" -}}
+{{ include "dagsmith.selectorLabels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "dagsmith.image" -}}
+{{ printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end -}}
+
+{{/* Where the connection URLs live: an existing Secret, or the one this chart writes. */}}
+{{- define "dagsmith.databaseSecret" -}}
+{{ .Values.database.existingSecret | default (printf "%s-connections" (include "dagsmith.fullname" .)) }}
+{{- end -}}
+{{- define "dagsmith.rabbitmqSecret" -}}
+{{ .Values.rabbitmq.existingSecret | default (printf "%s-connections" (include "dagsmith.fullname" .)) }}
+{{- end -}}
+
+{{/* Environment shared by every Dagsmith container: settings, connections, auth. */}}
+{{- define "dagsmith.env" -}}
+envFrom:
+  - configMapRef:
+      name: {{ include "dagsmith.fullname" . }}-settings
+env:
+  - name: DAGSMITH_DATABASE_URL
+    valueFrom:
+      secretKeyRef:
+        name: {{ include "dagsmith.databaseSecret" . }}
+        key: {{ .Values.database.secretKey }}
+  - name: DAGSMITH_AMQP_URL
+    valueFrom:
+      secretKeyRef:
+        name: {{ include "dagsmith.rabbitmqSecret" . }}
+        key: {{ .Values.rabbitmq.secretKey }}
+  {{- if .Values.auth.existingSecret }}
+  - name: DAGSMITH_ADMIN_TOKEN
+    valueFrom:
+      secretKeyRef:
+        name: {{ .Values.auth.existingSecret }}
+        key: {{ .Values.auth.adminTokenKey }}
+  {{- end }}
+{{- end -}}
+
+{{/* Container fields shared by every Dagsmith container. */}}
+{{- define "dagsmith.container" -}}
+image: {{ include "dagsmith.image" . }}
+imagePullPolicy: {{ .Values.image.pullPolicy }}
+securityContext:
+  {{- toYaml .Values.securityContext | nindent 2 }}
+volumeMounts:
+  - name: tmp
+    mountPath: /tmp
+{{- end -}}
+
+{{/* Pod fields shared by every Dagsmith pod. */}}
+{{- define "dagsmith.pod" -}}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+volumes:
+  - name: tmp
+    emptyDir: {}
+{{- end -}}
+
+{{/* The HTTP probe of a metrics port. */}}
+{{- define "dagsmith.metricsProbes" -}}
+livenessProbe:
+  httpGet: {path: /metrics, port: metrics}
+  periodSeconds: 20
+  timeoutSeconds: 5
+  failureThreshold: 3
+readinessProbe:
+  httpGet: {path: /metrics, port: metrics}
+  periodSeconds: 10
+  timeoutSeconds: 5
+{{- end -}}

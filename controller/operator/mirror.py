@@ -1,0 +1,121 @@
+"""Reading the store for many Workflow resources at once.
+
+Every Workflow resource has a kopf timer that asks :meth:`StoreMirror.view` for its workflow.
+The mirror answers from memory, and refreshes all tracked workflows with one query per
+``interval`` (the first timer to find the cache stale does it, under a lock), plus one bounded
+task query for the workflows whose counters changed. Work per refresh is one indexed lookup per
+tracked workflow and nothing at all for the ones that did not change.
+
+The ``surgeries`` and ``policy_version`` columns belong to Correction Mode; the rows are read
+with ``SELECT *`` so they are used when that migration has run, and read as 0 / none before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from controller.operator.status import MAX_STATUS_TASKS, StoreView, TaskView
+from controller.schema import TASK_STATUSES
+
+_ROWS = sa.text("SELECT * FROM workflows WHERE id = ANY(CAST(:ids AS uuid[]))")
+
+# Failed tasks first, then the ones in flight, then the rest in submission order.
+_TASKS = sa.text(
+    """
+    SELECT workflow_id, name, type, status, attempt, reward, error FROM (
+        SELECT t.*, row_number() OVER (
+            PARTITION BY t.workflow_id
+            ORDER BY CASE t.status WHEN 'failed' THEN 0 WHEN 'running' THEN 1 WHEN 'queued' THEN 2 ELSE 3 END, t.id
+        ) AS rank
+        FROM tasks t WHERE t.workflow_id = ANY(CAST(:ids AS uuid[]))
+    ) ranked
+    WHERE rank <= :limit
+    ORDER BY workflow_id, rank
+    """
+)
+
+
+def _fingerprint(row: Any) -> tuple[Any, ...]:
+    m = row._mapping
+    return (
+        m["status"],
+        m["dag_revision"],
+        m["total_reward"],
+        m.get("surgeries", 0),
+        m.get("policy_version"),
+        *(m[f"n_{s}"] for s in TASK_STATUSES),
+    )
+
+
+def view_of(row: Any, tasks: list[Any]) -> StoreView:
+    m = row._mapping
+    policy = m.get("policy_version")
+    return StoreView(
+        workflow_id=str(m["id"]),
+        status=m["status"],
+        counts={"total": m["n_total"], **{s: m[f"n_{s}"] for s in TASK_STATUSES}},
+        total_reward=float(m["total_reward"] or 0.0),
+        surgeries=int(m.get("surgeries") or 0),
+        policy_version=None if policy is None else str(policy),
+        started_at=m["started_at"],
+        finished_at=m["finished_at"],
+        error=m["error"],
+        tasks=tuple(
+            TaskView(name=t.name, type=t.type, status=t.status, attempt=t.attempt, reward=t.reward, error=t.error)
+            for t in tasks
+        ),
+    )
+
+
+class StoreMirror:
+    def __init__(self, engine: AsyncEngine, interval: float, max_tasks: int = MAX_STATUS_TASKS) -> None:
+        self.engine = engine
+        self.interval = interval
+        self.max_tasks = max_tasks
+        self._views: dict[uuid.UUID, StoreView] = {}
+        self._prints: dict[uuid.UUID, tuple[Any, ...]] = {}
+        self._seen: dict[uuid.UUID, float] = {}  # last time a timer asked: untrack the forgotten
+        self._refreshed = 0.0
+        self._lock = asyncio.Lock()
+
+    async def view(self, workflow_id: uuid.UUID) -> StoreView | None:
+        """The latest known view of a workflow (None until the first refresh that found it)."""
+        now = time.monotonic()
+        self._seen[workflow_id] = now
+        if workflow_id not in self._views or now - self._refreshed >= self.interval:
+            async with self._lock:
+                if workflow_id not in self._views or time.monotonic() - self._refreshed >= self.interval:
+                    await self.refresh()
+        return self._views.get(workflow_id)
+
+    def forget(self, workflow_id: uuid.UUID) -> None:
+        self._views.pop(workflow_id, None)
+        self._prints.pop(workflow_id, None)
+        self._seen.pop(workflow_id, None)
+
+    async def refresh(self) -> None:
+        now = time.monotonic()
+        for wid in [w for w, at in self._seen.items() if now - at > 10 * self.interval + 60]:
+            self.forget(wid)
+        ids = [str(w) for w in self._seen]
+        self._refreshed = now
+        if not ids:
+            return
+        async with self.engine.connect() as conn:
+            rows = list(await conn.execute(_ROWS, {"ids": ids}))
+            changed = {row.id: row for row in rows if self._prints.get(row.id) != _fingerprint(row)}
+            if not changed:
+                return
+            tasks: dict[uuid.UUID, list[Any]] = {wid: [] for wid in changed}
+            params = {"ids": [str(w) for w in changed], "limit": self.max_tasks}
+            for t in await conn.execute(_TASKS, params):
+                tasks[t.workflow_id].append(t)
+        for wid, row in changed.items():
+            self._views[wid] = view_of(row, tasks[wid])
+            self._prints[wid] = _fingerprint(row)

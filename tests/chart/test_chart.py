@@ -1,0 +1,238 @@
+"""The Helm chart, offline: it renders and lints with Helm's own library, every manifest validates
+against the Kubernetes schemas, and it installs what the operator needs and nothing more.
+
+Tools: ``helm-python-sdk`` (Helm v4's Go SDK behind a C ABI: the same template engine, values
+schema check and linter as the ``helm`` binary) and ``kubernetes-validate --strict`` (the
+Kubernetes OpenAPI schemas, unknown fields rejected).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from controller.operator import crd
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "dagsmith"
+KUBE_VERSION = "1.33.0"
+VALUES = {path.stem: yaml.safe_load(path.read_text()) for path in sorted((CHART / "ci").glob("*-values.yaml"))}
+
+# Custom resources kubernetes-validate has no schema for: the fields the chart relies on.
+OTHER_SCHEMAS: dict[str, dict[str, Any]] = {
+    "ServiceMonitor": {
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "spec": {
+                "type": "object",
+                "required": ["selector", "endpoints"],
+                "properties": {
+                    "selector": {"type": "object", "required": ["matchLabels"]},
+                    "endpoints": {"type": "array", "items": {"type": "object", "required": ["port"]}},
+                },
+            }
+        },
+    },
+    "ScaledObject": {
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "spec": {
+                "type": "object",
+                "required": ["scaleTargetRef", "triggers"],
+                "properties": {
+                    "scaleTargetRef": {"type": "object", "required": ["name"]},
+                    "minReplicaCount": {"type": "integer"},
+                    "maxReplicaCount": {"type": "integer"},
+                    "triggers": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["type", "metadata"],
+                            "properties": {
+                                "type": {"const": "rabbitmq"},
+                                "metadata": {
+                                    "type": "object",
+                                    "required": ["queueName", "mode", "value", "hostFromEnv"],
+                                    "additionalProperties": {"type": "string"},
+                                },
+                            },
+                        },
+                    },
+                },
+            }
+        },
+    },
+}
+
+
+def render(values: dict[str, Any], chart: Path = CHART) -> list[dict[str, Any]]:
+    with helm.Chart.load(chart) as loaded:
+        manifests = loaded.render(values, name="dagsmith", namespace="dagsmith", is_install=True)
+    docs: list[dict[str, Any]] = []
+    for path, text in sorted(manifests.items()):
+        if path.endswith(".yaml"):
+            docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def chart_crds() -> Iterator[dict[str, Any]]:
+    for path in sorted((CHART / "crds").glob("*.yaml")):
+        yield from (d for d in yaml.safe_load_all(path.read_text()) if d)
+
+
+def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+@pytest.mark.parametrize("name", sorted(VALUES))
+def test_the_chart_lints(name: str) -> None:
+    report = helm.lint(CHART, VALUES[name], strict=True, kube_version=f"v{KUBE_VERSION}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+    assert report["total_charts_linted"] == 1 and problems == []
+
+
+@pytest.mark.parametrize("name", sorted(VALUES))
+def test_every_manifest_validates_against_the_kubernetes_schemas(name: str) -> None:
+    crd_schemas = {
+        c["spec"]["names"]["kind"]: c["spec"]["versions"][0]["schema"]["openAPIV3Schema"] for c in chart_crds()
+    }
+    docs = render(VALUES[name])
+    assert docs
+    for doc in docs:
+        kind = doc["kind"]
+        if kind in crd_schemas:
+            jsonschema.validate(doc, crd_schemas[kind])
+        elif kind in OTHER_SCHEMAS:
+            jsonschema.validate(doc, OTHER_SCHEMAS[kind])
+        else:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_the_crds_validate_and_the_workflow_crd_is_current() -> None:
+    for doc in chart_crds():
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    assert (CHART / "crds" / "workflows.yaml").read_text() == crd.render()
+
+
+def test_defaults_ask_for_the_connections_and_the_values_schema_checks_types() -> None:
+    with pytest.raises(helm.HelmRenderError, match=r"set database\.url or database\.existingSecret"):
+        render({})
+    with pytest.raises(helm.HelmValuesError, match="api/replicas"):
+        render({**VALUES["external-values"], "api": {"replicas": "two"}})
+    with pytest.raises(helm.HelmValuesError):
+        render({**VALUES["external-values"], "settings": {"LOG_LEVEL": "DEBUG"}})  # not DAGSMITH_*
+
+
+def test_components_probes_and_secrets() -> None:
+    docs = render(VALUES["external-values"])
+    deployments = {d["metadata"]["name"]: d for d in of_kind(docs, "Deployment")}
+    assert set(deployments) == {
+        "dagsmith-api",
+        "dagsmith-controller",
+        "dagsmith-evaluator",
+        "dagsmith-executor-text",
+        "dagsmith-executor-http",
+        "dagsmith-trainer",
+    }
+    api = deployments["dagsmith-api"]["spec"]["template"]["spec"]["containers"][0]
+    assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert api["ports"][0]["containerPort"] == 8000
+    controller_pod = deployments["dagsmith-controller"]["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in controller_pod["containers"]}
+    assert containers["controller"]["ports"][0]["containerPort"] == 9101
+    assert containers["operator"]["args"][:2] == ["operator", "--all-namespaces"]
+    assert containers["operator"]["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert controller_pod["serviceAccountName"] == "dagsmith-operator"
+    ports = {
+        name: d["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+        for name, d in deployments.items()
+        if "trainer" not in name
+    }
+    assert ports["dagsmith-evaluator"] == 9102 and ports["dagsmith-executor-text"] == 9103
+    for name, d in deployments.items():
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            assert c["resources"]["requests"], f"{name}/{c['name']} has no resource requests"
+            env = {e["name"]: e for e in c["env"]}
+            assert env["DAGSMITH_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "dagsmith-connections"
+            assert env["DAGSMITH_AMQP_URL"]["valueFrom"]["secretKeyRef"]["name"] == "dagsmith-rabbitmq"
+            assert env["DAGSMITH_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "dagsmith-auth"
+        if name != "dagsmith-controller":
+            assert d["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    [secret] = of_kind(docs, "Secret")
+    assert set(secret["stringData"]) == {"DAGSMITH_DATABASE_URL"}  # RabbitMQ's comes from an existing Secret
+    http_args = deployments["dagsmith-executor-http"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--types=http.request" in http_args and "--allow-host=api.example.com" in http_args
+
+
+def test_keda_scales_a_pool_on_its_task_queues() -> None:
+    docs = render(VALUES["external-values"])
+    [scaled] = of_kind(docs, "ScaledObject")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "dagsmith-executor-text"
+    queues = [t["metadata"]["queueName"] for t in scaled["spec"]["triggers"]]
+    assert queues == ["dagsmith.task.text.upper", "dagsmith.task.text.template", "dagsmith.task.json.extract"]
+    text = next(d for d in of_kind(docs, "Deployment") if d["metadata"]["name"] == "dagsmith-executor-text")
+    assert "replicas" not in text["spec"]  # KEDA owns the replica count
+
+
+def test_rbac_is_what_kopf_and_the_operator_need() -> None:
+    docs = render(VALUES["external-values"])
+    [role] = of_kind(docs, "ClusterRole")
+    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"]) for r in role["rules"]}
+    assert rules == {
+        (("apiextensions.k8s.io",), ("customresourcedefinitions",)): {"list", "watch"},
+        (("",), ("namespaces",)): {"list", "watch"},
+        (("kopf.dev",), ("clusterkopfpeerings",)): {"get", "list", "watch", "patch"},
+        (("dagsmith.io",), ("workflows",)): {"list", "watch", "patch"},
+        (("dagsmith.io",), ("workflows/status",)): {"patch"},
+        (("",), ("events",)): {"create"},
+    }
+    assert of_kind(docs, "Role") == []
+    [peering] = of_kind(docs, "ClusterKopfPeering")
+    assert peering["metadata"]["name"] == "dagsmith"
+
+
+def test_an_operator_limited_to_namespaces_gets_roles_there() -> None:
+    docs = render(VALUES["demo-values"])
+    roles = of_kind(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["default", "team-a"]
+    [cluster_role] = of_kind(docs, "ClusterRole")
+    assert {r["resources"][0] for r in cluster_role["rules"]} == {"customresourcedefinitions", "namespaces"}
+    assert sorted(p["metadata"]["namespace"] for p in of_kind(docs, "KopfPeering")) == ["default", "team-a"]
+    operator_args = next(
+        c["args"]
+        for d in of_kind(docs, "Deployment")
+        for c in d["spec"]["template"]["spec"]["containers"]
+        if c["name"] == "operator"
+    )
+    assert "--namespace=default" in operator_args and "--namespace=team-a" in operator_args
+    assert {s["metadata"]["name"] for s in of_kind(docs, "StatefulSet")} == {"dagsmith-postgres", "dagsmith-rabbitmq"}
+    [secret] = of_kind(docs, "Secret")
+    assert "@dagsmith-postgres:5432/" in secret["stringData"]["DAGSMITH_DATABASE_URL"]
+    assert not [d for d in of_kind(docs, "Deployment") if d["metadata"]["name"] == "dagsmith-trainer"]
+
+
+def test_dashboards_are_shipped_when_there_are_any(tmp_path: Path) -> None:
+    values = VALUES["external-values"]
+    assert of_kind(render(values), "ConfigMap")  # settings only when the folder has no JSON
+    chart = tmp_path / "dagsmith"
+    shutil.copytree(CHART, chart)
+    for old in (chart / "dashboards").glob("*.json"):
+        old.unlink()
+    assert [c["metadata"]["name"] for c in of_kind(render(values, chart), "ConfigMap")] == ["dagsmith-settings"]
+    (chart / "dashboards" / "overview.json").write_text('{"title": "Dagsmith"}')
+    maps = {c["metadata"]["name"]: c for c in of_kind(render(values, chart), "ConfigMap")}
+    board = maps["dagsmith-dashboards"]
+    assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert board["data"] == {"overview.json": '{"title": "Dagsmith"}'}
