@@ -1,6 +1,6 @@
 """The test suite's view of :mod:`dagsmith.local`."""
 
+from dagsmith.local import ROOT, free_port
 from dagsmith.local import LocalStack as Stack
-from dagsmith.local import free_port
 
-__all__ = ["Stack", "free_port"]
+__all__ = ["ROOT", "Stack", "free_port"]
