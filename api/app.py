@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import structlog
 from fastapi import FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
@@ -15,11 +16,12 @@ import dagsmith
 from api import errors
 from api.deps import AppState
 from api.events_hub import EventsHub
-from api.routes import system, workflows
+from api.routes import system, tokens, workflows
 from controller.db import create_engine
 from dagsmith.settings import Settings, get_settings
 from dagsmith.spec import WorkflowDocument
 
+log = structlog.get_logger(__name__)
 REQUEST_SECONDS = Histogram(
     "dagsmith_api_request_seconds",
     "API request latency.",
@@ -33,6 +35,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not settings.auth:
+            log.warning("API AUTHENTICATION IS OFF (DAGSMITH_AUTH=false): anyone who can reach it can do anything")
+        elif settings.admin_token is None:
+            log.info("no DAGSMITH_ADMIN_TOKEN set: only tokens stored in the database are accepted")
         db = create_engine(settings.database_url.get_secret_value(), settings.db_pool_size, name="dagsmith-api")
         hub = EventsHub(settings.psycopg_dsn())
         hub.start()
@@ -50,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.include_router(workflows.router)
     app.include_router(system.router)
+    app.include_router(tokens.router)
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

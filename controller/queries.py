@@ -50,7 +50,9 @@ def workflow_summary(row: Any) -> dict[str, Any]:
     }
 
 
-async def get_workflow(conn: AsyncConnection, workflow_id: uuid.UUID, namespaces: list[str] | None = None) -> Any:
+async def get_workflow(conn: AsyncConnection, workflow_id: uuid.UUID, namespaces: list[str] | None) -> Any:
+    """The workflow row, if it is in one of ``namespaces`` (None: any). Required on purpose: every
+    caller must say whose view this is, so no route can forget the caller's namespaces."""
     query = sa.select(workflows).where(workflows.c.id == workflow_id)
     if namespaces is not None:
         query = query.where(workflows.c.namespace.in_(namespaces))
@@ -190,7 +192,7 @@ def event_json(row: Any) -> dict[str, Any]:
     }
 
 
-async def request_cancel(conn: AsyncConnection, workflow_id: uuid.UUID, namespaces: list[str] | None = None) -> Any:
+async def request_cancel(conn: AsyncConnection, workflow_id: uuid.UUID, namespaces: list[str] | None) -> Any:
     row = await get_workflow(conn, workflow_id, namespaces)
     if row.status in TERMINAL:
         raise Conflict(f"workflow {workflow_id} already {row.status}")

@@ -145,3 +145,21 @@ task_types = sa.Table(
     sa.Column("capability", JSONB, nullable=False),
     _ts("last_seen", nullable=False, server_default=sa.func.now()),
 )
+
+# API tokens: only a SHA-256 of each token is stored (tokens are 32 random bytes, so a fast hash is
+# enough; nothing to brute-force). The token itself is shown once, when it is created.
+api_tokens = sa.Table(
+    "api_tokens",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("name", sa.Text, nullable=False, unique=True),
+    sa.Column("token_hash", sa.Text, nullable=False, unique=True),
+    sa.Column("prefix", sa.Text, nullable=False),  # the first characters, to recognise a token
+    sa.Column("scopes", ARRAY(sa.Text), nullable=False),
+    sa.Column("namespaces", ARRAY(sa.Text), nullable=False),
+    sa.Column("created_by", sa.Text, nullable=False),
+    _ts("created_at", nullable=False, server_default=sa.func.now()),
+    _ts("expires_at"),
+    _ts("last_used_at"),
+    _ts("revoked_at"),
+)

@@ -82,6 +82,18 @@ class Client:
     def executors(self) -> list[dict[str, Any]]:
         return self._request("GET", "/v1/executors").json()
 
+    def create_token(
+        self, name: str, scopes: list[str], namespaces: list[str], expires_in: str | None = None
+    ) -> dict[str, Any]:
+        body = {"name": name, "scopes": scopes, "namespaces": namespaces, "expires_in": expires_in}
+        return self._request("POST", "/v1/tokens", json=body).json()
+
+    def tokens(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/tokens").json()
+
+    def revoke_token(self, name_or_id: str) -> dict[str, Any]:
+        return self._request("DELETE", f"/v1/tokens/{name_or_id}").json()
+
     def events(self, workflow_id: str, after: int = 0) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield (event, data) from the workflow's event stream until it ends."""
         try:

@@ -7,6 +7,7 @@ own file, and is stopped by its PID.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -57,6 +58,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     env = {}
     for name, info in type(settings).model_fields.items():
         value = getattr(settings, name)
+        if value is None:
+            continue
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
         elif isinstance(value, list):
@@ -81,6 +84,8 @@ class LocalStack:
     """Processes of one Dagsmith installation (one database, one queue prefix)."""
 
     def __init__(self, settings: Settings, logdir: Path) -> None:
+        if settings.auth and settings.admin_token is None:
+            settings = settings.model_copy(update={"admin_token": SecretStr("dgs_local_" + secrets.token_urlsafe(24))})
         self.settings = settings
         self.logdir = logdir
         self.procs: dict[str, Proc] = {}
@@ -131,8 +136,15 @@ class LocalStack:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 
-    def client(self) -> Client:
-        return Client(self.url)
+    @property
+    def token(self) -> str | None:
+        """The admin token the stack's API accepts (None when authentication is off)."""
+        if not self.settings.auth or self.settings.admin_token is None:
+            return None
+        return self.settings.admin_token.get_secret_value()
+
+    def client(self, token: str | None = None) -> Client:
+        return Client(self.url, token=token or self.token)
 
     def start_core(self, executors: int = 1, types: str = "*,!chaos.crash") -> None:
         """API, controller, evaluator and executors with every built-in type but chaos.crash."""

@@ -6,13 +6,17 @@ description next to each field is the documentation.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from dagsmith.validation import Limits
+
+SECRET_FIELDS = ("database_url", "amqp_url", "admin_token")
 
 
 class Settings(BaseSettings):
@@ -36,6 +40,16 @@ class Settings(BaseSettings):
         "dagsmith", description="Prefix of every exchange and queue name (isolates installations)."
     )
     db_pool_size: int = Field(10, ge=1, description="Postgres connections per process.")
+
+    # Security
+    auth: bool = Field(
+        True, description="Require API tokens (Authorization: Bearer). Only `dagsmith dev` turns this off."
+    )
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bootstrap admin token (all scopes, all namespaces) for first start; also read from "
+        "DAGSMITH_ADMIN_TOKEN_FILE.",
+    )
 
     # API
     api_host: str = Field("127.0.0.1", description="Address the API binds to.")
@@ -96,6 +110,21 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Log level.")
     log_format: str = Field("auto", description="'json', 'console' or 'auto' (JSON when not a TTY).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secret_files(cls, values: Any) -> Any:
+        """DAGSMITH_<NAME>_FILE names a file holding the value (Docker and Kubernetes secrets)."""
+        if not isinstance(values, dict):
+            return values
+        for name in SECRET_FIELDS:
+            path = os.environ.get(f"DAGSMITH_{name.upper()}_FILE")
+            if path and name not in values:
+                try:
+                    values[name] = Path(path).read_text().strip()
+                except OSError as exc:
+                    raise ValueError(f"DAGSMITH_{name.upper()}_FILE={path}: {exc.strerror}") from None
+        return values
 
     @field_validator("executor_python_modules", "executor_http_allow_hosts", mode="before")
     @classmethod

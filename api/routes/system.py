@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from api.auth import Reader
 from api.deps import Conn, State
 from api.models import Executor, Health
 from controller import queries
@@ -17,7 +18,7 @@ router = APIRouter()
 
 
 @router.get("/v1/executors", response_model=list[Executor], tags=["executors"], summary="Registered executors")
-async def list_executors(conn: Conn, state: State) -> list[Executor]:
+async def list_executors(conn: Conn, state: State, principal: Reader) -> list[Executor]:
     window = state.settings.heartbeat_interval * 3
     return [Executor(**e) for e in await queries.list_executors(conn, window)]
 

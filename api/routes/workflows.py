@@ -13,6 +13,7 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import Counter
 from sse_starlette.sse import EventSourceResponse
 
+from api.auth import Principal, Reader, Writer
 from api.dag_render import nodes_and_edges, to_dot, to_mermaid
 from api.deps import AppState, Conn, State
 from api.errors import APIError
@@ -71,12 +72,15 @@ async def submit_workflow(
     response: Response,
     state: State,
     conn: Conn,
+    principal: Writer,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Submitted:
     body = await request.body()
     raw = load_document(body, request.headers.get("content-type", ""))
     checked = validate(raw, state.settings.limits(), await _known_types(state, conn))
     namespace = checked.document.metadata.namespace or "default"
+    if not principal.may_use(namespace):
+        raise APIError(403, "forbidden", f"this token may not submit workflows to namespace {namespace!r}")
     await conn.commit()  # end the read transaction; the write below is its own
     async with state.db.begin() as tx:
         result = await submit(tx, checked, namespace=namespace, idempotency_key=idempotency_key, source="api")
@@ -94,6 +98,14 @@ async def submit_workflow(
     )
 
 
+def _visible(principal: Principal, namespace: str | None) -> list[str] | None:
+    """The namespaces a listing may show: the asked one (if allowed) or all the principal sees."""
+    allowed = principal.namespace_filter
+    if namespace:
+        return [namespace] if allowed is None or namespace in allowed else []
+    return allowed
+
+
 def _labels(selectors: list[str]) -> dict[str, str]:
     labels = {}
     for selector in selectors:
@@ -107,6 +119,7 @@ def _labels(selectors: list[str]) -> dict[str, str]:
 @router.get("", response_model=WorkflowList, responses=_ERRORS, summary="List workflows, newest first")
 async def list_workflows(
     conn: Conn,
+    principal: Reader,
     status: Annotated[list[Literal["pending", "running", "succeeded", "failed", "cancelled"]] | None, Query()] = None,
     label: Annotated[list[str] | None, Query(description="key=value; repeat to require several")] = None,
     name: Annotated[str | None, Query(max_length=253)] = None,
@@ -117,7 +130,7 @@ async def list_workflows(
     try:
         rows, next_cursor = await queries.list_workflows(
             conn,
-            namespaces=[namespace] if namespace else None,
+            namespaces=_visible(principal, namespace),
             status=list(status) if status else None,
             labels=_labels(label or []),
             name=name,
@@ -130,8 +143,8 @@ async def list_workflows(
 
 
 @router.get("/{workflow_id}", response_model=Workflow, responses=_ERRORS, summary="A workflow's status and progress")
-async def get_workflow(workflow_id: str, conn: Conn) -> Workflow:
-    row = await queries.get_workflow(conn, queries.parse_id(workflow_id))
+async def get_workflow(workflow_id: str, conn: Conn, principal: Reader) -> Workflow:
+    row = await queries.get_workflow(conn, queries.parse_id(workflow_id), principal.namespace_filter)
     return Workflow(**queries.workflow_summary(row))
 
 
@@ -139,6 +152,7 @@ async def get_workflow(workflow_id: str, conn: Conn) -> Workflow:
 async def list_tasks(
     workflow_id: str,
     conn: Conn,
+    principal: Reader,
     status: Annotated[
         list[Literal["pending", "queued", "running", "succeeded", "failed", "skipped", "cancelled"]] | None,
         Query(),
@@ -147,7 +161,7 @@ async def list_tasks(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> TaskList:
     wid = queries.parse_id(workflow_id)
-    await queries.get_workflow(conn, wid)
+    await queries.get_workflow(conn, wid, principal.namespace_filter)
     rows, next_after = await queries.list_tasks(
         conn, wid, status=list(status) if status else None, after=after, limit=limit
     )
@@ -160,8 +174,8 @@ async def list_tasks(
     responses={**_ERRORS, 409: {"model": ErrorResponse, "description": "The workflow has not finished yet."}},
     summary="The workflow's output once it has finished",
 )
-async def get_result(workflow_id: str, conn: Conn) -> Result:
-    row = await queries.get_workflow(conn, queries.parse_id(workflow_id))
+async def get_result(workflow_id: str, conn: Conn, principal: Reader) -> Result:
+    row = await queries.get_workflow(conn, queries.parse_id(workflow_id), principal.namespace_filter)
     if row.status not in queries.TERMINAL:
         done = row.n_total - row.n_pending - row.n_queued - row.n_running
         raise APIError(
@@ -179,8 +193,10 @@ async def get_result(workflow_id: str, conn: Conn) -> Result:
     responses={**_ERRORS, 200: {"content": {"text/plain": {}}, "description": "JSON, or Mermaid/DOT text"}},
     summary="The DAG with each node's status and reward (json, mermaid or dot)",
 )
-async def get_dag(workflow_id: str, conn: Conn, format: Literal["json", "mermaid", "dot"] = "json") -> Any:
-    row = await queries.get_workflow(conn, queries.parse_id(workflow_id))
+async def get_dag(
+    workflow_id: str, conn: Conn, principal: Reader, format: Literal["json", "mermaid", "dot"] = "json"
+) -> Any:
+    row = await queries.get_workflow(conn, queries.parse_id(workflow_id), principal.namespace_filter)
     graph = nodes_and_edges(await queries.dag_rows(conn, row.id))
     if format == "mermaid":
         return PlainTextResponse(to_mermaid(graph))
@@ -199,11 +215,12 @@ async def stream_events(
     request: Request,
     state: State,
     conn: Conn,
+    principal: Reader,
     after: Annotated[int, Query(ge=0, le=2**62, description="Only events with a larger id")] = 0,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> EventSourceResponse:
     wid = queries.parse_id(workflow_id)
-    await queries.get_workflow(conn, wid)
+    await queries.get_workflow(conn, wid, principal.namespace_filter)
     if state.hub.streams >= state.settings.max_sse_connections:
         raise APIError(
             503,
@@ -223,7 +240,7 @@ async def _events(request: Request, state: AppState, wid: Any, after: int) -> As
             wake.clear()
             async with state.db.connect() as conn:
                 rows = await queries.events_after(conn, wid, after)
-                status = (await queries.get_workflow(conn, wid)).status
+                status = (await queries.get_workflow(conn, wid, None)).status  # access checked before streaming
             for row in rows:
                 after = row.id
                 yield {
@@ -253,8 +270,8 @@ async def _events(request: Request, state: AppState, wid: Any, after: int) -> As
     responses={**_ERRORS, 409: {"model": ErrorResponse, "description": "Already finished."}},
     summary="Cancel a workflow: running tasks are told to stop, queued ones are dropped",
 )
-async def cancel_workflow(workflow_id: str, state: State) -> Cancelled:
+async def cancel_workflow(workflow_id: str, state: State, principal: Writer) -> Cancelled:
     wid = queries.parse_id(workflow_id)
     async with state.db.begin() as tx:
-        await queries.request_cancel(tx, wid)
+        await queries.request_cancel(tx, wid, principal.namespace_filter)
     return Cancelled(id=str(wid), status="cancelling")

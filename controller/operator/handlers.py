@@ -132,7 +132,7 @@ async def on_create(
     async def work(conn: AsyncConnection) -> Any:
         result = await submit(conn, checked, namespace=namespace, idempotency_key=uid, source="kubernetes")
         if checked.document.spec.cancel and result.status not in ("succeeded", "failed", "cancelled"):
-            await request_cancel(conn, result.id)
+            await request_cancel(conn, result.id, [namespace])
         return result
 
     try:
@@ -217,7 +217,8 @@ async def on_spec_change(
     decision = _decision(stored.spec.get("spec", {}), body)
     if decision.cancel and not stored.cancel_requested and stored.status not in ("succeeded", "failed", "cancelled"):
         try:
-            await _write(ctx, "cancel workflow", lambda conn: request_cancel(conn, workflow_id))
+            ns = namespace or "default"
+            await _write(ctx, "cancel workflow", lambda conn: request_cancel(conn, workflow_id, [ns]))
             kopf.info(body, reason="CancelRequested", message=f"spec.cancel is true: cancelling {workflow_id}")
         except Conflict:
             pass  # finished meanwhile
@@ -232,7 +233,9 @@ async def on_spec_change(
         patch.status["conditions"] = merge_conditions(status.get("conditions"), updates)
 
 
-async def on_delete(body: kopf.Body, uid: str, status: kopf.Status, memo: Any, logger: Any, **_: Any) -> None:
+async def on_delete(
+    body: kopf.Body, uid: str, namespace: str | None, status: kopf.Status, memo: Any, logger: Any, **_: Any
+) -> None:
     ctx = _ctx(memo)
     ctx.reported.pop(uid, None)
     if not status.get("workflowId"):
@@ -240,7 +243,8 @@ async def on_delete(body: kopf.Body, uid: str, status: kopf.Status, memo: Any, l
     workflow_id = uuid.UUID(status["workflowId"])
     ctx.mirror.forget(workflow_id)
     try:
-        await _write(ctx, "cancel workflow", lambda conn: request_cancel(conn, workflow_id))
+        ns = namespace or "default"
+        await _write(ctx, "cancel workflow", lambda conn: request_cancel(conn, workflow_id, [ns]))
         logger.info(f"resource deleted: cancelling workflow {workflow_id}")
     except (Conflict, NotFound):
         pass  # already finished, or gone

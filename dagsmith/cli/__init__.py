@@ -1,14 +1,15 @@
 """The ``dagsmith`` command: run the services, and talk to the API.
 
 Exit codes: 0 success; 1 the workflow failed or was cancelled; 2 bad input (invalid spec,
-bad arguments); 3 the API could not be reached or answered with an error; 4 not found.
+bad arguments); 3 the API could not be reached or answered with an error; 4 not found;
+5 not allowed (no token, wrong token, missing scope).
 """
 
 from __future__ import annotations
 
 import typer
 
-from dagsmith.cli import client_cmds, operator_cmds, services
+from dagsmith.cli import client_cmds, operator_cmds, services, token_cmds
 
 app = typer.Typer(
     name="dagsmith",
@@ -20,6 +21,7 @@ app = typer.Typer(
 services.register(app)
 client_cmds.register(app)
 operator_cmds.register(app)
+token_cmds.register(app)
 
 
 def main() -> None:

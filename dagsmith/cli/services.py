@@ -157,11 +157,21 @@ def dev(
 ) -> None:
     """Run migrations, then the API, controller, evaluator and executors together, logs interleaved."""
     settings = get_settings()
-    typer.secho("dagsmith dev: local development mode — the API has no authentication here.", fg="yellow", err=True)
+    typer.secho(
+        "dagsmith dev: local development mode. THE API RUNS WITHOUT AUTHENTICATION: anyone who can reach "
+        f"127.0.0.1:{port or settings.api_port} can submit and read workflows.",
+        fg="yellow",
+        bold=True,
+        err=True,
+    )
     migrate_cmd = [sys.executable, "-m", "dagsmith", "migrate"]
     if subprocess.call(migrate_cmd) != 0:
         raise typer.Exit(3)
-    env = {**os.environ, "DAGSMITH_LOG_FORMAT": os.environ.get("DAGSMITH_LOG_FORMAT", "console")}
+    env = {
+        **os.environ,
+        "DAGSMITH_LOG_FORMAT": os.environ.get("DAGSMITH_LOG_FORMAT", "console"),
+        "DAGSMITH_AUTH": "false",
+    }
     api_port = str(port or settings.api_port)
     procs: list[tuple[str, list[str], dict[str, str]]] = [
         ("api", ["api", "--port", api_port], {}),

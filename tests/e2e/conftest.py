@@ -32,6 +32,11 @@ def client(stack: Stack) -> Iterator[Client]:
         yield c
 
 
+def auth(stack: Stack) -> dict[str, str]:
+    """Headers that authenticate as the stack's admin."""
+    return {"Authorization": f"Bearer {stack.token}"} if stack.token else {}
+
+
 def pg(settings: Settings) -> psycopg.Connection[Any]:
     return psycopg.connect(settings.psycopg_dsn(), autocommit=True)
 

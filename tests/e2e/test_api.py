@@ -10,7 +10,7 @@ import pytest
 
 from dagsmith.client import Client
 from dagsmith.settings import Settings
-from tests.e2e.conftest import pg, submit, wait_finished, workflow
+from tests.e2e.conftest import auth, pg, submit, wait_finished, workflow
 from tests.support.stack import Stack
 
 pytestmark = pytest.mark.e2e
@@ -68,7 +68,9 @@ def test_invalid_spec_is_422_with_path_and_nothing_written(
     with pg(settings) as conn:
         before = conn.execute("SELECT count(*) FROM workflows").fetchone()
     response = httpx.post(
-        f"{stack.url}/v1/workflows", content=orjson.dumps(doc), headers={"Content-Type": "application/json"}
+        f"{stack.url}/v1/workflows",
+        content=orjson.dumps(doc),
+        headers={"Content-Type": "application/json", **auth(stack)},
     )
     assert response.status_code == 422, response.text
     error = response.json()["error"]
@@ -80,7 +82,9 @@ def test_invalid_spec_is_422_with_path_and_nothing_written(
 
 
 def test_yaml_body_and_unparseable_body(stack: Stack) -> None:
-    bad = httpx.post(f"{stack.url}/v1/workflows", content=b"spec: [", headers={"Content-Type": "application/yaml"})
+    bad = httpx.post(
+        f"{stack.url}/v1/workflows", content=b"spec: [", headers={"Content-Type": "application/yaml", **auth(stack)}
+    )
     assert bad.status_code == 422
     assert "not valid YAML" in bad.json()["error"]["details"]["problems"][0]["message"]
 
@@ -89,7 +93,7 @@ def test_oversized_body_is_413(stack: Stack, settings: Settings) -> None:
     response = httpx.post(
         f"{stack.url}/v1/workflows",
         content=b"x" * (settings.max_body_bytes + 1),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **auth(stack)},
     )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "too_large"
@@ -103,7 +107,7 @@ def test_unknown_ids_are_404_with_error_shape(stack: Stack) -> None:
         "/v1/workflows/00000000-0000-0000-0000-000000000000/result",
         "/v1/nothing-here",
     ):
-        response = httpx.get(stack.url + path)
+        response = httpx.get(stack.url + path, headers=auth(stack))
         assert response.status_code == 404, path
         assert set(response.json()["error"]) == {"code", "message", "details"}
 

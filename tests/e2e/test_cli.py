@@ -15,9 +15,11 @@ from tests.support.stack import Stack, free_port
 pytestmark = pytest.mark.e2e
 
 
-def cli(stack_url: str, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    stack: Stack, *args: str, stdin: bytes | None = None, url: str | None = None, token: str | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSMITH_")}
-    env.update({"DAGSMITH_API": stack_url, "COLUMNS": "200"})
+    env.update({"DAGSMITH_API": url or stack.url, "COLUMNS": "200", "DAGSMITH_TOKEN": token or stack.token or ""})
     return subprocess.run(
         [sys.executable, "-m", "dagsmith", *args],
         input=stdin.decode() if stdin else None,
@@ -29,14 +31,14 @@ def cli(stack_url: str, *args: str, stdin: bytes | None = None) -> subprocess.Co
 
 
 def test_submit_wait_prints_result_and_exits_0(stack: Stack) -> None:
-    done = cli(stack.url, "submit", str(EXAMPLES / "hello.yaml"), "--wait")
+    done = cli(stack, "submit", str(EXAMPLES / "hello.yaml"), "--wait")
     assert done.returncode == 0, done.stderr
     assert '"result": "HELLO WORLD"' in done.stdout
     assert "succeeded" in done.stderr
 
 
 def test_watch_shows_progress(stack: Stack) -> None:
-    done = cli(stack.url, "submit", str(EXAMPLES / "hello.yaml"), "--watch")
+    done = cli(stack, "submit", str(EXAMPLES / "hello.yaml"), "--watch")
     assert done.returncode == 0, done.stderr
     assert "2/2" in done.stderr
 
@@ -47,7 +49,7 @@ def test_failed_workflow_exits_1_with_reason(stack: Stack, tmp_path: Path) -> No
         "apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {name: fails}\n"
         "spec:\n  tasks:\n    - {name: bad, type: chaos.fail, params: {class: permanent, message: nope}}\n"
     )
-    done = cli(stack.url, "submit", str(spec), "--wait")
+    done = cli(stack, "submit", str(spec), "--wait")
     assert done.returncode == 1
     assert "task 'bad' failed: permanent: nope" in done.stderr
 
@@ -57,28 +59,28 @@ def test_invalid_spec_exits_2_listing_problems(stack: Stack) -> None:
         b"apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {name: x}\n"
         b"spec:\n  tasks:\n    - {name: a, type: noop, dependsOn: [zz]}\n"
     )
-    done = cli(stack.url, "submit", "-", stdin=body)
+    done = cli(stack, "submit", "-", stdin=body)
     assert done.returncode == 2
     assert "spec.tasks[0].dependsOn[0]" in done.stderr
     assert "no task is named 'zz'" in done.stderr
 
 
 def test_unreachable_api_exits_3(stack: Stack) -> None:
-    done = cli(f"http://127.0.0.1:{free_port()}", "list")
+    done = cli(stack, "list", url=f"http://127.0.0.1:{free_port()}")
     assert done.returncode == 3
     assert "cannot reach the API" in done.stderr
 
 
 def test_status_result_dag_and_not_found(stack: Stack) -> None:
-    submitted = cli(stack.url, "submit", str(EXAMPLES / "hello.yaml"), "--wait")
+    submitted = cli(stack, "submit", str(EXAMPLES / "hello.yaml"), "--wait")
     wid = next(line.split()[-1] for line in submitted.stderr.splitlines() if line.startswith("submitted workflow"))
-    status = cli(stack.url, "status", wid)
+    status = cli(stack, "status", wid)
     assert status.returncode == 0 and "succeeded" in status.stdout
-    result = cli(stack.url, "result", wid)
+    result = cli(stack, "result", wid)
     assert result.returncode == 0 and "HELLO WORLD" in result.stdout
-    dag = cli(stack.url, "dag", wid, "--format", "mermaid")
+    dag = cli(stack, "dag", wid, "--format", "mermaid")
     assert dag.stdout.startswith("flowchart TD")
-    listing = cli(stack.url, "list")
+    listing = cli(stack, "list")
     assert wid in listing.stdout
-    missing = cli(stack.url, "status", "00000000-0000-0000-0000-000000000000")
+    missing = cli(stack, "status", "00000000-0000-0000-0000-000000000000")
     assert missing.returncode == 4

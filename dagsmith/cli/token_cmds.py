@@ -1,0 +1,80 @@
+"""``dagsmith tokens create|list|revoke`` (needs an admin token)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from dagsmith.cli.client_cmds import DEFAULT_API, ApiOption, TokenOption, console, handle, out
+from dagsmith.client import Client, ClientError
+
+app = typer.Typer(help="Create, list and revoke API tokens (with an admin token).", no_args_is_help=True)
+
+
+@app.command()
+def create(
+    name: Annotated[str, typer.Argument(help="A unique name, e.g. ci-bot")],
+    scope: Annotated[list[str] | None, typer.Option("--scope", "-s", help="read, write or admin [read]")] = None,
+    namespace: Annotated[
+        list[str] | None, typer.Option("--namespace", "-n", help="Namespace it sees ('*': all) [default]")
+    ] = None,
+    expires_in: Annotated[str | None, typer.Option("--expires-in", help="e.g. 30d")] = None,
+    api: ApiOption = DEFAULT_API,
+    token: TokenOption = None,
+) -> None:
+    """Create a token and print it. It is shown once: only its hash is stored."""
+    with Client(api, token=token) as client:
+        try:
+            created = client.create_token(name, scope or ["read"], namespace or ["default"], expires_in)
+        except ClientError as exc:
+            handle(exc)
+    console.print(
+        f"created token [bold]{created['name']}[/bold] (scopes {', '.join(created['scopes'])}; "
+        f"namespaces {', '.join(created['namespaces'])}). Store it now; it cannot be shown again.",
+        highlight=False,
+    )
+    out.print(created["token"], highlight=False)
+
+
+@app.command("list")
+def list_(api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
+    """List tokens (names, scopes, namespaces — never the secrets)."""
+    with Client(api, token=token) as client:
+        try:
+            items = client.tokens()
+        except ClientError as exc:
+            handle(exc)
+    table = Table("NAME", "PREFIX", "SCOPES", "NAMESPACES", "CREATED", "LAST USED", "STATE")
+    for t in items:
+        state = "revoked" if t["revoked_at"] else "live"
+        table.add_row(
+            t["name"],
+            t["prefix"] + "…",
+            ",".join(t["scopes"]),
+            ",".join(t["namespaces"]),
+            str(t["created_at"])[:19],
+            str(t["last_used_at"] or "")[:19],
+            state,
+        )
+    out.print(table)
+
+
+@app.command()
+def revoke(
+    name: Annotated[str, typer.Argument(help="Token name or id")],
+    api: ApiOption = DEFAULT_API,
+    token: TokenOption = None,
+) -> None:
+    """Revoke a token; requests with it get 401 from now on."""
+    with Client(api, token=token) as client:
+        try:
+            client.revoke_token(name)
+        except ClientError as exc:
+            handle(exc)
+    console.print(f"revoked {name}", highlight=False)
+
+
+def register(root: typer.Typer) -> None:
+    root.add_typer(app, name="tokens", rich_help_panel="Client")
