@@ -21,6 +21,11 @@ COPY wheelhouse/ /wheelhouse/
 # torch first and on its own: from the CPU index only, so that no CUDA build is ever chosen.
 RUN /opt/dagsmith/bin/pip install --find-links /wheelhouse $PIP_ARGS --index-url "$TORCH_INDEX_URL" \
       "torch==${TORCH_VERSION}"
+# torch's C++ headers, test binaries and protoc are for building extensions, not for running: -190 MB.
+RUN site="$(/opt/dagsmith/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+ && rm -rf "$site/torch/include" "$site/torch/test" \
+ && find "$site/torch/bin" -type f ! -name torch_shm_manager -delete \
+ && /opt/dagsmith/bin/python -c 'import torch; assert float(torch.ones(3) @ torch.ones(3)) == 3.0'
 # Dependencies next (a layer that changes only with pyproject.toml), then the code. Optional
 # dependency groups other than dev/test (e.g. the trainer's) are part of the image.
 COPY pyproject.toml /src/

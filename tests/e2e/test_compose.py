@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 import uuid
 import warnings
@@ -26,7 +27,7 @@ import orjson
 import pytest
 
 from dagsmith.client import Client
-from tests.support.compose import Compose, Prometheus, unavailable
+from tests.support.compose import Compose, Prometheus, run, unavailable
 from tests.support.dashboards import PENDING_METRICS, PanelQuery, for_prometheus, panel_queries
 from tests.support.wait import wait_until
 
@@ -35,6 +36,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1500)]
 LONG_RUNNING = ("postgres", "rabbitmq", "api", "controller", "evaluator", "executor", "prometheus")
 TERMINAL = ("succeeded", "failed", "cancelled")
 STRICT = os.environ.get("DAGSMITH_E2E_STRICT") == "1"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 class NotBuiltYet(UserWarning):
@@ -195,12 +197,39 @@ def test_every_long_running_service_is_healthy(compose: Compose, run_started: fl
     assert set(LONG_RUNNING) <= set(services)
 
 
-def test_hello_through_the_published_api_port(api: Client) -> None:
-    body = (Path(__file__).resolve().parents[2] / "examples" / "hello.yaml").read_bytes()
-    wid = str(api.submit(body, content_type="application/yaml")["id"])
-    wf = wait_finished(api, wid, timeout=60)
-    assert wf["status"] == "succeeded", wf
-    assert api.result(wid)["output"] == {"result": "HELLO WORLD"}
+def test_the_image_runs_as_non_root_with_the_cpu_build_of_torch(compose: Compose) -> None:
+    out = run(
+        "docker",
+        "run",
+        "--rm",
+        "--entrypoint",
+        "python3",
+        compose.values["DAGSMITH_IMAGE"],
+        "-c",
+        "import os, torch; print(os.getuid(), torch.__version__, torch.cuda.is_available())",
+    )
+    uid, version, cuda = out.split()[-3:]
+    assert uid != "0"
+    assert version.startswith(compose.values.get("TORCH_VERSION", "2.13.0")) and "+cu" not in version
+    assert cuda == "False"
+
+
+def test_hello_with_the_cli_on_the_host_through_the_published_port(compose: Compose, api: Client) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "dagsmith", "submit", str(EXAMPLES / "hello.yaml"), "--wait"],
+        env={**os.environ, "DAGSMITH_API": compose.api_url, "DAGSMITH_TOKEN": compose.values["DAGSMITH_ADMIN_TOKEN"]},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout) == {"result": "HELLO WORLD"}
+    assert any(w["status"] == "succeeded" for w in api.workflows(name="hello")["items"])
+
+
+def test_hello_with_the_cli_service(compose: Compose) -> None:
+    out = compose("run", "--rm", "cli", "submit", "examples/hello.yaml", "--wait", timeout=180)
+    assert '"result": "HELLO WORLD"' in out, out
 
 
 def test_the_demo_runs_every_example(compose: Compose) -> None:
@@ -288,7 +317,7 @@ def test_every_dashboard_query_returns_data(compose: Compose, prometheus: Promet
         except AssertionError:
             empty.append(f"{q.label}: {q.expr}")
     for label in pending:
-        report_missing(f"dashboard panel {label}: no data, its metrics are not exported yet")
+        report_missing(f"dashboard panel {label}: no data, what feeds it is not built yet")
     if pending:
         report_missing(f"metrics no service exports yet: {', '.join(sorted(absent))}")
     assert not empty, "dashboard queries without data after the demo run:\n" + "\n".join(empty)
