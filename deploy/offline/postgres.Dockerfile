@@ -1,6 +1,7 @@
 # Local stand-in for the official postgres image, from Debian bookworm's PostgreSQL 15.
 # Same contract as far as docker-compose.yml uses it: POSTGRES_USER / POSTGRES_PASSWORD /
-# POSTGRES_DB create the role and database on first start, data in /var/lib/postgresql/data,
+# POSTGRES_DB create the role and database on first start (POSTGRES_HOST_AUTH_METHOD=trust allows
+# no password), data in /var/lib/postgresql/data,
 # pg_isready on the PATH, port 5432.
 ARG BASE=dagsmith-local/debian:bookworm
 FROM ${BASE}
