@@ -275,6 +275,27 @@ def test_500_tasks_survive_a_rabbitmq_restart(compose: Compose, api: Client) -> 
     assert_big_workflow_succeeded(api, wid, "restart-rabbitmq")
 
 
+def test_promtool_checks_the_config_and_rules_and_runs_the_alert_tests(compose: Compose) -> None:
+    deploy = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
+    for args in (
+        ("check", "config", "/etc/prometheus/prometheus.yml"),
+        ("check", "rules", "/etc/prometheus/rules/recording.yml", "/etc/prometheus/rules/alerts.yml"),
+        ("test", "rules", "/etc/prometheus/tests/alerts_test.yml"),
+    ):
+        out = run(
+            "docker",
+            "run",
+            "--rm",
+            "-v",
+            f"{deploy}:/etc/prometheus:ro",
+            "--entrypoint",
+            "promtool",
+            compose.values["PROMETHEUS_IMAGE"],
+            *args,
+        )
+        assert "SUCCESS" in out, out
+
+
 def test_prometheus_loaded_the_rules(prometheus: Prometheus) -> None:
     groups = {g["name"]: g for g in prometheus.rule_groups()}
     expected = {
