@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
@@ -342,3 +343,19 @@ def test_every_dashboard_query_returns_data(compose: Compose, prometheus: Promet
     if pending:
         report_missing(f"metrics no service exports yet: {', '.join(sorted(absent))}")
     assert not empty, "dashboard queries without data after the demo run:\n" + "\n".join(empty)
+
+
+def test_grafana_loaded_the_provisioned_dashboards(compose: Compose) -> None:
+    if "grafana" not in compose.started:
+        pytest.skip(f"grafana not started here ({compose.values['GRAFANA_IMAGE']} is not available)")
+    auth = ("admin", compose.values["GRAFANA_ADMIN_PASSWORD"])
+    url = f"http://127.0.0.1:{compose.values['GRAFANA_PORT']}"
+    wanted = {"dagsmith-overview", "dagsmith-correction"}
+
+    def loaded() -> set[str]:
+        response = httpx.get(f"{url}/api/search", params={"type": "dash-db"}, auth=auth)
+        return {d["uid"] for d in response.json()} if response.status_code == 200 else set()
+
+    wait_until(lambda: wanted <= loaded(), timeout=60, interval=1, what=f"Grafana to load the dashboards {wanted}")
+    source = httpx.get(f"{url}/api/datasources/uid/prometheus/health", auth=auth).json()
+    assert source.get("status") == "OK", source
