@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make sure Postgres (127.0.0.1:5432) and RabbitMQ (127.0.0.1:5672) answer, starting them if needed:
 # the local Debian services when they are installed, otherwise the two containers from
-# docker-compose.yml. Exits non-zero with what is missing if neither works.
+# deploy/test-services.yml. Exits non-zero with what is missing if neither works.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,7 +19,7 @@ if ! port_open 5432; then
     echo "services: starting Postgres" >&2
     pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n1)" main start || true
   elif command -v docker >/dev/null 2>&1; then
-    docker compose up -d postgres
+    docker compose -f deploy/test-services.yml up -d --wait postgres
   else
     echo "services: Postgres is not running on 127.0.0.1:5432 and cannot be started here (install postgresql or docker)" >&2
     exit 1
@@ -32,7 +32,7 @@ if ! port_open 5672; then
     echo "services: starting RabbitMQ" >&2
     rabbitmq-server -detached || true
   elif command -v docker >/dev/null 2>&1; then
-    docker compose up -d rabbitmq
+    docker compose -f deploy/test-services.yml up -d --wait rabbitmq
   else
     echo "services: RabbitMQ is not running on 127.0.0.1:5672 and cannot be started here (install rabbitmq-server or docker)" >&2
     exit 1
