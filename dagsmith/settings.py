@@ -126,6 +126,11 @@ class Settings(BaseSettings):
                     raise ValueError(f"DAGSMITH_{name.upper()}_FILE={path}: {exc.strerror}") from None
         return values
 
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value in ("", None) else value
+
     @field_validator("executor_python_modules", "executor_http_allow_hosts", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
