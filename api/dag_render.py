@@ -45,6 +45,26 @@ def nodes_and_edges(rows: list[Any]) -> dict[str, Any]:
     return {"nodes": nodes, "edges": edges}
 
 
+def structure_at(spec_tasks: list[dict[str, Any]], diffs: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """The DAG as it was after the given revision diffs (structure only: no statuses)."""
+    from controller.surgery import replay
+
+    original = {t["name"]: t["type"] for t in spec_tasks}
+    nodes: list[dict[str, Any]] = []
+    edges: list[dict[str, str]] = []
+    for t in replay(spec_tasks, diffs):
+        nodes.append(
+            {
+                "id": t["name"],
+                "type": t["type"],
+                "inserted": t["name"] not in original,
+                "rerouted": t["name"] in original and original[t["name"]] != t["type"],
+            }
+        )
+        edges.extend({"from": dep, "to": t["name"]} for dep in t.get("dependsOn", []))
+    return {"nodes": nodes, "edges": edges}
+
+
 def _mermaid_id(name: str) -> str:
     return "t_" + re.sub(r"[^A-Za-z0-9_]", "_", name)
 
@@ -52,9 +72,10 @@ def _mermaid_id(name: str) -> str:
 def to_mermaid(graph: dict[str, Any]) -> str:
     lines = ["flowchart TD"]
     for n in graph["nodes"]:
-        marks = (" ✚" if n["inserted"] else "") + (" ↪" if n["rerouted"] else "")
-        label = f"{n['id']}<br/><small>{n['type']} · {n['status']}{marks}</small>"
-        lines.append(f'    {_mermaid_id(n["id"])}["{label}"]:::{n["status"]}')
+        marks = (" ✚ inserted" if n["inserted"] else "") + (" ↪ rerouted" if n["rerouted"] else "")
+        status = n.get("status")
+        label = f"{n['id']}<br/><small>{n['type']}{' · ' + status if status else ''}{marks}</small>"
+        lines.append(f'    {_mermaid_id(n["id"])}["{label}"]' + (f":::{status}" if status else ""))
     for e in graph["edges"]:
         lines.append(f"    {_mermaid_id(e['from'])} --> {_mermaid_id(e['to'])}")
     for status, style in _STATUS_STYLE.items():
@@ -74,8 +95,10 @@ def to_dot(graph: dict[str, Any], title: str = "workflow") -> str:
     ]
     for n in graph["nodes"]:
         marks = (" (inserted)" if n["inserted"] else "") + (" (rerouted)" if n["rerouted"] else "")
-        label = f"{n['id']}\\n{n['type']} · {n['status']}{marks}"
-        lines.append(f'  {_dot_quote(n["id"])} [label="{label}", fillcolor={_DOT_COLOR.get(n["status"], "white")}];')
+        status = n.get("status")
+        label = f"{n['id']}\\n{n['type']}{' · ' + status if status else ''}{marks}"
+        color = _DOT_COLOR.get(status or "", "white")
+        lines.append(f'  {_dot_quote(n["id"])} [label="{label}", fillcolor={color}];')
     for e in graph["edges"]:
         lines.append(f"  {_dot_quote(e['from'])} -> {_dot_quote(e['to'])};")
     lines.append("}")

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from controller.surgery import SurgeryConflict, SurgeryError
 from dagsmith.errors import Conflict, NotFound, SpecError
 
 log = structlog.get_logger(__name__)
@@ -38,6 +39,11 @@ def install(app: FastAPI) -> None:
         n = len(exc.problems)
         message = f"the workflow document has {n} problem{'s' if n != 1 else ''}: {exc}"
         return JSONResponse(error_body("invalid_spec", message, {"problems": exc.problems}), status_code=422)
+
+    @app.exception_handler(SurgeryError)
+    async def _surgery(request: Request, exc: SurgeryError) -> JSONResponse:
+        status = 409 if isinstance(exc, SurgeryConflict) else 422
+        return JSONResponse(error_body("surgery_refused", str(exc)), status_code=status)
 
     @app.exception_handler(NotFound)
     async def _not_found(request: Request, exc: NotFound) -> JSONResponse:

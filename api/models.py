@@ -104,13 +104,13 @@ class Result(BaseModel):
 
 class DagNode(BaseModel):
     id: str
-    task_id: int
+    task_id: int | None = Field(None, description="None for a node shown at a past revision")
     type: str
-    status: str
-    reward: float | None
-    attempt: int
-    inserted: bool
-    rerouted: bool
+    status: str | None = Field(None, description="The current status (None at a past revision)")
+    reward: float | None = None
+    attempt: int | None = None
+    inserted: bool = Field(description="Added by DAG surgery")
+    rerouted: bool = Field(description="Runs on another type than the spec says (DAG surgery)")
 
 
 class DagEdge(BaseModel):
@@ -148,3 +148,42 @@ class Executor(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+class SurgeryRequest(BaseModel):
+    """A DAG surgery on a workflow (running, or finished: a retry revives it)."""
+
+    model_config = {"extra": "forbid"}
+
+    op: Literal["retry", "replace", "insert", "skip"] = Field(
+        description="retry (optionally with changed params), replace the task's type, insert a task "
+        "before it, or skip it (optional tasks only)"
+    )
+    task: str = Field(max_length=63, description="The task operated on.")
+    params: dict[str, Any] | None = Field(
+        None, description="retry: params merged over the task's; insert: the new task's params (default: the task's)"
+    )
+    type: str | None = Field(None, max_length=100, description="replace: the new type; insert: the new task's type")
+    name: str | None = Field(None, max_length=63, description="insert: the new task's name")
+    delay: str | None = Field(None, description="retry: wait this long first (a duration, e.g. '30s')")
+    reason: str = Field("", max_length=1000, description="Why; kept in the revision history.")
+
+
+class Surgery(BaseModel):
+    workflow_id: str
+    revision: int
+    operation: str
+    task: str
+    inserted_task_id: int | None = None
+    diff: list[dict[str, Any]]
+
+
+class Revision(BaseModel):
+    revision: int
+    parent_revision: int
+    actor: str
+    operation: str
+    task: str
+    reason: dict[str, Any]
+    diff: list[dict[str, Any]]
+    created_at: datetime

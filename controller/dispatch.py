@@ -50,6 +50,13 @@ def prepare(
         resolved = render(params, context, max_bytes=max_template_bytes, path="params")
         params = resolved
     spec = task.spec
+    repaired_by = spec.get("repairedBy")
+    if repaired_by:
+        # A repair task was inserted before this one (DAG surgery): its output replaces the params
+        # it names, e.g. json.repair's {"text": ...} over json.parse's {"text": ...}.
+        repair = (outputs.get(repaired_by) or {}).get("output")
+        if isinstance(repair, dict):
+            resolved = params = {**params, **{k: v for k, v in repair.items() if k in params}}
     message = TaskMessage(
         task_id=task.id,
         attempt=attempt,

@@ -49,6 +49,12 @@ workflows = sa.Table(
     _ts("started_at"),
     _ts("finished_at"),
     _ts("updated_at", nullable=False, server_default=sa.func.now()),
+    # Correction Mode: surgeries applied, tasks inserted by them, run time spent, and the policy
+    # version that last decided for this workflow.
+    sa.Column("surgeries", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("inserted_tasks", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("task_seconds", sa.Float, nullable=False, server_default="0"),
+    sa.Column("policy_version", sa.Text),
     sa.Column("n_total", sa.Integer, nullable=False, server_default="0"),
     *[sa.Column(f"n_{s}", sa.Integer, nullable=False, server_default="0") for s in TASK_STATUSES],
     sa.CheckConstraint(f"status IN {WORKFLOW_STATUSES!r}", name="status"),
@@ -162,4 +168,72 @@ api_tokens = sa.Table(
     _ts("expires_at"),
     _ts("last_used_at"),
     _ts("revoked_at"),
+)
+
+# One row per DAG surgery: the workflow's history, replayable revision by revision.
+dag_revisions = sa.Table(
+    "dag_revisions",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("workflow_id", UUID(as_uuid=True), sa.ForeignKey("workflows.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("revision", sa.Integer, nullable=False),
+    sa.Column("parent_revision", sa.Integer, nullable=False),
+    sa.Column("actor", sa.Text, nullable=False),  # policy:<version> | rules | user:<name>
+    sa.Column("operation", sa.Text, nullable=False),
+    sa.Column("task_name", sa.Text, nullable=False),
+    sa.Column("reason", JSONB, nullable=False),
+    sa.Column("diff", JSONB, nullable=False),
+    _ts("created_at", nullable=False, server_default=sa.func.now()),
+    sa.UniqueConstraint("workflow_id", "revision"),
+)
+
+# Every correction decision, logged when it is made (with what the learning loop needs: the
+# observation, the mask, the full action distribution) and completed when its outcome is known.
+correction_decisions = sa.Table(
+    "correction_decisions",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("workflow_id", UUID(as_uuid=True), sa.ForeignKey("workflows.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("task_id", sa.BigInteger, nullable=False),
+    sa.Column("task_name", sa.Text, nullable=False),
+    sa.Column("task_type", sa.Text, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("error_class", sa.Text, nullable=False),
+    sa.Column("mode", sa.Text, nullable=False),
+    sa.Column("policy_version", sa.Text, nullable=False),
+    sa.Column("feature_schema_version", sa.Integer, nullable=False),
+    sa.Column("features", JSONB, nullable=False),
+    sa.Column("observation", ARRAY(sa.Float), nullable=False),
+    sa.Column("mask", ARRAY(sa.Boolean), nullable=False),
+    sa.Column("action", sa.Text, nullable=False),
+    sa.Column("probability", sa.Float, nullable=False),
+    sa.Column("probabilities", ARRAY(sa.Float), nullable=False),
+    sa.Column("fallback_reason", sa.Text),
+    sa.Column("shadow_action", sa.Text),  # shadow mode: what the learned policy would have done
+    sa.Column("shadow_policy_version", sa.Text),
+    sa.Column("shadow_probabilities", ARRAY(sa.Float)),
+    sa.Column("revision", sa.Integer),
+    sa.Column("outcome", JSONB),
+    _ts("created_at", nullable=False, server_default=sa.func.now()),
+    _ts("outcome_at"),
+    sa.Index("ix_correction_decisions_open", "task_id", postgresql_where=sa.text("outcome IS NULL")),
+    sa.Index("ix_correction_decisions_created", "created_at"),
+)
+
+# The policy registry: every trained version, its evaluation, and which one is active.
+policies = sa.Table(
+    "policies",
+    metadata,
+    sa.Column("version", sa.Text, primary_key=True),
+    sa.Column("status", sa.Text, nullable=False),  # candidate | active | retired | rejected
+    sa.Column("weights", sa.LargeBinary, nullable=False),
+    sa.Column("feature_schema_version", sa.Integer, nullable=False),
+    sa.Column("reward_version", sa.Text, nullable=False),
+    sa.Column("training", JSONB, nullable=False),
+    sa.Column("evaluation", JSONB, nullable=False),
+    _ts("created_at", nullable=False, server_default=sa.func.now()),
+    _ts("activated_at"),
+    _ts("retired_at"),
+    sa.CheckConstraint("status IN ('candidate', 'active', 'retired', 'rejected')", name="status"),
+    sa.Index("ix_policies_one_active", "status", unique=True, postgresql_where=sa.text("status = 'active'")),
 )

@@ -10,8 +10,9 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -21,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from controller.db import CHANNEL_EVENTS
 from controller.reconcile import Counts, TaskView, WorkflowView
 from controller.states import TaskStatus, WorkflowStatus
-from dagsmith.spec import Backoff
+from dagsmith.spec import Backoff, CorrectionSpec
 
 
 def rows_json(rows: Iterable[dict[str, Any]]) -> str:
@@ -57,6 +58,13 @@ class WorkflowRow:
     cancel_requested: bool
     counts: Counts
     params: dict[str, Any]
+    # Correction Mode
+    correction: CorrectionSpec = field(default_factory=CorrectionSpec)
+    dag_revision: int = 0
+    surgeries: int = 0
+    inserted_tasks: int = 0
+    task_seconds: float = 0.0
+    started_at: float | None = None
 
     def view(self) -> WorkflowView:
         return WorkflowView(str(self.id), self.status, self.counts, self.cancel_requested)
@@ -127,7 +135,8 @@ async def lock_workflows(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> dic
         sa.text(
             f"""
             SELECT id, name, namespace, status, cancel_requested, {_COUNT_COLUMNS},
-                   spec->'spec'->'params' AS params
+                   spec->'spec'->'params' AS params, spec->'spec'->'correction' AS correction, dag_revision,
+                   surgeries, inserted_tasks, task_seconds, started_at
             FROM workflows WHERE id = ANY(:ids) ORDER BY id FOR UPDATE
             """
         ),
@@ -138,7 +147,30 @@ async def lock_workflows(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> dic
 
 def _workflow_row(r: Any) -> WorkflowRow:
     counts = Counts(**{s.value: getattr(r, f"n_{s.value}") for s in TaskStatus})
-    return WorkflowRow(r.id, r.name, r.namespace, WorkflowStatus(r.status), r.cancel_requested, counts, r.params or {})
+    return WorkflowRow(
+        r.id,
+        r.name,
+        r.namespace,
+        WorkflowStatus(r.status),
+        r.cancel_requested,
+        counts,
+        r.params or {},
+        correction=_correction(r.correction),
+        dag_revision=r.dag_revision,
+        surgeries=r.surgeries,
+        inserted_tasks=r.inserted_tasks,
+        task_seconds=r.task_seconds,
+        started_at=epoch(r.started_at),
+    )
+
+
+@lru_cache(maxsize=256)
+def _correction_cached(raw: str) -> CorrectionSpec:
+    return CorrectionSpec.model_validate_json(raw)
+
+
+def _correction(raw: dict[str, Any] | None) -> CorrectionSpec:
+    return _correction_cached(orjson.dumps(raw or {}, option=orjson.OPT_SORT_KEYS).decode())
 
 
 async def reload_counts(conn: AsyncConnection, rows: dict[uuid.UUID, WorkflowRow]) -> dict[uuid.UUID, WorkflowRow]:
@@ -151,10 +183,9 @@ async def reload_counts(conn: AsyncConnection, rows: dict[uuid.UUID, WorkflowRow
     )
     fresh = {}
     for r in result:
-        old = rows[r.id]
         counts = Counts(**{s.value: getattr(r, f"n_{s.value}") for s in TaskStatus})
-        fresh[r.id] = WorkflowRow(
-            old.id, old.name, old.namespace, WorkflowStatus(r.status), r.cancel_requested, counts, old.params
+        fresh[r.id] = replace(
+            rows[r.id], status=WorkflowStatus(r.status), cancel_requested=r.cancel_requested, counts=counts
         )
     return fresh
 

@@ -72,8 +72,11 @@ class Client:
     def result(self, workflow_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/workflows/{workflow_id}/result").json()
 
-    def dag(self, workflow_id: str, fmt: str = "json") -> Any:
-        response = self._request("GET", f"/v1/workflows/{workflow_id}/dag", params={"format": fmt})
+    def dag(self, workflow_id: str, fmt: str = "json", revision: int | None = None) -> Any:
+        params: dict[str, Any] = {"format": fmt}
+        if revision is not None:
+            params["revision"] = revision
+        response = self._request("GET", f"/v1/workflows/{workflow_id}/dag", params=params)
         return response.json() if fmt == "json" else response.text
 
     def cancel(self, workflow_id: str) -> dict[str, Any]:
@@ -81,6 +84,12 @@ class Client:
 
     def executors(self) -> list[dict[str, Any]]:
         return self._request("GET", "/v1/executors").json()
+
+    def surgery(self, workflow_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._request("POST", f"/v1/workflows/{workflow_id}/surgery", json=body).json()
+
+    def revisions(self, workflow_id: str) -> list[dict[str, Any]]:
+        return self._request("GET", f"/v1/workflows/{workflow_id}/revisions").json()
 
     def create_token(
         self, name: str, scopes: list[str], namespaces: list[str], expires_in: str | None = None

@@ -14,13 +14,26 @@ from prometheus_client import Counter
 from sse_starlette.sse import EventSourceResponse
 
 from api.auth import Principal, Reader, Writer
-from api.dag_render import nodes_and_edges, to_dot, to_mermaid
+from api.dag_render import nodes_and_edges, structure_at, to_dot, to_mermaid
 from api.deps import AppState, Conn, State
 from api.errors import APIError
-from api.models import Cancelled, Dag, ErrorResponse, Result, Submitted, TaskList, Workflow, WorkflowList
-from controller import queries
+from api.models import (
+    Cancelled,
+    Dag,
+    ErrorResponse,
+    Result,
+    Revision,
+    Submitted,
+    Surgery,
+    SurgeryRequest,
+    TaskList,
+    Workflow,
+    WorkflowList,
+)
+from controller import queries, revisions
 from controller.store import known_task_types
 from controller.submit import submit
+from dagsmith.durations import parse_duration
 from dagsmith.validation import load_document, validate
 
 router = APIRouter(prefix="/v1/workflows", tags=["workflows"])
@@ -191,18 +204,96 @@ async def get_result(workflow_id: str, conn: Conn, principal: Reader) -> Result:
     "/{workflow_id}/dag",
     response_model=Dag,
     responses={**_ERRORS, 200: {"content": {"text/plain": {}}, "description": "JSON, or Mermaid/DOT text"}},
-    summary="The DAG with each node's status and reward (json, mermaid or dot)",
+    summary="The DAG with each node's status and reward (json, mermaid or dot), now or at a past revision",
 )
 async def get_dag(
-    workflow_id: str, conn: Conn, principal: Reader, format: Literal["json", "mermaid", "dot"] = "json"
+    workflow_id: str,
+    conn: Conn,
+    principal: Reader,
+    format: Literal["json", "mermaid", "dot"] = "json",
+    revision: Annotated[
+        int | None, Query(ge=0, le=100_000, description="Show this revision (default: current)")
+    ] = None,
 ) -> Any:
     row = await queries.get_workflow(conn, queries.parse_id(workflow_id), principal.namespace_filter)
-    graph = nodes_and_edges(await queries.dag_rows(conn, row.id))
+    if revision is None or revision == row.dag_revision:
+        graph = nodes_and_edges(await queries.dag_rows(conn, row.id))
+        shown = row.dag_revision
+    elif revision > row.dag_revision:
+        raise APIError(404, "not_found", f"workflow {row.id} has no revision {revision} (latest: {row.dag_revision})")
+    else:
+        diffs = [r.diff for r in await revisions.history(conn, row.id) if r.revision <= revision]
+        graph = structure_at(row.spec["spec"]["tasks"], diffs)
+        shown = revision
     if format == "mermaid":
         return PlainTextResponse(to_mermaid(graph))
     if format == "dot":
         return PlainTextResponse(to_dot(graph, row.name))
-    return Dag(workflow_id=str(row.id), revision=row.dag_revision, **graph)
+    return Dag(workflow_id=str(row.id), revision=shown, **graph)
+
+
+@router.get(
+    "/{workflow_id}/revisions",
+    response_model=list[Revision],
+    responses=_ERRORS,
+    summary="The DAG's history: every surgery, by whom, why, and what it changed",
+)
+async def list_revisions(workflow_id: str, conn: Conn, principal: Reader) -> list[Revision]:
+    row = await queries.get_workflow(conn, queries.parse_id(workflow_id), principal.namespace_filter)
+    return [
+        Revision(
+            revision=r.revision,
+            parent_revision=r.parent_revision,
+            actor=r.actor,
+            operation=r.operation,
+            task=r.task_name,
+            reason=r.reason,
+            diff=r.diff,
+            created_at=r.created_at,
+        )
+        for r in await revisions.history(conn, row.id)
+    ]
+
+
+@router.post(
+    "/{workflow_id}/surgery",
+    status_code=201,
+    response_model=Surgery,
+    responses={
+        **_ERRORS,
+        409: {"model": ErrorResponse, "description": "Not possible in the task's state (e.g. it is running)."},
+    },
+    summary="Change a workflow's DAG: retry a task (with edited params), replace its type, insert a task, skip",
+)
+async def surgery(workflow_id: str, body: SurgeryRequest, state: State, principal: Writer) -> Surgery:
+    wid = queries.parse_id(workflow_id)
+    try:
+        delay = parse_duration(body.delay) if body.delay else 0.0
+    except ValueError as exc:
+        raise APIError(422, "invalid_request", f"delay: {exc}") from exc
+    async with state.db.begin() as tx:
+        applied = await revisions.manual(
+            tx,
+            wid,
+            operation=body.op,
+            task_name=body.task,
+            actor=principal.actor,
+            namespaces=principal.namespace_filter,
+            now=time.time(),
+            params=body.params,
+            new_type=body.type,
+            name=body.name,
+            delay=delay,
+            message=body.reason,
+        )
+    return Surgery(
+        workflow_id=str(wid),
+        revision=applied.revision,
+        operation=applied.plan.operation.value,
+        task=body.task,
+        inserted_task_id=applied.inserted_id,
+        diff=applied.plan.diff,
+    )
 
 
 @router.get(

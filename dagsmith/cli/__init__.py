@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from dagsmith.cli import client_cmds, operator_cmds, services, token_cmds
+from dagsmith.cli import client_cmds, operator_cmds, services, surgery_cmds, token_cmds
 
 app = typer.Typer(
     name="dagsmith",
@@ -22,6 +22,7 @@ services.register(app)
 client_cmds.register(app)
 operator_cmds.register(app)
 token_cmds.register(app)
+surgery_cmds.register(app)
 
 
 def main() -> None:

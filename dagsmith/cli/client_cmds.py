@@ -191,6 +191,7 @@ def result(workflow_id: str, api: ApiOption = DEFAULT_API, token: TokenOption = 
 def dag(
     workflow_id: str,
     fmt: Annotated[str, typer.Option("--format", "-f", help="json, mermaid or dot")] = "mermaid",
+    revision: Annotated[int | None, typer.Option("--revision", help="Show a past revision")] = None,
     api: ApiOption = DEFAULT_API,
     token: TokenOption = None,
 ) -> None:
@@ -199,7 +200,7 @@ def dag(
         fail("--format must be json, mermaid or dot", 2)
     with Client(api, token=token) as client:
         try:
-            graph = client.dag(workflow_id, fmt)
+            graph = client.dag(workflow_id, fmt, revision)
         except ClientError as exc:
             handle(exc)
     if fmt == "json":

@@ -30,3 +30,17 @@ def test_up_down_up() -> None:
         assert {"workflows", "tasks"} <= tables(url)
     finally:
         drop_database(name)
+
+
+def test_migrations_match_the_schema_module(database: str) -> None:
+    """The tables the code queries (controller/schema.py) are exactly what the migrations create."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import create_engine
+
+    from controller.schema import metadata
+
+    engine = create_engine(database)
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+    engine.dispose()

@@ -1,0 +1,365 @@
+"""Applying a surgery plan in the current transaction, with its DAG revision row.
+
+The caller holds the workflow row lock (as every status-changing transaction does), so a surgery
+never races a reconciliation round; a crash mid-surgery rolls the whole change back.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from controller.store import Event, Events, Outcome, _json, ts
+from controller.surgery import Operation, Plan, SurgeryError, TaskSnapshot
+from dagsmith.errors import NotFound
+
+TERMINAL_WORKFLOW = ("succeeded", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class Applied:
+    revision: int
+    plan: Plan
+    inserted_id: int | None = None
+
+
+async def snapshot(conn: AsyncConnection, workflow_id: uuid.UUID, name: str) -> TaskSnapshot:
+    row = (
+        await conn.execute(
+            sa.text(
+                """
+                SELECT id, name, type, status, COALESCE(resolved_params, params) AS params, depends_on, spec,
+                       attempt, retries, max_retries
+                FROM tasks WHERE workflow_id = :w AND name = :n
+                """
+            ),
+            {"w": workflow_id, "n": name},
+        )
+    ).first()
+    if row is None:
+        raise NotFound(f"the workflow has no task named {name!r}")
+    return TaskSnapshot(
+        row.id,
+        row.name,
+        row.type,
+        row.status,
+        row.params or {},
+        list(row.depends_on),
+        row.spec,
+        row.attempt,
+        row.retries,
+        row.max_retries,
+    )
+
+
+async def task_names(conn: AsyncConnection, workflow_id: uuid.UUID) -> set[str]:
+    rows = await conn.execute(sa.text("SELECT name FROM tasks WHERE workflow_id = :w"), {"w": workflow_id})
+    return {r[0] for r in rows}
+
+
+async def apply(
+    conn: AsyncConnection,
+    workflow_id: uuid.UUID,
+    task: TaskSnapshot,
+    plan: Plan,
+    *,
+    actor: str,
+    reason: dict[str, Any],
+    now: float,
+    events: Events,
+    outcome: Outcome | None = None,
+) -> Applied:
+    """Apply ``plan`` to ``task``. ``outcome`` is the failed attempt that led here, if any."""
+    revision, workflow_status = (
+        await conn.execute(
+            sa.text(
+                """
+                UPDATE workflows SET dag_revision = dag_revision + 1, surgeries = surgeries + 1,
+                    inserted_tasks = inserted_tasks + :n, updated_at = now()
+                WHERE id = :w RETURNING dag_revision, status
+                """
+            ),
+            {"w": workflow_id, "n": plan.inserts},
+        )
+    ).one()
+    failed_attempt = _attempt_fields(outcome)
+    inserted_id = None
+    was_finished = task.status in ("failed", "cancelled")
+    match plan.operation:
+        case Operation.retry | Operation.reroute:
+            await conn.execute(
+                sa.text(
+                    f"""
+                    UPDATE tasks SET status = 'pending', retries = retries + 1, not_before = :nb,
+                        type = COALESCE(:type, type), params = COALESCE(CAST(:params AS jsonb), params),
+                        resolved_params = CASE WHEN :params IS NULL THEN resolved_params END,
+                        lease_expires_at = NULL, {failed_attempt}
+                    WHERE id = :id
+                    """
+                ),
+                {
+                    "id": task.id,
+                    "nb": ts(now + plan.delay) if plan.delay else None,
+                    "type": plan.new_type,
+                    "params": None if plan.params is None else _json(plan.params),
+                    **_outcome_values(outcome),
+                },
+            )
+            if was_finished:
+                await _revive_downstream(conn, task.id)
+        case Operation.insert:
+            assert plan.inserted is not None
+            inserted_id = await _insert_before(conn, workflow_id, task, plan.inserted, revision)
+            await conn.execute(
+                sa.text(
+                    f"""
+                    UPDATE tasks SET status = 'pending', retries = retries + 1, depends_on = ARRAY[:name],
+                        waiting_on = 1, refs = array_append(refs, :name), resolved_params = NULL,
+                        spec = spec || jsonb_build_object('repairedBy', :name), lease_expires_at = NULL,
+                        not_before = NULL, {failed_attempt}
+                    WHERE id = :id
+                    """
+                ),
+                {"id": task.id, "name": plan.inserted["name"], **_outcome_values(outcome)},
+            )
+            if was_finished:
+                await _revive_downstream(conn, task.id)
+        case Operation.skip:
+            if was_finished:
+                await _revive_downstream(conn, task.id)
+            await conn.execute(
+                sa.text(
+                    f"""
+                    UPDATE tasks SET status = 'skipped', output = CAST(:output AS jsonb), lease_expires_at = NULL,
+                        {failed_attempt}
+                    WHERE id = :id
+                    """
+                ),
+                {"id": task.id, "output": _json(plan.output), **_outcome_values(outcome, finished=now)},
+            )
+            await conn.execute(
+                sa.text(
+                    "UPDATE tasks SET waiting_on = waiting_on - 1 "
+                    "WHERE id = ANY(SELECT unnest(children) FROM tasks WHERE id = :id)"
+                ),
+                {"id": task.id},
+            )
+        case Operation.abort:
+            await conn.execute(
+                sa.text(
+                    f"UPDATE tasks SET status = 'failed', lease_expires_at = NULL, {failed_attempt} WHERE id = :id"
+                ),
+                {"id": task.id, **_outcome_values(outcome, finished=now)},
+            )
+    if was_finished and workflow_status in TERMINAL_WORKFLOW and plan.operation != Operation.abort:
+        await conn.execute(
+            sa.text(
+                "UPDATE workflows SET status = 'running', finished_at = NULL, error = NULL, output = NULL, "
+                "cancel_requested = false WHERE id = :w"
+            ),
+            {"w": workflow_id},
+        )
+        events.add(
+            Event(workflow_id, "running", from_status=workflow_status, reason=f"revived by surgery r{revision}", at=now)
+        )
+    await conn.execute(
+        sa.text(
+            """
+            INSERT INTO dag_revisions
+                (workflow_id, revision, parent_revision, actor, operation, task_name, reason, diff)
+            VALUES (:w, :r, :p, :actor, :op, :task, CAST(:reason AS jsonb), CAST(:diff AS jsonb))
+            """
+        ),
+        {
+            "w": workflow_id,
+            "r": revision,
+            "p": revision - 1,
+            "actor": actor,
+            "op": plan.operation.value,
+            "task": task.name,
+            "reason": _json(reason),
+            "diff": _json(plan.diff),
+        },
+    )
+    to_status = {Operation.skip: "skipped", Operation.abort: "failed"}.get(plan.operation, "pending")
+    events.add(
+        Event(
+            workflow_id,
+            to_status,
+            task.id,
+            task.name,
+            task.attempt,
+            task.status,
+            at=now,
+            reason=f"surgery r{revision}: {plan.operation.value} by {actor}",
+            data={
+                "revision": revision,
+                "operation": plan.operation.value,
+                "actor": actor,
+                "reason": reason,
+                "diff": plan.diff,
+            },
+        )
+    )
+    return Applied(revision, plan, inserted_id)
+
+
+def _attempt_fields(outcome: Outcome | None) -> str:
+    """SET clauses that record the failed attempt on the task (nothing for a manual surgery)."""
+    if outcome is None:
+        return "finished_at = COALESCE(to_timestamp(CAST(:finished AS float8)), finished_at)"
+    return (
+        "error = CAST(:error AS jsonb), reward = :reward, feedback_notes = CAST(:feedback AS jsonb), "
+        "executor_id = COALESCE(:executor, executor_id), finished_at = to_timestamp(CAST(:finished AS float8)), "
+        "started_at = COALESCE(to_timestamp(CAST(:started AS float8)), started_at)"
+    )
+
+
+def _outcome_values(outcome: Outcome | None, finished: float | None = None) -> dict[str, Any]:
+    if outcome is None:
+        return {"finished": finished}
+    return {
+        "error": None if outcome.error is None else _json(outcome.error),
+        "reward": outcome.reward,
+        "feedback": None if outcome.feedback is None else _json(outcome.feedback),
+        "executor": outcome.executor_id,
+        "finished": outcome.finished_at,
+        "started": outcome.started_at,
+    }
+
+
+async def _insert_before(
+    conn: AsyncConnection, workflow_id: uuid.UUID, task: TaskSnapshot, inserted: dict[str, Any], revision: int
+) -> int:
+    new_id = (await conn.execute(sa.text("SELECT nextval(pg_get_serial_sequence('tasks', 'id'))"))).scalar_one()
+    spec = {
+        "name": inserted["name"],
+        "type": inserted["type"],
+        "params": inserted["params"],
+        "dependsOn": task.depends_on,
+        "insertedBefore": task.name,
+    }
+    await conn.execute(
+        sa.text(
+            """
+            INSERT INTO tasks (id, workflow_id, name, type, spec, params, depends_on, children, refs, waiting_on,
+                               inserted_by_revision)
+            SELECT :id, :w, :name, :type, CAST(:spec AS jsonb), CAST(:params AS jsonb), CAST(:deps AS text[]),
+                   ARRAY[CAST(:child AS bigint)], '{}',
+                   (SELECT count(*) FROM tasks p WHERE p.workflow_id = :w AND p.name = ANY(CAST(:deps AS text[]))
+                    AND p.status NOT IN ('succeeded', 'skipped')),
+                   :rev
+            """
+        ),
+        {
+            "id": new_id,
+            "w": workflow_id,
+            "name": inserted["name"],
+            "type": inserted["type"],
+            "spec": _json(spec),
+            "params": _json(inserted["params"]),
+            "deps": task.depends_on,
+            "child": task.id,
+            "rev": revision,
+        },
+    )
+    # The failed task's parents now point at the inserted task instead.
+    await conn.execute(
+        sa.text(
+            "UPDATE tasks SET children = array_replace(children, CAST(:old AS bigint), CAST(:new AS bigint)) "
+            "WHERE workflow_id = :w AND name = ANY(CAST(:deps AS text[]))"
+        ),
+        {"w": workflow_id, "old": task.id, "new": new_id, "deps": task.depends_on},
+    )
+    return int(new_id)
+
+
+async def _revive_downstream(conn: AsyncConnection, task_id: int) -> None:
+    """A finished task runs again: tasks cancelled downstream of it become pending again."""
+    await conn.execute(
+        sa.text(
+            """
+            WITH RECURSIVE down(id) AS (
+                SELECT unnest(children) FROM tasks WHERE id = :id
+                UNION
+                SELECT unnest(t.children) FROM tasks t JOIN down d ON t.id = d.id
+            )
+            UPDATE tasks t SET status = 'pending', finished_at = NULL,
+                waiting_on = (SELECT count(*) FROM tasks p WHERE p.workflow_id = t.workflow_id
+                              AND p.name = ANY(t.depends_on) AND p.status NOT IN ('succeeded', 'skipped'))
+            WHERE t.id IN (SELECT id FROM down) AND t.status = 'cancelled'
+            """
+        ),
+        {"id": task_id},
+    )
+
+
+async def manual(
+    conn: AsyncConnection,
+    workflow_id: uuid.UUID,
+    *,
+    operation: str,
+    task_name: str,
+    actor: str,
+    namespaces: list[str] | None,
+    now: float,
+    params: dict[str, Any] | None = None,
+    new_type: str | None = None,
+    name: str | None = None,
+    delay: float = 0.0,
+    message: str = "",
+) -> Applied:
+    """A surgery a user asked for. Manual surgeries are recorded (and counted) like the policy's,
+    but the correction budgets do not block them: a person decided."""
+    from controller import store
+    from controller.db import CHANNEL_WORKFLOWS
+    from controller.queries import get_workflow
+    from controller.surgery import insert_before, reroute, retry, skip
+
+    await get_workflow(conn, workflow_id, namespaces)  # 404 for workflows the caller cannot see
+    await store.lock_workflows(conn, [workflow_id])
+    task = await snapshot(conn, workflow_id, task_name)
+    if operation == "retry":
+        merged = {**task.params, **params} if params else None
+        plan = retry(task, delay=delay, params=merged, manual=True)
+    elif operation == "replace":
+        if not new_type:
+            raise SurgeryError("replace needs the new task type")
+        plan = reroute(task, new_type, manual=True)
+    elif operation == "insert":
+        if not new_type:
+            raise SurgeryError("insert needs the type of the task to insert")
+        plan = insert_before(
+            task,
+            task_type=new_type,
+            existing=await task_names(conn, workflow_id),
+            params=params,
+            name=name,
+            manual=True,
+        )
+    elif operation == "skip":
+        plan = skip(task, manual=True)
+    else:
+        raise SurgeryError(f"unknown operation {operation!r}: use retry, replace, insert or skip")
+    events = Events()
+    applied = await apply(
+        conn, workflow_id, task, plan, actor=actor, reason={"by": actor, "message": message}, now=now, events=events
+    )
+    await store.insert_events(conn, events)
+    await conn.execute(sa.select(sa.func.pg_notify(CHANNEL_WORKFLOWS, str(workflow_id))))
+    return applied
+
+
+async def history(conn: AsyncConnection, workflow_id: uuid.UUID) -> list[Any]:
+    rows = await conn.execute(
+        sa.text(
+            "SELECT revision, parent_revision, actor, operation, task_name, reason, diff, created_at "
+            "FROM dag_revisions WHERE workflow_id = :w ORDER BY revision"
+        ),
+        {"w": workflow_id},
+    )
+    return list(rows)

@@ -1,0 +1,239 @@
+"""DAG surgery, planned as data: what changes, checked against the graph and the budgets.
+
+Five operations, each applied by :mod:`controller.revisions` in one transaction that also writes a
+DAG revision row (actor, reason, diff):
+
+- ``retry``   — a new attempt, optionally after a delay and with changed params;
+- ``reroute`` — the same task on another capability (task type), then a new attempt;
+- ``insert``  — a new task *before* the failed one (it takes over the failed task's dependencies,
+  and the failed task then depends on it alone; its output is merged over the failed task's
+  params), then a new attempt;
+- ``skip``    — the task is skipped and its spec's ``default`` becomes its output (optional tasks
+  only); its dependents run;
+- ``abort``   — the workflow fails, and whatever runs is cancelled.
+
+None of them can create a cycle: an inserted task has the failed task's dependencies and the
+failed task as its only dependent, so every path through it existed before.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from dagsmith.errors import DagsmithError
+from dagsmith.spec import TASK_NAME_PATTERN, TASK_TYPE_PATTERN, CorrectionSpec
+
+
+class SurgeryError(DagsmithError):
+    """A surgery that cannot be applied; the message says why."""
+
+
+class SurgeryConflict(SurgeryError):
+    """The surgery is fine but not in the task's current state (e.g. it is running)."""
+
+
+class Operation(StrEnum):
+    retry = "retry"
+    reroute = "reroute"
+    insert = "insert"
+    skip = "skip"
+    abort = "abort"
+
+
+# A task in these states can be operated on. Policy decisions happen while the failing attempt is
+# still in flight; users operate on failed, cancelled or not-yet-started tasks.
+OPERABLE = {"pending", "queued", "running", "failed", "cancelled"}
+MANUAL_OPERABLE = {"pending", "failed", "cancelled"}
+
+
+@dataclass(frozen=True)
+class TaskSnapshot:
+    """What planning needs to know about the task operated on."""
+
+    id: int
+    name: str
+    type: str
+    status: str
+    params: dict[str, Any]
+    depends_on: list[str]
+    spec: dict[str, Any]
+    attempt: int = 0
+    retries: int = 0
+    max_retries: int = 0
+
+    @property
+    def optional(self) -> bool:
+        return bool(self.spec.get("optional"))
+
+
+@dataclass(frozen=True)
+class Plan:
+    operation: Operation
+    task: str
+    delay: float = 0.0
+    params: dict[str, Any] | None = None  # new params (retry with params)
+    new_type: str | None = None  # reroute
+    inserted: dict[str, Any] | None = None  # insert: {"name", "type", "params"}
+    output: Any = None  # skip: the output the task gets
+    diff: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def inserts(self) -> int:
+        return 1 if self.inserted else 0
+
+
+def _check_operable(task: TaskSnapshot, manual: bool) -> None:
+    allowed = MANUAL_OPERABLE if manual else OPERABLE
+    if task.status not in allowed:
+        hint = " (wait for it to finish, or cancel the workflow)" if task.status in ("queued", "running") else ""
+        raise SurgeryConflict(f"task {task.name!r} is {task.status}: it cannot be operated on now{hint}")
+
+
+def retry(
+    task: TaskSnapshot, *, delay: float = 0.0, params: dict[str, Any] | None = None, manual: bool = False
+) -> Plan:
+    _check_operable(task, manual)
+    if delay < 0:
+        raise SurgeryError("delay cannot be negative")
+    diff: list[dict[str, Any]] = []
+    if params is not None and params != task.params:
+        diff.append({"op": "set", "task": task.name, "field": "params", "old": task.params, "new": params})
+    diff.append({"op": "status", "task": task.name, "to": "pending", "delay": delay})
+    return Plan(Operation.retry, task.name, delay=delay, params=params, diff=diff)
+
+
+def reroute(task: TaskSnapshot, new_type: str, *, manual: bool = False) -> Plan:
+    _check_operable(task, manual)
+    if not re.match(TASK_TYPE_PATTERN, new_type):
+        raise SurgeryError(f"{new_type!r} is not a task type (e.g. 'text.upper')")
+    if new_type == task.type:
+        raise SurgeryError(f"task {task.name!r} already runs as {new_type!r}")
+    diff = [
+        {"op": "set", "task": task.name, "field": "type", "old": task.type, "new": new_type},
+        {"op": "status", "task": task.name, "to": "pending"},
+    ]
+    return Plan(Operation.reroute, task.name, new_type=new_type, diff=diff)
+
+
+def insert_before(
+    task: TaskSnapshot,
+    *,
+    task_type: str,
+    existing: set[str],
+    params: dict[str, Any] | None = None,
+    name: str | None = None,
+    manual: bool = False,
+) -> Plan:
+    """A new task between the failed task and its dependencies; by default it gets the failed
+    task's (resolved) params, which is the contract of repair task types."""
+    _check_operable(task, manual)
+    if not re.match(TASK_TYPE_PATTERN, task_type):
+        raise SurgeryError(f"{task_type!r} is not a task type")
+    if name is None:
+        n = 1
+        while f"{task.name}_repair{n}" in existing:
+            n += 1
+        name = f"{task.name}_repair{n}"
+    if not re.match(TASK_NAME_PATTERN, name):
+        raise SurgeryError(f"{name!r} is not a valid task name (letters, digits and _; at most 63)")
+    if name in existing:
+        raise SurgeryError(f"a task named {name!r} already exists")
+    inserted: dict[str, Any] = {
+        "name": name,
+        "type": task_type,
+        "params": dict(task.params if params is None else params),
+    }
+    diff: list[dict[str, Any]] = [
+        {"op": "add", "task": {**inserted, "dependsOn": list(task.depends_on)}, "before": task.name},
+        {"op": "set", "task": task.name, "field": "dependsOn", "old": list(task.depends_on), "new": [name]},
+        {"op": "status", "task": task.name, "to": "pending"},
+    ]
+    return Plan(Operation.insert, task.name, inserted=inserted, diff=diff)
+
+
+def skip(task: TaskSnapshot, *, manual: bool = False) -> Plan:
+    _check_operable(task, manual)
+    if not task.optional:
+        raise SurgeryError(
+            f"task {task.name!r} is not optional: only tasks marked optional (with a default) are skipped"
+        )
+    output = task.spec.get("default")
+    return Plan(Operation.skip, task.name, output=output, diff=[{"op": "status", "task": task.name, "to": "skipped"}])
+
+
+def abort(task: TaskSnapshot) -> Plan:
+    return Plan(Operation.abort, task.name, diff=[{"op": "abort", "task": task.name}])
+
+
+def tune(params: dict[str, Any], tunable: dict[str, str]) -> dict[str, Any] | None:
+    """Apply an executor's declared tuning (``"x2"``, ``"/2"``, ``"+10"``) to the params it names.
+
+    Returns the new params, or None if nothing applies (no tunable param present, or not a number).
+    """
+    tuned = dict(params)
+    changed = False
+    for key, rule in tunable.items():
+        value = params.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        match = re.fullmatch(r"\s*([x*/+-])\s*([0-9.]+)\s*", rule)
+        if not match:
+            continue
+        op, amount = match.group(1), float(match.group(2))
+        new = {
+            "x": value * amount,
+            "*": value * amount,
+            "/": value / amount if amount else value,
+            "+": value + amount,
+            "-": value - amount,
+        }[op]
+        tuned[key] = int(new) if isinstance(value, int) and float(new).is_integer() else new
+        changed = changed or tuned[key] != value
+    return tuned if changed else None
+
+
+def over_budget(
+    correction: CorrectionSpec,
+    *,
+    surgeries: int,
+    inserted: int,
+    elapsed: float,
+    task_seconds: float,
+    plan: Plan | None = None,
+) -> str | None:
+    """Why no further surgery is allowed on this workflow, or None."""
+    if surgeries >= correction.max_surgeries:
+        return f"the workflow used its {correction.max_surgeries} surgeries (spec.correction.maxSurgeries)"
+    if plan is not None and plan.inserts and inserted + plan.inserts > correction.max_inserted_tasks:
+        return (
+            f"inserting would exceed {correction.max_inserted_tasks} inserted tasks (spec.correction.maxInsertedTasks)"
+        )
+    if correction.time_budget is not None and elapsed > correction.time_budget:
+        return (
+            f"the workflow ran longer than its time budget of {correction.time_budget:g}s (spec.correction.timeBudget)"
+        )
+    if correction.task_seconds_budget is not None and task_seconds > correction.task_seconds_budget:
+        return (
+            f"tasks ran {task_seconds:.1f}s, over the budget of {correction.task_seconds_budget:g}s "
+            "(spec.correction.taskSecondsBudget)"
+        )
+    return None
+
+
+def replay(tasks: list[dict[str, Any]], diffs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The DAG's structure after applying revision diffs in order to the submitted tasks."""
+    out = [dict(t) for t in tasks]
+    by_name = {t["name"]: t for t in out}
+    for diff in diffs:
+        for op in diff:
+            if op["op"] == "add":
+                new = dict(op["task"])
+                index = next((i for i, t in enumerate(out) if t["name"] == op.get("before")), len(out))
+                out.insert(index, new)
+                by_name[new["name"]] = new
+            elif op["op"] == "set":
+                by_name[op["task"]][op["field"]] = op["new"]
+    return out

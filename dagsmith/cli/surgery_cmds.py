@@ -1,0 +1,123 @@
+"""``dagsmith surgery`` and ``dagsmith history``: change a running (or failed) workflow's DAG."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import orjson
+import typer
+import yaml
+from rich.table import Table
+
+from dagsmith.cli.client_cmds import DEFAULT_API, ApiOption, TokenOption, console, fail, handle, out
+from dagsmith.client import Client, ClientError
+
+OPERATIONS = ("retry", "replace", "insert", "skip")
+
+
+def _params(pairs: list[str], raw: str | None) -> dict[str, Any] | None:
+    params: dict[str, Any] = {}
+    if raw:
+        try:
+            loaded = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            fail(f"--params is not JSON: {exc}", 2)
+        if not isinstance(loaded, dict):
+            fail("--params must be a JSON object", 2)
+        params.update(loaded)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            fail(f"--param {pair!r} must look like key=value", 2)
+        params[key] = yaml.safe_load(value) if value else ""  # 3 -> 3, true -> True, text -> "text"
+    return params or None
+
+
+def surgery(
+    workflow_id: Annotated[str, typer.Argument(help="Workflow id")],
+    operation: Annotated[str, typer.Argument(help="retry | replace | insert | skip")],
+    task: Annotated[str, typer.Argument(help="The task to operate on")],
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="key=value (repeatable)")] = None,
+    params: Annotated[str | None, typer.Option("--params", help="params as a JSON object")] = None,
+    task_type: Annotated[str | None, typer.Option("--type", "-t", help="replace: new type; insert: its type")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="insert: the new task's name")] = None,
+    delay: Annotated[str | None, typer.Option("--delay", help="retry: wait first, e.g. 30s")] = None,
+    reason: Annotated[str, typer.Option("--reason", "-r", help="Why (kept in the history)")] = "",
+    api: ApiOption = DEFAULT_API,
+    token: TokenOption = None,
+) -> None:
+    """Change a workflow's DAG. Examples:
+
+    dagsmith surgery ID retry shout --param text='try again'    (re-run a step with edited inputs)
+
+    dagsmith surgery ID replace parse --type json.repair        (run a task on another capability)
+
+    dagsmith surgery ID insert parse --type text.clean          (add a repair step before a task)
+
+    dagsmith surgery ID skip enrich                             (skip an optional task)
+    """
+    if operation not in OPERATIONS:
+        fail(f"operation must be one of {', '.join(OPERATIONS)}", 2)
+    body: dict[str, Any] = {"op": operation, "task": task, "reason": reason}
+    merged = _params(param or [], params)
+    if merged is not None:
+        body["params"] = merged
+    if task_type:
+        body["type"] = task_type
+    if name:
+        body["name"] = name
+    if delay:
+        body["delay"] = delay
+    with Client(api, token=token) as client:
+        try:
+            done = client.surgery(workflow_id, body)
+        except ClientError as exc:
+            handle(exc)
+    console.print(f"revision {done['revision']}: {done['operation']} {done['task']}", highlight=False)
+    for change in done["diff"]:
+        console.print(f"  {_describe(change)}", highlight=False)
+
+
+def _describe(change: dict[str, Any]) -> str:
+    if change["op"] == "set":
+        return f"{change['task']}.{change['field']}: {change['old']!r} → {change['new']!r}"
+    if change["op"] == "add":
+        t = change["task"]
+        return f"+ {t['name']} ({t['type']}) before {change.get('before')}"
+    if change["op"] == "status":
+        return f"{change['task']} → {change['to']}"
+    return str(change)
+
+
+def history(
+    workflow_id: Annotated[str, typer.Argument(help="Workflow id")],
+    api: ApiOption = DEFAULT_API,
+    token: TokenOption = None,
+) -> None:
+    """Show a workflow's DAG revisions: every surgery, by whom, why, what changed."""
+    with Client(api, token=token) as client:
+        try:
+            items = client.revisions(workflow_id)
+        except ClientError as exc:
+            handle(exc)
+    if not items:
+        console.print("no surgery yet: the DAG is as submitted (revision 0)")
+        return
+    table = Table("REV", "WHEN", "ACTOR", "OPERATION", "TASK", "WHY", "CHANGES")
+    for r in items:
+        why = r["reason"].get("message") or r["reason"].get("error_class") or ""
+        table.add_row(
+            str(r["revision"]),
+            str(r["created_at"])[:19],
+            r["actor"],
+            r["operation"],
+            r["task"],
+            str(why)[:40],
+            "; ".join(_describe(c) for c in r["diff"])[:80],
+        )
+    out.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(rich_help_panel="Client")(surgery)
+    app.command(rich_help_panel="Client")(history)

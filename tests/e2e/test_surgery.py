@@ -1,0 +1,129 @@
+"""DAG surgery by hand, over the API and the CLI: re-run with edited inputs, repair, reroute, skip."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from dagsmith.client import Client, ClientError
+from dagsmith.settings import Settings
+from tests.e2e.conftest import pg, submit, wait_finished, workflow
+from tests.support.stack import Stack
+
+pytestmark = pytest.mark.e2e
+
+OFF = {"mode": "off"}  # these tests drive surgery by hand; the policy stays out of the way
+
+
+def failed(client: Client, doc: dict[str, Any]) -> str:
+    wid = submit(client, doc)
+    assert wait_finished(client, wid)["status"] == "failed"
+    return wid
+
+
+def test_retry_with_edited_params_revives_a_failed_workflow(client: Client, settings: Settings) -> None:
+    doc = workflow(
+        "rerun",
+        {"name": "flaky", "type": "chaos.fail", "params": {"class": "permanent", "output": {"v": 7}}},
+        {"name": "after", "type": "echo", "dependsOn": ["flaky"], "params": {"v": "{{ tasks.flaky.output.v }}"}},
+        {"name": "side", "type": "noop"},
+        correction=OFF,
+        output="{{ tasks.after.output.v }}",
+    )
+    wid = failed(client, doc)
+    tasks = {t["name"]: t for t in client.tasks(wid)["items"]}
+    assert tasks["after"]["status"] == "cancelled"
+
+    done = client.surgery(wid, {"op": "retry", "task": "flaky", "params": {"probability": 0}, "reason": "stop failing"})
+    assert done["revision"] == 1
+    assert done["diff"][0]["field"] == "params" and done["diff"][0]["new"]["probability"] == 0
+    wf = wait_finished(client, wid)
+    assert wf["status"] == "succeeded"
+    assert wf["dag_revision"] == 1
+    assert client.result(wid)["output"] == 7
+    tasks = {t["name"]: t for t in client.tasks(wid)["items"]}
+    assert tasks["flaky"]["attempt"] == 2
+    assert tasks["side"]["attempt"] == 1  # untouched tasks did not run again
+    (rev,) = client.revisions(wid)
+    assert rev["actor"] == "user:admin" and rev["operation"] == "retry" and rev["reason"]["message"] == "stop failing"
+    with pg(settings) as conn:
+        (n,) = conn.execute("SELECT surgeries FROM workflows WHERE id = %s", (wid,)).fetchone()  # type: ignore[misc]
+    assert n == 1
+
+
+def test_insert_a_repair_task_before_a_failed_one(client: Client) -> None:
+    doc = workflow(
+        "repair",
+        {"name": "parse", "type": "json.parse", "params": {"text": "{'answer': 42,}"}},
+        correction=OFF,
+        output="{{ tasks.parse.output.value }}",
+    )
+    wid = failed(client, doc)
+    assert client.tasks(wid)["items"][0]["error"]["class"] == "invalid_input"
+    done = client.surgery(wid, {"op": "insert", "task": "parse", "type": "json.repair"})
+    assert done["diff"][0]["task"]["name"] == "parse_repair1"
+    assert wait_finished(client, wid)["status"] == "succeeded"
+    assert client.result(wid)["output"] == {"answer": 42}
+    graph = client.dag(wid)
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    assert nodes["parse_repair1"]["inserted"] is True and nodes["parse"]["inserted"] is False
+    assert {(e["from"], e["to"]) for e in graph["edges"]} == {("parse_repair1", "parse")}
+    before = client.dag(wid, revision=0)
+    assert [n["id"] for n in before["nodes"]] == ["parse"] and before["edges"] == []
+    assert "✚ inserted" in client.dag(wid, "mermaid")
+
+
+def test_replace_a_task_type(client: Client) -> None:
+    doc = workflow("reroute", {"name": "t", "type": "chaos.fail", "params": {"class": "unavailable"}}, correction=OFF)
+    wid = failed(client, doc)
+    client.surgery(wid, {"op": "replace", "task": "t", "type": "echo"})
+    assert wait_finished(client, wid)["status"] == "succeeded"
+    (node,) = client.dag(wid)["nodes"]
+    assert node["type"] == "echo" and node["rerouted"] is True
+
+
+def test_skip_an_optional_task_gives_its_default(client: Client) -> None:
+    doc = workflow(
+        "skippy",
+        {"name": "enrich", "type": "chaos.fail", "params": {"class": "permanent"}, "optional": True,
+         "default": {"score": 0.5}},
+        {"name": "use", "type": "echo", "dependsOn": ["enrich"], "params": {"s": "{{ tasks.enrich.output.score }}"}},
+        correction=OFF,
+    )
+    wid = failed(client, doc)
+    client.surgery(wid, {"op": "skip", "task": "enrich", "reason": "enrichment is best-effort"})
+    assert wait_finished(client, wid)["status"] == "succeeded"
+    tasks = {t["name"]: t for t in client.tasks(wid)["items"]}
+    assert tasks["enrich"]["status"] == "skipped" and tasks["enrich"]["output"] == {"score": 0.5}
+    assert tasks["use"]["output"] == {"s": 0.5}
+
+
+def test_refusals_are_clear(client: Client, stack: Stack) -> None:
+    wid = failed(client, workflow("refuse", {"name": "t", "type": "chaos.fail", "params": {"class": "permanent"}},
+                                  correction=OFF))
+    cases = [
+        ({"op": "skip", "task": "t"}, 422, "not optional"),
+        ({"op": "retry", "task": "nope"}, 404, "no task named 'nope'"),
+        ({"op": "replace", "task": "t", "type": "Bad Type"}, 422, "not a task type"),
+        ({"op": "insert", "task": "t"}, 422, "needs the type"),
+    ]
+    for body, status, fragment in cases:
+        with pytest.raises(ClientError) as info:
+            client.surgery(wid, body)
+        assert info.value.status == status, body
+        assert fragment in info.value.message
+    running = submit(client, workflow("busy", {"name": "s", "type": "sleep", "params": {"seconds": 30}}))
+    from tests.support.wait import wait_until
+
+    wait_until(lambda: client.workflow(running)["progress"]["running"] == 1, timeout=20, what="the sleep to start")
+    with pytest.raises(ClientError) as info:
+        client.surgery(running, {"op": "retry", "task": "s"})
+    assert info.value.status == 409 and "running" in info.value.message
+    client.cancel(running)
+    outsider = client.create_token("surgeon-elsewhere", ["write"], ["elsewhere"])["token"]
+    with stack.client(outsider) as other:
+        with pytest.raises(ClientError) as info:
+            other.surgery(wid, {"op": "retry", "task": "t"})
+        assert info.value.status == 404
+    assert client.revisions(wid) == []  # nothing was half-applied by any refusal
