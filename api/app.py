@@ -7,9 +7,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import structlog
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 
 import dagsmith
@@ -30,6 +31,38 @@ REQUEST_SECONDS = Histogram(
 )
 
 
+_QUERY_NAMES: dict[int, frozenset[str]] = {}
+
+
+def _query_names(route: APIRoute) -> frozenset[str]:
+    cached = _QUERY_NAMES.get(id(route))
+    if cached is not None:
+        return cached
+    names: set[str] = set()
+    pending = [route.dependant]
+    while pending:
+        dependant = pending.pop()
+        names.update(p.alias for p in dependant.query_params)
+        pending.extend(dependant.dependencies)
+    _QUERY_NAMES[id(route)] = frozenset(names)
+    return _QUERY_NAMES[id(route)]
+
+
+async def reject_unknown_query(request: Request) -> None:
+    """A misspelt filter (``?stauts=failed``) must not silently return everything: 422."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    unknown = set(request.query_params) - _query_names(route)
+    if unknown:
+        raise errors.APIError(
+            422,
+            "invalid_request",
+            f"unknown query parameter(s): {', '.join(sorted(unknown))}",
+            {"allowed": sorted(_query_names(route))},
+        )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -48,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await db.dispose()
 
     app = FastAPI(
+        dependencies=[Depends(reject_unknown_query)],
         title="Dagsmith",
         version=dagsmith.__version__,
         description="Submit workflow DAGs, watch them run, fetch their results.",
@@ -60,6 +94,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        raw_target = (request.scope.get("raw_path") or b"") + b"?" + (request.scope.get("query_string") or b"")
+        if b"%00" in raw_target.lower() or b"\x00" in raw_target:
+            # Postgres cannot store or compare text with NUL in it; refuse it at the door.
+            return JSONResponse(
+                errors.error_body("invalid_request", "NUL characters (%00) are not allowed in the path or query"),
+                status_code=422,
+            )
         length = request.headers.get("content-length")
         limit = settings.max_body_bytes
         if length is not None and length.isdigit() and int(length) > limit:

@@ -71,7 +71,9 @@ class TaskSpec(_Model):
         None, description="JSON Schema the evaluator checks the task's output against."
     )
     # Room for Correction Mode: what a failing task may be rerouted to, or skipped with.
-    fallback: list[str] = Field(default_factory=list, description="Capabilities to reroute to.")
+    fallback: list[Annotated[str, Field(pattern=TASK_TYPE_PATTERN, max_length=100)]] = Field(
+        default_factory=list, description="Capabilities to reroute to."
+    )
     optional: bool = False
     default: Any = None
     secrets: list[str] = Field(
@@ -83,16 +85,6 @@ class TaskSpec(_Model):
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
-
-    @field_validator("fallback")
-    @classmethod
-    def _fallback_types(cls, value: list[str]) -> list[str]:
-        import re
-
-        for item in value:
-            if not re.match(TASK_TYPE_PATTERN, item):
-                raise ValueError(f"fallback {item!r} is not a task type (e.g. 'text.upper')")
-        return value
 
 
 class CorrectionMode(StrEnum):

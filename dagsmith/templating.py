@@ -106,13 +106,27 @@ class References:
     params: frozenset[str]
 
 
-@lru_cache(maxsize=4096)
-def references(template: str) -> References:
-    """The task names and workflow params a template refers to. Raises TemplateError on bad syntax."""
+def _parse(template: str) -> nodes.Template:
+    """Parse, allowing only ``{{ expressions }}`` (and comments): no ``{% for %}``, ``{% set %}``,
+    macros or other statements. Expressions are linear in their input (ranges and built sequences
+    are capped), so a template can never loop for ever inside the controller."""
     try:
         tree = environment().parse(template)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateError(f"template syntax error: {exc.message} (line {exc.lineno})") from exc
+    for node in tree.body:
+        if not isinstance(node, nodes.Output):
+            raise TemplateError(
+                f"templates may only contain {{{{ expressions }}}}; {{% {type(node).__name__.lower()} %}} "
+                "blocks are not supported"
+            )
+    return tree
+
+
+@lru_cache(maxsize=4096)
+def references(template: str) -> References:
+    """The task names and workflow params a template refers to. Raises TemplateError on bad syntax."""
+    tree = _parse(template)
     tasks: set[str] = set()
     params: set[str] = set()
     for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
@@ -143,7 +157,8 @@ def value_references(value: Any) -> frozenset[str]:
 
 @lru_cache(maxsize=4096)
 def _compile(template: str) -> jinja2.Template:
-    return environment().from_string(template)
+    env = environment()
+    return env.from_string(_parse(template))
 
 
 def render(value: Any, context: dict[str, Any], *, max_bytes: int, path: str = "") -> Any:

@@ -30,6 +30,8 @@ class Limits:
     max_tasks: int = 50_000
     max_params_bytes: int = 65_536
     max_dependencies: int = 10_000
+    max_depth: int = 64  # nesting of objects and lists anywhere in the document
+    max_nodes: int = 5_000_000  # values in the whole document (a 50,000-task spec has ~1M)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,13 @@ class ValidatedWorkflow:
 
 def load_document(body: bytes | str, content_type: str = "") -> Any:
     """Parse JSON or YAML text into plain data. Raises SpecError for unparseable text."""
+    try:
+        return _load(body, content_type)
+    except RecursionError:
+        raise SpecError([_problem("", "the document is nested too deeply to parse", "limit")]) from None
+
+
+def _load(body: bytes | str, content_type: str) -> Any:
     text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
     if "json" in content_type:
         try:
@@ -68,6 +77,9 @@ def validate(raw: Any, limits: Limits = Limits(), known_types: Iterable[str] | N
     """Validate a parsed document. Raises SpecError listing every problem; returns the checked workflow."""
     if not isinstance(raw, Mapping):
         raise SpecError([_problem("", "a workflow document must be an object", "type")])
+    shape = _shape_problem(raw, limits)
+    if shape is not None:
+        raise SpecError([shape])
     tasks_raw = raw.get("spec", {}).get("tasks") if isinstance(raw.get("spec"), Mapping) else None
     if isinstance(tasks_raw, list) and len(tasks_raw) > limits.max_tasks:
         raise SpecError(
@@ -107,6 +119,39 @@ def validate(raw: Any, limits: Limits = Limits(), known_types: Iterable[str] | N
                     )
                 )
     return ValidatedWorkflow(doc, order, refs, children, warnings)
+
+
+def _shape_problem(raw: Any, limits: Limits) -> Problem | None:
+    """Depth, size, 64-bit integers and aliases (YAML anchors can build shared or cyclic
+    structures), checked without recursion, before any other validation looks at the document."""
+    stack: list[tuple[Any, int, str]] = [(raw, 1, "")]
+    seen = 0
+    containers: set[int] = set()
+    while stack:
+        value, depth, path = stack.pop()
+        seen += 1
+        if seen > limits.max_nodes:
+            return _problem("", f"the document has more than {limits.max_nodes} values", "limit")
+        if depth > limits.max_depth:
+            return _problem(path, f"nested more than {limits.max_depth} levels deep", "limit")
+        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+            return _problem(path, f"the integer {value} does not fit in 64 bits", "type")
+        if isinstance(value, str) and "\x00" in value:
+            return _problem(path, "contains a NUL character (\\u0000), which cannot be stored", "type")
+        if isinstance(value, dict | list):
+            if id(value) in containers:
+                # Reachable twice: plain JSON and YAML without anchors never produce that.
+                return _problem(
+                    path, "the document repeats itself through YAML anchors/aliases (not supported)", "alias"
+                )
+            containers.add(id(value))
+            if isinstance(value, dict):
+                if any("\x00" in str(key) for key in value):
+                    return _problem(path, "a key contains a NUL character (\\u0000), which cannot be stored", "type")
+                stack.extend((child, depth + 1, f"{path}.{key}" if path else str(key)) for key, child in value.items())
+            else:
+                stack.extend((child, depth + 1, f"{path}[{i}]") for i, child in enumerate(value))
+    return None
 
 
 def _problem(path: str, message: str, code: str) -> Problem:

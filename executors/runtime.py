@@ -72,7 +72,17 @@ async def execute(
         else:
             call = asyncio.to_thread(spec.handler, params, ctx)
         output = await asyncio.wait_for(call, timeout=message.timeout)
-        size = len(orjson.dumps(output))
+        encoded = orjson.dumps(output)
+        size = len(encoded)
+        if b"\\u0000" in encoded:
+            return (
+                False,
+                None,
+                TaskError(
+                    error_class=ErrorClass.permanent,
+                    message="the output contains NUL characters (\\u0000), which cannot be stored",
+                ),
+            )
         if size > max_output_bytes:
             return (
                 False,

@@ -11,13 +11,22 @@ from fastapi.responses import JSONResponse
 
 from api.auth import Reader
 from api.deps import Conn, State
-from api.models import Executor, Health
+from api.models import ErrorResponse, Executor, Health
 from controller import queries
 
 router = APIRouter()
 
 
-@router.get("/v1/executors", response_model=list[Executor], tags=["executors"], summary="Registered executors")
+@router.get(
+    "/v1/executors",
+    response_model=list[Executor],
+    responses={
+        401: {"model": ErrorResponse, "description": "No token, or a bad one."},
+        403: {"model": ErrorResponse, "description": "The token lacks the read scope."},
+    },
+    tags=["executors"],
+    summary="Registered executors",
+)
 async def list_executors(conn: Conn, state: State, principal: Reader) -> list[Executor]:
     window = state.settings.heartbeat_interval * 3
     return [Executor(**e) for e in await queries.list_executors(conn, window)]

@@ -42,7 +42,9 @@ class CreatedToken(Token):
 
 
 _ERRORS: dict[int | str, dict[str, object]] = {
+    400: {"model": ErrorResponse, "description": "The body could not be read (not JSON, not UTF-8)."},
     401: {"model": ErrorResponse, "description": "No or bad token."},
+    422: {"model": ErrorResponse, "description": "Invalid request."},
     403: {"model": ErrorResponse, "description": "The token lacks the admin scope."},
 }
 

@@ -40,6 +40,9 @@ router = APIRouter(prefix="/v1/workflows", tags=["workflows"])
 
 SUBMITTED = Counter("dagsmith_api_workflows_submitted_total", "Workflows accepted by the API.", ["source"])
 _ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "The body could not be read (not JSON, not UTF-8)."},
+    401: {"model": ErrorResponse, "description": "No token, or an unknown, revoked or expired one."},
+    403: {"model": ErrorResponse, "description": "The token lacks the scope this needs."},
     404: {"model": ErrorResponse, "description": "No such workflow."},
     422: {"model": ErrorResponse, "description": "Invalid request."},
 }
@@ -58,6 +61,7 @@ async def _known_types(state: AppState, conn: Conn) -> set[str]:
     status_code=201,
     response_model=Submitted,
     responses={
+        **_ERRORS,
         200: {
             "model": Submitted,
             "description": "Same Idempotency-Key as an earlier submission: that workflow.",
@@ -134,11 +138,14 @@ async def list_workflows(
     conn: Conn,
     principal: Reader,
     status: Annotated[list[Literal["pending", "running", "succeeded", "failed", "cancelled"]] | None, Query()] = None,
-    label: Annotated[list[str] | None, Query(description="key=value; repeat to require several")] = None,
+    label: Annotated[
+        list[Annotated[str, Query(pattern=r"^[^=]+=.*$", max_length=400)]] | None,
+        Query(description="key=value; repeat to require several"),
+    ] = None,
     name: Annotated[str | None, Query(max_length=253)] = None,
     namespace: Annotated[str | None, Query(max_length=63)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[str | None, Query(max_length=500)] = None,
+    cursor: Annotated[str | None, Query(max_length=500, pattern=r"^[A-Za-z0-9_=-]+$")] = None,
 ) -> WorkflowList:
     try:
         rows, next_cursor = await queries.list_workflows(

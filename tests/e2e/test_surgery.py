@@ -86,8 +86,13 @@ def test_replace_a_task_type(client: Client) -> None:
 def test_skip_an_optional_task_gives_its_default(client: Client) -> None:
     doc = workflow(
         "skippy",
-        {"name": "enrich", "type": "chaos.fail", "params": {"class": "permanent"}, "optional": True,
-         "default": {"score": 0.5}},
+        {
+            "name": "enrich",
+            "type": "chaos.fail",
+            "params": {"class": "permanent"},
+            "optional": True,
+            "default": {"score": 0.5},
+        },
         {"name": "use", "type": "echo", "dependsOn": ["enrich"], "params": {"s": "{{ tasks.enrich.output.score }}"}},
         correction=OFF,
     )
@@ -100,8 +105,10 @@ def test_skip_an_optional_task_gives_its_default(client: Client) -> None:
 
 
 def test_refusals_are_clear(client: Client, stack: Stack) -> None:
-    wid = failed(client, workflow("refuse", {"name": "t", "type": "chaos.fail", "params": {"class": "permanent"}},
-                                  correction=OFF))
+    wid = failed(
+        client,
+        workflow("refuse", {"name": "t", "type": "chaos.fail", "params": {"class": "permanent"}}, correction=OFF),
+    )
     cases = [
         ({"op": "skip", "task": "t"}, 422, "not optional"),
         ({"op": "retry", "task": "nope"}, 404, "no task named 'nope'"),
