@@ -78,7 +78,7 @@ class ActorCritic(nn.Module):
     def distribution(self, obs: torch.Tensor, valid: torch.Tensor) -> Categorical:
         """The action distribution with invalid actions (``valid`` False) at probability 0."""
         logits = self.actor(obs).masked_fill(~valid, MASKED_LOGIT)
-        return Categorical(logits=logits)
+        return Categorical(logits=logits, validate_args=False)  # inputs are ours; validation is slow
 
     def get_action_and_value(
         self, obs: torch.Tensor, valid: torch.Tensor, action: torch.Tensor | None = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from dagsmith.cli import client_cmds, services
+from dagsmith.cli import client_cmds, services, trainer_cmds
 
 app = typer.Typer(
     name="dagsmith",
@@ -19,6 +19,7 @@ app = typer.Typer(
 )
 services.register(app)
 client_cmds.register(app)
+app.add_typer(trainer_cmds.app, name="trainer", rich_help_panel="Learning")
 
 
 def main() -> None:
