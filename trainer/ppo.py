@@ -135,6 +135,8 @@ def train(
     next_done = torch.zeros(cfg.num_envs)
     history: list[dict[str, float]] = []
     curve: list[tuple[int, float]] = []
+    if valid_episodes:  # the untrained policy: where the learning curve starts
+        curve.append((0, float(np.mean([r.reward for r in greedy_results(agent, sim, valid_episodes)]))))
 
     for update in range(1, cfg.num_updates + 1):
         if cfg.anneal_lr:
