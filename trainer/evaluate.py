@@ -129,7 +129,3 @@ def evaluate(
             evaluation.fallbacks.update(play.fallbacks)
             evaluation.decisions += play.decisions
     return evaluation
-
-
-def from_results(name: str, rows: list[list[EpisodeResult]]) -> Evaluation:
-    return Evaluation(name, rows)

@@ -59,8 +59,8 @@ def _uniform_logpdf(x: float, lo: float, hi: float) -> float:
 def emission_loglik(params: SimulatorParams, ctx: FailureContext, mode: str) -> float:
     """log P(observed context | mode) under the params' emission model."""
     p = params
-    types = p.type_given_mode[mode]
-    ll = math.log(max(types.get(ctx.task_type, 1.0 / len(types)) if ctx.task_type in p.types else 1.0, _FLOOR))
+    # A task type the params do not know says nothing about the mode (same factor for every mode).
+    ll = math.log(max(p.type_given_mode[mode].get(ctx.task_type, 0.0), _FLOOR)) if ctx.task_type in p.types else 0.0
     ll += math.log(max(p.error_given_mode[mode].get(ctx.error_class, 0.0), _FLOOR))
     ll += _beta_logpdf(ctx.executor_failure_rate, *p.failure_rate[mode])
     if ctx.upstream_reward is not None:

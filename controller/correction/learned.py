@@ -34,8 +34,13 @@ from torch import nn
 from torch.distributions import Categorical
 
 from controller.correction.actions import ACTIONS, N_ACTIONS, mask
-from controller.correction.features import ERROR_CLASSES, FEATURE_DIM, FEATURE_SCHEMA_VERSION, featurize
-from controller.correction.features import FailureContext as FailureContext
+from controller.correction.features import (
+    ERROR_CLASSES,
+    FEATURE_DIM,
+    FEATURE_SCHEMA_VERSION,
+    FailureContext,
+    featurize,
+)
 from controller.correction.policy import Decision, RulesPolicy
 
 DEFAULT_CONFIDENCE_THRESHOLD = 0.5
