@@ -180,8 +180,9 @@ def reading(result: BenchmarkResult) -> list[str]:
         a, b = s.reward(PPO), s.reward(TABLE)
         return f"{'above' if a > b else 'not above'} the tuned table {what} ({a:.3f} vs {b:.3f})"
 
+    unknown = holdout.evaluations[PPO].fallbacks.get("unknown_error_class", 0)
     backoff_note = (
-        f", but stays below plain exponential backoff there ({only.reward(BACKOFF):.3f}): a mode never seen in "
+        f"; it stays below plain exponential backoff there ({only.reward(BACKOFF):.3f}): a mode never seen in "
         "training is handled like the nearest known one, not well"
         if only.reward(PPO) < only.reward(BACKOFF)
         else ""
@@ -197,8 +198,10 @@ def reading(result: BenchmarkResult) -> list[str]:
         "`unknown` as a blip, and here `unknown` is the most common class of every mode, so `not below rules` is a "
         f"low bar. The learned policy is {versus(shifted, 'on the shifted mix')} and "
         f"{versus(holdout, f'with `{mode}` held out')}.",
-        f"- On the held-out mode's own episodes the policy meets `{mode}` errors it never saw, and those go to the "
-        f"rules: {only.reward(PPO_RAW):.3f} without the fallback, {only.reward(PPO):.3f} with it{backoff_note}.",
+        f"- On the held-out mode's own episodes: {only.reward(PPO_RAW):.3f} without the fallback, "
+        f"{only.reward(PPO):.3f} with it; {unknown} decisions in the held-out scenario went to the rules because "
+        f"their error class never occurred in training (only a mode with error classes of its own triggers that)"
+        f"{backoff_note}.",
         "- These are simulator results. They show that the trainer finds and uses signal in the failure context "
         "when it is there; how much of it is there in production is a question for the fitted simulator "
         "(`--records`) and the closed-loop experiment on the real stack.",
