@@ -23,7 +23,7 @@ from dataclasses import replace
 from controller.correction.actions import ACTIONS, TERMINAL_ACTIONS, CorrectiveAction, is_plain_retryable, mask
 from controller.correction.features import FailureContext, canonical_error_class
 from controller.correction.rules import attempt_bucket, first_valid, rules_action
-from trainer.simulator import Chooser, Episode, EpisodeResult, EpisodeState, Simulator
+from trainer.simulator import Episode, EpisodeState, Simulator
 
 A = CorrectiveAction
 Cell = tuple[str, int]
@@ -180,19 +180,3 @@ class Oracle:
                     value += weight * max(self._q(ep, counts, retryable).values())
             self._values[key] = value
         return value
-
-
-def run(sim: Simulator, episodes: Sequence[Episode], choose: Chooser) -> list[EpisodeResult]:
-    return [sim.play(ep, choose) for ep in episodes]
-
-
-def heuristics(sim: Simulator, table: TableChooser | None = None) -> dict[str, Chooser]:
-    """The context-free baselines by report name (the tuned table only when given)."""
-    out: dict[str, Chooser] = {
-        "always-retry": always_retry,
-        "exponential backoff": exponential_backoff,
-        "rules": rules,
-    }
-    if table is not None:
-        out["tuned table"] = table
-    return out
