@@ -1,0 +1,175 @@
+"""``dagsmith trainer``: train, evaluate and benchmark the learned correction policy.
+
+Torch and the trainer are imported inside the commands, so the rest of the CLI starts without
+them. Where the simulator's parameters come from is decided in one place, :func:`load_params`:
+defaults, a params JSON file, or decision records to fit from (JSON lines). Reading the records
+from Postgres (``--from-db``) and the long-running retraining service are not part of this
+module yet; they belong in :func:`load_params` (a records source) and a new command respectively.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TextIO
+
+import typer
+
+if TYPE_CHECKING:
+    from trainer.params import SimulatorParams
+
+app = typer.Typer(
+    help="Train, evaluate and benchmark the learned correction policy (needs the 'learn' extra: torch).",
+    no_args_is_help=True,
+)
+
+ParamsOption = Annotated[
+    Path | None, typer.Option("--params", help="Simulator params as JSON (e.g. a fitted set)", exists=True)
+]
+RecordsOption = Annotated[
+    Path | None,
+    typer.Option("--records", help="Decision records (JSON lines) to fit the simulator to", exists=True),
+]
+
+
+def _require_torch() -> None:
+    from controller.correction import learned_available
+
+    if not learned_available():
+        typer.echo("error: the trainer needs torch: pip install 'dagsmith[learn]'", err=True)
+        raise typer.Exit(2)
+
+
+def load_params(params_file: Path | None, records_file: Path | None) -> SimulatorParams:
+    """The simulator's parameters: defaults, or a file, then fitted to records when given."""
+    from trainer.params import SimulatorParams
+
+    params = SimulatorParams.from_dict(json.loads(params_file.read_text())) if params_file else SimulatorParams()
+    if records_file is not None:
+        records = [json.loads(line) for line in records_file.read_text().splitlines() if line.strip()]
+        params = params.fit(records)
+        typer.echo(f"fitted the simulator to {len(records)} decision records", err=True)
+    return params
+
+
+@app.command("train")
+def train_cmd(
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Training seeds (0 .. N-1)")] = 5,
+    out: Annotated[Path, typer.Option("--out", help="Directory for policies and diagnostics")] = Path("trainer-out"),
+    timesteps: Annotated[int | None, typer.Option("--timesteps", help="Decisions per seed")] = None,
+    params_file: ParamsOption = None,
+    records_file: RecordsOption = None,
+) -> None:
+    """Train PPO policies on the simulator, one per seed; writes policy-seed<N>.pt and diagnostics."""
+    _require_torch()
+    from trainer.ppo import PPOConfig, train
+    from trainer.simulator import STREAM_VALID, Simulator
+
+    sim = Simulator(load_params(params_file, records_file))
+    valid = sim.episodes(STREAM_VALID, 0, 500)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "simulator-params.json").write_text(json.dumps(sim.params.to_dict(), indent=2))
+    summary: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for seed in range(seeds):
+        config = PPOConfig(seed=seed) if timesteps is None else PPOConfig(seed=seed, total_timesteps=timesteps)
+        with (out / f"diagnostics-seed{seed}.jsonl").open("w") as diagnostics:
+
+            def log(row: dict[str, float], f: TextIO = diagnostics) -> None:
+                f.write(json.dumps(row) + "\n")
+
+            result = train(sim, config, valid, log=log)
+        policy = out / f"policy-seed{seed}.pt"
+        policy.write_bytes(result.checkpoint({"seed": seed}))
+        score = result.curve[-1][1] if result.curve else float("nan")
+        typer.echo(f"seed {seed}: {result.wall_seconds:.1f}s, validation reward {score:.3f} -> {policy}")
+        summary.append({"seed": seed, "policy": policy.name, "wall_seconds": result.wall_seconds, "valid": score})
+    wall = time.perf_counter() - started
+    (out / "train-summary.json").write_text(json.dumps({"wall_seconds": wall, "runs": summary}, indent=2))
+    typer.echo(f"trained {seeds} seeds in {wall:.1f}s")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    policy: Annotated[
+        list[Path] | None, typer.Option("--policy", help="Policy checkpoint(s); repeat for several", exists=True)
+    ] = None,
+    episodes: Annotated[int, typer.Option("--episodes", min=10, help="Held-out episodes")] = 3000,
+    shifted: Annotated[bool, typer.Option("--shifted", help="Evaluate on the shifted mix of failure modes")] = False,
+    threshold: Annotated[float, typer.Option("--threshold", help="Confidence threshold of the fallback")] = 0.5,
+    params_file: ParamsOption = None,
+    records_file: RecordsOption = None,
+) -> None:
+    """Evaluate policies and the baselines on held-out simulator episodes."""
+    _require_torch()
+    from rich.console import Console
+    from rich.table import Table
+
+    from controller.correction.learned import LearnedPolicy
+    from trainer.baselines import Oracle, always_retry, exponential_backoff, rules, tune_table
+    from trainer.evaluate import bootstrap_ci, evaluate, normalised
+    from trainer.simulator import STREAM_TEST, STREAM_TRAIN, Simulator
+
+    params = load_params(params_file, records_file)
+    sim = Simulator(params)
+    test_sim = Simulator(params.shifted()) if shifted else sim
+    test = test_sim.episodes(STREAM_TEST, 0, episodes)
+    table = tune_table(sim, sim.episodes(STREAM_TRAIN, 0, 3000))
+    candidates: list[tuple[str, Any]] = [
+        ("always-retry", always_retry),
+        ("exponential backoff", exponential_backoff),
+        ("rules", rules),
+        ("tuned table", table),
+    ]
+    for path in policy or []:
+        candidates.append((path.name, LearnedPolicy(path.read_bytes(), path.stem, confidence_threshold=threshold)))
+    candidates.append(("oracle", Oracle(test_sim)))
+    results = {name: evaluate(test_sim, test, name, [chooser]) for name, chooser in candidates}
+    zero, one = results["exponential backoff"].rewards.mean(), results["oracle"].rewards.mean()
+    view = Table(title=f"{episodes} held-out episodes ({'shifted' if shifted else 'default'} mix)")
+    for column in ("policy", "mean reward [95% CI]", "normalised", "success", "task-s", "fallback"):
+        view.add_column(column)
+    for name, e in results.items():
+        mean, low, high = bootstrap_ci(e.rewards)
+        fallback = f"{e.fallback_rate:.1%}" if e.decisions else "—"
+        view.add_row(
+            name,
+            f"{mean:.3f} [{low:.3f}, {high:.3f}]",
+            f"{normalised(mean, zero, one):.2f}",
+            f"{e.success_rate:.1%}",
+            f"{e.mean('task_seconds'):.1f}",
+            fallback,
+        )
+    Console().print(view)
+
+
+@app.command("benchmark")
+def benchmark_cmd(
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Training seeds")] = 5,
+    episodes: Annotated[int, typer.Option("--episodes", min=10, help="Held-out episodes per scenario")] = 3000,
+    timesteps: Annotated[int | None, typer.Option("--timesteps", help="Decisions per seed")] = None,
+    holdout: Annotated[str, typer.Option("--holdout", help="Failure mode held out of training")] = "rate_limited",
+    out: Annotated[Path, typer.Option("--out", help="Report directory")] = Path("project_logs/experiments"),
+    params_file: ParamsOption = None,
+    records_file: RecordsOption = None,
+) -> None:
+    """Train on several seeds, evaluate on held-out episodes, write the report and learning curves."""
+    _require_torch()
+    from trainer.benchmark import BenchmarkConfig, run_benchmark
+    from trainer.params import MODES
+    from trainer.ppo import PPOConfig
+    from trainer.report import write_report
+
+    if holdout not in {str(m) for m in MODES}:
+        typer.echo(f"error: --holdout must be one of {', '.join(map(str, MODES))}", err=True)
+        raise typer.Exit(2)
+    ppo = PPOConfig() if timesteps is None else PPOConfig(total_timesteps=timesteps)
+    config = BenchmarkConfig(seeds=seeds, test_episodes=episodes, holdout_mode=holdout, ppo=ppo)
+    result = run_benchmark(config, load_params(params_file, records_file), log=lambda m: typer.echo(m, err=True))
+    command = "dagsmith trainer " + " ".join(["benchmark", *sys.argv[sys.argv.index("benchmark") + 1 :]]).strip()
+    md, png = write_report(result, out, command)
+    for target in result.targets:
+        typer.echo(f"{'met   ' if target.met else 'MISSED'} {target.name}: {target.value} (goal {target.goal})")
+    typer.echo(f"wrote {md} and {png}")

@@ -1,0 +1,160 @@
+"""Fit the simulator to logged correction decisions (``correction_decisions`` rows).
+
+A record is one decision and its outcome::
+
+    {"features": FailureContext.to_dict(), "action": "reroute", "fixed": False,
+     "task_seconds": 26.0, "latency_added": 31.0, "inserted": 0}
+
+The latent mode is never logged, so the fit is expectation-maximisation over a mixture: each
+record's responsibility for each mode is its prior (``mix``) times the likelihood of what was
+observed (task type, error class, executor failure rate, upstream reward, duration ratio) under
+the mode's fixed emission model, times the likelihood of the outcome under the current outcome
+rates. The M-step re-estimates
+
+- ``mix`` from the *first* decision of each failure (nothing tried yet): later decisions are
+  over-represented by hard modes, which would bias the mix;
+- ``success[mode][action]`` from every re-running decision, responsibility-weighted;
+- each task type's run time from ``task_seconds`` (divided by the action's cost factor);
+
+and every estimate is shrunk toward the prior params with ``strength`` pseudo-records, so a few
+records move the params a little and thousands move them to what the data says. The emission
+model (which classes and contexts each mode produces) is structure, not fitted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from controller.correction.actions import CorrectiveAction
+from controller.correction.features import FailureContext
+from trainer.params import MODES, RERUN_ACTIONS, SimulatorParams
+from trainer.simulator import Chooser, Episode, EpisodeState, Simulator
+
+A = CorrectiveAction
+_FLOOR = 1e-3  # likelihood floor: real logs may contain what the emission model never produces
+_BROAD = 0.05  # weight of a flat component in the continuous densities, for the same reason
+
+
+def _beta_logpdf(x: float, a: float, b: float) -> float:
+    x = min(max(x, 1e-4), 1 - 1e-4)
+    log_density = (
+        (a - 1) * math.log(x) + (b - 1) * math.log1p(-x) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    )
+    return math.log((1 - _BROAD) * math.exp(log_density) + _BROAD)
+
+
+def _normal_logpdf(x: float, mean: float, sd: float) -> float:
+    density = math.exp(-0.5 * ((x - mean) / sd) ** 2) / (sd * math.sqrt(2 * math.pi))
+    return math.log((1 - _BROAD) * density + _BROAD / 2)  # flat over the reward range [-1, 1]
+
+
+def _uniform_logpdf(x: float, lo: float, hi: float) -> float:
+    inside = 1.0 / (hi - lo) if lo <= x <= hi and hi > lo else 0.0
+    return math.log((1 - _BROAD) * inside + _BROAD / 2)  # flat over ratios [0, 2]
+
+
+def emission_loglik(params: SimulatorParams, ctx: FailureContext, mode: str) -> float:
+    """log P(observed context | mode) under the params' emission model."""
+    p = params
+    # A task type the params do not know says nothing about the mode (same factor for every mode).
+    ll = math.log(max(p.type_given_mode[mode].get(ctx.task_type, 0.0), _FLOOR)) if ctx.task_type in p.types else 0.0
+    ll += math.log(max(p.error_given_mode[mode].get(ctx.error_class, 0.0), _FLOOR))
+    ll += _beta_logpdf(ctx.executor_failure_rate, *p.failure_rate[mode])
+    if ctx.upstream_reward is not None:
+        ll += _normal_logpdf(ctx.upstream_reward, *p.upstream[mode])
+    if ctx.duration_ratio is not None and ctx.error_class != "timeout":
+        ll += _uniform_logpdf(ctx.duration_ratio, *p.duration[mode])
+    return ll
+
+
+def fit(
+    records: Sequence[dict[str, Any]], prior: SimulatorParams, strength: float = 30.0, iterations: int = 30
+) -> SimulatorParams:
+    modes = [str(m) for m in MODES]
+    rows = []
+    for record in records:
+        ctx = FailureContext.from_dict(record["features"])
+        action = A(record["action"])
+        rows.append((ctx, action, bool(record.get("fixed", False)), [emission_loglik(prior, ctx, m) for m in modes]))
+    mix = dict(prior.mix)
+    success = {m: dict(prior.success[m]) for m in modes}
+    for _ in range(iterations):
+        mix_sum = dict.fromkeys(modes, 0.0)
+        n_first = 0
+        hits = {m: dict.fromkeys(map(str, RERUN_ACTIONS), 0.0) for m in modes}
+        tries = {m: dict.fromkeys(map(str, RERUN_ACTIONS), 0.0) for m in modes}
+        for ctx, action, fixed, emission in rows:
+            logs = []
+            for m, e in zip(modes, emission, strict=True):
+                lp = math.log(max(mix[m], 1e-12)) + e
+                if action in RERUN_ACTIONS:
+                    q = min(max(success[m][str(action)], 0.01), 0.99)
+                    lp += math.log(q if fixed else 1 - q)
+                logs.append(lp)
+            top = max(logs)
+            weights = [math.exp(v - top) for v in logs]
+            total = sum(weights)
+            resp = [w / total for w in weights]
+            if not any(ctx.tried):
+                n_first += 1
+                for m, r in zip(modes, resp, strict=True):
+                    mix_sum[m] += r
+            if action in RERUN_ACTIONS:
+                for m, r in zip(modes, resp, strict=True):
+                    tries[m][str(action)] += r
+                    hits[m][str(action)] += r * fixed
+        mix = {m: (mix_sum[m] + strength * prior.mix[m]) / (n_first + strength) for m in modes}
+        success = {
+            m: {
+                a: (hits[m][a] + strength * prior.success[m][a]) / (tries[m][a] + strength)
+                for a in map(str, RERUN_ACTIONS)
+            }
+            for m in modes
+        }
+    return replace(prior, mix=mix, success=success, types=_fit_durations(records, prior, strength / 6))
+
+
+def _fit_durations(records: Sequence[dict[str, Any]], prior: SimulatorParams, strength: float) -> dict[str, Any]:
+    c = prior.costs
+    factor = {A.retry_now: 1.0, A.retry_backoff: 1.0, A.retry_tuned: c.tuned_factor, A.reroute: c.reroute_factor}
+    sums: dict[str, list[float]] = {}
+    for record in records:
+        task_type, action = record["features"]["task_type"], A(record["action"])
+        seconds = float(record.get("task_seconds", 0.0))
+        if task_type not in prior.types or seconds <= 0:
+            continue
+        if action in factor:
+            sums.setdefault(task_type, []).append(seconds / factor[action])
+        elif action is A.insert_repair:
+            sums.setdefault(task_type, []).append(max(seconds - c.repair_seconds, 0.0) / (1 + c.repair_factor))
+    types = dict(prior.types)
+    for name, values in sums.items():
+        base = prior.types[name].seconds
+        types[name] = replace(prior.types[name], seconds=(sum(values) + strength * base) / (len(values) + strength))
+    return types
+
+
+def simulate_records(sim: Simulator, episodes: Sequence[Episode], choose: Chooser) -> list[dict[str, Any]]:
+    """Decision records, as the controller logs them, from playing ``episodes`` with ``choose``."""
+    records = []
+    for ep in episodes:
+        st = EpisodeState()
+        while not st.done:
+            ctx = sim.context(ep, st)
+            action = choose(ep, ctx)
+            before = (st.task_seconds, st.latency, st.inserted)
+            sim.step(ep, st, action)
+            records.append(
+                {
+                    "features": ctx.to_dict(),
+                    "action": str(action),
+                    "fixed": st.outcome == "fixed",
+                    "task_seconds": st.task_seconds - before[0],
+                    "latency_added": st.latency - before[1],
+                    "inserted": st.inserted - before[2],
+                }
+            )
+    return records
