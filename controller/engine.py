@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +18,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from controller import metrics, store
+from controller.correct import Corrector, RoundBudget, close_fixed
 from controller.db import in_transaction
 from controller.dispatch import Prepared, Publisher, prepare, template_context
 from controller.reconcile import (
@@ -41,6 +41,7 @@ from controller.store import Event, Events, Outcome, TaskRow, WorkflowRow
 from dagsmith.errors import ErrorClass, TemplateError
 from dagsmith.messages import EvaluatedMessage, StartedMessage, TaskMessage
 from dagsmith.settings import Settings
+from dagsmith.spec import CorrectionMode
 from dagsmith.templating import render
 
 log = structlog.get_logger(__name__)
@@ -65,15 +66,14 @@ class RoundResult:
     applied: int = 0
 
 
-# Decisions the correction layer may replace: (conn, workflow, task, failure, now) -> action.
-FailureHandler = Callable[[AsyncConnection, WorkflowRow, TaskRow, Failure, float], Awaitable[ScheduleRetry | FailTask]]
-
-
 class Engine:
-    def __init__(self, db: AsyncEngine, publisher: Publisher, settings: Settings) -> None:
+    def __init__(
+        self, db: AsyncEngine, publisher: Publisher, settings: Settings, corrector: Corrector | None = None
+    ) -> None:
         self.db = db
         self.publisher = publisher
         self.settings = settings
+        self.corrector = corrector
 
     async def run_round(self, inbound: Inbound) -> RoundResult:
         started = time.perf_counter()
@@ -95,7 +95,8 @@ class Engine:
 
         await self._apply_started(conn, inbound.started, live, events)
         ready_since: dict[int, float] = {}
-        out.applied = await self._apply_results(conn, inbound, workflows, live, events, ready_since, now)
+        budget = RoundBudget()
+        out.applied = await self._apply_results(conn, inbound, workflows, live, events, ready_since, now, out, budget)
 
         workflows = await store.reload_counts(conn, {w: workflows[w] for w in live})
         candidates = await store.load_candidates(conn, list(live), now, self.settings.controller_batch_size * 4)
@@ -106,6 +107,7 @@ class Engine:
         to_start: list[uuid.UUID] = []
         to_dispatch: list[Prepared] = []
         failures: list[tuple[TaskRow, ScheduleRetry | FailTask, None]] = []
+        corrections: list[tuple[WorkflowRow, TaskRow, Failure]] = []
         for wid in sorted(live):
             workflow = workflows[wid]
             tasks = by_workflow.get(wid, [])
@@ -131,7 +133,10 @@ class Engine:
                             out.again.add(wid)
                     case ScheduleRetry() | FailTask():
                         metrics.LEASES_EXPIRED.inc()
-                        failures.append((rows[action.task_id], action, None))
+                        if self._correcting(workflow):
+                            corrections.append((workflow, rows[action.task_id], action.failure))
+                        else:
+                            failures.append((rows[action.task_id], action, None))
                         out.again.add(wid)
                     case CancelWorkflow():
                         await self._cancel(conn, workflow, now, events)
@@ -140,6 +145,8 @@ class Engine:
                         await self._finish(conn, workflow, status, now, events)
 
         await store.start_workflows(conn, to_start, now, events)
+        for workflow, task, failure in corrections:
+            await self._correct(conn, workflow, task, failure, None, now, events, out, budget)
         if failures:
             await self._apply_failures(conn, [(t, a, None) for t, a, _ in failures], now, events)
         if to_dispatch:
@@ -182,6 +189,8 @@ class Engine:
         events: Events,
         ready_since: dict[int, float],
         now: float,
+        out: RoundResult,
+        budget: RoundBudget,
     ) -> int:
         ids = [m.result.task.task_id for m in inbound.evaluated] + [m.task_id for m, _ in inbound.dead]
         if not ids:
@@ -189,7 +198,8 @@ class Engine:
         tasks = await store.load_tasks(conn, ids)
         seen: set[tuple[int, int]] = set()
         decided: list[tuple[TaskRow, Succeed | ScheduleRetry | FailTask, EvaluatedMessage | None]] = []
-        rewards: dict[uuid.UUID, float] = defaultdict(float)
+        totals: dict[uuid.UUID, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        corrected = 0
         for m in inbound.evaluated:
             ref = m.result.task
             task = tasks.get(ref.task_id)
@@ -210,11 +220,10 @@ class Engine:
                 metrics.RESULTS_IGNORED.labels("stale").inc()
                 log.debug("result ignored", task_id=action.task_id, attempt=action.attempt, reason=action.reason)
                 continue
-            if isinstance(action, FailTask | ScheduleRetry):
-                action = await self.handle_failure(conn, workflows[task.workflow_id], task, action, now)
-            assert isinstance(action, Succeed | FailTask | ScheduleRetry)
-            decided.append((task, action, m))
-            rewards[task.workflow_id] += m.evaluation.reward
+            if self.corrector is not None:
+                self.corrector.rates.observe(task.type, failure is not None)
+            totals[task.workflow_id][0] += m.evaluation.reward
+            totals[task.workflow_id][1] += m.result.duration
             metrics.RUN_SECONDS.labels(task.type).observe(m.result.duration)
             if task.status == "queued":
                 events.add(
@@ -233,6 +242,13 @@ class Engine:
                     metrics.DISPATCH_TO_START.labels(task.type).observe(
                         max(m.result.started_at - ref.dispatched_at, 0.0)
                     )
+            workflow = workflows[task.workflow_id]
+            if failure is not None and self._correcting(workflow):
+                await self._correct(conn, workflow, task, failure, m, now, events, out, budget)
+                corrected += 1
+                continue
+            assert isinstance(action, Succeed | FailTask | ScheduleRetry)
+            decided.append((task, action, m))
         for msg, deliveries in inbound.dead:
             task = tasks.get(msg.task_id)
             metrics.DEAD_LETTERS.inc()
@@ -244,24 +260,38 @@ class Engine:
                 "executor each time; it was dead-lettered",
                 {"deliveries": deliveries},
             )
-            action = await self.handle_failure(
-                conn, workflows[task.workflow_id], task, on_failure(task.view(), failure, now), now
-            )
-            decided.append((task, action, None))
+            workflow = workflows[task.workflow_id]
+            if self._correcting(workflow):
+                await self._correct(conn, workflow, task, failure, None, now, events, out, budget)
+                corrected += 1
+                continue
+            decided.append((task, on_failure(task.view(), failure, now), None))
         await self._apply_decisions(conn, decided, now, events, ready_since)
-        await store.add_rewards(conn, dict(rewards))
-        return len(decided)
+        await store.add_totals(conn, {w: (r, sec) for w, (r, sec) in totals.items()})
+        return len(decided) + corrected
 
-    async def handle_failure(
+    def _correcting(self, workflow: WorkflowRow) -> bool:
+        return self.corrector is not None and workflow.correction.mode != CorrectionMode.off
+
+    async def _correct(
         self,
         conn: AsyncConnection,
         workflow: WorkflowRow,
         task: TaskRow,
-        action: ScheduleRetry | FailTask,
+        failure: Failure,
+        m: EvaluatedMessage | None,
         now: float,
-    ) -> ScheduleRetry | FailTask:
-        """Hook for Correction Mode; the core engine keeps the spec's retry policy as decided."""
-        return action
+        events: Events,
+        out: RoundResult,
+        budget: RoundBudget,
+    ) -> None:
+        assert self.corrector is not None
+        outcome = _outcome(task, m, _error_json(failure), now)
+        result = await self.corrector.correct(conn, workflow, task, failure, outcome, now, events, budget)
+        out.again.add(workflow.id)  # dispatch what the surgery made ready, in the next round
+        if result.aborted:
+            out.cancelled.add(workflow.id)
+            metrics.WORKFLOWS_FINISHED.labels("failed").inc()
 
     async def _apply_decisions(
         self,
@@ -292,6 +322,13 @@ class Engine:
                 )
                 metrics.TASKS_COMPLETED.labels(task.type, "succeeded").inc()
         released = await store.mark_succeeded(conn, succeeded)
+        if self.corrector is not None and released:
+            by_id = {o.task_id: o for o in succeeded}
+            fixed = []
+            for task_id, _ in released:
+                o = by_id[task_id]
+                fixed.append((task_id, max(o.finished_at - (o.started_at or o.finished_at), 0.0), o.finished_at))
+            await close_fixed(conn, fixed)
         children: Counter[int] = Counter()
         for task_id, kids in released:
             for kid in kids:

@@ -96,6 +96,7 @@ async def apply(
                     f"""
                     UPDATE tasks SET status = 'pending', retries = retries + 1, not_before = :nb,
                         type = COALESCE(:type, type), params = COALESCE(CAST(:params AS jsonb), params),
+                        timeout_s = COALESCE(:timeout, timeout_s),
                         resolved_params = CASE WHEN :params IS NULL THEN resolved_params END,
                         lease_expires_at = NULL, {failed_attempt}
                     WHERE id = :id
@@ -105,6 +106,7 @@ async def apply(
                     "id": task.id,
                     "nb": ts(now + plan.delay) if plan.delay else None,
                     "type": plan.new_type,
+                    "timeout": plan.timeout,
                     "params": None if plan.params is None else _json(plan.params),
                     **_outcome_values(outcome),
                 },

@@ -22,9 +22,11 @@ from prometheus_client import start_http_server
 from pydantic import ValidationError
 
 from controller import metrics, store
+from controller.correct import ACTIVE_VERSION, Corrector
 from controller.db import CHANNEL_WORKFLOWS, create_engine, in_transaction
 from controller.dispatch import Publisher
 from controller.engine import Engine, Inbound
+from controller.policies import CHANNEL_POLICIES, PolicyBox
 from dagsmith.amqp import Names, Topology, connect, persistent
 from dagsmith.messages import CancelMessage, EvaluatedBatch, EventEnvelope, HeartbeatMessage, TaskMessage
 from dagsmith.settings import Settings
@@ -43,6 +45,7 @@ class Controller:
         self.dirty: set[uuid.UUID] = set()
         self.wake = asyncio.Event()
         self.resync_now = asyncio.Event()
+        self.policy_changed = asyncio.Event()
         self.heartbeats: asyncio.Queue[tuple[HeartbeatMessage, AbstractIncomingMessage]] = asyncio.Queue()
         self.known_capabilities: dict[str, str] = {}
         self.rounds = 0
@@ -179,9 +182,13 @@ class Controller:
             try:
                 async with await psycopg.AsyncConnection.connect(self.settings.psycopg_dsn(), autocommit=True) as conn:
                     await conn.execute(f"LISTEN {CHANNEL_WORKFLOWS}")
+                    await conn.execute(f"LISTEN {CHANNEL_POLICIES}")
                     # Anything notified while we were not listening is found by a resync now.
                     self.resync_now.set()
                     async for note in conn.notifies():
+                        if note.channel == CHANNEL_POLICIES:
+                            self.policy_changed.set()
+                            continue
                         with contextlib.suppress(ValueError):
                             self.dirty.add(uuid.UUID(note.payload))
                         self.wake.set()
@@ -256,6 +263,21 @@ class Controller:
             if not channel.is_closed:
                 await channel.close()
 
+    async def _policy_loop(self, db: Any, stop: asyncio.Event) -> None:
+        """Hot reload: a newly activated policy is in use within moments (NOTIFY), or 30 s at worst."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.policy_changed.wait(), timeout=30.0)
+            force = self.policy_changed.is_set()
+            self.policy_changed.clear()
+            try:
+                await self.policies.refresh(db, force=force)
+            except Exception as exc:
+                log.warning("policy refresh failed", error=str(exc)[:200])
+            ACTIVE_VERSION.clear()
+            if self.policies.version:
+                ACTIVE_VERSION.labels(self.policies.version).set(1)
+
     async def _broadcast_cancel(self, workflow_ids: set[uuid.UUID]) -> None:
         exchange = await self.topology.control_exchange()
         body = CancelMessage(workflow_ids=[str(w) for w in workflow_ids]).model_dump_json().encode()
@@ -275,7 +297,9 @@ class Controller:
         consume_channel = await connection.channel()
         await consume_channel.set_qos(prefetch_count=256)
         consume_topology = Topology(consume_channel, self.names, settings.delivery_limit)
-        engine = self.engine_class(db, Publisher(publish_channel, self.topology), settings)
+        self.policies = PolicyBox()
+        await self.policies.refresh(db, force=True)
+        engine = self.engine_class(db, Publisher(publish_channel, self.topology), settings, Corrector(self.policies))
         await self.topology.control_exchange()
         evaluated = await consume_topology.queue(self.names.evaluated)
         events = await consume_topology.queue(self.names.events)
@@ -292,6 +316,7 @@ class Controller:
             asyncio.create_task(self._resync_loop(db, stop)),
             asyncio.create_task(self._heartbeat_loop(db)),
             asyncio.create_task(self._gauges_loop(db, connection, stop)),
+            asyncio.create_task(self._policy_loop(db, stop)),
         ]
         try:
             await self._rounds(engine, stop)

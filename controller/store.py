@@ -355,7 +355,7 @@ async def mark_succeeded(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> 
                 finished_at = to_timestamp(v.finished_at),
                 lease_expires_at = NULL
             FROM {_OUTCOME_ROWS}
-            WHERE t.id = v.id
+            WHERE t.id = v.id AND t.status IN ('queued', 'running')
             RETURNING t.id, t.children
             """
         ),
@@ -391,7 +391,7 @@ async def schedule_retries(conn: AsyncConnection, outcomes: Sequence[Outcome], n
                 executor_id = COALESCE(v.executor_id, t.executor_id), finished_at = to_timestamp(v.finished_at),
                 lease_expires_at = NULL
             FROM {_OUTCOME_ROWS}
-            WHERE t.id = v.id
+            WHERE t.id = v.id AND t.status IN ('queued', 'running')
             """
         ),
         _outcome_params(outcomes, not_before),
@@ -410,7 +410,7 @@ async def mark_failed(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> Non
                 finished_at = to_timestamp(v.finished_at),
                 lease_expires_at = NULL
             FROM {_OUTCOME_ROWS}
-            WHERE t.id = v.id
+            WHERE t.id = v.id AND t.status IN ('pending', 'queued', 'running')
             """
         ),
         _outcome_params(outcomes),
@@ -485,6 +485,33 @@ async def cancel_workflow(conn: AsyncConnection, workflow_id: uuid.UUID, now: fl
     return cancelled
 
 
+async def abort_workflow(
+    conn: AsyncConnection, workflow_id: uuid.UUID, now: float, task: str, message: str, failure: Any
+) -> list[Any]:
+    """Correction gave up: cancel whatever is active and fail the workflow with the reason."""
+    rows = await conn.execute(
+        sa.text(
+            """
+            UPDATE tasks t SET status = 'cancelled', finished_at = :now, lease_expires_at = NULL
+            FROM (SELECT id, status AS old_status FROM tasks
+                  WHERE workflow_id = :w AND status IN ('pending', 'queued', 'running')) o
+            WHERE t.id = o.id
+            RETURNING t.id, t.name, t.attempt, o.old_status
+            """
+        ),
+        {"w": workflow_id, "now": ts(now)},
+    )
+    cancelled = list(rows)
+    error = {
+        "code": "aborted",
+        "message": f"task {task!r} failed: {failure.error_class}: {failure.message} (correction: {message})",
+        "task": task,
+        "error": {"class": str(failure.error_class), "message": failure.message},
+    }
+    await finish_workflow(conn, workflow_id, WorkflowStatus.failed, now, output=None, error=error)
+    return cancelled
+
+
 async def finish_workflow(
     conn: AsyncConnection,
     workflow_id: uuid.UUID,
@@ -544,17 +571,19 @@ async def output_context(conn: AsyncConnection, workflow_id: uuid.UUID) -> tuple
     return None, {r.name: {"output": r.output, "status": r.status} for r in sinks}
 
 
-async def add_rewards(conn: AsyncConnection, rewards: dict[uuid.UUID, float]) -> None:
-    if not rewards:
+async def add_totals(conn: AsyncConnection, totals: dict[uuid.UUID, tuple[float, float]]) -> None:
+    """Add (reward, task-seconds) of the attempts applied in this round to their workflows."""
+    if not totals:
         return
     await conn.execute(
         sa.text(
             """
-            UPDATE workflows w SET total_reward = w.total_reward + v.r, updated_at = now()
-            FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(id uuid, r float8) WHERE w.id = v.id
+            UPDATE workflows w SET total_reward = w.total_reward + v.r, task_seconds = w.task_seconds + v.s,
+                updated_at = now()
+            FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(id uuid, r float8, s float8) WHERE w.id = v.id
             """
         ),
-        {"rows": rows_json({"id": k, "r": r} for k, r in rewards.items())},
+        {"rows": rows_json({"id": k, "r": r, "s": sec} for k, (r, sec) in totals.items())},
     )
 
 

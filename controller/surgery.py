@@ -75,6 +75,7 @@ class Plan:
     task: str
     delay: float = 0.0
     params: dict[str, Any] | None = None  # new params (retry with params)
+    timeout: float | None = None  # new task timeout (retry with a tuned timeout)
     new_type: str | None = None  # reroute
     inserted: dict[str, Any] | None = None  # insert: {"name", "type", "params"}
     output: Any = None  # skip: the output the task gets
@@ -93,7 +94,13 @@ def _check_operable(task: TaskSnapshot, manual: bool) -> None:
 
 
 def retry(
-    task: TaskSnapshot, *, delay: float = 0.0, params: dict[str, Any] | None = None, manual: bool = False
+    task: TaskSnapshot,
+    *,
+    delay: float = 0.0,
+    params: dict[str, Any] | None = None,
+    timeout: float | None = None,
+    old_timeout: float | None = None,
+    manual: bool = False,
 ) -> Plan:
     _check_operable(task, manual)
     if delay < 0:
@@ -101,8 +108,10 @@ def retry(
     diff: list[dict[str, Any]] = []
     if params is not None and params != task.params:
         diff.append({"op": "set", "task": task.name, "field": "params", "old": task.params, "new": params})
+    if timeout is not None:
+        diff.append({"op": "set", "task": task.name, "field": "timeout", "old": old_timeout, "new": timeout})
     diff.append({"op": "status", "task": task.name, "to": "pending", "delay": delay})
-    return Plan(Operation.retry, task.name, delay=delay, params=params, diff=diff)
+    return Plan(Operation.retry, task.name, delay=delay, params=params, timeout=timeout, diff=diff)
 
 
 def reroute(task: TaskSnapshot, new_type: str, *, manual: bool = False) -> Plan:
@@ -168,31 +177,41 @@ def abort(task: TaskSnapshot) -> Plan:
     return Plan(Operation.abort, task.name, diff=[{"op": "abort", "task": task.name}])
 
 
-def tune(params: dict[str, Any], tunable: dict[str, str]) -> dict[str, Any] | None:
-    """Apply an executor's declared tuning (``"x2"``, ``"/2"``, ``"+10"``) to the params it names.
+def _apply_rule(value: float, rule: str) -> float | None:
+    match = re.fullmatch(r"\s*([x*/+-])\s*([0-9.]+)\s*", rule)
+    if not match:
+        return None
+    op, amount = match.group(1), float(match.group(2))
+    if op == "/" and amount == 0:
+        return None
+    results = {"x": value * amount, "*": value * amount, "+": value + amount, "-": value - amount}
+    return value / amount if op == "/" else results[op]
 
-    Returns the new params, or None if nothing applies (no tunable param present, or not a number).
+
+def tune(
+    params: dict[str, Any], tunable: dict[str, str], timeout: float | None = None
+) -> tuple[dict[str, Any] | None, float | None]:
+    """Apply an executor's declared tuning (``"x2"``, ``"/2"``, ``"+10"``) to what it names.
+
+    A rule names a param; ``timeout`` names the task's own timeout when the params have no
+    ``timeout`` of their own. Returns (new params, new timeout), each None when unchanged.
     """
     tuned = dict(params)
     changed = False
+    new_timeout = None
     for key, rule in tunable.items():
         value = params.get(key)
+        if key == "timeout" and value is None and timeout is not None:
+            new_timeout = _apply_rule(timeout, rule)
+            continue
         if isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        match = re.fullmatch(r"\s*([x*/+-])\s*([0-9.]+)\s*", rule)
-        if not match:
+        new = _apply_rule(float(value), rule)
+        if new is None:
             continue
-        op, amount = match.group(1), float(match.group(2))
-        new = {
-            "x": value * amount,
-            "*": value * amount,
-            "/": value / amount if amount else value,
-            "+": value + amount,
-            "-": value - amount,
-        }[op]
         tuned[key] = int(new) if isinstance(value, int) and float(new).is_integer() else new
         changed = changed or tuned[key] != value
-    return tuned if changed else None
+    return (tuned if changed else None), new_timeout
 
 
 def over_budget(

@@ -98,6 +98,13 @@ class CorrectionSpec(_Model):
     """How the controller reacts when a task fails beyond a plain retry."""
 
     mode: CorrectionMode = CorrectionMode.rules
+    max_retries: int = Field(
+        2,
+        ge=0,
+        le=100,
+        alias="maxRetries",
+        description="Retries the policy may spend on a task whose own retry.limit is lower.",
+    )
     max_surgeries: int = Field(10, ge=0, le=1000, alias="maxSurgeries")
     max_inserted_tasks: int = Field(5, ge=0, le=1000, alias="maxInsertedTasks")
     time_budget: Duration | None = Field(None, alias="timeBudget")

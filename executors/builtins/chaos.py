@@ -53,7 +53,7 @@ class HangParams(BaseModel):
 @executor(
     "chaos.hang",
     description="Sleeps params.seconds (past its timeout, to test timeouts).",
-    tunable={"seconds": "/2"},
+    tunable={"timeout": "x2"},  # the task's timeout: a longer one lets it finish
 )
 async def hang(params: HangParams, ctx: TaskContext) -> dict[str, Any]:
     await asyncio.sleep(params.seconds)

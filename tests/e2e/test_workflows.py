@@ -14,6 +14,9 @@ from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.e2e
 
+# These tests are about the spec's own retry policy: Correction Mode stays out of the way.
+RETRY_POLICY_ONLY = {"mode": "off"}
+
 
 def test_hello_example(client: Client) -> None:
     wid = client.submit((EXAMPLES / "hello.yaml").read_bytes())["id"]
@@ -79,6 +82,7 @@ def test_retry_then_succeed(client: Client) -> None:
             "params": {"failTimes": 2},
             "retry": {"limit": 3, "backoff": {"initial": "100ms", "factor": 2, "max": "1s"}},
         },
+        correction=RETRY_POLICY_ONLY,
     )
     wid = submit(client, doc)
     assert wait_finished(client, wid)["status"] == "succeeded"
@@ -102,6 +106,7 @@ def test_retries_exhausted_fails_and_cancels_downstream(client: Client) -> None:
         },
         {"name": "after", "type": "noop", "dependsOn": ["bad"]},
         {"name": "independent", "type": "noop"},
+        correction=RETRY_POLICY_ONLY,
     )
     wid = submit(client, doc)
     wf = wait_finished(client, wid)
@@ -118,6 +123,7 @@ def test_permanent_errors_are_not_retried(client: Client) -> None:
     doc = workflow(
         "permanent",
         {"name": "p", "type": "chaos.fail", "params": {"class": "invalid_input"}, "retry": {"limit": 3}},
+        correction=RETRY_POLICY_ONLY,
     )
     wid = submit(client, doc)
     assert wait_finished(client, wid)["status"] == "failed"
@@ -140,7 +146,11 @@ def test_output_failing_expect_is_failed_by_the_evaluator(client: Client) -> Non
 
 
 def test_timeout(client: Client) -> None:
-    doc = workflow("timeout", {"name": "slow", "type": "chaos.hang", "params": {"seconds": 60}, "timeout": "1s"})
+    doc = workflow(
+        "timeout",
+        {"name": "slow", "type": "chaos.hang", "params": {"seconds": 60}, "timeout": "1s"},
+        correction=RETRY_POLICY_ONLY,
+    )
     wid = submit(client, doc)
     wf = wait_finished(client, wid, timeout=30)
     assert wf["status"] == "failed"

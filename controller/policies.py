@@ -1,0 +1,201 @@
+"""The policy registry (Postgres) and the policies a controller decides with, reloaded live.
+
+Versions live in ``policies``: weights, feature schema, reward version, training data window and
+evaluation report. At most one is ``active``. Activating one NOTIFYs every controller, which loads
+it without a restart; a periodic check catches a missed notification.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from controller.correction import FailureContext, RulesPolicy, learned_available, load_learned_policy
+from controller.correction.policy import Decision, Policy
+from controller.schema import policies
+from dagsmith.errors import Conflict, NotFound
+from dagsmith.spec import CorrectionMode
+
+log = structlog.get_logger(__name__)
+CHANNEL_POLICIES = "dagsmith_policies"
+
+
+@dataclass(frozen=True)
+class Choice:
+    decision: Decision  # what is done
+    shadow: Decision | None  # shadow mode: what the learned policy would have done
+    mode: CorrectionMode
+
+    @property
+    def actor(self) -> str:
+        version = self.decision.policy_version
+        return "rules" if version.startswith("rules") else f"policy:{version}"
+
+
+class PolicyBox:
+    """The rules, and the active learned policy if there is one (swapped in place on reload)."""
+
+    def __init__(self) -> None:
+        self.rules = RulesPolicy()
+        self.learned: Policy | None = None
+        self.version: str | None = None
+        self.checked_at = 0.0
+
+    async def refresh(self, db: AsyncEngine, *, force: bool = False) -> None:
+        if not force and time.monotonic() - self.checked_at < 30:
+            return
+        self.checked_at = time.monotonic()
+        async with db.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(policies.c.version, policies.c.weights).where(policies.c.status == "active")
+                )
+            ).first()
+        if row is None:
+            if self.version is not None:
+                log.info("no active policy any more: deciding with the rules")
+            self.learned, self.version = None, None
+            return
+        if row.version == self.version:
+            return
+        if not learned_available():
+            log.warning(
+                "an active learned policy exists but torch is not installed; deciding with the rules",
+                version=row.version,
+            )
+            return
+        try:
+            self.learned = load_learned_policy(bytes(row.weights), row.version)
+            self.version = row.version
+            log.info("active policy loaded", version=row.version)
+        except Exception:
+            log.exception("could not load the active policy; deciding with the rules", version=row.version)
+
+    def choose(self, mode: CorrectionMode, ctx: FailureContext) -> Choice:
+        if mode == CorrectionMode.learned:
+            if self.learned is None:
+                return Choice(self.rules.decide(ctx, fallback_reason="no_active_policy"), None, mode)
+            return Choice(self.learned.decide(ctx), None, mode)
+        decision = self.rules.decide(ctx)
+        shadow = None
+        if mode == CorrectionMode.shadow and self.learned is not None:
+            shadow = self.learned.decide(ctx)
+        return Choice(decision, shadow, mode)
+
+
+# --- The registry: what `dagsmith policy` and the trainer use. ---
+
+
+def _summary(row: Any) -> dict[str, Any]:
+    return {
+        "version": row.version,
+        "status": row.status,
+        "feature_schema_version": row.feature_schema_version,
+        "reward_version": row.reward_version,
+        "training": row.training,
+        "evaluation": row.evaluation,
+        "created_at": row.created_at,
+        "activated_at": row.activated_at,
+        "retired_at": row.retired_at,
+    }
+
+
+async def register(
+    conn: AsyncConnection,
+    *,
+    version: str,
+    weights: bytes,
+    feature_schema_version: int,
+    reward_version: str,
+    training: dict[str, Any],
+    evaluation: dict[str, Any],
+) -> None:
+    await conn.execute(
+        sa.insert(policies).values(
+            version=version,
+            status="candidate",
+            weights=weights,
+            feature_schema_version=feature_schema_version,
+            reward_version=reward_version,
+            training=_jsonable(training),
+            evaluation=_jsonable(evaluation),
+        )
+    )
+
+
+def _jsonable(value: dict[str, Any]) -> Any:
+    return orjson.loads(orjson.dumps(value, default=str, option=orjson.OPT_SERIALIZE_NUMPY))
+
+
+async def list_versions(conn: AsyncConnection) -> list[dict[str, Any]]:
+    rows = await conn.execute(sa.select(policies).order_by(policies.c.created_at.desc()))
+    return [_summary(r) for r in rows]
+
+
+async def active(conn: AsyncConnection) -> dict[str, Any] | None:
+    row = (await conn.execute(sa.select(policies).where(policies.c.status == "active"))).first()
+    return _summary(row) if row else None
+
+
+async def weights_of(conn: AsyncConnection, version: str) -> bytes:
+    row = (await conn.execute(sa.select(policies.c.weights).where(policies.c.version == version))).first()
+    if row is None:
+        raise NotFound(f"no policy version {version!r}")
+    return bytes(row.weights)
+
+
+async def activate(conn: AsyncConnection, version: str, *, force: bool = False) -> dict[str, Any]:
+    """Make ``version`` the active policy. Only versions whose gate passed, unless ``force``."""
+    row = (await conn.execute(sa.select(policies).where(policies.c.version == version).with_for_update())).first()
+    if row is None:
+        raise NotFound(f"no policy version {version!r}")
+    gate = (row.evaluation or {}).get("gate", {})
+    if not force and not gate.get("passed"):
+        raise Conflict(
+            f"policy {version} did not pass the gate ({gate.get('reason', 'no gate report')}); "
+            "activate it anyway with force"
+        )
+    await conn.execute(
+        sa.update(policies)
+        .where(policies.c.status == "active", policies.c.version != version)
+        .values(status="retired", retired_at=sa.func.now())
+    )
+    await conn.execute(
+        sa.update(policies).where(policies.c.version == version).values(status="active", activated_at=sa.func.now())
+    )
+    await conn.execute(sa.select(sa.func.pg_notify(CHANNEL_POLICIES, version)))
+    return await active(conn) or {}
+
+
+async def rollback(conn: AsyncConnection) -> dict[str, Any] | None:
+    """Retire the active version and re-activate the one active before it (or none: the rules)."""
+    current = (await conn.execute(sa.select(policies).where(policies.c.status == "active").with_for_update())).first()
+    if current is None:
+        raise Conflict("no policy is active: the controllers already decide with the rules")
+    previous = (
+        await conn.execute(
+            sa.select(policies.c.version)
+            .where(policies.c.status == "retired", policies.c.activated_at.is_not(None))
+            .order_by(policies.c.activated_at.desc())
+            .limit(1)
+        )
+    ).first()
+    await conn.execute(
+        sa.update(policies)
+        .where(policies.c.version == current.version)
+        .values(status="retired", retired_at=sa.func.now())
+    )
+    if previous is not None:
+        await conn.execute(
+            sa.update(policies)
+            .where(policies.c.version == previous.version)
+            .values(status="active", activated_at=sa.func.now())
+        )
+    await conn.execute(sa.select(sa.func.pg_notify(CHANNEL_POLICIES, previous.version if previous else "")))
+    return await active(conn)

@@ -1,0 +1,169 @@
+"""Correction Mode on the live stack: the policy picks a surgery, the DAG changes, the decision is
+logged with what the learning loop needs, and the outcome is filled in when known."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+
+from dagsmith.client import Client
+from dagsmith.settings import Settings
+from tests.e2e.conftest import pg, submit, wait_finished, workflow
+from tests.support.stack import Stack
+from tests.support.wait import wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def decisions(settings: Settings, wid: str) -> list[dict[str, Any]]:
+    with pg(settings) as conn:
+        conn.row_factory = psycopg.rows.dict_row
+        return conn.execute("SELECT * FROM correction_decisions WHERE workflow_id = %s ORDER BY id", (wid,)).fetchall()
+
+
+def test_rules_insert_a_repair_task_for_bad_input(client: Client, settings: Settings) -> None:
+    doc = workflow(
+        "auto-repair",
+        {"name": "parse", "type": "json.parse", "params": {"text": "```json\n{'answer': 42,}\n```"}},
+        output="{{ tasks.parse.output.value }}",
+    )
+    wid = submit(client, doc)
+    wf = wait_finished(client, wid)
+    assert wf["status"] == "succeeded", wf
+    assert client.result(wid)["output"] == {"answer": 42}
+    (rev,) = client.revisions(wid)
+    assert rev["actor"] == "rules" and rev["operation"] == "insert"
+    assert rev["reason"]["error_class"] == "invalid_input" and rev["reason"]["action"] == "insert_repair"
+    (d,) = decisions(settings, wid)
+    assert d["action"] == "insert_repair" and d["policy_version"] == "rules-v1" and d["mode"] == "rules"
+    assert d["probability"] == 1.0 and sum(d["probabilities"]) == pytest.approx(1.0)
+    assert len(d["observation"]) == 43  # the feature vector of schema v1
+    assert d["mask"][4] is True  # insert_repair was valid: json.parse declares json.repair
+    assert d["features"]["has_repair"] is True and d["features"]["error_class"] == "invalid_input"
+    assert d["outcome"]["fixed"] is True and d["outcome"]["inserted"] == 1
+
+
+def test_rules_retry_a_transient_failure_within_the_correction_allowance(client: Client, settings: Settings) -> None:
+    wid = submit(client, workflow("blip", {"name": "b", "type": "chaos.flaky", "params": {"failTimes": 1}}))
+    assert wait_finished(client, wid)["status"] == "succeeded"
+    (d,) = decisions(settings, wid)
+    assert d["action"] == "retry_now" and d["features"]["max_retries"] == 2  # spec.correction.maxRetries
+    assert d["outcome"]["fixed"] is True
+
+
+def test_rules_reroute_to_the_fallback(client: Client) -> None:
+    doc = workflow(
+        "reroute",
+        {
+            "name": "call",
+            "type": "chaos.fail",
+            "params": {"class": "unavailable"},
+            "fallback": "echo",
+            "retry": {"backoff": {"initial": "100ms"}},
+        },
+    )
+    wid = submit(client, doc)
+    assert wait_finished(client, wid)["status"] == "succeeded"
+    ops = [r["operation"] for r in client.revisions(wid)]
+    assert ops == ["retry", "reroute"]  # unavailable: back off first, then another capability
+    (node,) = client.dag(wid)["nodes"]
+    assert node["type"] == "echo" and node["rerouted"] is True
+
+
+def test_rules_tune_a_timeout(client: Client) -> None:
+    doc = workflow("tune", {"name": "slow", "type": "chaos.hang", "params": {"seconds": 1.2}, "timeout": "1s"})
+    wid = submit(client, doc)
+    assert wait_finished(client, wid, timeout=30)["status"] == "succeeded"
+    (rev,) = client.revisions(wid)
+    assert rev["reason"]["action"] == "retry_tuned"
+    assert {"op": "set", "task": "slow", "field": "timeout", "old": 1.0, "new": 2.0} in rev["diff"]
+
+
+def test_skip_optional_and_abort_otherwise(client: Client) -> None:
+    doc = workflow(
+        "skip-me",
+        {
+            "name": "extra",
+            "type": "chaos.fail",
+            "params": {"class": "permanent"},
+            "optional": True,
+            "default": {"n": 0},
+        },
+        {"name": "use", "type": "echo", "dependsOn": ["extra"], "params": {"n": "{{ tasks.extra.output.n }}"}},
+    )
+    wid = submit(client, doc)
+    assert wait_finished(client, wid)["status"] == "succeeded"
+    assert {t["name"]: t["status"] for t in client.tasks(wid)["items"]} == {"extra": "skipped", "use": "succeeded"}
+
+    doc = workflow(
+        "abort-me",
+        {"name": "doomed", "type": "chaos.fail", "params": {"class": "permanent", "message": "no way"}},
+        {"name": "bystander", "type": "sleep", "params": {"seconds": 30}},
+    )
+    wid = submit(client, doc)
+    wf = wait_finished(client, wid)
+    assert wf["status"] == "failed"
+    assert wf["error"]["code"] == "aborted"
+    assert "task 'doomed' failed: permanent: no way" in wf["error"]["message"]
+    statuses = {t["name"]: t["status"] for t in client.tasks(wid)["items"]}
+    assert statuses == {"doomed": "failed", "bystander": "cancelled"}  # aborting cancels what runs
+
+
+def test_budget_exhausted_fails_with_a_clear_reason(client: Client) -> None:
+    doc = workflow(
+        "budget",
+        {"name": "t", "type": "chaos.fail", "params": {"class": "transient"}},
+        correction={"maxSurgeries": 1, "maxRetries": 5},
+    )
+    wid = submit(client, doc)
+    wf = wait_finished(client, wid)
+    assert wf["status"] == "failed"
+    assert wf["dag_revision"] == 2  # one retry, then the abort
+    assert "correction" in wf["error"]["message"]
+
+
+def test_surgery_survives_a_controller_crash_in_the_middle(stack: Stack, client: Client, settings: Settings) -> None:
+    """A trigger holds the surgery's transaction open; the controller is killed inside it.
+    Nothing is half-applied, the failed result is redelivered, and the surgery happens once."""
+    with pg(settings) as conn:
+        conn.execute(
+            """
+            CREATE OR REPLACE FUNCTION test_hold_surgery() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.task_name = 'held' THEN PERFORM pg_sleep(30); END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER test_hold_surgery BEFORE INSERT ON dag_revisions
+                FOR EACH ROW EXECUTE FUNCTION test_hold_surgery();
+            """
+        )
+    try:
+        wid = submit(client, workflow("crashy", {"name": "held", "type": "chaos.flaky", "params": {"failTimes": 1}}))
+        with pg(settings) as conn:
+            wait_until(
+                lambda: conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%INSERT INTO dag_revisions%' "
+                    "AND state = 'active'"
+                ).fetchone()[0],  # type: ignore[index]
+                timeout=30,
+                what="the controller to be inside the surgery",
+            )
+            stack.kill("controller")
+            conn.execute("DROP TRIGGER test_hold_surgery ON dag_revisions")
+            assert conn.execute("SELECT count(*) FROM dag_revisions WHERE workflow_id = %s", (wid,)).fetchone() == (0,)
+        stack.start("controller", "controller")
+        assert wait_finished(client, wid, timeout=60)["status"] == "succeeded"
+        assert len(client.revisions(wid)) == 1
+        assert len(decisions(settings, wid)) == 1
+    finally:
+        with pg(settings) as conn:
+            conn.execute("DROP TRIGGER IF EXISTS test_hold_surgery ON dag_revisions")
+            # the killed controller's backend may still sleep in the trigger: end it
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(30)%' "
+                "AND pid <> pg_backend_pid()"
+            )
+        if not stack.procs["controller"].alive():
+            stack.start("controller", "controller")
