@@ -17,7 +17,7 @@ import dagsmith
 from api import errors
 from api.deps import AppState
 from api.events_hub import EventsHub
-from api.routes import system, tokens, workflows
+from api.routes import policies, system, tokens, workflows
 from controller.db import create_engine
 from dagsmith.settings import Settings, get_settings
 from dagsmith.spec import WorkflowDocument
@@ -91,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(workflows.router)
     app.include_router(system.router)
     app.include_router(tokens.router)
+    app.include_router(policies.router)
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

@@ -268,7 +268,7 @@ class Corrector:
                     "obs": featurize(ctx),
                     "mask": list(d.mask),
                     "action": str(d.action),
-                    "p": d.chosen_probability,
+                    "p": choice.propensity,
                     "probs": list(d.probabilities),
                     "fallback": d.fallback_reason,
                     "s_action": str(shadow.action) if shadow else None,

@@ -31,6 +31,10 @@ class Choice:
     decision: Decision  # what is done
     shadow: Decision | None  # shadow mode: what the learned policy would have done
     mode: CorrectionMode
+    # The probability with which the chosen action was actually taken (the propensity the
+    # off-policy estimate divides by): 1 for deterministic choices (rules, argmax), the
+    # distribution's entry when the policy samples.
+    propensity: float = 1.0
 
     @property
     def actor(self) -> str:
@@ -81,7 +85,9 @@ class PolicyBox:
         if mode == CorrectionMode.learned:
             if self.learned is None:
                 return Choice(self.rules.decide(ctx, fallback_reason="no_active_policy"), None, mode)
-            return Choice(self.learned.decide(ctx), None, mode)
+            decision = self.learned.decide(ctx)
+            sampled = bool(getattr(self.learned, "sample", False)) and decision.fallback_reason is None
+            return Choice(decision, None, mode, decision.chosen_probability if sampled else 1.0)
         decision = self.rules.decide(ctx)
         shadow = None
         if mode == CorrectionMode.shadow and self.learned is not None:

@@ -91,6 +91,15 @@ class Client:
     def revisions(self, workflow_id: str) -> list[dict[str, Any]]:
         return self._request("GET", f"/v1/workflows/{workflow_id}/revisions").json()
 
+    def policies(self) -> list[dict[str, Any]]:
+        return self._request("GET", "/v1/policies").json()
+
+    def activate_policy(self, version: str, force: bool = False) -> dict[str, Any]:
+        return self._request("POST", f"/v1/policies/{version}/activate", params={"force": force}).json()
+
+    def rollback_policy(self) -> dict[str, Any] | None:
+        return self._request("POST", "/v1/policies/rollback").json()
+
     def create_token(
         self, name: str, scopes: list[str], namespaces: list[str], expires_in: str | None = None
     ) -> dict[str, Any]:

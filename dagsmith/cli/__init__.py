@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import typer
 
-from dagsmith.cli import client_cmds, operator_cmds, services, surgery_cmds, token_cmds, trainer_cmds
+from dagsmith.cli import (
+    client_cmds,
+    operator_cmds,
+    policy_cmds,
+    services,
+    surgery_cmds,
+    token_cmds,
+    trainer_cmds,
+)
 
 app = typer.Typer(
     name="dagsmith",
@@ -24,6 +32,7 @@ operator_cmds.register(app)
 token_cmds.register(app)
 surgery_cmds.register(app)
 app.add_typer(trainer_cmds.app, name="trainer", rich_help_panel="Learning")
+app.add_typer(policy_cmds.app, name="policy", rich_help_panel="Learning")
 
 
 def main() -> None:

@@ -61,9 +61,35 @@ def train_cmd(
     timesteps: Annotated[int | None, typer.Option("--timesteps", help="Decisions per seed")] = None,
     params_file: ParamsOption = None,
     records_file: RecordsOption = None,
+    from_db: Annotated[
+        bool,
+        typer.Option("--from-db", help="Fit to the logged decisions in Postgres, gate, register (and activate)"),
+    ] = False,
+    activate: Annotated[
+        bool, typer.Option("--activate/--no-activate", help="With --from-db: activate if the gate passes")
+    ] = True,
 ) -> None:
-    """Train PPO policies on the simulator, one per seed; writes policy-seed<N>.pt and diagnostics."""
+    """Train PPO policies on the simulator, one per seed; writes policy-seed<N>.pt and diagnostics.
+
+    With --from-db: fit the simulator to the decisions logged in Postgres, train, keep the best
+    seed, run the gate (held-out simulator episodes and an off-policy estimate on real decisions),
+    register the version, and activate it if it passed.
+    """
     _require_torch()
+    if from_db:
+        from dagsmith.settings import get_settings
+        from trainer.loop import train_and_gate
+
+        trained = train_and_gate(
+            get_settings().database_url.get_secret_value(),
+            seeds=seeds,
+            timesteps=timesteps,
+            activate=activate,
+            log=lambda line: typer.echo(line, err=True),
+        )
+        state = "activated" if trained.activated else "registered (not active)"
+        typer.echo(f"{trained.version}: {state} in {trained.wall_seconds:.0f}s — {trained.report.reason}")
+        raise typer.Exit(0 if trained.report.passed or not activate else 1)
     from trainer.ppo import PPOConfig, train
     from trainer.simulator import STREAM_VALID, Simulator
 
@@ -173,3 +199,18 @@ def benchmark_cmd(
     for target in result.targets:
         typer.echo(f"{'met   ' if target.met else 'MISSED'} {target.name}: {target.value} (goal {target.goal})")
     typer.echo(f"wrote {md} and {png}")
+
+
+@app.command("serve")
+def serve_cmd(
+    interval: Annotated[float, typer.Option("--interval", help="Seconds between checks for new data")] = 3600.0,
+    min_new: Annotated[int, typer.Option("--min-new", help="New decisions with outcomes needed to retrain")] = 50,
+    seeds: Annotated[int, typer.Option("--seeds", min=1)] = 3,
+    timesteps: Annotated[int | None, typer.Option("--timesteps")] = None,
+) -> None:
+    """The trainer service: retrain from new decisions on a schedule, gate, activate."""
+    from dagsmith.cli.services import run_service
+    from trainer.service import TrainerService
+
+    _require_torch()
+    run_service("trainer", lambda stop: TrainerService(interval, min_new, seeds, timesteps).run(stop))

@@ -1,0 +1,62 @@
+"""``dagsmith policy list|activate|rollback``: the correction-policy registry (admin token)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from dagsmith.cli.client_cmds import DEFAULT_API, ApiOption, TokenOption, console, handle, out
+from dagsmith.client import Client, ClientError
+
+app = typer.Typer(help="List, activate and roll back correction-policy versions.", no_args_is_help=True)
+
+
+@app.command("list")
+def list_(api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
+    """Policy versions with their gate results."""
+    with Client(api, token=token) as client:
+        try:
+            items = client.policies()
+        except ClientError as exc:
+            handle(exc)
+    table = Table("VERSION", "STATUS", "GATE", "RECORDS", "CREATED", "WHY")
+    for p in items:
+        gate = (p["evaluation"] or {}).get("gate", {})
+        table.add_row(
+            p["version"],
+            p["status"],
+            "passed" if gate.get("passed") else "failed",
+            str((p["training"] or {}).get("records", "")),
+            str(p["created_at"])[:19],
+            str(gate.get("reason", ""))[:70],
+        )
+    out.print(table)
+
+
+@app.command()
+def activate(
+    version: Annotated[str, typer.Argument(help="The version to make active")],
+    force: Annotated[bool, typer.Option("--force", help="Even if its gate failed")] = False,
+    api: ApiOption = DEFAULT_API,
+    token: TokenOption = None,
+) -> None:
+    """Make a version active; controllers switch to it within moments, without a restart."""
+    with Client(api, token=token) as client:
+        try:
+            client.activate_policy(version, force)
+        except ClientError as exc:
+            handle(exc)
+    console.print(f"{version} is the active policy", highlight=False)
+
+
+@app.command()
+def rollback(api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
+    """Retire the active version; the one before it (or the rules) decides again."""
+    with Client(api, token=token) as client:
+        try:
+            previous = client.rollback_policy()
+        except ClientError as exc:
+            handle(exc)
+    console.print(f"active policy: {previous['version'] if previous else 'none (the rules decide)'}", highlight=False)

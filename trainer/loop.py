@@ -1,0 +1,261 @@
+"""The learning loop against the real system: decision records from Postgres, the gate, the
+registry. ``train_and_gate`` is what ``dagsmith trainer train --from-db`` and the trainer service run.
+
+The gate a candidate must pass before it may become active:
+
+1. **Simulator**: on held-out simulator episodes (the TEST stream, never trained or tuned on) the
+   candidate — with its fallback to the rules in place — beats the rules, and beats the active
+   policy if there is one: the paired 95% bootstrap interval of the reward difference is above 0.
+2. **Off-policy, on real decisions**: on the most recent logged decisions with known outcomes, a
+   self-normalised importance-sampling estimate (per decision, with the logged propensities) of
+   the candidate's reward is no worse than the active policy's (or the rules'): the 95% bootstrap
+   lower bound of (candidate - active) is at least ``-tolerance``. It needs ``min_decisions``
+   records and an effective sample size of at least ``min_ess``; with less data the gate fails,
+   saying so — an untested policy is never activated silently.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from controller.correction import ACTIONS, FEATURE_SCHEMA_VERSION, FailureContext, RulesPolicy
+from controller.correction.policy import Policy
+from trainer.evaluate import evaluate, paired_difference_ci
+from trainer.params import RewardWeights, SimulatorParams
+from trainer.simulator import STREAM_TEST, STREAM_VALID, Simulator
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    test_episodes: int = 2000
+    recent_decisions: int = 1000  # the OPE uses at most this many of the latest decisions
+    min_decisions: int = 30
+    min_ess: float = 10.0
+    tolerance: float = 0.02  # reward units; the candidate may be this much worse in the OPE
+    n_boot: int = 2000
+
+
+@dataclass
+class GateReport:
+    passed: bool
+    reason: str
+    simulator: dict[str, Any] = field(default_factory=dict)
+    off_policy: dict[str, Any] = field(default_factory=dict)
+
+
+def load_records(conn: sa.Connection, limit: int = 20_000) -> list[dict[str, Any]]:
+    """Decisions with known outcomes, newest first, as the records ``SimulatorParams.fit`` and the
+    off-policy estimate read."""
+    rows = conn.execute(
+        sa.text(
+            """
+            SELECT features, action, probability, probabilities, policy_version, outcome, feature_schema_version
+            FROM correction_decisions
+            WHERE outcome IS NOT NULL AND feature_schema_version = :schema
+            ORDER BY id DESC LIMIT :limit
+            """
+        ),
+        {"schema": FEATURE_SCHEMA_VERSION, "limit": limit},
+    )
+    records = []
+    for r in rows:
+        outcome = r.outcome or {}
+        records.append(
+            {
+                "features": r.features,
+                "action": r.action,
+                "probability": r.probability,
+                "probabilities": list(r.probabilities),
+                "policy_version": r.policy_version,
+                "fixed": bool(outcome.get("fixed")),
+                "skipped": outcome.get("ended") == "skip",
+                "task_seconds": float(outcome.get("task_seconds") or 0.0),
+                "latency_added": float(outcome.get("latency_added") or 0.0),
+                "inserted": int(outcome.get("inserted") or 0),
+            }
+        )
+    return records
+
+
+def decision_reward(record: dict[str, Any], weights: RewardWeights = RewardWeights()) -> float:
+    """A logged decision's reward, on the simulator's scale (success dominates; costs subtract)."""
+    outcome = weights.fixed if record["fixed"] else weights.skipped if record.get("skipped") else weights.failed
+    return (
+        outcome
+        - weights.per_task_second * record["task_seconds"]
+        - weights.per_latency_second * record["latency_added"]
+        - weights.per_inserted_task * record["inserted"]
+    )
+
+
+def _policy_prob(policy: Policy, ctx: FailureContext, action: str) -> float:
+    decision = policy.decide(ctx)  # with its fallback: what would really be done
+    return float(decision.probabilities[[str(a) for a in ACTIONS].index(action)])
+
+
+def off_policy(records: list[dict[str, Any]], candidate: Policy, active: Policy, config: GateConfig) -> dict[str, Any]:
+    """Per-decision self-normalised importance sampling of both policies on the same records."""
+    rewards, w_candidate, w_active = [], [], []
+    for record in records:
+        try:
+            ctx = FailureContext.from_dict(record["features"])
+        except ValueError:
+            continue
+        logged = max(float(record["probability"]), 1e-6)
+        rewards.append(decision_reward(record))
+        w_candidate.append(_policy_prob(candidate, ctx, record["action"]) / logged)
+        w_active.append(_policy_prob(active, ctx, record["action"]) / logged)
+    r, wc, wa = np.array(rewards), np.array(w_candidate), np.array(w_active)
+    out: dict[str, Any] = {"decisions": len(r)}
+    if len(r) < config.min_decisions:
+        out["reason"] = f"only {len(r)} logged decisions with outcomes (needs {config.min_decisions})"
+        return out
+    ess = float(wc.sum() ** 2 / max((wc**2).sum(), 1e-12))
+    out["effective_sample_size"] = ess
+    if ess < config.min_ess:
+        out["reason"] = f"the candidate rarely chooses what was logged (effective sample size {ess:.1f})"
+        return out
+    rng = np.random.default_rng(0)
+    diffs = []
+    for _ in range(config.n_boot):
+        i = rng.integers(0, len(r), len(r))
+        diffs.append(_snips(r[i], wc[i]) - _snips(r[i], wa[i]))
+    out.update(
+        candidate=_snips(r, wc),
+        active=_snips(r, wa),
+        difference_low=float(np.quantile(diffs, 0.025)),
+        difference_high=float(np.quantile(diffs, 0.975)),
+    )
+    return out
+
+
+def _snips(rewards: np.ndarray, weights: np.ndarray) -> float:
+    total = weights.sum()
+    return float((weights * rewards).sum() / total) if total > 0 else float("nan")
+
+
+def gate(
+    candidate: Policy,
+    active: Policy | None,
+    params: SimulatorParams,
+    records: list[dict[str, Any]],
+    config: GateConfig = GateConfig(),
+) -> GateReport:
+    rules = RulesPolicy()
+    sim = Simulator(params)
+    test = sim.episodes(STREAM_TEST, 0, config.test_episodes)
+    cand_rewards = evaluate(sim, test, "candidate", [candidate]).rewards
+    report = GateReport(False, "")
+    failures = []
+    for name, other in (("rules", rules), ("active", active)):
+        if other is None:
+            continue
+        mean, low, high = paired_difference_ci(cand_rewards, evaluate(sim, test, name, [other]).rewards)
+        report.simulator[f"vs_{name}"] = {"difference": mean, "low": low, "high": high}
+        if low <= 0:
+            failures.append(f"on held-out simulator episodes it does not beat {name} (95% CI [{low:.3f}, {high:.3f}])")
+    ope = off_policy(records[: config.recent_decisions], candidate, active or rules, config)
+    report.off_policy = ope
+    if "reason" in ope:
+        failures.append(f"off-policy check impossible: {ope['reason']}")
+    elif ope["difference_low"] < -config.tolerance:
+        failures.append(
+            f"off-policy estimate on {ope['decisions']} real decisions is worse than the active policy "
+            f"(difference 95% CI [{ope['difference_low']:.3f}, {ope['difference_high']:.3f}])"
+        )
+    report.passed = not failures
+    report.reason = "; ".join(failures) if failures else "beats rules and active on held-out episodes; OPE no worse"
+    return report
+
+
+@dataclass
+class Trained:
+    version: str
+    report: GateReport
+    activated: bool
+    wall_seconds: float
+    records: int
+
+
+def train_and_gate(
+    database_url: str,
+    *,
+    seeds: int = 3,
+    timesteps: int | None = None,
+    activate: bool = True,
+    gate_config: GateConfig = GateConfig(),
+    prior: SimulatorParams | None = None,
+    log: Any = print,
+) -> Trained:
+    """Fit the simulator to the logged decisions, train one policy per seed, keep the best on the
+    validation stream, register it with its gate report, and activate it if the gate passed."""
+    import asyncio
+
+    from sqlalchemy import create_engine
+
+    from controller.correction.learned import LearnedPolicy
+    from controller.db import create_engine as create_async
+    from controller.policies import activate as activate_version
+    from controller.policies import register
+    from evaluator.reward import REWARD_VERSION
+    from trainer.ppo import PPOConfig, train
+
+    started = time.perf_counter()
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        records = load_records(conn)
+        active_row = conn.execute(sa.text("SELECT version, weights FROM policies WHERE status = 'active'")).first()
+    engine.dispose()
+    base = prior or SimulatorParams()
+    params = base.fit(records) if records else base
+    log(f"fitted the simulator to {len(records)} logged decisions")
+    sim = Simulator(params)
+    valid = sim.episodes(STREAM_VALID, 0, 500)
+    best = None
+    for seed in range(seeds):
+        config = PPOConfig(seed=seed) if timesteps is None else PPOConfig(seed=seed, total_timesteps=timesteps)
+        result = train(sim, config, valid)
+        score = result.curve[-1][1] if result.curve else float("-inf")
+        log(f"seed {seed}: validation reward {score:.3f} ({result.wall_seconds:.1f}s)")
+        if best is None or score > best[0]:
+            best = (score, seed, result)
+    assert best is not None
+    _, seed, result = best
+    version = time.strftime("ppo-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
+    weights = result.checkpoint({"seed": seed, "records": len(records)})
+    candidate = LearnedPolicy(weights, version)
+    active = LearnedPolicy(bytes(active_row.weights), active_row.version) if active_row else None
+    report = gate(candidate, active, params, records, gate_config)
+    log(f"gate {'passed' if report.passed else 'failed'}: {report.reason}")
+    evaluation = {"gate": asdict(report), "validation_reward": best[0], "seed": seed}
+    training = {"records": len(records), "seeds": seeds, "timesteps": timesteps, "params": params.to_dict()}
+
+    async def persist() -> bool:
+        db = create_async(database_url, pool_size=1, name="dagsmith-trainer")
+        try:
+            async with db.begin() as conn:
+                await register(
+                    conn,
+                    version=version,
+                    weights=weights,
+                    feature_schema_version=FEATURE_SCHEMA_VERSION,
+                    reward_version=REWARD_VERSION,
+                    training=training,
+                    evaluation=evaluation,
+                )
+            if activate and report.passed:
+                async with db.begin() as conn:
+                    await activate_version(conn, version)
+                return True
+            return False
+        finally:
+            await db.dispose()
+
+    activated = asyncio.run(persist())
+    return Trained(version, report, activated, time.perf_counter() - started, len(records))

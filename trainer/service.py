@@ -1,0 +1,92 @@
+"""The trainer service (``dagsmith trainer serve``): retrains the correction policy on a schedule.
+
+Every ``interval`` seconds it counts decisions whose outcome became known since the last
+training; with at least ``min_new`` of them it trains from the decision log, runs the gate and
+activates a version that passes (controllers pick it up live). Training runs in a thread so the
+metrics endpoint (port 9104) stays responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import sqlalchemy as sa
+import structlog
+from prometheus_client import Counter, Gauge, start_http_server
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from controller.db import create_engine
+from dagsmith.settings import get_settings
+
+log = structlog.get_logger(__name__)
+DEFAULT_METRICS_PORT = 9104
+GATE = Counter("dagsmith_policy_gate_total", "Trained policy versions by gate result.", ["result"])
+RUNS = Counter("dagsmith_trainer_runs_total", "Training runs.", ["outcome"])
+LAST_RUN = Gauge("dagsmith_trainer_last_run_timestamp_seconds", "When the last training run finished.")
+PENDING = Gauge("dagsmith_trainer_new_decisions", "Decisions with outcomes not yet trained on.")
+
+
+class TrainerService:
+    def __init__(self, interval: float, min_new: int, seeds: int, timesteps: int | None) -> None:
+        self.interval = interval
+        self.min_new = min_new
+        self.seeds = seeds
+        self.timesteps = timesteps
+        self.settings = get_settings()
+        self.trained_up_to = 0  # the highest decision id trained on
+
+    async def _new_decisions(self, db: AsyncEngine) -> tuple[int, int]:
+        async with db.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.text(
+                        "SELECT count(*), COALESCE(max(id), 0) FROM correction_decisions "
+                        "WHERE outcome IS NOT NULL AND id > :after"
+                    ),
+                    {"after": self.trained_up_to},
+                )
+            ).one()
+        return int(row[0]), int(row[1])
+
+    async def run(self, stop: asyncio.Event) -> None:
+        from trainer.loop import train_and_gate
+
+        port = self.settings.metrics_port or DEFAULT_METRICS_PORT
+        if port > 0:
+            start_http_server(port)
+        db = create_engine(self.settings.database_url.get_secret_value(), pool_size=1, name="dagsmith-trainer")
+        log.info("trainer started", interval=self.interval, min_new=self.min_new)
+        try:
+            while not stop.is_set():
+                try:
+                    new, newest = await self._new_decisions(db)
+                    PENDING.set(new)
+                    if new >= self.min_new:
+                        log.info("training on new decisions", new=new)
+                        trained = await asyncio.to_thread(
+                            train_and_gate,
+                            self.settings.database_url.get_secret_value(),
+                            seeds=self.seeds,
+                            timesteps=self.timesteps,
+                            log=lambda line: log.info(line),
+                        )
+                        self.trained_up_to = newest
+                        GATE.labels("passed" if trained.report.passed else "failed").inc()
+                        RUNS.labels("activated" if trained.activated else "registered").inc()
+                        LAST_RUN.set(time.time())
+                        log.info(
+                            "training finished",
+                            version=trained.version,
+                            activated=trained.activated,
+                            gate=trained.report.reason,
+                        )
+                except Exception:
+                    RUNS.labels("error").inc()
+                    log.exception("training run failed; trying again at the next interval")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self.interval)
+        finally:
+            await db.dispose()
+            log.info("trainer stopped")
