@@ -8,10 +8,12 @@ The gate a candidate must pass before it may become active:
    policy if there is one: the paired 95% bootstrap interval of the reward difference is above 0.
 2. **Off-policy, on real decisions**: on the most recent logged decisions with known outcomes, a
    self-normalised importance-sampling estimate (per decision, with the logged propensities) of
-   the candidate's reward is no worse than the active policy's (or the rules'): the 95% bootstrap
-   lower bound of (candidate - active) is at least ``-tolerance``. It needs ``min_decisions``
-   records and an effective sample size of at least ``min_ess``; with less data the gate fails,
-   saying so — an untested policy is never activated silently.
+   the candidate's reward is no worse than the active policy's (or the rules'): the estimated
+   difference (candidate - active) is at least ``-tolerance`` (its 95% bootstrap interval is
+   reported with it; with a few dozen decisions it is wide, so requiring its lower bound to clear
+   the tolerance would refuse nearly every policy until thousands of decisions exist). It needs
+   ``min_decisions`` records and an effective sample size of at least ``min_ess``; with less data
+   the gate fails, saying so — an untested policy is never activated silently.
 """
 
 from __future__ import annotations
@@ -164,10 +166,11 @@ def gate(
     report.off_policy = ope
     if "reason" in ope:
         failures.append(f"off-policy check impossible: {ope['reason']}")
-    elif ope["difference_low"] < -config.tolerance:
+    elif ope["candidate"] - ope["active"] < -config.tolerance:
         failures.append(
             f"off-policy estimate on {ope['decisions']} real decisions is worse than the active policy "
-            f"(difference 95% CI [{ope['difference_low']:.3f}, {ope['difference_high']:.3f}])"
+            f"({ope['candidate']:.3f} vs {ope['active']:.3f}; difference 95% CI "
+            f"[{ope['difference_low']:.3f}, {ope['difference_high']:.3f}])"
         )
     report.passed = not failures
     report.reason = "; ".join(failures) if failures else "beats rules and active on held-out episodes; OPE no worse"

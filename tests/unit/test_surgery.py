@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import pytest
+
+from controller.surgery import (
+    Operation,
+    SurgeryConflict,
+    SurgeryError,
+    TaskSnapshot,
+    abort,
+    insert_before,
+    over_budget,
+    replay,
+    reroute,
+    retry,
+    skip,
+    tune,
+)
+from dagsmith.spec import CorrectionSpec
+
+
+def snap(**kw: object) -> TaskSnapshot:
+    base = {
+        "id": 1,
+        "name": "t",
+        "type": "x.y",
+        "status": "failed",
+        "params": {"a": 1},
+        "depends_on": ["p"],
+        "spec": {},
+    }
+    base.update(kw)
+    return TaskSnapshot(**base)  # type: ignore[arg-type]
+
+
+def test_retry_with_params_records_the_change() -> None:
+    plan = retry(snap(), params={"a": 2}, delay=3)
+    assert plan.operation == Operation.retry and plan.delay == 3
+    assert plan.diff[0] == {"op": "set", "task": "t", "field": "params", "old": {"a": 1}, "new": {"a": 2}}
+
+
+def test_manual_surgery_on_running_task_is_a_conflict() -> None:
+    with pytest.raises(SurgeryConflict, match="running"):
+        retry(snap(status="running"), manual=True)
+    assert retry(snap(status="running")).operation == Operation.retry  # a policy may: the attempt is failing
+
+
+def test_reroute_and_insert_and_skip() -> None:
+    assert reroute(snap(), "a.b").new_type == "a.b"
+    with pytest.raises(SurgeryError):
+        reroute(snap(), "x.y")
+    plan = insert_before(snap(), task_type="fix.it", existing={"t", "t_repair1"})
+    assert plan.inserted == {"name": "t_repair2", "type": "fix.it", "params": {"a": 1}}
+    assert plan.diff[0]["task"]["dependsOn"] == ["p"] and plan.diff[1]["new"] == ["t_repair2"]
+    with pytest.raises(SurgeryError, match="not optional"):
+        skip(snap())
+    assert skip(snap(spec={"optional": True, "default": {"v": 0}})).output == {"v": 0}
+    assert abort(snap()).operation == Operation.abort
+
+
+def test_tune() -> None:
+    assert tune({"batch": 64, "n": "x"}, {"batch": "/2"}) == ({"batch": 32, "n": "x"}, None)
+    assert tune({}, {"timeout": "x2"}, timeout=1.5) == (None, 3.0)
+    assert tune({"timeout": 10}, {"timeout": "x2"}, timeout=1.0) == ({"timeout": 20}, None)
+    assert tune({"a": True}, {"a": "x2"}) == (None, None)
+
+
+def test_over_budget() -> None:
+    c = CorrectionSpec(maxSurgeries=2, maxInsertedTasks=1, timeBudget="1m", taskSecondsBudget=100)
+    assert over_budget(c, surgeries=1, inserted=0, elapsed=10, task_seconds=0) is None
+    assert "maxSurgeries" in (over_budget(c, surgeries=2, inserted=0, elapsed=10, task_seconds=0) or "")
+    plan = insert_before(snap(), task_type="f.x", existing=set())
+    assert "maxInsertedTasks" in (over_budget(c, surgeries=0, inserted=1, elapsed=0, task_seconds=0, plan=plan) or "")
+    assert "timeBudget" in (over_budget(c, surgeries=0, inserted=0, elapsed=61, task_seconds=0) or "")
+    assert "taskSecondsBudget" in (over_budget(c, surgeries=0, inserted=0, elapsed=0, task_seconds=101) or "")
+
+
+def test_replay_rebuilds_any_revision() -> None:
+    tasks = [{"name": "p", "type": "a"}, {"name": "t", "type": "x.y", "dependsOn": ["p"]}]
+    insert = insert_before(snap(), task_type="fix.it", existing=set()).diff
+    route = reroute(snap(), "z.z").diff
+    assert replay(tasks, []) == tasks
+    after = replay(tasks, [insert, route])
+    assert [t["name"] for t in after] == ["p", "t_repair1", "t"]
+    assert after[2]["dependsOn"] == ["t_repair1"] and after[2]["type"] == "z.z"
+    assert after[1]["dependsOn"] == ["p"]
+    assert tasks[1]["type"] == "x.y"  # the submitted spec is not modified
