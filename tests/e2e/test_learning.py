@@ -7,7 +7,6 @@ import statistics
 from collections.abc import Iterator
 from typing import Any
 
-
 import pytest
 
 from dagsmith.client import Client
