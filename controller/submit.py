@@ -14,23 +14,24 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from controller.db import CHANNEL_WORKFLOWS
 from controller.schema import workflows
 from dagsmith.errors import Conflict
-from dagsmith.validation import ValidatedWorkflow
+from dagsmith.validation import ValidatedWorkflow, bulk
 
 _INSERT_TASKS = sa.text(
     """
     INSERT INTO tasks (id, workflow_id, name, type, spec, params, depends_on, children, refs,
                        waiting_on, max_retries, timeout_s)
-    SELECT v.id, :workflow_id, v.name, v.type, v.spec, v.params, CAST(v.depends_on AS text[]),
-           CAST(v.children AS bigint[]), CAST(v.refs AS text[]), v.waiting_on, v.max_retries, v.timeout_s
-    FROM unnest(CAST(:ids AS bigint[]), CAST(:names AS text[]), CAST(:types AS text[]),
-                CAST(:specs AS jsonb[]), CAST(:params AS jsonb[]), CAST(:depends_on AS text[]),
-                CAST(:children AS text[]), CAST(:refs AS text[]), CAST(:waiting_on AS int[]),
-                CAST(:max_retries AS int[]), CAST(:timeouts AS float8[]))
-         AS v(id, name, type, spec, params, depends_on, children, refs, waiting_on, max_retries, timeout_s)
+    SELECT v.id, :workflow_id, v.name, v.type, v.spec, v.params,
+           ARRAY(SELECT jsonb_array_elements_text(v.depends_on)),
+           ARRAY(SELECT jsonb_array_elements_text(v.children)::bigint),
+           ARRAY(SELECT jsonb_array_elements_text(v.refs)),
+           v.waiting_on, v.max_retries, v.timeout_s
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+         AS v(id bigint, name text, type text, spec jsonb, params jsonb, depends_on jsonb, children jsonb,
+              refs jsonb, waiting_on int, max_retries int, timeout_s float8)
     """
 )
-# Postgres has no ragged arrays of arrays, so each task's array columns travel as a text literal
-# and are cast per row.
+# One JSON document per chunk: orjson encodes it in one pass and Postgres parses it in C, much
+# cheaper than binding eleven Python lists of 10,000 items element by element.
 
 
 @dataclass(frozen=True)
@@ -42,19 +43,6 @@ class Submitted:
 
 def spec_digest(document: dict[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
-
-
-def _pg_array(items: list[Any]) -> str:
-    """A Postgres array literal for text or integer items."""
-    if not items:
-        return "{}"
-    out = []
-    for item in items:
-        if isinstance(item, int):
-            out.append(str(item))
-        else:
-            out.append('"' + str(item).replace("\\", "\\\\").replace('"', '\\"') + '"')
-    return "{" + ",".join(out) + "}"
 
 
 async def submit(
@@ -117,26 +105,9 @@ async def submit(
     ]
     id_of = {t.name: i for t, i in zip(tasks, ids, strict=True)}
     for start in range(0, len(tasks), chunk):
-        part = tasks[start : start + chunk]
-        await conn.execute(
-            _INSERT_TASKS,
-            {
-                "workflow_id": workflow_id,
-                "ids": ids[start : start + chunk],
-                "names": [t.name for t in part],
-                "types": [t.type for t in part],
-                "specs": [
-                    orjson.dumps(t.model_dump(mode="json", by_alias=True, exclude_unset=True)).decode() for t in part
-                ],
-                "params": [orjson.dumps(t.params).decode() for t in part],
-                "depends_on": [_pg_array(t.depends_on) for t in part],
-                "children": [_pg_array([id_of[c] for c in workflow.children[t.name]]) for t in part],
-                "refs": [_pg_array(sorted(workflow.refs.get(t.name, ()))) for t in part],
-                "waiting_on": [len(set(t.depends_on)) for t in part],
-                "max_retries": [t.retry.limit for t in part],
-                "timeouts": [t.timeout for t in part],
-            },
-        )
+        with bulk():
+            body = _rows_json(tasks[start : start + chunk], ids[start : start + chunk], id_of, workflow)
+        await conn.execute(_INSERT_TASKS, {"workflow_id": workflow_id, "rows": body})
     await conn.execute(
         sa.text(
             "INSERT INTO task_events (workflow_id, to_status, reason, data) "
@@ -146,3 +117,24 @@ async def submit(
     )
     await conn.execute(sa.select(sa.func.pg_notify(CHANNEL_WORKFLOWS, str(workflow_id))))
     return Submitted(workflow_id, True, "pending")
+
+
+def _rows_json(part: list[Any], ids: list[int], id_of: dict[str, int], workflow: ValidatedWorkflow) -> str:
+    return orjson.dumps(
+        [
+            {
+                "id": task_id,
+                "name": t.name,
+                "type": t.type,
+                "spec": t.model_dump(mode="json", by_alias=True, exclude_unset=True),
+                "params": t.params,
+                "depends_on": t.depends_on,
+                "children": [id_of[c] for c in workflow.children[t.name]],
+                "refs": sorted(workflow.refs.get(t.name, ())),
+                "waiting_on": len(set(t.depends_on)),
+                "max_retries": t.retry.limit,
+                "timeout_s": t.timeout,
+            }
+            for t, task_id in zip(part, ids, strict=True)
+        ]
+    ).decode()

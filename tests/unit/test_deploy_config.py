@@ -95,7 +95,7 @@ def test_long_running_services_have_healthchecks_restart_policies_and_order() ->
 def test_dagsmith_services_share_one_image_and_pick_the_service_by_command() -> None:
     for name in DAGSMITH_SERVICES:
         assert SERVICES[name]["image"] == "${DAGSMITH_IMAGE:-dagsmith:local}", name
-    assert SERVICES["trainer"]["command"] == ["trainer"]
+    assert SERVICES["trainer"]["command"] == ["trainer", "serve"]
     assert SERVICES["executor"]["command"][0] == "executor"
     assert "container_name" not in SERVICES["executor"]  # or it could not scale
 
