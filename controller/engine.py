@@ -8,6 +8,7 @@ crash can at worst publish an attempt twice — never lose one. Messages are ack
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -149,16 +150,21 @@ class Engine:
             await self._correct(conn, workflow, task, failure, None, now, events, out, budget)
         if failures:
             await self._apply_failures(conn, [(t, a, None) for t, a, _ in failures], now, events)
-        if to_dispatch:
-            await self.publisher.publish(to_dispatch)
-            await store.mark_queued(conn, [(p.task.id, p.attempt, p.resolved) for p in to_dispatch], now)
-            for p in to_dispatch:
-                events.add(Event(p.task.workflow_id, "queued", p.task.id, p.task.name, p.attempt, "pending", at=now))
-                metrics.TASKS_DISPATCHED.labels(p.task.type).inc()
-                if p.task.id in ready_since:
-                    metrics.FINISH_TO_DISPATCH.observe(max(time.time() - ready_since[p.task.id], 0.0))
+        for p in to_dispatch:
+            events.add(Event(p.task.workflow_id, "queued", p.task.id, p.task.name, p.attempt, "pending", at=now))
+
+        async def write() -> None:
+            if to_dispatch:
+                await store.mark_queued(conn, [(p.task.id, p.attempt, p.resolved) for p in to_dispatch], now)
+            await store.insert_events(conn, events)
+
+        # The broker's confirms and the last writes overlap; both finish before the commit.
+        await asyncio.gather(self.publisher.publish(to_dispatch), write())
+        for p in to_dispatch:
+            metrics.TASKS_DISPATCHED.labels(p.task.type).inc()
+            if p.task.id in ready_since:
+                metrics.FINISH_TO_DISPATCH.observe(max(time.time() - ready_since[p.task.id], 0.0))
         out.dispatched = len(to_dispatch)
-        await store.insert_events(conn, events)
         return out
 
     async def _prepare(self, conn: AsyncConnection, workflow: WorkflowRow, task: TaskRow, attempt: int) -> Prepared:
@@ -322,10 +328,15 @@ class Engine:
                 )
                 metrics.TASKS_COMPLETED.labels(task.type, "succeeded").inc()
         released = await store.mark_succeeded(conn, succeeded)
-        if self.corrector is not None and released:
+        corrected = {t.id for t, a, _ in decided if isinstance(a, Succeed) and t.attempt > 1}
+        if self.corrector is not None and corrected:
+            # Only a corrected task can have an open decision, and a correction always means a new
+            # attempt: first attempts (nearly every success) skip this statement.
             by_id = {o.task_id: o for o in succeeded}
             fixed = []
             for task_id, _ in released:
+                if task_id not in corrected:
+                    continue
                 o = by_id[task_id]
                 fixed.append((task_id, max(o.finished_at - (o.started_at or o.finished_at), 0.0), o.finished_at))
             await close_fixed(conn, fixed)

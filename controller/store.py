@@ -594,11 +594,16 @@ async def insert_events(conn: AsyncConnection, events: Events) -> None:
     await conn.execute(
         sa.text(
             """
-            INSERT INTO task_events (workflow_id, task_id, task_name, attempt, from_status, to_status,
+            WITH inserted AS (
+                INSERT INTO task_events (workflow_id, task_id, task_name, attempt, from_status, to_status,
                                      reason, data, at)
-            SELECT w, t, n, a, f, s, r, d, to_timestamp(at)
-            FROM jsonb_to_recordset(CAST(:rows AS jsonb))
-                 AS v(w uuid, t bigint, n text, a int, f text, s text, r text, d jsonb, at float8)
+                SELECT w, t, n, a, f, s, r, d, to_timestamp(at)
+                FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+                     AS v(w uuid, t bigint, n text, a int, f text, s text, r text, d jsonb, at float8)
+                RETURNING workflow_id
+            )
+            -- wake the event streams of the workflows that changed (one NOTIFY each)
+            SELECT pg_notify(:channel, w::text) FROM (SELECT DISTINCT workflow_id AS w FROM inserted) changed
             """
         ),
         {
@@ -615,12 +620,9 @@ async def insert_events(conn: AsyncConnection, events: Events) -> None:
                     "at": e.at if e.at is not None else time.time(),
                 }
                 for e in items
-            )
+            ),
+            "channel": CHANNEL_EVENTS,
         },
-    )
-    await conn.execute(
-        sa.text("SELECT pg_notify(:channel, w) FROM unnest(CAST(:ids AS text[])) AS w"),
-        {"channel": CHANNEL_EVENTS, "ids": sorted({str(e.workflow_id) for e in items})},
     )
     items.clear()
 
