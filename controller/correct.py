@@ -135,10 +135,11 @@ class Corrector:
             elapsed=now - (workflow.started_at or now),
             task_seconds=workflow.task_seconds,
         )
+        taken = (
+            await revisions.names_like(conn, workflow.id, f"{task.name}_repair") if action == A.insert_repair else set()
+        )
         try:
-            plan = self._plan(
-                action, snap, task, capability, fallbacks, tuned_params, tuned_timeout, inserted, correction
-            )
+            plan = self._plan(action, snap, task, capability, fallbacks, tuned_params, tuned_timeout, taken)
         except SurgeryError as exc:
             log.warning("planned surgery impossible; aborting", action=str(action), error=str(exc))
             plan, stop = abort(snap), str(exc)
@@ -188,8 +189,7 @@ class Corrector:
         fallbacks: list[str],
         tuned_params: dict[str, Any] | None,
         tuned_timeout: float | None,
-        inserted: int,
-        correction: Any,
+        taken: set[str],
     ) -> Plan:
         if action == A.retry_now:
             return retry(snap)
@@ -201,7 +201,7 @@ class Corrector:
         if action == A.reroute:
             return reroute(snap, fallbacks[0])
         if action == A.insert_repair:
-            return insert_before(snap, task_type=capability["repair"], existing=set())
+            return insert_before(snap, task_type=capability["repair"], existing=taken)
         if action == A.skip:
             return skip_plan(snap)
         return abort(snap)

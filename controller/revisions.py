@@ -56,8 +56,12 @@ async def snapshot(conn: AsyncConnection, workflow_id: uuid.UUID, name: str) -> 
     )
 
 
-async def task_names(conn: AsyncConnection, workflow_id: uuid.UUID) -> set[str]:
-    rows = await conn.execute(sa.text("SELECT name FROM tasks WHERE workflow_id = :w"), {"w": workflow_id})
+async def names_like(conn: AsyncConnection, workflow_id: uuid.UUID, prefix: str) -> set[str]:
+    """Task names starting with ``prefix`` (to pick a free name): an index range scan, not the whole DAG."""
+    rows = await conn.execute(
+        sa.text("SELECT name FROM tasks WHERE workflow_id = :w AND name >= :p AND name < :p || chr(1114111)"),
+        {"w": workflow_id, "p": prefix},
+    )
     return {r[0] for r in rows}
 
 
@@ -335,14 +339,8 @@ async def manual(
     elif operation == "insert":
         if not new_type:
             raise SurgeryError("insert needs the type of the task to insert")
-        plan = insert_before(
-            task,
-            task_type=new_type,
-            existing=await task_names(conn, workflow_id),
-            params=params,
-            name=name,
-            manual=True,
-        )
+        taken = await names_like(conn, workflow_id, name or f"{task.name}_repair")
+        plan = insert_before(task, task_type=new_type, existing=taken, params=params, name=name, manual=True)
     elif operation == "skip":
         plan = skip(task, manual=True)
     else:
