@@ -203,14 +203,22 @@ def benchmark_cmd(
 
 @app.command("serve")
 def serve_cmd(
-    interval: Annotated[float, typer.Option("--interval", help="Seconds between checks for new data")] = 3600.0,
-    min_new: Annotated[int, typer.Option("--min-new", help="New decisions with outcomes needed to retrain")] = 50,
-    seeds: Annotated[int, typer.Option("--seeds", min=1)] = 3,
-    timesteps: Annotated[int | None, typer.Option("--timesteps")] = None,
+    interval: Annotated[float | None, typer.Option("--interval", help="[DAGSMITH_TRAINER_INTERVAL]")] = None,
+    min_new: Annotated[int | None, typer.Option("--min-new", help="[DAGSMITH_TRAINER_MIN_NEW]")] = None,
+    seeds: Annotated[int | None, typer.Option("--seeds", help="[DAGSMITH_TRAINER_SEEDS]")] = None,
+    timesteps: Annotated[int | None, typer.Option("--timesteps", help="[DAGSMITH_TRAINER_TIMESTEPS]")] = None,
 ) -> None:
     """The trainer service: retrain from new decisions on a schedule, gate, activate."""
     from dagsmith.cli.services import run_service
+    from dagsmith.settings import get_settings
     from trainer.service import TrainerService
 
     _require_torch()
-    run_service("trainer", lambda stop: TrainerService(interval, min_new, seeds, timesteps).run(stop))
+    s = get_settings()
+    service = TrainerService(
+        interval or s.trainer_interval,
+        min_new or s.trainer_min_new,
+        seeds or s.trainer_seeds,
+        timesteps or s.trainer_timesteps,
+    )
+    run_service("trainer", lambda stop: service.run(stop))

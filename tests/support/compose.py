@@ -126,6 +126,12 @@ class Compose:
                 "DAGSMITH_HEARTBEAT_INTERVAL": "2",
                 "DAGSMITH_LEASE_TTL": "10",
                 "DAGSMITH_RESYNC_INTERVAL": "1",
+                # A trainer that retrains as soon as a few decisions exist, quickly, so that the
+                # learning panels (gate results, active policy, shadow agreement) have data.
+                "DAGSMITH_TRAINER_INTERVAL": "10",
+                "DAGSMITH_TRAINER_MIN_NEW": "3",
+                "DAGSMITH_TRAINER_SEEDS": "1",
+                "DAGSMITH_TRAINER_TIMESTEPS": "5000",
             }
         )
         workdir.mkdir(parents=True, exist_ok=True)
