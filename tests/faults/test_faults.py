@@ -147,6 +147,30 @@ def test_executor_hang_past_its_lease(installation: Make, report: Report) -> Non
     assert stale >= 1, "the stale results of the hung executor never reached the controller"
 
 
+def test_rabbitmq_restart_and_dropped_connections(installation: Make, report: Report) -> None:
+    inst = installation()
+    rest, began = begin(inst, seed=5)
+    rabbit = inst.infra.rabbit
+    strike_mid_run(inst, 0.2)
+    struck = time.monotonic()
+    rabbit.stop()
+    baseline = inst.succeeded()
+    rabbit.start()
+    back = time.monotonic()
+    fault = Fault("RabbitMQ node stop/start", downtime_s=back - struck)
+    fault.recover_s = inst.progress_after(back, baseline)
+    inst.faults.append(fault)
+
+    strike_mid_run(inst, 0.5)
+    struck = time.monotonic()
+    rabbit.close_all_connections()
+    baseline = inst.succeeded()
+    fault = Fault("RabbitMQ close_all_connections")
+    fault.recover_s = inst.progress_after(struck, baseline)
+    inst.faults.append(fault)
+    finish(inst, rest, began, report)
+
+
 def test_postgres_restart(installation: Make, report: Report) -> None:
     inst = installation()
     rest, began = begin(inst, seed=6)
