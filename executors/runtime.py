@@ -151,6 +151,7 @@ class ExecutorRuntime:
         self.slots = asyncio.Semaphore(self.concurrency)
         self.running: dict[tuple[int, int], tuple[str, asyncio.Task[Any]]] = {}  # -> (workflow, runner)
         self.cancelled: OrderedDict[str, None] = OrderedDict()  # recently cancelled workflow ids
+        self.handed_off: list[tuple[int, int]] = []  # results confirmed since the last heartbeat
         self.stopping = False
         self.completed = 0
 
@@ -218,6 +219,7 @@ class ExecutorRuntime:
             finished_at=finished_at,
         )
         await self.results.publish([result])
+        self.handed_off.append(key)
         await message.ack()
         self.completed += 1
 
@@ -248,6 +250,7 @@ class ExecutorRuntime:
         await message.ack()
 
     def heartbeat(self) -> HeartbeatMessage:
+        handed_off, self.handed_off = self.handed_off, []
         return HeartbeatMessage(
             executor_id=self.id,
             version=dagsmith.__version__,
@@ -256,6 +259,7 @@ class ExecutorRuntime:
             concurrency=self.concurrency,
             capabilities=[s.capability() for s in self.specs.values()],
             running=list(self.running),
+            handed_off=handed_off,
             stopping=self.stopping,
         )
 

@@ -191,6 +191,33 @@ def test_postgres_restart(installation: Make, report: Report) -> None:
     finish(inst, rest, began, report)
 
 
+def test_evaluator_down_for_a_while(installation: Make, report: Report) -> None:
+    inst = installation()
+    rest, began = begin(inst, seed=7)
+    prefix = inst.settings.amqp_prefix
+    strike_mid_run(inst)
+    struck = time.monotonic()
+    inst.kill("evaluator")
+
+    def piled_up() -> bool:
+        depth = inst.infra.rabbit.queue_messages()
+        # every evaluated result is applied (acked after commit), and results wait for an evaluator
+        return depth.get(f"{prefix}.evaluated", 0) == 0 and depth.get(f"{prefix}.results", 0) >= 20
+
+    inst.wait(piled_up, 30, "results to wait in their queue", interval=1.0)
+    baseline = inst.succeeded()
+    # The outage itself: results wait in the queue for several lease lifetimes.
+    time.sleep(3 * LEASE_TTL)
+    waiting = inst.infra.rabbit.queue_messages().get(f"{prefix}.results", 0)
+    assert inst.succeeded() == baseline, "tasks succeeded without an evaluator"
+    inst.stack.start("evaluator", "evaluator")
+    back = time.monotonic()
+    fault = Fault("evaluator down", downtime_s=back - struck, notes={"result_batches_waiting": waiting})
+    fault.recover_s = inst.progress_after(back, baseline)
+    inst.faults.append(fault)
+    finish(inst, rest, began, report)
+
+
 def test_poison_message_ends_after_the_delivery_limit(installation: Make, report: Report) -> None:
     """A task that crashes every executor that takes it is failed as poison after the delivery limit."""
     inst = installation()
