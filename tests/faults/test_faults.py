@@ -93,6 +93,9 @@ def test_executor_sigkill_mid_task(installation: Make, report: Report) -> None:
         Fault("executor SIGKILL", recover_s=time.monotonic() - struck, notes={"tasks_in_flight": len(held)})
     )
     finish(inst, rest, began, report)
+    # The broker redelivered the same attempts: the (task_id, attempt) idempotency key is stable.
+    final = inst.query("SELECT id, attempt FROM tasks WHERE id = ANY(%s) AND type = 'sleep'", ([t for t, _ in held],))
+    assert final and all(attempt == dict(held)[tid] for tid, attempt in final), (held, final)
 
 
 def test_executor_hang_past_its_lease(installation: Make, report: Report) -> None:
@@ -267,3 +270,38 @@ def test_poison_message_ends_after_the_delivery_limit(installation: Make, report
     verdict = inst.check()
     report(inst, verdict, time.monotonic() - began)
     assert verdict.ok, "\n".join(verdict.problems)
+
+
+def test_controller_down_longer_than_a_lease(installation: Make, report: Report) -> None:
+    """Executors keep running and heartbeating while no controller reads them; a controller that
+    comes back after the leases' deadline must not take live executors' work for lost."""
+    inst = installation()
+    rest, began = begin(inst, seed=9)
+    outage = 2 * LEASE_TTL
+    long = workload.Planned(
+        "long",
+        "independent",
+        [{"name": f"long{i}", "type": "sleep", "params": {"seconds": outage + 4}} for i in range(6)],
+    )
+    (wid,) = inst.submit([long])
+    inst.wait(
+        lambda: inst.query("SELECT n_running FROM workflows WHERE id = %s", (wid,))[0][0] == 6,
+        30,
+        "the long tasks to run",
+    )
+    strike_mid_run(inst)
+    struck = time.monotonic()
+    inst.kill("controller")
+    baseline = inst.succeeded()
+    time.sleep(outage)  # the outage itself: every lease's deadline passes
+    inst.start_controller("controller")
+    back = time.monotonic()
+    fault = Fault("controller down for two lease lifetimes", downtime_s=back - struck)
+    fault.recover_s = inst.progress_after(back, baseline)
+    inst.faults.append(fault)
+    inst.submit(rest)
+    inst.wait_finished()
+    verdict = inst.check()
+    report(inst, verdict, time.monotonic() - began)
+    assert verdict.ok, "\n".join(verdict.problems)
+    assert verdict.lease_expiries == 0, f"{verdict.lease_expiries} attempts of live executors taken for lost"
