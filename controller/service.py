@@ -35,6 +35,25 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_METRICS_PORT = 9101
 
+# RabbitMQ is unreachable or the channel is gone; the robust connection restores both.
+BROKER_ERRORS = (
+    aio_pika.exceptions.ChannelInvalidStateError,
+    aio_pika.exceptions.AMQPConnectionError,
+    aio_pika.exceptions.AMQPChannelError,
+)
+
+
+async def _settle(message: AbstractIncomingMessage, *, requeue: bool = False) -> None:
+    """Ack a message (or give it back). If the channel it came on has closed, the broker has already
+    requeued it and will deliver it again; applying it twice changes nothing."""
+    try:
+        if requeue:
+            await message.nack(requeue=True)
+        else:
+            await message.ack()
+    except BROKER_ERRORS:
+        log.info("message not settled: its channel closed, the broker delivers it again")
+
 
 class Controller:
     def __init__(self, settings: Settings, engine_class: type[Engine] = Engine) -> None:
@@ -110,6 +129,18 @@ class Controller:
                     inbound.dead.append(item)
             try:
                 result = await engine.run_round(inbound)
+            except BROKER_ERRORS as exc:
+                # RabbitMQ went away while the round published: nothing was committed. The messages
+                # go back to their queues (the broker already took back those whose channel closed)
+                # and come again once the connection is restored; nothing is dropped.
+                log.warning("RabbitMQ unavailable during a round; retrying it", error=str(exc)[:200])
+                for _, _, message in batch:
+                    if message is not None:
+                        await _settle(message, requeue=True)
+                self.dirty |= inbound.dirty
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=1.0)
+                continue
             except Exception:
                 log.exception("reconciliation round failed; retrying its messages one by one")
                 await self._isolate(engine, batch, inbound.dirty)
@@ -117,10 +148,13 @@ class Controller:
             self.rounds += 1
             for _, _, message in batch:
                 if message is not None:
-                    await message.ack()
+                    await _settle(message)
             self.dirty |= result.again
             if result.cancelled:
-                await self._broadcast_cancel(result.cancelled)
+                try:
+                    await self._broadcast_cancel(result.cancelled)
+                except BROKER_ERRORS as exc:  # executors' results for those workflows are ignored anyway
+                    log.warning("could not broadcast cancellations", error=str(exc)[:200])
 
     def _take_batch(self) -> list[tuple[str, Any, AbstractIncomingMessage | None]]:
         """Inbox entries up to about ``controller_batch_size`` items (an evaluated entry holds many)."""
@@ -155,7 +189,7 @@ class Controller:
             except Exception:
                 log.exception("message could not be applied; dropping it (the task's lease or a resync recovers it)")
             if message is not None:
-                await message.ack()
+                await _settle(message)
         self.dirty |= dirty
 
     async def _heartbeat_loop(self, db: Any) -> None:
@@ -174,7 +208,7 @@ class Controller:
                 self.known_capabilities[hb.executor_id] = caps_key
             except Exception:
                 log.exception("could not record heartbeat", executor=hb.executor_id)
-            await message.ack()
+            await _settle(message)
 
     async def _listen(self, stop: asyncio.Event) -> None:
         """LISTEN for new and cancelled workflows; reconnects on failure."""

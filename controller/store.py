@@ -705,6 +705,22 @@ async def record_heartbeat(conn: AsyncConnection, hb: Any, lease_ttl: float, gra
                 "caps": [_json(c.model_dump()) for c in hb.capabilities],
             },
         )
+    if hb.handed_off:
+        # Finished attempts whose results are safely queued: their leases end (the evaluator and
+        # the controller apply the results when they can; no executor failure can lose them now).
+        await conn.execute(
+            sa.text(
+                """
+                UPDATE tasks t SET lease_expires_at = NULL
+                WHERE t.id IN (
+                    SELECT id FROM tasks
+                    WHERE (id, attempt) IN (SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[])))
+                      AND status = 'running'
+                    ORDER BY id FOR UPDATE SKIP LOCKED)
+                """
+            ),
+            {"ids": [r[0] for r in hb.handed_off], "attempts": [r[1] for r in hb.handed_off]},
+        )
     if not hb.running:
         return 0
     result = await conn.execute(

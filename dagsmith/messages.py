@@ -128,6 +128,10 @@ class HeartbeatMessage(_Message):
     concurrency: int
     capabilities: list[Capability]
     running: list[tuple[int, int]] = Field(default_factory=list)  # (task_id, attempt)
+    # Attempts finished recently (within a lease lifetime) whose result the broker has confirmed:
+    # their leases end, since no executor can lose them any more (a stopped evaluator must not
+    # expire them).
+    handed_off: list[tuple[int, int]] = Field(default_factory=list)
     stopping: bool = False
 
 

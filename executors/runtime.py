@@ -161,6 +161,11 @@ class ExecutorRuntime:
         self.slots = asyncio.Semaphore(self.concurrency)
         self.running: dict[tuple[int, int], tuple[str, asyncio.Task[Any]]] = {}  # -> (workflow, runner)
         self.cancelled: OrderedDict[str, None] = OrderedDict()  # recently cancelled workflow ids
+        # Attempts that reported their start (the controller gave them a lease), and those whose
+        # result the broker has since confirmed, with when: heartbeats list the latter for one
+        # lease lifetime, so a lease set again by a late start report is ended again.
+        self.reported: set[tuple[int, int]] = set()
+        self.handed_off: dict[tuple[int, int], float] = {}
         self.stopping = False
         self.completed = 0
 
@@ -204,6 +209,8 @@ class ExecutorRuntime:
             reporter.cancel()
             self.running.pop(key, None)
             RUNNING.dec()
+            has_lease = key in self.reported
+            self.reported.discard(key)
         finished_at = time.time()
         TASK_SECONDS.labels(task.type).observe(finished_at - started_at)
         TASKS_RUN.labels(task.type, "ok" if ok else str(error.error_class if error else "error")).inc()
@@ -228,10 +235,13 @@ class ExecutorRuntime:
             finished_at=finished_at,
         )
         await self.results.publish([result])
+        if has_lease:
+            self.handed_off[key] = time.monotonic()
         await message.ack()
         self.completed += 1
 
     async def _report_started(self, task: TaskMessage, started_at: float) -> None:
+        self.reported.add((task.task_id, task.attempt))
         event = StartedMessage(
             task_id=task.task_id,
             attempt=task.attempt,
@@ -258,6 +268,9 @@ class ExecutorRuntime:
         await message.ack()
 
     def heartbeat(self) -> HeartbeatMessage:
+        horizon = time.monotonic() - self.settings.lease_ttl
+        for key in [k for k, at in self.handed_off.items() if at < horizon]:
+            del self.handed_off[key]
         return HeartbeatMessage(
             executor_id=self.id,
             version=dagsmith.__version__,
@@ -266,6 +279,7 @@ class ExecutorRuntime:
             concurrency=self.concurrency,
             capabilities=[s.capability() for s in self.specs.values()],
             running=list(self.running),
+            handed_off=list(self.handed_off),
             stopping=self.stopping,
         )
 
