@@ -104,7 +104,9 @@ class Settings(BaseSettings):
 
     # Trainer service
     trainer_interval: float = Field(3600.0, gt=0, description="Seconds between the trainer's checks for new decisions.")
-    trainer_min_new: int = Field(50, ge=1, description="New decisions with outcomes needed before the trainer retrains.")
+    trainer_min_new: int = Field(
+        50, ge=1, description="New decisions with outcomes needed before the trainer retrains."
+    )
     trainer_seeds: int = Field(3, ge=1, description="PPO seeds per training run (the best one is kept).")
     trainer_timesteps: int | None = Field(None, ge=1000, description="Decisions per seed (default: the trainer's).")
 

@@ -202,8 +202,11 @@ class ExecutorRuntime:
         try:
             ok, output, error = await runner
         except asyncio.CancelledError:
-            if self.stopping and task.workflow_id not in self.cancelled:
-                raise  # shutting down: leave the message unacked so another executor runs it
+            if task.workflow_id not in self.cancelled:
+                # Not a cancelled workflow: shutting down, or the broker connection dropped. Leave the
+                # message unacked so the attempt runs again (here or elsewhere) instead of reporting
+                # a non-retryable "cancelled" for a task nobody cancelled.
+                raise
             ok, output, error = False, None, TaskError(error_class=ErrorClass.cancelled, message="cancelled")
         finally:
             reporter.cancel()

@@ -321,8 +321,10 @@ def test_the_learning_loop_runs_in_compose(compose: Compose, api: Client) -> Non
         "apiVersion": "dagsmith.io/v1",
         "kind": "Workflow",
         "metadata": {"name": "shadowed"},
-        "spec": {"tasks": [{"name": "b", "type": "chaos.flaky", "params": {"failTimes": 1}}],
-                 "correction": {"mode": "shadow"}},
+        "spec": {
+            "tasks": [{"name": "b", "type": "chaos.flaky", "params": {"failTimes": 1}}],
+            "correction": {"mode": "shadow"},
+        },
     }
     wid = api.submit(orjson.dumps(doc), content_type="application/json")["id"]
     wait_until(lambda: api.workflow(wid)["status"] == "succeeded", timeout=60, what="the shadow-mode workflow")
