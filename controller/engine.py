@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,8 +99,9 @@ class Engine:
         budget = RoundBudget()
         out.applied = await self._apply_results(conn, inbound, workflows, live, events, ready_since, now, out, budget)
 
-        workflows = await store.reload_counts(conn, {w: workflows[w] for w in live})
-        candidates = await store.load_candidates(conn, list(live), now, self.settings.controller_batch_size * 4)
+        workflows, candidates = await store.refresh(
+            conn, {w: workflows[w] for w in live}, now, self.settings.controller_batch_size * 4
+        )
         by_workflow: dict[uuid.UUID, list[TaskRow]] = defaultdict(list)
         for task in candidates:
             by_workflow[task.workflow_id].append(task)
@@ -154,9 +155,8 @@ class Engine:
             events.add(Event(p.task.workflow_id, "queued", p.task.id, p.task.name, p.attempt, "pending", at=now))
 
         async def write() -> None:
-            if to_dispatch:
-                await store.mark_queued(conn, [(p.task.id, p.attempt, p.resolved) for p in to_dispatch], now)
-            await store.insert_events(conn, events)
+            queued = [(p.task.id, p.attempt, p.resolved) for p in to_dispatch]
+            await store.insert_events(conn, events, queued, now)
 
         # The broker's confirms and the last writes overlap; both finish before the commit.
         await asyncio.gather(self.publisher.publish(to_dispatch), write())
@@ -272,8 +272,9 @@ class Engine:
                 corrected += 1
                 continue
             decided.append((task, on_failure(task.view(), failure, now), None))
-        await self._apply_decisions(conn, decided, now, events, ready_since)
-        await store.add_totals(conn, {w: (r, sec) for w, (r, sec) in totals.items()})
+        await self._apply_decisions(
+            conn, decided, now, events, ready_since, {w: (r, sec) for w, (r, sec) in totals.items()}
+        )
         return len(decided) + corrected
 
     def _correcting(self, workflow: WorkflowRow) -> bool:
@@ -306,6 +307,7 @@ class Engine:
         now: float,
         events: Events,
         ready_since: dict[int, float],
+        totals: dict[uuid.UUID, tuple[float, float]],
     ) -> None:
         succeeded: list[Outcome] = []
         finished_at: dict[int, float] = {}
@@ -327,7 +329,7 @@ class Engine:
                     )
                 )
                 metrics.TASKS_COMPLETED.labels(task.type, "succeeded").inc()
-        released = await store.mark_succeeded(conn, succeeded)
+        released = await store.apply_successes(conn, succeeded, totals)
         corrected = {t.id for t, a, _ in decided if isinstance(a, Succeed) and t.attempt > 1}
         if self.corrector is not None and corrected:
             # Only a corrected task can have an open decision, and a correction always means a new
@@ -340,12 +342,9 @@ class Engine:
                 o = by_id[task_id]
                 fixed.append((task_id, max(o.finished_at - (o.started_at or o.finished_at), 0.0), o.finished_at))
             await close_fixed(conn, fixed)
-        children: Counter[int] = Counter()
-        for task_id, kids in released:
+        for task_id, kids in released:  # when each newly released child became ready (for a metric)
             for kid in kids:
-                children[kid] += 1
                 ready_since[kid] = max(ready_since.get(kid, 0.0), finished_at.get(task_id, now))
-        await store.release_children(conn, dict(children))
         await self._apply_failures(
             conn, [(t, a, m) for t, a, m in decided if isinstance(a, ScheduleRetry | FailTask)], now, events
         )

@@ -173,23 +173,6 @@ def _correction(raw: dict[str, Any] | None) -> CorrectionSpec:
     return _correction_cached(orjson.dumps(raw or {}, option=orjson.OPT_SORT_KEYS).decode())
 
 
-async def reload_counts(conn: AsyncConnection, rows: dict[uuid.UUID, WorkflowRow]) -> dict[uuid.UUID, WorkflowRow]:
-    """Fresh counters and status for already-locked workflows (the triggers changed them)."""
-    if not rows:
-        return {}
-    result = await conn.execute(
-        sa.text(f"SELECT id, status, cancel_requested, {_COUNT_COLUMNS} FROM workflows WHERE id = ANY(:ids)"),
-        {"ids": list(rows)},
-    )
-    fresh = {}
-    for r in result:
-        counts = Counts(**{s.value: getattr(r, f"n_{s.value}") for s in TaskStatus})
-        fresh[r.id] = replace(
-            rows[r.id], status=WorkflowStatus(r.status), cancel_requested=r.cancel_requested, counts=counts
-        )
-    return fresh
-
-
 _TASK_COLUMNS = """id, workflow_id, name, type, status, attempt, waiting_on, retries, max_retries, spec,
     params, refs, timeout_s, not_before, lease_expires_at"""
 # Applying a result needs much less than dispatching: not the params or the whole spec.
@@ -225,24 +208,67 @@ async def load_tasks(conn: AsyncConnection, ids: Iterable[int]) -> dict[int, Tas
     return {r.id: _task_row(r) for r in rows}
 
 
-async def load_candidates(
-    conn: AsyncConnection, workflow_ids: Sequence[uuid.UUID], now: float, limit: int
-) -> list[TaskRow]:
-    """Tasks that may need action: ready to dispatch (or in backoff), and expired leases."""
-    rows = await conn.execute(
+async def refresh(
+    conn: AsyncConnection, rows: dict[uuid.UUID, WorkflowRow], now: float, limit: int
+) -> tuple[dict[uuid.UUID, WorkflowRow], list[TaskRow]]:
+    """Fresh counters of the locked workflows (the triggers changed them) and the tasks that may
+    need action — ready ones (or in backoff) and expired leases — in one round trip."""
+    if not rows:
+        return {}, []
+    result = await conn.execute(
         sa.text(
             f"""
-            (SELECT {_TASK_COLUMNS} FROM tasks
-             WHERE workflow_id = ANY(:ids) AND status = 'pending' AND waiting_on = 0
-             ORDER BY id LIMIT :limit)
+            SELECT 'w' AS kind, to_jsonb(w) AS row FROM (
+                SELECT id, status, cancel_requested, {_COUNT_COLUMNS} FROM workflows WHERE id = ANY(:ids)) w
             UNION ALL
-            (SELECT {_TASK_COLUMNS} FROM tasks
-             WHERE status = 'running' AND lease_expires_at <= :now AND workflow_id = ANY(:ids))
+            SELECT 't', to_jsonb(c) FROM (
+                (SELECT {_TASK_JSON_COLUMNS} FROM tasks
+                 WHERE workflow_id = ANY(:ids) AND status = 'pending' AND waiting_on = 0 ORDER BY id LIMIT :limit)
+                UNION ALL
+                (SELECT {_TASK_JSON_COLUMNS} FROM tasks
+                 WHERE status = 'running' AND lease_expires_at <= :now AND workflow_id = ANY(:ids))
+            ) c
             """
         ),
-        {"ids": list(workflow_ids), "now": ts(now), "limit": limit},
+        {"ids": list(rows), "now": ts(now), "limit": limit},
     )
-    return [_task_row(r) for r in rows]
+    fresh = dict(rows)
+    candidates = []
+    for kind, row in result:
+        if kind == "w":
+            wid = uuid.UUID(row["id"])
+            counts = Counts(**{s.value: row[f"n_{s.value}"] for s in TaskStatus})
+            fresh[wid] = replace(
+                rows[wid], status=WorkflowStatus(row["status"]), cancel_requested=row["cancel_requested"], counts=counts
+            )
+        else:
+            candidates.append(_task_row_json(row))
+    return fresh, candidates
+
+
+_TASK_JSON_COLUMNS = """id, workflow_id, name, type, status, attempt, waiting_on, retries, max_retries, spec,
+    params, refs, timeout_s, extract(epoch FROM not_before) AS not_before,
+    extract(epoch FROM lease_expires_at) AS lease_expires_at"""
+
+
+def _task_row_json(r: dict[str, Any]) -> TaskRow:
+    return TaskRow(
+        id=r["id"],
+        workflow_id=uuid.UUID(r["workflow_id"]),
+        name=r["name"],
+        type=r["type"],
+        status=TaskStatus(r["status"]),
+        attempt=r["attempt"],
+        waiting_on=r["waiting_on"],
+        retries=r["retries"],
+        max_retries=r["max_retries"],
+        spec=r["spec"],
+        params=r["params"],
+        refs=list(r["refs"]),
+        timeout_s=r["timeout_s"],
+        not_before=None if r["not_before"] is None else float(r["not_before"]),
+        lease_expires_at=None if r["lease_expires_at"] is None else float(r["lease_expires_at"]),
+    )
 
 
 async def outputs_of(conn: AsyncConnection, workflow_id: uuid.UUID, names: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -342,42 +368,46 @@ def _outcome_params(outcomes: Sequence[Outcome], not_before: Sequence[float] | N
     }
 
 
-async def mark_succeeded(conn: AsyncConnection, outcomes: Sequence[Outcome]) -> list[tuple[int, list[int]]]:
-    """Succeed tasks; returns (task_id, children) so the caller can release the children."""
+async def apply_successes(
+    conn: AsyncConnection, outcomes: Sequence[Outcome], totals: dict[uuid.UUID, tuple[float, float]]
+) -> list[tuple[int, list[int]]]:
+    """Succeed tasks, release their children (``waiting_on`` drops by how many of a child's
+    dependencies just finished) and add the round's (reward, task-seconds) to the workflows — one
+    statement, one round trip. Returns (task_id, children) of the tasks that succeeded."""
     if not outcomes:
+        await add_totals(conn, totals)
         return []
     rows = await conn.execute(
         sa.text(
             f"""
-            UPDATE tasks t SET status = 'succeeded', output = v.output, error = NULL, reward = v.reward,
-                feedback_notes = v.feedback, executor_id = COALESCE(v.executor_id, t.executor_id),
-                started_at = COALESCE(to_timestamp(v.started_at), t.started_at),
-                finished_at = to_timestamp(v.finished_at),
-                lease_expires_at = NULL
-            FROM {_OUTCOME_ROWS}
-            WHERE t.id = v.id AND t.status IN ('queued', 'running')
-            RETURNING t.id, t.children
+            WITH done AS (
+                UPDATE tasks t SET status = 'succeeded', output = v.output, error = NULL, reward = v.reward,
+                    feedback_notes = v.feedback, executor_id = COALESCE(v.executor_id, t.executor_id),
+                    started_at = COALESCE(to_timestamp(v.started_at), t.started_at),
+                    finished_at = to_timestamp(v.finished_at),
+                    lease_expires_at = NULL
+                FROM {_OUTCOME_ROWS}
+                WHERE t.id = v.id AND t.status IN ('queued', 'running')
+                RETURNING t.id, t.children
+            ),
+            kids AS (SELECT c AS id, count(*) AS n FROM done, unnest(done.children) AS c GROUP BY c),
+            released AS (
+                UPDATE tasks t SET waiting_on = t.waiting_on - kids.n FROM kids WHERE t.id = kids.id
+            ),
+            totals AS (
+                UPDATE workflows w SET total_reward = w.total_reward + x.r, task_seconds = w.task_seconds + x.s,
+                    updated_at = now()
+                FROM jsonb_to_recordset(CAST(:totals AS jsonb)) AS x(id uuid, r float8, s float8) WHERE w.id = x.id
+            )
+            SELECT id, children FROM done
             """
         ),
-        _outcome_params(outcomes),
+        {
+            **_outcome_params(outcomes),
+            "totals": rows_json({"id": k, "r": r, "s": sec} for k, (r, sec) in totals.items()),
+        },
     )
     return [(r.id, list(r.children)) for r in rows]
-
-
-async def release_children(conn: AsyncConnection, children: dict[int, int]) -> None:
-    """Each child's ``waiting_on`` drops by how many of its dependencies just finished well."""
-    if not children:
-        return
-    await conn.execute(
-        sa.text(
-            """
-            UPDATE tasks t SET waiting_on = t.waiting_on - v.n
-            FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(id bigint, n int)
-            WHERE t.id = v.id
-            """
-        ),
-        {"rows": rows_json({"id": k, "n": n} for k, n in children.items())},
-    )
 
 
 async def schedule_retries(conn: AsyncConnection, outcomes: Sequence[Outcome], not_before: Sequence[float]) -> None:
@@ -437,26 +467,6 @@ async def cancel_descendants(conn: AsyncConnection, failed_ids: Sequence[int], n
         {"ids": list(failed_ids), "now": ts(now)},
     )
     return list(rows)
-
-
-async def mark_queued(
-    conn: AsyncConnection, items: Sequence[tuple[int, int, dict[str, Any] | None]], now: float
-) -> None:
-    """(task_id, attempt, resolved_params or None) for tasks just published."""
-    if not items:
-        return
-    await conn.execute(
-        sa.text(
-            """
-            UPDATE tasks t SET status = 'queued', attempt = v.attempt, queued_at = :now,
-                not_before = NULL, resolved_params = COALESCE(v.resolved, t.resolved_params),
-                started_at = NULL, executor_id = NULL
-            FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(id bigint, attempt int, resolved jsonb)
-            WHERE t.id = v.id
-            """
-        ),
-        {"rows": rows_json({"id": i[0], "attempt": i[1], "resolved": i[2]} for i in items), "now": ts(now)},
-    )
 
 
 async def cancel_workflow(conn: AsyncConnection, workflow_id: uuid.UUID, now: float, reason: str) -> list[Any]:
@@ -587,16 +597,30 @@ async def add_totals(conn: AsyncConnection, totals: dict[uuid.UUID, tuple[float,
     )
 
 
-async def insert_events(conn: AsyncConnection, events: Events) -> None:
+async def insert_events(
+    conn: AsyncConnection,
+    events: Events,
+    queued: Sequence[tuple[int, int, dict[str, Any] | None]] = (),
+    now: float = 0.0,
+) -> None:
+    """Write the round's events, mark ``queued`` tasks (task_id, attempt, resolved params or None)
+    as published, and NOTIFY the event streams of the workflows that changed — one statement."""
     items = events.items
-    if not items:
+    if not items and not queued:
         return
     await conn.execute(
         sa.text(
             """
-            WITH inserted AS (
+            WITH queued AS (
+                UPDATE tasks t SET status = 'queued', attempt = q.attempt, queued_at = to_timestamp(:now),
+                    not_before = NULL, resolved_params = COALESCE(q.resolved, t.resolved_params),
+                    started_at = NULL, executor_id = NULL
+                FROM jsonb_to_recordset(CAST(:queued AS jsonb)) AS q(id bigint, attempt int, resolved jsonb)
+                WHERE t.id = q.id
+            ),
+            inserted AS (
                 INSERT INTO task_events (workflow_id, task_id, task_name, attempt, from_status, to_status,
-                                     reason, data, at)
+                                         reason, data, at)
                 SELECT w, t, n, a, f, s, r, d, to_timestamp(at)
                 FROM jsonb_to_recordset(CAST(:rows AS jsonb))
                      AS v(w uuid, t bigint, n text, a int, f text, s text, r text, d jsonb, at float8)
@@ -621,6 +645,8 @@ async def insert_events(conn: AsyncConnection, events: Events) -> None:
                 }
                 for e in items
             ),
+            "queued": rows_json({"id": i, "attempt": a, "resolved": r} for i, a, r in queued),
+            "now": now,
             "channel": CHANNEL_EVENTS,
         },
     )
