@@ -38,6 +38,7 @@ COPY api/ /src/api/
 COPY controller/ /src/controller/
 COPY executors/ /src/executors/
 COPY evaluator/ /src/evaluator/
+COPY trainer/ /src/trainer/
 RUN /opt/dagsmith/bin/pip install --no-deps --no-build-isolation /src \
  && /opt/dagsmith/bin/pip uninstall -y setuptools wheel
 
