@@ -39,6 +39,7 @@ from controller.reconcile import (
 )
 from controller.states import TERMINAL_WORKFLOW, WorkflowStatus
 from controller.store import Event, Events, Outcome, TaskRow, WorkflowRow
+from dagsmith.durations import parse_duration
 from dagsmith.errors import ErrorClass, TemplateError
 from dagsmith.messages import EvaluatedMessage, StartedMessage, TaskMessage
 from dagsmith.settings import Settings
@@ -155,7 +156,7 @@ class Engine:
             events.add(Event(p.task.workflow_id, "queued", p.task.id, p.task.name, p.attempt, "pending", at=now))
 
         async def write() -> None:
-            queued = [(p.task.id, p.attempt, p.resolved) for p in to_dispatch]
+            queued = [(p.task.id, p.attempt, p.resolved, _queue_deadline(p.task, now)) for p in to_dispatch]
             await store.insert_events(conn, events, queued, now)
 
         # The broker's confirms and the last writes overlap; both finish before the commit.
@@ -498,6 +499,11 @@ class Engine:
         )
         metrics.WORKFLOWS_FINISHED.labels(status.value).inc()
         log.info("workflow finished", workflow_id=str(workflow.id), status=status.value)
+
+
+def _queue_deadline(task: TaskRow, now: float) -> float | None:
+    raw = task.spec.get("queueTimeout")
+    return None if raw is None else now + parse_duration(raw)
 
 
 def _error_json(failure: Failure) -> dict[str, Any]:

@@ -30,6 +30,7 @@ class TaskView:
     backoff: Backoff = field(default_factory=Backoff)
     not_before: float | None = None
     lease_expires_at: float | None = None
+    queue_deadline: float | None = None  # queued past this: no executor took it (spec queueTimeout)
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,8 @@ def plan(workflow: WorkflowView, candidates: Iterable[TaskView], now: float) -> 
             actions.append(Dispatch(task.id, task.attempt + 1))
         elif task.status == TaskStatus.running and _lease_expired(task, now):
             actions.append(on_failure(task, LEASE_EXPIRED, now))
+        elif task.status == TaskStatus.queued and task.queue_deadline is not None and task.queue_deadline <= now:
+            actions.append(on_failure(task, QUEUE_TIMEOUT, now))
     if not actions or actions == [StartWorkflow()]:
         finished = finish_status(workflow.counts)
         if finished is not None:
@@ -189,6 +192,10 @@ def plan(workflow: WorkflowView, candidates: Iterable[TaskView], now: float) -> 
     return actions
 
 
+QUEUE_TIMEOUT = Failure(
+    ErrorClass.unavailable,
+    "no executor started the task within its queueTimeout (does any running executor declare its type?)",
+)
 LEASE_EXPIRED = Failure(ErrorClass.lost, "the executor stopped reporting while running this task (lease expired)")
 
 
@@ -217,4 +224,6 @@ def next_wakeup(candidates: Iterable[TaskView]) -> float | None:
             times.append(task.not_before)
         if task.status in ACTIVE_TASK and task.lease_expires_at is not None:
             times.append(task.lease_expires_at)
+        if task.status == TaskStatus.queued and task.queue_deadline is not None:
+            times.append(task.queue_deadline)
     return min(times, default=None)

@@ -91,6 +91,7 @@ tasks = sa.Table(
     sa.Column("timeout_s", sa.Float),
     _ts("not_before"),
     _ts("lease_expires_at"),
+    _ts("queue_deadline"),  # queued and not started by then: the attempt fails (spec queueTimeout)
     sa.Column("executor_id", sa.Text),
     sa.Column("output", JSONB),
     sa.Column("error", JSONB),
@@ -110,6 +111,7 @@ tasks = sa.Table(
         postgresql_where=sa.text("status = 'pending' AND waiting_on = 0"),
     ),
     sa.Index("ix_tasks_lease", "lease_expires_at", postgresql_where=sa.text("status = 'running'")),
+    sa.Index("ix_tasks_queue_deadline", "queue_deadline", postgresql_where=sa.text("status = 'queued'")),
 )
 
 task_events = sa.Table(

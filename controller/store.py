@@ -87,6 +87,7 @@ class TaskRow:
     timeout_s: float | None
     not_before: float | None
     lease_expires_at: float | None
+    queue_deadline: float | None = None
 
     def view(self) -> TaskView:
         retry = self.spec.get("retry") or {}
@@ -101,6 +102,7 @@ class TaskRow:
             backoff=Backoff.model_validate(retry.get("backoff") or {}),
             not_before=self.not_before,
             lease_expires_at=self.lease_expires_at,
+            queue_deadline=self.queue_deadline,
         )
 
 
@@ -227,6 +229,9 @@ async def refresh(
                 UNION ALL
                 (SELECT {_TASK_JSON_COLUMNS} FROM tasks
                  WHERE status = 'running' AND lease_expires_at <= :now AND workflow_id = ANY(:ids))
+                UNION ALL
+                (SELECT {_TASK_JSON_COLUMNS} FROM tasks
+                 WHERE status = 'queued' AND queue_deadline <= :now AND workflow_id = ANY(:ids))
             ) c
             """
         ),
@@ -248,7 +253,8 @@ async def refresh(
 
 _TASK_JSON_COLUMNS = """id, workflow_id, name, type, status, attempt, waiting_on, retries, max_retries, spec,
     params, refs, timeout_s, extract(epoch FROM not_before) AS not_before,
-    extract(epoch FROM lease_expires_at) AS lease_expires_at"""
+    extract(epoch FROM lease_expires_at) AS lease_expires_at,
+    extract(epoch FROM queue_deadline) AS queue_deadline"""
 
 
 def _task_row_json(r: dict[str, Any]) -> TaskRow:
@@ -268,6 +274,7 @@ def _task_row_json(r: dict[str, Any]) -> TaskRow:
         timeout_s=r["timeout_s"],
         not_before=None if r["not_before"] is None else float(r["not_before"]),
         lease_expires_at=None if r["lease_expires_at"] is None else float(r["lease_expires_at"]),
+        queue_deadline=None if r["queue_deadline"] is None else float(r["queue_deadline"]),
     )
 
 
@@ -600,11 +607,12 @@ async def add_totals(conn: AsyncConnection, totals: dict[uuid.UUID, tuple[float,
 async def insert_events(
     conn: AsyncConnection,
     events: Events,
-    queued: Sequence[tuple[int, int, dict[str, Any] | None]] = (),
+    queued: Sequence[tuple[int, int, dict[str, Any] | None, float | None]] = (),
     now: float = 0.0,
 ) -> None:
-    """Write the round's events, mark ``queued`` tasks (task_id, attempt, resolved params or None)
-    as published, and NOTIFY the event streams of the workflows that changed — one statement."""
+    """Write the round's events, mark ``queued`` tasks (task_id, attempt, resolved params or None,
+    queue deadline or None) as published, and NOTIFY the event streams of the workflows that
+    changed — one statement."""
     items = events.items
     if not items and not queued:
         return
@@ -614,8 +622,9 @@ async def insert_events(
             WITH queued AS (
                 UPDATE tasks t SET status = 'queued', attempt = q.attempt, queued_at = to_timestamp(:now),
                     not_before = NULL, resolved_params = COALESCE(q.resolved, t.resolved_params),
-                    started_at = NULL, executor_id = NULL
-                FROM jsonb_to_recordset(CAST(:queued AS jsonb)) AS q(id bigint, attempt int, resolved jsonb)
+                    started_at = NULL, executor_id = NULL, queue_deadline = to_timestamp(q.deadline)
+                FROM jsonb_to_recordset(CAST(:queued AS jsonb))
+                     AS q(id bigint, attempt int, resolved jsonb, deadline float8)
                 WHERE t.id = q.id
             ),
             inserted AS (
@@ -645,7 +654,7 @@ async def insert_events(
                 }
                 for e in items
             ),
-            "queued": rows_json({"id": i, "attempt": a, "resolved": r} for i, a, r in queued),
+            "queued": rows_json({"id": i, "attempt": a, "resolved": r, "deadline": d} for i, a, r, d in queued),
             "now": now,
             "channel": CHANNEL_EVENTS,
         },
@@ -670,6 +679,9 @@ async def workflows_needing_attention(conn: AsyncConnection, now: float, limit: 
             UNION
             (SELECT DISTINCT workflow_id FROM tasks WHERE status = 'running' AND lease_expires_at <= :now
              LIMIT :limit)
+            UNION
+            (SELECT DISTINCT workflow_id FROM tasks WHERE status = 'queued' AND queue_deadline <= :now
+             LIMIT :limit)
             """
         ),
         {"now": ts(now), "limit": limit},
@@ -685,7 +697,8 @@ async def next_timer(conn: AsyncConnection) -> float | None:
                 """
                 SELECT LEAST(
                     (SELECT min(not_before) FROM tasks WHERE status = 'pending' AND waiting_on = 0),
-                    (SELECT min(lease_expires_at) FROM tasks WHERE status = 'running'))
+                    (SELECT min(lease_expires_at) FROM tasks WHERE status = 'running'),
+                    (SELECT min(queue_deadline) FROM tasks WHERE status = 'queued'))
                 """
             )
         )

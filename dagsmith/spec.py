@@ -67,6 +67,12 @@ class TaskSpec(_Model):
     params: dict[str, Any] = Field(default_factory=dict)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     timeout: Duration | None = None
+    queue_timeout: Duration | None = Field(
+        None,
+        alias="queueTimeout",
+        description="Fail the attempt (class unavailable) if no executor starts it within this long; "
+        "without it a task of a type no executor runs waits, visibly, in its queue.",
+    )
     expect: dict[str, Any] | None = Field(
         None, description="JSON Schema the evaluator checks the task's output against."
     )

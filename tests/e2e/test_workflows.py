@@ -245,3 +245,19 @@ def test_task_counters_match_task_rows(settings: Settings, client: Client) -> No
         assert list(row[2:9]) == [
             counts[s] for s in ("pending", "queued", "running", "succeeded", "failed", "skipped", "cancelled")
         ]
+
+
+def test_queue_timeout_fails_a_task_no_executor_runs(client: Client) -> None:
+    doc = workflow(
+        "unrunnable",
+        {"name": "x", "type": "test.nobody", "queueTimeout": "1s"},
+        {"name": "after", "type": "noop", "dependsOn": ["x"]},
+        correction=RETRY_POLICY_ONLY,
+    )
+    wid = submit(client, doc)
+    wf = wait_finished(client, wid, timeout=30)
+    assert wf["status"] == "failed"
+    tasks = {t["name"]: t for t in client.tasks(wid)["items"]}
+    assert tasks["x"]["error"]["class"] == "unavailable"
+    assert "queueTimeout" in tasks["x"]["error"]["message"]
+    assert tasks["after"]["status"] == "cancelled"

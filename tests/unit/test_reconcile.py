@@ -247,3 +247,11 @@ def test_every_dag_terminates_safely(
         if t.status == S.succeeded:
             assert all(model.tasks[d].status == S.succeeded for d in model.deps[tid])
         assert t.retries <= model.max_retries[tid]
+
+
+def test_queued_past_its_queue_deadline_is_an_unavailable_attempt() -> None:
+    queued = task(status=S.queued, attempt=1, queue_deadline=10.0)
+    assert plan(wf(queued=1), [queued], now=9) == []
+    (action,) = plan(wf(queued=1), [queued], now=10)
+    assert isinstance(action, FailTask) and action.failure.error_class == ErrorClass.unavailable
+    assert next_wakeup([queued]) == 10.0
