@@ -2,33 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import structlog
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import dagsmith
 from api import errors
 from api.deps import AppState
 from api.events_hub import EventsHub
+from api.middleware import Observe, RequestGuard
 from api.routes import policies, system, tokens, workflows
 from controller.db import create_engine
 from dagsmith.settings import Settings, get_settings
 from dagsmith.spec import WorkflowDocument
 
 log = structlog.get_logger(__name__)
-REQUEST_SECONDS = Histogram(
-    "dagsmith_api_request_seconds",
-    "API request latency.",
-    ["method", "route", "status"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-)
 
 
 _QUERY_NAMES: dict[int, frozenset[str]] = {}
@@ -93,47 +87,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tokens.router)
     app.include_router(policies.router)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        raw_target = (request.scope.get("raw_path") or b"") + b"?" + (request.scope.get("query_string") or b"")
-        if b"%00" in raw_target.lower() or b"\x00" in raw_target:
-            # Postgres cannot store or compare text with NUL in it; refuse it at the door.
-            return JSONResponse(
-                errors.error_body("invalid_request", "NUL characters (%00) are not allowed in the path or query"),
-                status_code=422,
-            )
-        length = request.headers.get("content-length")
-        limit = settings.max_body_bytes
-        if length is not None and length.isdigit() and int(length) > limit:
-            return JSONResponse(
-                errors.error_body(
-                    "too_large",
-                    f"request body is {length} bytes; the limit is {limit} (DAGSMITH_MAX_BODY_BYTES)",
-                ),
-                status_code=413,
-            )
-        if request.method in ("POST", "PUT", "PATCH") and length is None:
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > limit:
-                    return JSONResponse(
-                        errors.error_body("too_large", f"request body is over the limit of {limit} bytes"),
-                        status_code=413,
-                    )
-            request._body = body  # the route reads the buffered body
-        return await call_next(request)
-
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        import time
-
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        REQUEST_SECONDS.labels(request.method, path, str(response.status_code)).observe(time.perf_counter() - start)
-        return response
+    # Outermost first: metrics see every request, including those the guard refuses.
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(Observe)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

@@ -120,9 +120,8 @@ def big_submission(bench: Bench, n: int = 10_000) -> dict[str, Any]:
         before = conn.execute("SELECT pg_total_relation_size('tasks')").fetchone()[0]  # type: ignore[index]
     api_rss0 = bench.rss_mib("api")
     t0 = time.time()
-    response = httpx.post(
-        f"{bench.stack.url}/v1/workflows", content=body, headers={"Content-Type": "application/json"}, timeout=600
-    )
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {bench.stack.token}"}
+    response = httpx.post(f"{bench.stack.url}/v1/workflows", content=body, headers=headers, timeout=600)
     accepted = time.time() - t0
     response.raise_for_status()
     wid = response.json()["id"]
