@@ -98,8 +98,7 @@ def wide(bench: Bench, layers: int = 10, width: int = 500) -> dict[str, Any]:
     """Layers with full fan-in between them (width² edges per layer boundary)."""
     body = orjson.dumps(doc("wide", layered(layers, width)))
     t0 = time.time()
-    with bench.client() as client:
-        wid = client.submit(body, content_type="application/json")["id"]
+    wid = bench.client().submit(body, content_type="application/json")["id"]
     accepted = time.time() - t0
     bench.wait_all([wid], timeout=900)
     wall = _finished_at(bench, [wid]) - t0
@@ -196,9 +195,9 @@ def idle_cost(bench: Bench, workflows: int = 1000, window: float = 30.0) -> dict
     time.sleep(window)
     cpu = bench.cpu_seconds("controller") - cpu0
     elapsed = time.monotonic() - t0
-    with bench.client() as client:
-        for wid in ids:
-            client.cancel(wid)
+    client = bench.client()
+    for wid in ids:
+        client.cancel(wid)
     return {"workflows": workflows, "window_s": elapsed, "controller_cpu_pct": 100 * cpu / elapsed}
 
 
