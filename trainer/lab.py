@@ -89,8 +89,11 @@ async def run(params: LabParams, ctx: TaskContext, rerouted: bool = False) -> di
     low, high = _PARAMS.duration[mode]
     error_class = pick(_PARAMS.error_given_mode[mode], draw(params, ctx, "class"))
     timeout = ctx.timeout or params.base_timeout
-    if error_class == "timeout" or mode == "resource":
-        await asyncio.sleep(timeout * 1.2)  # runs out its timeout; the executor reports it
+    if error_class == "timeout":
+        # Runs out its timeout; the executor stops it and reports the timeout. The failure is at
+        # the timeout, which is when a later retry's wait starts counting.
+        _last_failure[(params.luck, ctx.name)] = time.time() + timeout
+        await asyncio.sleep(timeout * 1.2)
     await asyncio.sleep(timeout * (low + (high - low) * draw(params, ctx, "duration")))
     _last_failure[(params.luck, ctx.name)] = time.time()
     raise TaskFailed(ErrorClass(error_class), f"lab: {mode} failure (attempt {ctx.attempt})", {"lab_mode": mode})
