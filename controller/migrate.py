@@ -18,7 +18,27 @@ def alembic_config(database_url: str) -> Config:
     return config
 
 
+def ensure_database(database_url: str) -> bool:
+    """Create the database named in the URL if it does not exist yet. Returns True if it created it."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url)
+    plain = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        with psycopg.connect(plain, connect_timeout=10):
+            return False
+    except psycopg.OperationalError as exc:
+        if "does not exist" not in str(exc):
+            raise
+    maintenance = url.set(drivername="postgresql", database="postgres").render_as_string(hide_password=False)
+    with psycopg.connect(maintenance, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(f'CREATE DATABASE "{url.database}"')
+    return True
+
+
 def upgrade(database_url: str, revision: str = "head") -> None:
+    ensure_database(database_url)
     engine = create_engine(database_url, poolclass=pool.NullPool)
     with engine.begin() as conn:
         # One migrator at a time: several services may start together and all run migrations.
