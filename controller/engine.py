@@ -109,7 +109,7 @@ class Engine:
 
         to_start: list[uuid.UUID] = []
         to_dispatch: list[Prepared] = []
-        failures: list[tuple[TaskRow, ScheduleRetry | FailTask, None]] = []
+        failures: list[tuple[TaskRow, ScheduleRetry | FailTask, EvaluatedMessage | None]] = []
         corrections: list[tuple[WorkflowRow, TaskRow, Failure]] = []
         for wid in sorted(live):
             workflow = workflows[wid]
@@ -151,7 +151,7 @@ class Engine:
         for workflow, task, failure in corrections:
             await self._correct(conn, workflow, task, failure, None, now, events, out, budget)
         if failures:
-            await self._apply_failures(conn, [(t, a, None) for t, a, _ in failures], now, events)
+            await self._apply_failures(conn, failures, now, events)
         for p in to_dispatch:
             events.add(Event(p.task.workflow_id, "queued", p.task.id, p.task.name, p.attempt, "pending", at=now))
 
@@ -408,7 +408,6 @@ class Engine:
             )
         await store.schedule_retries(conn, retries, not_before)
         await store.mark_failed(conn, failed)
-        names = {task.id: task.name for task, _, _ in items}
         for row in await store.cancel_descendants(conn, [o.task_id for o in failed], now):
             events.add(
                 Event(
@@ -422,7 +421,6 @@ class Engine:
                     reason="upstream task failed",
                 )
             )
-        del names
 
     async def _cancel(self, conn: AsyncConnection, workflow: WorkflowRow, now: float, events: Events) -> None:
         rows = await store.cancel_workflow(conn, workflow.id, now, "cancelled by request")
