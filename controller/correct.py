@@ -22,7 +22,7 @@ from controller import revisions, store
 from controller.correction import ACTIONS, FEATURE_SCHEMA_VERSION, CorrectiveAction, FailureContext, featurize
 from controller.policies import Choice, PolicyBox
 from controller.reconcile import Failure
-from controller.store import Events, Outcome, TaskRow, WorkflowRow, _json
+from controller.store import Event, Events, Outcome, TaskRow, WorkflowRow, _json
 from controller.surgery import Plan, SurgeryError, TaskSnapshot, abort, insert_before, over_budget, reroute, retry, tune
 from controller.surgery import skip as skip_plan
 from dagsmith.spec import Backoff, CorrectionMode
@@ -163,7 +163,29 @@ class Corrector:
         aborted = plan.operation == "abort"
         if aborted:
             message = stop or f"{choice.actor} found no corrective action worth trying, and aborted"
-            await store.abort_workflow(conn, workflow.id, now, task.name, message, failure)
+            for row in await store.abort_workflow(conn, workflow.id, now, task.name, message, failure):
+                events.add(
+                    Event(
+                        workflow.id,
+                        "cancelled",
+                        row.id,
+                        row.name,
+                        row.attempt,
+                        row.old_status,
+                        at=now,
+                        reason="workflow aborted by correction",
+                    )
+                )
+            events.add(
+                Event(
+                    workflow.id,
+                    "failed",
+                    from_status=str(workflow.status),
+                    at=now,
+                    reason="aborted",
+                    data={"message": message, "task": task.name},
+                )
+            )
         await self._log(conn, workflow, task, ctx, choice, applied.revision, plan, now)
         SURGERIES.labels(plan.operation.value if aborted else str(action), str(failure.error_class)).inc()
         DECISIONS.labels(str(action), choice.decision.policy_version, str(choice.mode)).inc()

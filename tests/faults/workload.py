@@ -19,6 +19,10 @@ SLEEPS = (0.0, 0.01, 0.02, 0.04, 0.08, 0.12, 0.2, 0.3)
 # died or hung and its lease expired) is retried. Flaky tasks get room for their planned failures.
 RETRY = {"limit": 2, "backoff": {"initial": "100ms", "factor": 2, "max": "1s"}}
 FLAKY_RETRY = {"limit": 4, "backoff": {"initial": "100ms", "factor": 2, "max": "1s"}}
+# The faults test the engine's own guarantees (leases, redelivery, exactly-once application), with
+# the spec's retry policy: Correction Mode, which would answer these failures with surgeries, has
+# its own crash test (tests/e2e/test_correction.py).
+CORRECTION = {"mode": "off"}
 
 
 @dataclass
@@ -37,7 +41,7 @@ class Planned:
             "apiVersion": "dagsmith.io/v1",
             "kind": "Workflow",
             "metadata": {"name": self.name, "labels": {"suite": "faults", "shape": self.shape}},
-            "spec": {"tasks": self.tasks},
+            "spec": {"tasks": self.tasks, "correction": CORRECTION},
         }
 
 
