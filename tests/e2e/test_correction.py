@@ -109,6 +109,9 @@ def test_skip_optional_and_abort_otherwise(client: Client) -> None:
     assert "task 'doomed' failed: permanent: no way" in wf["error"]["message"]
     statuses = {t["name"]: t["status"] for t in client.tasks(wid)["items"]}
     assert statuses == {"doomed": "failed", "bystander": "cancelled"}  # aborting cancels what runs
+    events = [e for kind, e in client.events(wid) if kind == "transition"]
+    assert any(e["task"] == "bystander" and e["to"] == "cancelled" for e in events)  # the history says so
+    assert events[-1]["to"] == "failed" and events[-1]["task"] is None
 
 
 def test_budget_exhausted_fails_with_a_clear_reason(client: Client) -> None:
