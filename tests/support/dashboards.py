@@ -10,12 +10,6 @@ from tests.support.stack import ROOT
 
 DASHBOARDS = ROOT / "deploy" / "grafana" / "dashboards"
 
-# Metrics announced by the Correction Mode work (DAG surgery, the policy and the trainer) that the
-# dashboards and alerts already use. Until a service exports them, a panel built only on them has
-# no data; the compose test reports such panels as pending instead of failing on them.
-# Metrics announced for later work, whose panels may be reported instead of failed. Every metric
-# the dashboards use is exported now, so none.
-PENDING_METRICS: frozenset[str] = frozenset()
 
 _METRIC = re.compile(r"\b(dagsmith[_:][A-Za-z0-9_:]*)")
 _HISTOGRAM_PARTS = re.compile(r"_(bucket|sum|count)$")
@@ -35,9 +29,6 @@ class PanelQuery:
     def metrics(self) -> set[str]:
         """The Dagsmith metric families the query reads (histogram suffixes removed)."""
         return {_HISTOGRAM_PARTS.sub("", m) for m in _METRIC.findall(self.expr)}
-
-    def needs_trainer(self) -> bool:
-        return 'job="trainer"' in self.expr and "|" not in self.expr
 
 
 def panel_queries() -> list[PanelQuery]:
