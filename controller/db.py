@@ -31,13 +31,16 @@ def _use_orjson() -> None:
     set_json_dumps(lambda obj: orjson.dumps(obj, default=str))
 
 
-def create_engine(url: str, pool_size: int = 10, name: str = "dagsmith") -> AsyncEngine:
+def create_engine(url: str, pool_size: int = 10, name: str = "dagsmith", pre_ping: bool = True) -> AsyncEngine:
+    """``pre_ping`` tests each pooled connection before use (one round trip). Callers whose work
+    all goes through :func:`in_transaction` can turn it off: a dropped connection fails the
+    transaction, which is retried whole on a fresh one."""
     _use_orjson()
     return create_async_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         pool_recycle=1800,
         connect_args={"application_name": name},
     )

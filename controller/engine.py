@@ -12,7 +12,7 @@ import asyncio
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -37,7 +37,7 @@ from controller.reconcile import (
     on_result,
     plan,
 )
-from controller.states import TERMINAL_WORKFLOW, WorkflowStatus
+from controller.states import TERMINAL_WORKFLOW, TaskStatus, WorkflowStatus
 from controller.store import Event, Events, Outcome, TaskRow, WorkflowRow
 from dagsmith.durations import parse_duration
 from dagsmith.errors import ErrorClass, TemplateError
@@ -58,6 +58,16 @@ class Inbound:
 
     def __len__(self) -> int:
         return len(self.evaluated) + len(self.started) + len(self.dead) + len(self.dirty)
+
+
+@dataclass
+class Successes:
+    """The round's successes, decided but not yet written: they go to the database together with
+    the read that follows them (:func:`store.apply_and_refresh`)."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    corrected: set[int] = field(default_factory=set)  # succeeded on a corrected (later) attempt
+    totals: dict[uuid.UUID, tuple[float, float]] = field(default_factory=dict)  # (reward, task-seconds)
 
 
 @dataclass
@@ -92,17 +102,28 @@ class Engine:
         touched |= {uuid.UUID(m.result.task.workflow_id) for m in inbound.evaluated}
         touched |= {uuid.UUID(m.workflow_id) for m in inbound.started}
         touched |= {uuid.UUID(m.workflow_id) for m, _ in inbound.dead}
-        workflows = await store.lock_workflows(conn, touched)
+        reported = [m.result.task.task_id for m in inbound.evaluated] + [m.task_id for m, _ in inbound.dead]
+        workflows, loaded = await store.lock_and_load(conn, touched, reported)
         live = {wid for wid, wf in workflows.items() if wf.status not in TERMINAL_WORKFLOW}
 
-        await self._apply_started(conn, inbound.started, live, events)
-        ready_since: dict[int, float] = {}
+        for task_id in await self._apply_started(conn, inbound.started, live, events):
+            if task_id in loaded:  # its start report came in this round too: it is running now
+                loaded[task_id] = replace(loaded[task_id], status=TaskStatus.running)
         budget = RoundBudget()
-        out.applied = await self._apply_results(conn, inbound, workflows, live, events, ready_since, now, out, budget)
-
-        workflows, candidates = await store.refresh(
-            conn, {w: workflows[w] for w in live}, now, self.settings.controller_batch_size * 4
+        successes = Successes()
+        out.applied = await self._apply_results(
+            conn, inbound, loaded, workflows, live, events, now, out, budget, successes
         )
+
+        released, workflows, candidates = await store.apply_and_refresh(
+            conn,
+            successes.outcomes,
+            successes.totals,
+            {w: workflows[w] for w in live},
+            now,
+            self.settings.controller_batch_size * 4,
+        )
+        ready_since = await self._after_successes(conn, successes, released, now)
         by_workflow: dict[uuid.UUID, list[TaskRow]] = defaultdict(list)
         for task in candidates:
             by_workflow[task.workflow_id].append(task)
@@ -174,7 +195,8 @@ class Engine:
 
     async def _apply_started(
         self, conn: AsyncConnection, started: list[StartedMessage], live: set[uuid.UUID], events: Events
-    ) -> None:
+    ) -> set[int]:
+        """Mark reported starts; returns the ids of the tasks that became running."""
         items = [
             (m.task_id, m.attempt, m.executor_id, m.started_at) for m in started if uuid.UUID(m.workflow_id) in live
         ]
@@ -186,23 +208,25 @@ class Engine:
                 m = dispatched_at.get((task_id, attempt))
                 if m is not None and m.dispatched_at:
                     metrics.DISPATCH_TO_START.labels(m.type).observe(max(at - m.dispatched_at, 0.0))
+        return {task_id for task_id, *_ in rows}
 
     async def _apply_results(
         self,
         conn: AsyncConnection,
         inbound: Inbound,
+        tasks: dict[int, TaskRow],
         workflows: dict[uuid.UUID, WorkflowRow],
         live: set[uuid.UUID],
         events: Events,
-        ready_since: dict[int, float],
         now: float,
         out: RoundResult,
         budget: RoundBudget,
+        successes: Successes,
     ) -> int:
-        ids = [m.result.task.task_id for m in inbound.evaluated] + [m.task_id for m, _ in inbound.dead]
-        if not ids:
+        """Decide on every evaluated and dead-lettered attempt. Failures and corrections are written
+        here; successes are collected in ``successes`` for the caller to write."""
+        if not inbound.evaluated and not inbound.dead:
             return 0
-        tasks = await store.load_tasks(conn, ids)
         seen: set[tuple[int, int]] = set()
         decided: list[tuple[TaskRow, Succeed | ScheduleRetry | FailTask, EvaluatedMessage | None]] = []
         totals: dict[uuid.UUID, list[float]] = defaultdict(lambda: [0.0, 0.0])
@@ -273,9 +297,8 @@ class Engine:
                 corrected += 1
                 continue
             decided.append((task, on_failure(task.view(), failure, now), None))
-        await self._apply_decisions(
-            conn, decided, now, events, ready_since, {w: (r, sec) for w, (r, sec) in totals.items()}
-        )
+        successes.totals = {w: (r, sec) for w, (r, sec) in totals.items()}
+        await self._apply_decisions(conn, decided, now, events, successes)
         return len(decided) + corrected
 
     def _correcting(self, workflow: WorkflowRow) -> bool:
@@ -307,16 +330,14 @@ class Engine:
         decided: list[tuple[TaskRow, Succeed | ScheduleRetry | FailTask, EvaluatedMessage | None]],
         now: float,
         events: Events,
-        ready_since: dict[int, float],
-        totals: dict[uuid.UUID, tuple[float, float]],
+        successes: Successes,
     ) -> None:
-        succeeded: list[Outcome] = []
-        finished_at: dict[int, float] = {}
         for task, action, m in decided:
             if isinstance(action, Succeed) and m is not None:
                 outcome = _outcome(task, m, None, now)
-                succeeded.append(outcome)
-                finished_at[task.id] = outcome.finished_at
+                successes.outcomes.append(outcome)
+                if task.attempt > 1:
+                    successes.corrected.add(task.id)
                 events.add(
                     Event(
                         task.workflow_id,
@@ -330,25 +351,34 @@ class Engine:
                     )
                 )
                 metrics.TASKS_COMPLETED.labels(task.type, "succeeded").inc()
-        released = await store.apply_successes(conn, succeeded, totals)
-        corrected = {t.id for t, a, _ in decided if isinstance(a, Succeed) and t.attempt > 1}
-        if self.corrector is not None and corrected:
+        # Failures first: they touch other rows than the successes (a failure cancels only pending
+        # descendants), and the successes then go out together with the round's read.
+        await self._apply_failures(
+            conn, [(t, a, m) for t, a, m in decided if isinstance(a, ScheduleRetry | FailTask)], now, events
+        )
+
+    async def _after_successes(
+        self, conn: AsyncConnection, successes: Successes, released: list[tuple[int, list[int]]], now: float
+    ) -> dict[int, float]:
+        """Close the correction decisions the successes proved right; returns when each newly
+        released child became ready (for the finish-to-dispatch metric)."""
+        by_id = {o.task_id: o for o in successes.outcomes}
+        if self.corrector is not None and successes.corrected:
             # Only a corrected task can have an open decision, and a correction always means a new
             # attempt: first attempts (nearly every success) skip this statement.
-            by_id = {o.task_id: o for o in succeeded}
             fixed = []
             for task_id, _ in released:
-                if task_id not in corrected:
+                if task_id not in successes.corrected:
                     continue
                 o = by_id[task_id]
                 fixed.append((task_id, max(o.finished_at - (o.started_at or o.finished_at), 0.0), o.finished_at))
             await close_fixed(conn, fixed)
-        for task_id, kids in released:  # when each newly released child became ready (for a metric)
+        ready_since: dict[int, float] = {}
+        for task_id, kids in released:
+            finished = by_id[task_id].finished_at if task_id in by_id else now
             for kid in kids:
-                ready_since[kid] = max(ready_since.get(kid, 0.0), finished_at.get(task_id, now))
-        await self._apply_failures(
-            conn, [(t, a, m) for t, a, m in decided if isinstance(a, ScheduleRetry | FailTask)], now, events
-        )
+                ready_since[kid] = max(ready_since.get(kid, 0.0), finished)
+        return ready_since
 
     async def _apply_failures(
         self,

@@ -234,10 +234,12 @@ class Controller:
         while not stop.is_set():
             now = time.time()
             next_at: float | None = None
+
+            async def scan(conn: Any, now: float = now) -> tuple[set[uuid.UUID], float | None]:
+                return await store.workflows_needing_attention(conn, now), await store.next_timer(conn)
+
             try:
-                async with db.connect() as conn:
-                    found = await store.workflows_needing_attention(conn, now)
-                    next_at = await store.next_timer(conn)
+                found, next_at = await in_transaction(db, scan, what="resync", attempts=3)
                 if found:
                     self.dirty |= found
                     self.wake.set()
@@ -324,7 +326,11 @@ class Controller:
         port = settings.metrics_port or DEFAULT_METRICS_PORT
         if port > 0:
             start_http_server(port)
-        db = create_engine(settings.database_url.get_secret_value(), pool_size=4, name="dagsmith-controller")
+        # No pre-ping: every use is a retried transaction, and a ping would add a round trip to
+        # every reconciliation round.
+        db = create_engine(
+            settings.database_url.get_secret_value(), pool_size=4, name="dagsmith-controller", pre_ping=False
+        )
         connection = await connect(settings.amqp_url.get_secret_value(), name="dagsmith-controller")
         publish_channel = await connection.channel(publisher_confirms=True)
         self.topology = Topology(publish_channel, self.names, settings.delivery_limit)

@@ -16,7 +16,10 @@ from functools import lru_cache
 from typing import Any
 
 import orjson
+import psycopg
 import sqlalchemy as sa
+from psycopg.rows import namedtuple_row
+from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from controller.db import CHANNEL_EVENTS
@@ -47,6 +50,32 @@ def epoch(value: datetime | None) -> float | None:
 
 def _json(value: Any) -> str:
     return orjson.dumps(value, default=str).decode()
+
+
+def _psycopg_sql(text: str) -> str:
+    """A statement written with ``:name`` parameters, in psycopg's ``%(name)s`` style."""
+    return str(sa.text(text).compile(dialect=psycopg_dialect()))
+
+
+async def _pipeline(conn: AsyncConnection, *statements: tuple[str, dict[str, Any]]) -> list[list[Any]]:
+    """Run statements in order, sent together in one network round trip (psycopg's pipeline mode).
+
+    Postgres still executes them one after another, each with its own snapshot, exactly as if
+    they were sent one by one: a read after a lock sees what committed while it waited. Only the
+    waiting for each reply goes. Used for the two pairs on the reconciliation hot path, where a
+    round trip is a large part of a round. The statements run on the driver connection inside the
+    caller's transaction (SQLAlchemy's own statements must not run in pipeline mode: it reads a
+    result's description right after sending).
+    """
+    driver = (await conn.get_raw_connection()).driver_connection
+    assert isinstance(driver, psycopg.AsyncConnection)
+    cursors = []
+    async with driver.pipeline():
+        for sql, params in statements:
+            cursor = driver.cursor(row_factory=namedtuple_row)
+            await cursor.execute(sql, params)
+            cursors.append(cursor)
+    return [await c.fetchall() if c.description is not None else [] for c in cursors]
 
 
 @dataclass(frozen=True)
@@ -132,19 +161,34 @@ class Events:
 _COUNT_COLUMNS = ", ".join(f"n_{s.value}" for s in TaskStatus)
 
 
+_LOCK_WORKFLOWS = _psycopg_sql(
+    f"""
+    SELECT id, name, namespace, status, cancel_requested, {_COUNT_COLUMNS},
+           spec->'spec'->'params' AS params, spec->'spec'->'correction' AS correction, dag_revision,
+           surgeries, inserted_tasks, task_seconds, started_at
+    FROM workflows WHERE id = ANY(:ids) ORDER BY id FOR UPDATE
+    """
+)
+
+
 async def lock_workflows(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, WorkflowRow]:
-    rows = await conn.execute(
-        sa.text(
-            f"""
-            SELECT id, name, namespace, status, cancel_requested, {_COUNT_COLUMNS},
-                   spec->'spec'->'params' AS params, spec->'spec'->'correction' AS correction, dag_revision,
-                   surgeries, inserted_tasks, task_seconds, started_at
-            FROM workflows WHERE id = ANY(:ids) ORDER BY id FOR UPDATE
-            """
-        ),
-        {"ids": sorted(set(ids))},
-    )
-    return {r.id: _workflow_row(r) for r in rows}
+    workflows, _ = await lock_and_load(conn, ids, [])
+    return workflows
+
+
+async def lock_and_load(
+    conn: AsyncConnection, workflow_ids: Iterable[uuid.UUID], task_ids: Iterable[int]
+) -> tuple[dict[uuid.UUID, WorkflowRow], dict[int, TaskRow]]:
+    """Lock the workflows (in id order) and then read the tasks whose results arrived — one round
+    trip. The task read runs after the locks are held, so it sees the tasks as they are now."""
+    statements: list[tuple[str, dict[str, Any]]] = [(_LOCK_WORKFLOWS, {"ids": sorted(set(workflow_ids))})]
+    wanted = sorted(set(task_ids))
+    if wanted:
+        statements.append((_LOAD_TASKS, {"ids": wanted}))
+    results = await _pipeline(conn, *statements)
+    workflows = {r.id: _workflow_row(r) for r in results[0]}
+    tasks = {r.id: _task_row(r) for r in results[1]} if wanted else {}
+    return workflows, tasks
 
 
 def _workflow_row(r: Any) -> WorkflowRow:
@@ -203,43 +247,68 @@ def _task_row(r: Any) -> TaskRow:
     )
 
 
-async def load_tasks(conn: AsyncConnection, ids: Iterable[int]) -> dict[int, TaskRow]:
-    rows = await conn.execute(
-        sa.text(f"SELECT {_RESULT_COLUMNS} FROM tasks WHERE id = ANY(:ids)"), {"ids": list(set(ids))}
-    )
-    return {r.id: _task_row(r) for r in rows}
+_LOAD_TASKS = _psycopg_sql(f"SELECT {_RESULT_COLUMNS} FROM tasks WHERE id = ANY(:ids)")
 
 
-async def refresh(
-    conn: AsyncConnection, rows: dict[uuid.UUID, WorkflowRow], now: float, limit: int
-) -> tuple[dict[uuid.UUID, WorkflowRow], list[TaskRow]]:
-    """Fresh counters of the locked workflows (the triggers changed them) and the tasks that may
-    need action — ready ones (or in backoff) and expired leases — in one round trip."""
-    if not rows:
-        return {}, []
-    result = await conn.execute(
-        sa.text(
-            f"""
-            SELECT 'w' AS kind, to_jsonb(w) AS row FROM (
-                SELECT id, status, cancel_requested, {_COUNT_COLUMNS} FROM workflows WHERE id = ANY(:ids)) w
-            UNION ALL
-            SELECT 't', to_jsonb(c) FROM (
-                (SELECT {_TASK_JSON_COLUMNS} FROM tasks
-                 WHERE workflow_id = ANY(:ids) AND status = 'pending' AND waiting_on = 0 ORDER BY id LIMIT :limit)
-                UNION ALL
-                (SELECT {_TASK_JSON_COLUMNS} FROM tasks
-                 WHERE status = 'running' AND lease_expires_at <= :now AND workflow_id = ANY(:ids))
-                UNION ALL
-                (SELECT {_TASK_JSON_COLUMNS} FROM tasks
-                 WHERE status = 'queued' AND queue_deadline <= :now AND workflow_id = ANY(:ids))
-            ) c
-            """
-        ),
-        {"ids": list(rows), "now": ts(now), "limit": limit},
-    )
+_TASK_JSON_COLUMNS = """id, workflow_id, name, type, status, attempt, waiting_on, retries, max_retries, spec,
+    params, refs, timeout_s, extract(epoch FROM not_before) AS not_before,
+    extract(epoch FROM lease_expires_at) AS lease_expires_at,
+    extract(epoch FROM queue_deadline) AS queue_deadline"""
+
+
+_REFRESH = _psycopg_sql(
+    f"""
+    SELECT 'w' AS kind, to_jsonb(w) AS row FROM (
+        SELECT id, status, cancel_requested, {_COUNT_COLUMNS} FROM workflows WHERE id = ANY(:ids)) w
+    UNION ALL
+    SELECT 't', to_jsonb(c) FROM (
+        (SELECT {_TASK_JSON_COLUMNS} FROM tasks
+         WHERE workflow_id = ANY(:ids) AND status = 'pending' AND waiting_on = 0 ORDER BY id LIMIT :limit)
+        UNION ALL
+        (SELECT {_TASK_JSON_COLUMNS} FROM tasks
+         WHERE status = 'running' AND lease_expires_at <= :now AND workflow_id = ANY(:ids))
+        UNION ALL
+        (SELECT {_TASK_JSON_COLUMNS} FROM tasks
+         WHERE status = 'queued' AND queue_deadline <= :now AND workflow_id = ANY(:ids))
+    ) c
+    """
+)
+
+
+async def apply_and_refresh(
+    conn: AsyncConnection,
+    outcomes: Sequence[Outcome],
+    totals: dict[uuid.UUID, tuple[float, float]],
+    rows: dict[uuid.UUID, WorkflowRow],
+    now: float,
+    limit: int,
+) -> tuple[list[tuple[int, list[int]]], dict[uuid.UUID, WorkflowRow], list[TaskRow]]:
+    """Apply the round's successes (:data:`_APPLY_SUCCESSES`), then read fresh counters of the
+    locked workflows (the triggers changed them) and the tasks that may need action — ready ones
+    (or in backoff), expired leases and missed queue deadlines. One round trip for both.
+
+    Returns (task_id, children) of the tasks that succeeded, the fresh workflows and the candidates.
+    """
+    statements: list[tuple[str, dict[str, Any]]] = []
+    if outcomes or totals:
+        statements.append(
+            (
+                _APPLY_SUCCESSES,
+                {
+                    **_outcome_params(outcomes),
+                    "totals": rows_json({"id": k, "r": r, "s": sec} for k, (r, sec) in totals.items()),
+                },
+            )
+        )
+    if rows:
+        statements.append((_REFRESH, {"ids": list(rows), "now": ts(now), "limit": limit}))
+    if not statements:
+        return [], {}, []
+    results = await _pipeline(conn, *statements)
+    released = [(r.id, list(r.children)) for r in results[0]] if outcomes or totals else []
     fresh = dict(rows)
     candidates = []
-    for kind, row in result:
+    for kind, row in results[-1] if rows else []:
         if kind == "w":
             wid = uuid.UUID(row["id"])
             counts = Counts(**{s.value: row[f"n_{s.value}"] for s in TaskStatus})
@@ -248,13 +317,7 @@ async def refresh(
             )
         else:
             candidates.append(_task_row_json(row))
-    return fresh, candidates
-
-
-_TASK_JSON_COLUMNS = """id, workflow_id, name, type, status, attempt, waiting_on, retries, max_retries, spec,
-    params, refs, timeout_s, extract(epoch FROM not_before) AS not_before,
-    extract(epoch FROM lease_expires_at) AS lease_expires_at,
-    extract(epoch FROM queue_deadline) AS queue_deadline"""
+    return released, fresh, candidates
 
 
 def _task_row_json(r: dict[str, Any]) -> TaskRow:
@@ -375,46 +438,32 @@ def _outcome_params(outcomes: Sequence[Outcome], not_before: Sequence[float] | N
     }
 
 
-async def apply_successes(
-    conn: AsyncConnection, outcomes: Sequence[Outcome], totals: dict[uuid.UUID, tuple[float, float]]
-) -> list[tuple[int, list[int]]]:
-    """Succeed tasks, release their children (``waiting_on`` drops by how many of a child's
-    dependencies just finished) and add the round's (reward, task-seconds) to the workflows — one
-    statement, one round trip. Returns (task_id, children) of the tasks that succeeded."""
-    if not outcomes:
-        await add_totals(conn, totals)
-        return []
-    rows = await conn.execute(
-        sa.text(
-            f"""
-            WITH done AS (
-                UPDATE tasks t SET status = 'succeeded', output = v.output, error = NULL, reward = v.reward,
-                    feedback_notes = v.feedback, executor_id = COALESCE(v.executor_id, t.executor_id),
-                    started_at = COALESCE(to_timestamp(v.started_at), t.started_at),
-                    finished_at = to_timestamp(v.finished_at),
-                    lease_expires_at = NULL
-                FROM {_OUTCOME_ROWS}
-                WHERE t.id = v.id AND t.status IN ('queued', 'running')
-                RETURNING t.id, t.children
-            ),
-            kids AS (SELECT c AS id, count(*) AS n FROM done, unnest(done.children) AS c GROUP BY c),
-            released AS (
-                UPDATE tasks t SET waiting_on = t.waiting_on - kids.n FROM kids WHERE t.id = kids.id
-            ),
-            totals AS (
-                UPDATE workflows w SET total_reward = w.total_reward + x.r, task_seconds = w.task_seconds + x.s,
-                    updated_at = now()
-                FROM jsonb_to_recordset(CAST(:totals AS jsonb)) AS x(id uuid, r float8, s float8) WHERE w.id = x.id
-            )
-            SELECT id, children FROM done
-            """
-        ),
-        {
-            **_outcome_params(outcomes),
-            "totals": rows_json({"id": k, "r": r, "s": sec} for k, (r, sec) in totals.items()),
-        },
+# Succeed tasks, release their children (``waiting_on`` drops by how many of a child's
+# dependencies just finished) and add the round's (reward, task-seconds) to the workflows.
+_APPLY_SUCCESSES = _psycopg_sql(
+    f"""
+    WITH done AS (
+        UPDATE tasks t SET status = 'succeeded', output = v.output, error = NULL, reward = v.reward,
+            feedback_notes = v.feedback, executor_id = COALESCE(v.executor_id, t.executor_id),
+            started_at = COALESCE(to_timestamp(v.started_at), t.started_at),
+            finished_at = to_timestamp(v.finished_at),
+            lease_expires_at = NULL
+        FROM {_OUTCOME_ROWS}
+        WHERE t.id = v.id AND t.status IN ('queued', 'running')
+        RETURNING t.id, t.children
+    ),
+    kids AS (SELECT c AS id, count(*) AS n FROM done, unnest(done.children) AS c GROUP BY c),
+    released AS (
+        UPDATE tasks t SET waiting_on = t.waiting_on - kids.n FROM kids WHERE t.id = kids.id
+    ),
+    totals AS (
+        UPDATE workflows w SET total_reward = w.total_reward + x.r, task_seconds = w.task_seconds + x.s,
+            updated_at = now()
+        FROM jsonb_to_recordset(CAST(:totals AS jsonb)) AS x(id uuid, r float8, s float8) WHERE w.id = x.id
     )
-    return [(r.id, list(r.children)) for r in rows]
+    SELECT id, children FROM done
+    """
+)
 
 
 async def schedule_retries(conn: AsyncConnection, outcomes: Sequence[Outcome], not_before: Sequence[float]) -> None:
@@ -586,22 +635,6 @@ async def output_context(conn: AsyncConnection, workflow_id: uuid.UUID) -> tuple
         {"w": workflow_id},
     )
     return None, {r.name: {"output": r.output, "status": r.status} for r in sinks}
-
-
-async def add_totals(conn: AsyncConnection, totals: dict[uuid.UUID, tuple[float, float]]) -> None:
-    """Add (reward, task-seconds) of the attempts applied in this round to their workflows."""
-    if not totals:
-        return
-    await conn.execute(
-        sa.text(
-            """
-            UPDATE workflows w SET total_reward = w.total_reward + v.r, task_seconds = w.task_seconds + v.s,
-                updated_at = now()
-            FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(id uuid, r float8, s float8) WHERE w.id = v.id
-            """
-        ),
-        {"rows": rows_json({"id": k, "r": r, "s": sec} for k, (r, sec) in totals.items())},
-    )
 
 
 async def insert_events(
