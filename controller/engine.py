@@ -12,7 +12,7 @@ import asyncio
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -31,13 +31,12 @@ from controller.reconcile import (
     Ignore,
     ScheduleRetry,
     StartWorkflow,
-    Succeed,
     accepts_result,
     on_failure,
     on_result,
     plan,
 )
-from controller.states import TERMINAL_WORKFLOW, TaskStatus, WorkflowStatus
+from controller.states import WorkflowStatus
 from controller.store import Event, Events, Outcome, TaskRow, WorkflowRow
 from dagsmith.durations import parse_duration
 from dagsmith.errors import ErrorClass, TemplateError
@@ -58,16 +57,6 @@ class Inbound:
 
     def __len__(self) -> int:
         return len(self.evaluated) + len(self.started) + len(self.dead) + len(self.dirty)
-
-
-@dataclass
-class Successes:
-    """The round's successes, decided but not yet written: they go to the database together with
-    the read that follows them (:func:`store.apply_and_refresh`)."""
-
-    outcomes: list[Outcome] = field(default_factory=list)
-    corrected: set[int] = field(default_factory=set)  # succeeded on a corrected (later) attempt
-    totals: dict[uuid.UUID, tuple[float, float]] = field(default_factory=dict)  # (reward, task-seconds)
 
 
 @dataclass
@@ -102,28 +91,29 @@ class Engine:
         touched |= {uuid.UUID(m.result.task.workflow_id) for m in inbound.evaluated}
         touched |= {uuid.UUID(m.workflow_id) for m in inbound.started}
         touched |= {uuid.UUID(m.workflow_id) for m, _ in inbound.dead}
-        reported = [m.result.task.task_id for m in inbound.evaluated] + [m.task_id for m, _ in inbound.dead]
-        workflows, loaded = await store.lock_and_load(conn, touched, reported)
-        live = {wid for wid, wf in workflows.items() if wf.status not in TERMINAL_WORKFLOW}
-
-        for task_id in await self._apply_started(conn, inbound.started, live, events):
-            if task_id in loaded:  # its start report came in this round too: it is running now
-                loaded[task_id] = replace(loaded[task_id], status=TaskStatus.running)
-        budget = RoundBudget()
-        successes = Successes()
-        out.applied = await self._apply_results(
-            conn, inbound, loaded, workflows, live, events, now, out, budget, successes
-        )
-
-        released, workflows, candidates = await store.apply_and_refresh(
+        passed = [m for m in inbound.evaluated if m.evaluation.passed]
+        failed = [m for m in inbound.evaluated if not m.evaluation.passed]
+        limit = self.settings.controller_batch_size * 4
+        state = await store.open_round(
             conn,
-            successes.outcomes,
-            successes.totals,
-            {w: workflows[w] for w in live},
+            touched,
+            [(m.task_id, m.attempt, m.executor_id, m.started_at) for m in inbound.started],
+            [_passed(m, now) for m in passed],
+            [m.result.task.task_id for m in failed] + [m.task_id for m, _ in inbound.dead],
             now,
-            self.settings.controller_batch_size * 4,
+            limit,
+            self.settings.lease_ttl,
+            self.settings.lease_grace,
         )
-        ready_since = await self._after_successes(conn, successes, released, now)
+        live = set(state.fresh)
+        self._record_started(inbound.started, state.started, events)
+        ready_since = await self._record_successes(conn, passed, state.applied, events)
+        budget = RoundBudget()
+        decided = await self._apply_failed(conn, failed, inbound.dead, state, events, now, out, budget)
+        out.applied = len(state.applied) + decided
+        workflows, candidates = state.fresh, state.candidates
+        if decided:  # failures and corrections changed counters and readiness: read them again
+            workflows, candidates = await store.refresh(conn, {w: state.workflows[w] for w in live}, now, limit)
         by_workflow: dict[uuid.UUID, list[TaskRow]] = defaultdict(list)
         for task in candidates:
             by_workflow[task.workflow_id].append(task)
@@ -193,66 +183,110 @@ class Engine:
         outputs = await store.outputs_of(conn, workflow.id, task.refs) if task.refs else {}
         return prepare(task, attempt, workflow, outputs, self.settings.max_template_bytes)
 
-    async def _apply_started(
-        self, conn: AsyncConnection, started: list[StartedMessage], live: set[uuid.UUID], events: Events
-    ) -> set[int]:
-        """Mark reported starts; returns the ids of the tasks that became running."""
-        items = [
-            (m.task_id, m.attempt, m.executor_id, m.started_at) for m in started if uuid.UUID(m.workflow_id) in live
-        ]
-        rows = await store.mark_running(conn, items, self.settings.lease_ttl, self.settings.lease_grace)
-        dispatched_at = {(m.task_id, m.attempt): m for m in started}
-        for task_id, wid, name, attempt, old, at in rows:
-            if old == "queued":
-                events.add(Event(wid, "running", task_id, name, attempt, "queued", at=at))
-                m = dispatched_at.get((task_id, attempt))
-                if m is not None and m.dispatched_at:
-                    metrics.DISPATCH_TO_START.labels(m.type).observe(max(at - m.dispatched_at, 0.0))
-        return {task_id for task_id, *_ in rows}
+    def _record_started(self, reports: list[StartedMessage], started: list[store.Started], events: Events) -> None:
+        by_key = {(m.task_id, m.attempt): m for m in reports}
+        for row in started:
+            if row.old_status != "queued":
+                continue  # a repeated report only renewed the lease
+            events.add(
+                Event(row.workflow_id, "running", row.task_id, row.name, row.attempt, "queued", at=row.started_at)
+            )
+            m = by_key.get((row.task_id, row.attempt))
+            if m is not None and m.dispatched_at:
+                metrics.DISPATCH_TO_START.labels(m.type).observe(max(row.started_at - m.dispatched_at, 0.0))
 
-    async def _apply_results(
+    async def _record_successes(
+        self, conn: AsyncConnection, passed: list[EvaluatedMessage], applied: list[store.Applied], events: Events
+    ) -> dict[int, float]:
+        """Events and metrics for the applied successes; close the correction decisions they proved
+        right. Returns when each newly released child became ready (for a metric)."""
+        if len(applied) < len(passed):
+            metrics.RESULTS_IGNORED.labels("stale").inc(len(passed) - len(applied))
+        by_key = {(m.result.task.task_id, m.result.task.attempt): m for m in passed}
+        ready_since: dict[int, float] = {}
+        fixed: list[tuple[int, float, float]] = []
+        for row in applied:
+            m = by_key[(row.task_id, row.attempt)]
+            r = m.result
+            if self.corrector is not None:
+                self.corrector.rates.observe(row.type, False)
+            metrics.RUN_SECONDS.labels(row.type).observe(r.duration)
+            if row.old_status == "queued":  # no start report came: the result says when it started
+                events.add(
+                    Event(
+                        row.workflow_id,
+                        "running",
+                        row.task_id,
+                        row.name,
+                        row.attempt,
+                        "queued",
+                        at=r.started_at,
+                        data={"executor": r.executor_id},
+                    )
+                )
+                if r.task.dispatched_at:
+                    metrics.DISPATCH_TO_START.labels(row.type).observe(max(r.started_at - r.task.dispatched_at, 0.0))
+            events.add(
+                Event(
+                    row.workflow_id,
+                    "succeeded",
+                    row.task_id,
+                    row.name,
+                    row.attempt,
+                    "running",
+                    at=r.finished_at,
+                    data={"reward": m.evaluation.reward},
+                )
+            )
+            metrics.TASKS_COMPLETED.labels(row.type, "succeeded").inc()
+            if row.attempt > 1:
+                fixed.append((row.task_id, max(r.finished_at - r.started_at, 0.0), r.finished_at))
+            for kid in row.children:
+                ready_since[kid] = max(ready_since.get(kid, 0.0), r.finished_at)
+        if self.corrector is not None and fixed:
+            # Only a corrected task can have an open decision, and a correction always means a new
+            # attempt: first attempts (nearly every success) skip this statement.
+            await close_fixed(conn, fixed)
+        return ready_since
+
+    async def _apply_failed(
         self,
         conn: AsyncConnection,
-        inbound: Inbound,
-        tasks: dict[int, TaskRow],
-        workflows: dict[uuid.UUID, WorkflowRow],
-        live: set[uuid.UUID],
+        failed: list[EvaluatedMessage],
+        dead: list[tuple[TaskMessage, int]],
+        state: store.RoundState,
         events: Events,
         now: float,
         out: RoundResult,
         budget: RoundBudget,
-        successes: Successes,
     ) -> int:
-        """Decide on every evaluated and dead-lettered attempt. Failures and corrections are written
-        here; successes are collected in ``successes`` for the caller to write."""
-        if not inbound.evaluated and not inbound.dead:
-            return 0
+        """Decide on failed and dead-lettered attempts (the retry policy, or Correction Mode) and
+        write the decisions. Returns how many attempts were decided."""
+        tasks, workflows, live = state.failed, state.workflows, set(state.fresh)
         seen: set[tuple[int, int]] = set()
-        decided: list[tuple[TaskRow, Succeed | ScheduleRetry | FailTask, EvaluatedMessage | None]] = []
+        decided: list[tuple[TaskRow, ScheduleRetry | FailTask, EvaluatedMessage | None]] = []
         totals: dict[uuid.UUID, list[float]] = defaultdict(lambda: [0.0, 0.0])
         corrected = 0
-        for m in inbound.evaluated:
+        for m in failed:
             ref = m.result.task
             task = tasks.get(ref.task_id)
             if task is None or task.workflow_id not in live or (ref.task_id, ref.attempt) in seen:
                 metrics.RESULTS_IGNORED.labels("duplicate_or_gone").inc()
                 continue
             seen.add((ref.task_id, ref.attempt))
-            failure = None
-            if not m.evaluation.passed:
-                err = m.evaluation.error or m.result.error
-                failure = (
-                    Failure(err.error_class, err.message, err.details)
-                    if err
-                    else Failure(ErrorClass.unknown, "failed without an error")
-                )
-            action = on_result(task.view(), ref.attempt, m.evaluation.passed, failure, now)
+            err = m.evaluation.error or m.result.error
+            failure = (
+                Failure(err.error_class, err.message, err.details)
+                if err
+                else Failure(ErrorClass.unknown, "failed without an error")
+            )
+            action = on_result(task.view(), ref.attempt, False, failure, now)
             if isinstance(action, Ignore):
                 metrics.RESULTS_IGNORED.labels("stale").inc()
                 log.debug("result ignored", task_id=action.task_id, attempt=action.attempt, reason=action.reason)
                 continue
             if self.corrector is not None:
-                self.corrector.rates.observe(task.type, failure is not None)
+                self.corrector.rates.observe(task.type, True)
             totals[task.workflow_id][0] += m.evaluation.reward
             totals[task.workflow_id][1] += m.result.duration
             metrics.RUN_SECONDS.labels(task.type).observe(m.result.duration)
@@ -274,13 +308,13 @@ class Engine:
                         max(m.result.started_at - ref.dispatched_at, 0.0)
                     )
             workflow = workflows[task.workflow_id]
-            if failure is not None and self._correcting(workflow):
+            if self._correcting(workflow):
                 await self._correct(conn, workflow, task, failure, m, now, events, out, budget)
                 corrected += 1
                 continue
-            assert isinstance(action, Succeed | FailTask | ScheduleRetry)
+            assert isinstance(action, FailTask | ScheduleRetry)
             decided.append((task, action, m))
-        for msg, deliveries in inbound.dead:
+        for msg, deliveries in dead:
             task = tasks.get(msg.task_id)
             metrics.DEAD_LETTERS.inc()
             if task is None or task.workflow_id not in live or accepts_result(task.view(), msg.attempt) is not None:
@@ -297,8 +331,8 @@ class Engine:
                 corrected += 1
                 continue
             decided.append((task, on_failure(task.view(), failure, now), None))
-        successes.totals = {w: (r, sec) for w, (r, sec) in totals.items()}
-        await self._apply_decisions(conn, decided, now, events, successes)
+        await store.add_totals(conn, {w: (r, sec) for w, (r, sec) in totals.items()})
+        await self._apply_failures(conn, decided, now, events)
         return len(decided) + corrected
 
     def _correcting(self, workflow: WorkflowRow) -> bool:
@@ -317,68 +351,12 @@ class Engine:
         budget: RoundBudget,
     ) -> None:
         assert self.corrector is not None
-        outcome = _outcome(task, m, _error_json(failure), now)
+        outcome = _outcome(task.id, m, _error_json(failure), now)
         result = await self.corrector.correct(conn, workflow, task, failure, outcome, now, events, budget)
         out.again.add(workflow.id)  # dispatch what the surgery made ready, in the next round
         if result.aborted:
             out.cancelled.add(workflow.id)
             metrics.WORKFLOWS_FINISHED.labels("failed").inc()
-
-    async def _apply_decisions(
-        self,
-        conn: AsyncConnection,
-        decided: list[tuple[TaskRow, Succeed | ScheduleRetry | FailTask, EvaluatedMessage | None]],
-        now: float,
-        events: Events,
-        successes: Successes,
-    ) -> None:
-        for task, action, m in decided:
-            if isinstance(action, Succeed) and m is not None:
-                outcome = _outcome(task, m, None, now)
-                successes.outcomes.append(outcome)
-                if task.attempt > 1:
-                    successes.corrected.add(task.id)
-                events.add(
-                    Event(
-                        task.workflow_id,
-                        "succeeded",
-                        task.id,
-                        task.name,
-                        action.attempt,
-                        "running",
-                        at=outcome.finished_at,
-                        data={"reward": m.evaluation.reward},
-                    )
-                )
-                metrics.TASKS_COMPLETED.labels(task.type, "succeeded").inc()
-        # Failures first: they touch other rows than the successes (a failure cancels only pending
-        # descendants), and the successes then go out together with the round's read.
-        await self._apply_failures(
-            conn, [(t, a, m) for t, a, m in decided if isinstance(a, ScheduleRetry | FailTask)], now, events
-        )
-
-    async def _after_successes(
-        self, conn: AsyncConnection, successes: Successes, released: list[tuple[int, list[int]]], now: float
-    ) -> dict[int, float]:
-        """Close the correction decisions the successes proved right; returns when each newly
-        released child became ready (for the finish-to-dispatch metric)."""
-        by_id = {o.task_id: o for o in successes.outcomes}
-        if self.corrector is not None and successes.corrected:
-            # Only a corrected task can have an open decision, and a correction always means a new
-            # attempt: first attempts (nearly every success) skip this statement.
-            fixed = []
-            for task_id, _ in released:
-                if task_id not in successes.corrected:
-                    continue
-                o = by_id[task_id]
-                fixed.append((task_id, max(o.finished_at - (o.started_at or o.finished_at), 0.0), o.finished_at))
-            await close_fixed(conn, fixed)
-        ready_since: dict[int, float] = {}
-        for task_id, kids in released:
-            finished = by_id[task_id].finished_at if task_id in by_id else now
-            for kid in kids:
-                ready_since[kid] = max(ready_since.get(kid, 0.0), finished)
-        return ready_since
 
     async def _apply_failures(
         self,
@@ -392,7 +370,7 @@ class Engine:
         failed: list[Outcome] = []
         for task, action, m in items:
             error = _error_json(action.failure)
-            outcome = _outcome(task, m, error, now)
+            outcome = _outcome(task.id, m, error, now)
             old = "running" if task.status in ("queued", "running") else str(task.status)
             if isinstance(action, ScheduleRetry):
                 retries.append(outcome)
@@ -538,12 +516,16 @@ def _error_json(failure: Failure) -> dict[str, Any]:
     return {"class": str(failure.error_class), "message": failure.message, "details": failure.details}
 
 
-def _outcome(task: TaskRow, m: EvaluatedMessage | None, error: dict[str, Any] | None, now: float) -> Outcome:
+def _passed(m: EvaluatedMessage, now: float) -> store.Passed:
+    return store.Passed(_outcome(m.result.task.task_id, m, None, now), m.result.task.attempt, m.result.duration)
+
+
+def _outcome(task_id: int, m: EvaluatedMessage | None, error: dict[str, Any] | None, now: float) -> Outcome:
     if m is None:
-        return Outcome(task.id, None, error, None, None, None, None, now)
+        return Outcome(task_id, None, error, None, None, None, None, now)
     r = m.result
     return Outcome(
-        task_id=task.id,
+        task_id=task_id,
         output=r.output if error is None else None,
         error=error,
         reward=m.evaluation.reward,

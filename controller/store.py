@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from controller.db import CHANNEL_EVENTS
 from controller.reconcile import Counts, TaskView, WorkflowView
-from controller.states import TaskStatus, WorkflowStatus
+from controller.states import TERMINAL_WORKFLOW, TaskStatus, WorkflowStatus
 from dagsmith.spec import Backoff, CorrectionSpec
 
 
@@ -172,23 +172,8 @@ _LOCK_WORKFLOWS = _psycopg_sql(
 
 
 async def lock_workflows(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, WorkflowRow]:
-    workflows, _ = await lock_and_load(conn, ids, [])
-    return workflows
-
-
-async def lock_and_load(
-    conn: AsyncConnection, workflow_ids: Iterable[uuid.UUID], task_ids: Iterable[int]
-) -> tuple[dict[uuid.UUID, WorkflowRow], dict[int, TaskRow]]:
-    """Lock the workflows (in id order) and then read the tasks whose results arrived — one round
-    trip. The task read runs after the locks are held, so it sees the tasks as they are now."""
-    statements: list[tuple[str, dict[str, Any]]] = [(_LOCK_WORKFLOWS, {"ids": sorted(set(workflow_ids))})]
-    wanted = sorted(set(task_ids))
-    if wanted:
-        statements.append((_LOAD_TASKS, {"ids": wanted}))
-    results = await _pipeline(conn, *statements)
-    workflows = {r.id: _workflow_row(r) for r in results[0]}
-    tasks = {r.id: _task_row(r) for r in results[1]} if wanted else {}
-    return workflows, tasks
+    (rows,) = await _pipeline(conn, (_LOCK_WORKFLOWS, {"ids": sorted(set(ids))}))
+    return {r.id: _workflow_row(r) for r in rows}
 
 
 def _workflow_row(r: Any) -> WorkflowRow:
@@ -275,49 +260,139 @@ _REFRESH = _psycopg_sql(
 )
 
 
-async def apply_and_refresh(
+@dataclass(frozen=True)
+class Passed:
+    """A result the evaluator passed. It applies only if ``attempt`` is still the task's attempt in
+    flight and its workflow is live (:func:`controller.reconcile.accepts_result`, as SQL)."""
+
+    outcome: Outcome
+    attempt: int
+    seconds: float  # the attempt's run time, added to the workflow's task-seconds
+
+
+@dataclass(frozen=True)
+class Applied:
+    """A passed result that was applied: its task succeeded."""
+
+    task_id: int
+    workflow_id: uuid.UUID
+    name: str
+    type: str
+    attempt: int
+    old_status: str  # queued (no start report came) or running
+    children: list[int]
+
+
+@dataclass(frozen=True)
+class Started:
+    """A start report that was applied: the task is running, with a lease."""
+
+    task_id: int
+    workflow_id: uuid.UUID
+    name: str
+    attempt: int
+    old_status: str
+    started_at: float
+
+
+@dataclass
+class RoundState:
+    """What the first round trip of a round returns (:func:`open_round`)."""
+
+    workflows: dict[uuid.UUID, WorkflowRow]  # the touched workflows, locked, as they were locked
+    started: list[Started]
+    applied: list[Applied]
+    failed: dict[int, TaskRow]  # the tasks of failed and dead-lettered attempts, to decide on
+    fresh: dict[uuid.UUID, WorkflowRow]  # the live workflows with the counters after the writes
+    candidates: list[TaskRow]  # tasks of live workflows that may need action
+
+
+async def open_round(
     conn: AsyncConnection,
-    outcomes: Sequence[Outcome],
-    totals: dict[uuid.UUID, tuple[float, float]],
-    rows: dict[uuid.UUID, WorkflowRow],
+    workflow_ids: Iterable[uuid.UUID],
+    started: Sequence[tuple[int, int, str, float]],
+    passed: Sequence[Passed],
+    failed_ids: Iterable[int],
     now: float,
     limit: int,
-) -> tuple[list[tuple[int, list[int]]], dict[uuid.UUID, WorkflowRow], list[TaskRow]]:
-    """Apply the round's successes (:data:`_APPLY_SUCCESSES`), then read fresh counters of the
-    locked workflows (the triggers changed them) and the tasks that may need action — ready ones
-    (or in backoff), expired leases and missed queue deadlines. One round trip for both.
-
-    Returns (task_id, children) of the tasks that succeeded, the fresh workflows and the candidates.
-    """
-    statements: list[tuple[str, dict[str, Any]]] = []
-    if outcomes or totals:
+    lease_ttl: float,
+    grace: float,
+) -> RoundState:
+    """The common round in one round trip, in this order: lock the workflows (in id order), record
+    start reports (task_id, attempt, executor_id, started_at), apply passed results (succeed
+    tasks, release children, add reward and task-seconds), read the tasks of failed results, and
+    read fresh counters and the tasks that may need action. Each statement sees what the previous
+    ones did (they run one after another). Start reports and results for finished workflows, stale
+    attempts and duplicates change nothing."""
+    ids = sorted(set(workflow_ids))
+    wanted = sorted(set(failed_ids))
+    statements: list[tuple[str, dict[str, Any]]] = [(_LOCK_WORKFLOWS, {"ids": ids})]
+    if started:
         statements.append(
             (
-                _APPLY_SUCCESSES,
+                _MARK_RUNNING,
                 {
-                    **_outcome_params(outcomes),
-                    "totals": rows_json({"id": k, "r": r, "s": sec} for k, (r, sec) in totals.items()),
+                    "rows": rows_json(
+                        {"id": s[0], "attempt": s[1], "executor_id": s[2], "started_at": s[3]} for s in started
+                    ),
+                    "ttl": lease_ttl,
+                    "grace": grace,
                 },
             )
         )
-    if rows:
-        statements.append((_REFRESH, {"ids": list(rows), "now": ts(now), "limit": limit}))
-    if not statements:
-        return [], {}, []
-    results = await _pipeline(conn, *statements)
-    released = [(r.id, list(r.children)) for r in results[0]] if outcomes or totals else []
+    if passed:
+        statements.append((_APPLY_PASSED, {"rows": rows_json(_passed_row(p) for p in passed)}))
+    if wanted:
+        statements.append((_LOAD_TASKS, {"ids": wanted}))
+    statements.append((_REFRESH, {"ids": ids, "now": ts(now), "limit": limit}))
+    results = iter(await _pipeline(conn, *statements))
+    locked = {r.id: _workflow_row(r) for r in next(results)}
+    state = RoundState(locked, [], [], {}, {}, [])
+    if started:
+        state.started = [
+            Started(r.id, r.workflow_id, r.name, r.attempt, r.old_status, r.started_at.timestamp())
+            for r in next(results)
+        ]
+    if passed:
+        state.applied = [
+            Applied(r.id, r.workflow_id, r.name, r.type, r.attempt, r.old_status, list(r.children))
+            for r in next(results)
+        ]
+    if wanted:
+        state.failed = {r.id: _task_row(r) for r in next(results)}
+    live = {wid: w for wid, w in locked.items() if w.status not in TERMINAL_WORKFLOW}
+    state.fresh, state.candidates = _refreshed(live, next(results))
+    return state
+
+
+async def refresh(
+    conn: AsyncConnection, rows: dict[uuid.UUID, WorkflowRow], now: float, limit: int
+) -> tuple[dict[uuid.UUID, WorkflowRow], list[TaskRow]]:
+    """Fresh counters of the locked workflows (the triggers changed them) and the tasks that may
+    need action — ready ones (or in backoff), expired leases and missed queue deadlines."""
+    if not rows:
+        return {}, []
+    (result,) = await _pipeline(conn, (_REFRESH, {"ids": list(rows), "now": ts(now), "limit": limit}))
+    return _refreshed(rows, result)
+
+
+def _refreshed(
+    rows: dict[uuid.UUID, WorkflowRow], result: list[Any]
+) -> tuple[dict[uuid.UUID, WorkflowRow], list[TaskRow]]:
     fresh = dict(rows)
     candidates = []
-    for kind, row in results[-1] if rows else []:
+    for kind, row in result:
         if kind == "w":
             wid = uuid.UUID(row["id"])
+            if wid not in rows:
+                continue
             counts = Counts(**{s.value: row[f"n_{s.value}"] for s in TaskStatus})
             fresh[wid] = replace(
                 rows[wid], status=WorkflowStatus(row["status"]), cancel_requested=row["cancel_requested"], counts=counts
             )
-        else:
+        elif uuid.UUID(row["workflow_id"]) in rows:
             candidates.append(_task_row_json(row))
-    return released, fresh, candidates
+    return fresh, candidates
 
 
 def _task_row_json(r: dict[str, Any]) -> TaskRow:
@@ -367,37 +442,24 @@ async def start_workflows(conn: AsyncConnection, ids: Sequence[uuid.UUID], now: 
         events.add(Event(wid, "running", from_status="pending", reason="started", at=now))
 
 
-async def mark_running(
-    conn: AsyncConnection, started: Sequence[tuple[int, int, str, float]], lease_ttl: float, grace: float
-) -> list[tuple[int, uuid.UUID, str, int, str, float]]:
-    """Record (task_id, attempt, executor_id, started_at) for in-flight tasks of the current attempt.
+# A workflow that has not finished (start reports and results for finished ones change nothing).
+_LIVE = f"w.status NOT IN ({', '.join(repr(str(s)) for s in sorted(TERMINAL_WORKFLOW))})"
 
-    Returns (id, workflow_id, name, attempt, old_status, started_at) of the rows changed.
+_MARK_RUNNING = _psycopg_sql(
+    f"""
+    UPDATE tasks t
+    SET status = 'running', started_at = to_timestamp(v.started_at), executor_id = v.executor_id,
+        lease_expires_at = LEAST(
+            COALESCE(to_timestamp(v.started_at) + make_interval(secs => t.timeout_s + :grace), 'infinity'),
+            now() + make_interval(secs => :ttl))
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+         AS v(id bigint, attempt int, executor_id text, started_at float8)
+         JOIN tasks o ON o.id = v.id  -- the row as it was, for the event's "from"
+         JOIN workflows w ON w.id = o.workflow_id
+    WHERE t.id = v.id AND t.attempt = v.attempt AND t.status IN ('queued', 'running') AND {_LIVE}
+    RETURNING t.id, t.workflow_id, t.name, t.attempt, o.status AS old_status, t.started_at
     """
-    if not started:
-        return []
-    rows = await conn.execute(
-        sa.text(
-            """
-            UPDATE tasks t
-            SET status = 'running', started_at = to_timestamp(v.started_at), executor_id = v.executor_id,
-                lease_expires_at = LEAST(
-                    COALESCE(to_timestamp(v.started_at) + make_interval(secs => t.timeout_s + :grace), 'infinity'),
-                    now() + make_interval(secs => :ttl))
-            FROM jsonb_to_recordset(CAST(:rows AS jsonb))
-                 AS v(id bigint, attempt int, executor_id text, started_at float8)
-                 JOIN tasks o ON o.id = v.id  -- the row as it was, for the event's "from"
-            WHERE t.id = v.id AND t.attempt = v.attempt AND t.status IN ('queued', 'running')
-            RETURNING t.id, t.workflow_id, t.name, t.attempt, o.status AS old_status, t.started_at
-            """
-        ),
-        {
-            "rows": rows_json({"id": s[0], "attempt": s[1], "executor_id": s[2], "started_at": s[3]} for s in started),
-            "ttl": lease_ttl,
-            "grace": grace,
-        },
-    )
-    return [(r.id, r.workflow_id, r.name, r.attempt, r.old_status, r.started_at.timestamp()) for r in rows]
+)
 
 
 @dataclass(frozen=True)
@@ -440,18 +502,25 @@ def _outcome_params(outcomes: Sequence[Outcome], not_before: Sequence[float] | N
 
 # Succeed tasks, release their children (``waiting_on`` drops by how many of a child's
 # dependencies just finished) and add the round's (reward, task-seconds) to the workflows.
-_APPLY_SUCCESSES = _psycopg_sql(
+_APPLY_PASSED = _psycopg_sql(
     f"""
-    WITH done AS (
+    WITH v AS (
+        SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+            AS v(id bigint, attempt int, output jsonb, reward float8, feedback jsonb, executor_id text,
+                 started_at float8, finished_at float8, seconds float8)
+    ),
+    done AS (
         UPDATE tasks t SET status = 'succeeded', output = v.output, error = NULL, reward = v.reward,
             feedback_notes = v.feedback, executor_id = COALESCE(v.executor_id, t.executor_id),
             started_at = COALESCE(to_timestamp(v.started_at), t.started_at),
             finished_at = to_timestamp(v.finished_at),
             lease_expires_at = NULL
-        FROM {_OUTCOME_ROWS}
-        WHERE t.id = v.id AND t.status IN ('queued', 'running')
-        RETURNING t.id, t.children
+        FROM v JOIN tasks o ON o.id = v.id JOIN workflows w ON w.id = o.workflow_id
+        WHERE t.id = v.id AND t.attempt = v.attempt AND t.status IN ('queued', 'running') AND {_LIVE}
+        RETURNING t.id, t.workflow_id, t.name, t.type, t.attempt, o.status AS old_status, t.children,
+                  v.reward, v.seconds
     ),
+    -- a child's waiting_on drops by how many of its dependencies just succeeded
     kids AS (SELECT c AS id, count(*) AS n FROM done, unnest(done.children) AS c GROUP BY c),
     released AS (
         UPDATE tasks t SET waiting_on = t.waiting_on - kids.n FROM kids WHERE t.id = kids.id
@@ -459,11 +528,43 @@ _APPLY_SUCCESSES = _psycopg_sql(
     totals AS (
         UPDATE workflows w SET total_reward = w.total_reward + x.r, task_seconds = w.task_seconds + x.s,
             updated_at = now()
-        FROM jsonb_to_recordset(CAST(:totals AS jsonb)) AS x(id uuid, r float8, s float8) WHERE w.id = x.id
+        FROM (SELECT workflow_id, sum(reward) AS r, sum(seconds) AS s FROM done GROUP BY workflow_id) x
+        WHERE w.id = x.workflow_id
     )
-    SELECT id, children FROM done
+    SELECT id, workflow_id, name, type, attempt, old_status, children FROM done
     """
 )
+
+
+def _passed_row(p: Passed) -> dict[str, Any]:
+    o = p.outcome
+    return {
+        "id": o.task_id,
+        "attempt": p.attempt,
+        "output": o.output,
+        "reward": o.reward,
+        "feedback": o.feedback,
+        "executor_id": o.executor_id,
+        "started_at": o.started_at,
+        "finished_at": o.finished_at,
+        "seconds": p.seconds,
+    }
+
+
+async def add_totals(conn: AsyncConnection, totals: dict[uuid.UUID, tuple[float, float]]) -> None:
+    """Add (reward, task-seconds) to workflows (for failed attempts; passed ones add theirs when applied)."""
+    if not totals:
+        return
+    await conn.execute(
+        sa.text(
+            """
+            UPDATE workflows w SET total_reward = w.total_reward + v.r, task_seconds = w.task_seconds + v.s,
+                updated_at = now()
+            FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(id uuid, r float8, s float8) WHERE w.id = v.id
+            """
+        ),
+        {"rows": rows_json({"id": k, "r": r, "s": sec} for k, (r, sec) in totals.items())},
+    )
 
 
 async def schedule_retries(conn: AsyncConnection, outcomes: Sequence[Outcome], not_before: Sequence[float]) -> None:
