@@ -94,6 +94,7 @@ class Engine:
         passed = [m for m in inbound.evaluated if m.evaluation.passed]
         failed = [m for m in inbound.evaluated if not m.evaluation.passed]
         limit = self.settings.controller_batch_size * 4
+        # One round trip does the common round's reads and writes; only failures need more.
         state = await store.open_round(
             conn,
             touched,
