@@ -107,8 +107,28 @@ class Bench:
         return kib / 1024
 
     def cpu_seconds(self, name: str) -> float:
-        fields = Path(f"/proc/{self.stack.procs[name].pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return _cpu_seconds(self.stack.procs[name].pid)
+
+    def cpu_by_component(self) -> dict[str, float]:
+        """CPU seconds used so far by each part: our processes (executors summed), and the
+        machine's RabbitMQ and Postgres servers (all their processes)."""
+        used: dict[str, float] = {}
+        for name, proc in self.stack.procs.items():
+            component = "executors" if name.startswith("executor") else name
+            used[component] = used.get(component, 0.0) + _cpu_seconds(proc.pid)
+        for component, command in (("rabbitmq", "beam.smp"), ("postgres", "postgres")):
+            pids = subprocess.run(["pgrep", "-x", command], capture_output=True, text=True, check=False).stdout
+            used[component] = sum(_cpu_seconds(int(pid)) for pid in pids.split())
+        return used
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of a process (0 if it has gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager

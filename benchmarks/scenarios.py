@@ -56,12 +56,20 @@ def _submit_many(bench: Bench, docs: list[dict[str, Any]], threads: int = 8) -> 
 
 
 def throughput_one(bench: Bench, n: int = 5000) -> dict[str, Any]:
-    """n independent no-op tasks in one workflow: submit to last result applied."""
+    """n independent no-op tasks in one workflow: submit to last result applied, and the CPU each
+    part of the system spent per task (where the time goes)."""
+    cpu0 = bench.cpu_by_component()
     t0 = time.time()
     wid = bench.submit(doc("throughput", independent(n)))
     bench.wait_all([wid], timeout=600)
     wall = _finished_at(bench, [wid]) - t0
-    return {"tasks": n, "wall_s": wall, "tasks_per_s": n / wall}
+    elapsed = time.time() - t0
+    cpu = {k: v - cpu0.get(k, 0.0) for k, v in bench.cpu_by_component().items()}
+    figures: dict[str, Any] = {"tasks": n, "wall_s": wall, "tasks_per_s": n / wall}
+    figures.update({f"cpu_ms_per_task_{k}": 1000 * v / n for k, v in sorted(cpu.items())})
+    figures["cpu_ms_per_task_all"] = 1000 * sum(cpu.values()) / n
+    figures["cores_busy"] = sum(cpu.values()) / elapsed
+    return figures
 
 
 def throughput_spread(bench: Bench, workflows: int = 100, per: int = 50) -> dict[str, Any]:
