@@ -41,6 +41,8 @@ def create_engine(url: str, pool_size: int = 10, name: str = "dagsmith", pre_pin
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=pre_ping,
+        # The rounds rely on it: each statement of a round sees what committed before it began.
+        isolation_level="READ COMMITTED",
         pool_recycle=1800,
         connect_args={"application_name": name},
     )

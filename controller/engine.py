@@ -98,13 +98,13 @@ class Engine:
         state = await store.open_round(
             conn,
             touched,
-            [(m.task_id, m.attempt, m.executor_id, m.started_at) for m in inbound.started],
+            [(m.task_id, uuid.UUID(m.workflow_id), m.attempt, m.executor_id, m.started_at) for m in inbound.started],
             [_passed(m, now) for m in passed],
             [m.result.task.task_id for m in failed] + [m.task_id for m, _ in inbound.dead],
-            now,
-            limit,
-            self.settings.lease_ttl,
-            self.settings.lease_grace,
+            now=now,
+            limit=limit,
+            lease_ttl=self.settings.lease_ttl,
+            grace=self.settings.lease_grace,
         )
         live = set(state.fresh)
         self._record_started(inbound.started, state.started, events)
@@ -212,21 +212,8 @@ class Engine:
             if self.corrector is not None:
                 self.corrector.rates.observe(row.type, False)
             metrics.RUN_SECONDS.labels(row.type).observe(r.duration)
-            if row.old_status == "queued":  # no start report came: the result says when it started
-                events.add(
-                    Event(
-                        row.workflow_id,
-                        "running",
-                        row.task_id,
-                        row.name,
-                        row.attempt,
-                        "queued",
-                        at=r.started_at,
-                        data={"executor": r.executor_id},
-                    )
-                )
-                if r.task.dispatched_at:
-                    metrics.DISPATCH_TO_START.labels(row.type).observe(max(r.started_at - r.task.dispatched_at, 0.0))
+            if row.old_status == "queued":
+                _started_by_result(events, row.workflow_id, row.name, row.type, m)
             events.add(
                 Event(
                     row.workflow_id,
@@ -292,22 +279,7 @@ class Engine:
             totals[task.workflow_id][1] += m.result.duration
             metrics.RUN_SECONDS.labels(task.type).observe(m.result.duration)
             if task.status == "queued":
-                events.add(
-                    Event(
-                        task.workflow_id,
-                        "running",
-                        task.id,
-                        task.name,
-                        ref.attempt,
-                        "queued",
-                        at=m.result.started_at,
-                        data={"executor": m.result.executor_id},
-                    )
-                )
-                if ref.dispatched_at:
-                    metrics.DISPATCH_TO_START.labels(task.type).observe(
-                        max(m.result.started_at - ref.dispatched_at, 0.0)
-                    )
+                _started_by_result(events, task.workflow_id, task.name, task.type, m)
             workflow = workflows[task.workflow_id]
             if self._correcting(workflow):
                 await self._correct(conn, workflow, task, failure, m, now, events, out, budget)
@@ -517,8 +489,28 @@ def _error_json(failure: Failure) -> dict[str, Any]:
     return {"class": str(failure.error_class), "message": failure.message, "details": failure.details}
 
 
+def _started_by_result(events: Events, workflow_id: uuid.UUID, name: str, task_type: str, m: EvaluatedMessage) -> None:
+    """No start report came before the result: the result says when the attempt started."""
+    r = m.result
+    events.add(
+        Event(
+            workflow_id,
+            "running",
+            r.task.task_id,
+            name,
+            r.task.attempt,
+            "queued",
+            at=r.started_at,
+            data={"executor": r.executor_id},
+        )
+    )
+    if r.task.dispatched_at:
+        metrics.DISPATCH_TO_START.labels(task_type).observe(max(r.started_at - r.task.dispatched_at, 0.0))
+
+
 def _passed(m: EvaluatedMessage, now: float) -> store.Passed:
-    return store.Passed(_outcome(m.result.task.task_id, m, None, now), m.result.task.attempt, m.result.duration)
+    ref = m.result.task
+    return store.Passed(_outcome(ref.task_id, m, None, now), uuid.UUID(ref.workflow_id), ref.attempt, m.result.duration)
 
 
 def _outcome(task_id: int, m: EvaluatedMessage | None, error: dict[str, Any] | None, now: float) -> Outcome:

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from controller.correction import FailureContext, RulesPolicy, learned_available, load_learned_policy
 from controller.correction.policy import Decision, Policy
+from controller.db import in_transaction
 from controller.schema import policies
 from dagsmith.errors import Conflict, NotFound
 from dagsmith.spec import CorrectionMode
@@ -55,12 +56,12 @@ class PolicyBox:
         if not force and time.monotonic() - self.checked_at < 30:
             return
         self.checked_at = time.monotonic()
-        async with db.connect() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(policies.c.version, policies.c.weights).where(policies.c.status == "active")
-                )
-            ).first()
+
+        async def active(conn: AsyncConnection) -> Any:
+            query = sa.select(policies.c.version, policies.c.weights).where(policies.c.status == "active")
+            return (await conn.execute(query)).first()
+
+        row = await in_transaction(db, active, what="policy refresh", attempts=3)
         if row is None:
             if self.version is not None:
                 log.info("no active policy any more: deciding with the rules")

@@ -326,8 +326,9 @@ class Controller:
         port = settings.metrics_port or DEFAULT_METRICS_PORT
         if port > 0:
             start_http_server(port)
-        # No pre-ping: every use is a retried transaction, and a ping would add a round trip to
-        # every reconciliation round.
+        # No pre-ping (it would add a round trip to every reconciliation round): rounds,
+        # heartbeats, resyncs and policy reloads are transactions retried on a lost connection,
+        # and the metrics gauges try again at their next tick.
         db = create_engine(
             settings.database_url.get_secret_value(), pool_size=4, name="dagsmith-controller", pre_ping=False
         )

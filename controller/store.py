@@ -62,20 +62,31 @@ async def _pipeline(conn: AsyncConnection, *statements: tuple[str, dict[str, Any
 
     Postgres still executes them one after another, each with its own snapshot, exactly as if
     they were sent one by one: a read after a lock sees what committed while it waited. Only the
-    waiting for each reply goes. Used for the two pairs on the reconciliation hot path, where a
-    round trip is a large part of a round. The statements run on the driver connection inside the
-    caller's transaction (SQLAlchemy's own statements must not run in pipeline mode: it reads a
-    result's description right after sending).
+    waiting for each reply goes — on the reconciliation hot path, a round trip is a large part of
+    a round. The statements run on the driver connection inside the caller's transaction
+    (SQLAlchemy's own statements cannot run in pipeline mode: it reads a result's description right
+    after sending). Errors are raised as SQLAlchemy raises them, so callers see one kind: a broken
+    connection is invalidated (dropped from the pool) and the error says so, which makes
+    :func:`controller.db.in_transaction` retry the transaction on a new connection.
     """
     driver = (await conn.get_raw_connection()).driver_connection
     assert isinstance(driver, psycopg.AsyncConnection)
     cursors = []
-    async with driver.pipeline():
-        for sql, params in statements:
-            cursor = driver.cursor(row_factory=namedtuple_row)
-            await cursor.execute(sql, params)
-            cursors.append(cursor)
-    return [await c.fetchall() if c.description is not None else [] for c in cursors]
+    try:
+        async with driver.pipeline():
+            for sql, params in statements:
+                cursor = driver.cursor(row_factory=namedtuple_row)
+                cursors.append(cursor)
+                await cursor.execute(sql, params)
+        return [await c.fetchall() if c.description is not None else [] for c in cursors]
+    except psycopg.Error as exc:
+        broken = driver.broken or driver.closed
+        if broken:
+            await conn.invalidate()
+        raise sa.exc.DBAPIError.instance(None, None, exc, psycopg.Error, connection_invalidated=broken) from exc
+    finally:
+        for cursor in cursors:
+            await cursor.close()
 
 
 @dataclass(frozen=True)
@@ -266,6 +277,7 @@ class Passed:
     flight and its workflow is live (:func:`controller.reconcile.accepts_result`, as SQL)."""
 
     outcome: Outcome
+    workflow_id: uuid.UUID  # as the result names it: it must be the task's (and so locked)
     attempt: int
     seconds: float  # the attempt's run time, added to the workflow's task-seconds
 
@@ -310,9 +322,10 @@ class RoundState:
 async def open_round(
     conn: AsyncConnection,
     workflow_ids: Iterable[uuid.UUID],
-    started: Sequence[tuple[int, int, str, float]],
+    started: Sequence[tuple[int, uuid.UUID, int, str, float]],
     passed: Sequence[Passed],
     failed_ids: Iterable[int],
+    *,
     now: float,
     limit: int,
     lease_ttl: float,
@@ -333,7 +346,8 @@ async def open_round(
                 _MARK_RUNNING,
                 {
                     "rows": rows_json(
-                        {"id": s[0], "attempt": s[1], "executor_id": s[2], "started_at": s[3]} for s in started
+                        {"id": i, "workflow_id": w, "attempt": a, "executor_id": e, "started_at": at}
+                        for i, w, a, e, at in started
                     ),
                     "ttl": lease_ttl,
                     "grace": grace,
@@ -360,6 +374,8 @@ async def open_round(
         ]
     if wanted:
         state.failed = {r.id: _task_row(r) for r in next(results)}
+    # The refresh read every touched workflow (which are live was not known when it was sent); a
+    # finished workflow has no active task, so it added no candidates.
     live = {wid: w for wid, w in locked.items() if w.status not in TERMINAL_WORKFLOW}
     state.fresh, state.candidates = _refreshed(live, next(results))
     return state
@@ -453,10 +469,11 @@ _MARK_RUNNING = _psycopg_sql(
             COALESCE(to_timestamp(v.started_at) + make_interval(secs => t.timeout_s + :grace), 'infinity'),
             now() + make_interval(secs => :ttl))
     FROM jsonb_to_recordset(CAST(:rows AS jsonb))
-         AS v(id bigint, attempt int, executor_id text, started_at float8)
+         AS v(id bigint, workflow_id uuid, attempt int, executor_id text, started_at float8)
          JOIN tasks o ON o.id = v.id  -- the row as it was, for the event's "from"
          JOIN workflows w ON w.id = o.workflow_id
     WHERE t.id = v.id AND t.attempt = v.attempt AND t.status IN ('queued', 'running') AND {_LIVE}
+      AND o.workflow_id = v.workflow_id  -- the report's workflow, which this round locked
     RETURNING t.id, t.workflow_id, t.name, t.attempt, o.status AS old_status, t.started_at
     """
 )
@@ -506,8 +523,8 @@ _APPLY_PASSED = _psycopg_sql(
     f"""
     WITH v AS (
         SELECT * FROM jsonb_to_recordset(CAST(:rows AS jsonb))
-            AS v(id bigint, attempt int, output jsonb, reward float8, feedback jsonb, executor_id text,
-                 started_at float8, finished_at float8, seconds float8)
+            AS v(id bigint, workflow_id uuid, attempt int, output jsonb, reward float8, feedback jsonb,
+                 executor_id text, started_at float8, finished_at float8, seconds float8)
     ),
     done AS (
         UPDATE tasks t SET status = 'succeeded', output = v.output, error = NULL, reward = v.reward,
@@ -517,6 +534,7 @@ _APPLY_PASSED = _psycopg_sql(
             lease_expires_at = NULL
         FROM v JOIN tasks o ON o.id = v.id JOIN workflows w ON w.id = o.workflow_id
         WHERE t.id = v.id AND t.attempt = v.attempt AND t.status IN ('queued', 'running') AND {_LIVE}
+          AND o.workflow_id = v.workflow_id  -- the result's workflow, which this round locked
         RETURNING t.id, t.workflow_id, t.name, t.type, t.attempt, o.status AS old_status, t.children,
                   v.reward, v.seconds
     ),
@@ -540,6 +558,7 @@ def _passed_row(p: Passed) -> dict[str, Any]:
     o = p.outcome
     return {
         "id": o.task_id,
+        "workflow_id": p.workflow_id,
         "attempt": p.attempt,
         "output": o.output,
         "reward": o.reward,
