@@ -168,7 +168,20 @@ class Installation:
                 self._conn.close()
 
     def tails(self, lines: int = 15) -> str:
-        return "\n".join(f"--- {n}\n{p.tail(lines)}" for n, p in self.stack.procs.items())
+        """What a timed-out wait reports: where the tasks stand, and each process's last lines
+        and last warnings (info lines alone hide why progress stopped)."""
+        try:
+            states = dict(self.query("SELECT status, count(*) FROM tasks GROUP BY status"))
+        except psycopg.Error as exc:
+            states = {"unreadable": str(exc)[:200]}
+        parts = [f"--- task states: {states}"]
+        for name, proc in self.stack.procs.items():
+            log = proc.tail(100_000).splitlines()
+            warnings = [line for line in log if '"level": "warning"' in line or '"level": "error"' in line]
+            parts.append(f"--- {name} (alive: {proc.alive()})\n" + "\n".join(log[-lines:]))
+            if warnings:
+                parts.append(f"--- {name}: last warnings\n" + "\n".join(w[:600] for w in warnings[-5:]))
+        return "\n".join(parts)
 
     # --- the database ------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import psycopg
@@ -18,13 +19,31 @@ import sqlalchemy as sa
 
 from controller import store
 from controller.db import create_engine, in_transaction, is_transient
+from controller.migrate import upgrade
 from controller.reconcile import TaskView, accepts_result
 from controller.states import TaskStatus
 from controller.submit import submit
-from dagsmith.settings import Settings
 from dagsmith.spec import Backoff
 from dagsmith.validation import validate
-from tests.conftest import PG
+from tests.conftest import PG, create_database, drop_database
+
+
+@pytest.fixture(scope="module")
+def database() -> Iterator[str]:
+    """A database of its own: the session's is shared with running controllers (end-to-end tests),
+    which would dispatch and finish these hand-made workflows under the test's feet."""
+    name = f"dagsmith_round_{uuid.uuid4().hex[:8]}"
+    url = create_database(name)
+    upgrade(url)
+    yield url
+    drop_database(name)
+
+
+@pytest.fixture
+async def db(database: str) -> AsyncIterator[Any]:
+    engine = create_engine(database, pool_size=2, name="round-tests")
+    yield engine
+    await engine.dispose()
 
 
 def spec(name: str) -> dict[str, Any]:
@@ -124,12 +143,12 @@ async def _workflow(db: Any) -> uuid.UUID:
         return (await submit(conn, validate(spec(f"errors-{uuid.uuid4().hex[:6]}")), namespace="default")).id
 
 
-async def test_a_round_whose_connection_was_killed_is_retried_on_a_new_one(settings: Settings, db: Any) -> None:
+async def test_a_round_whose_connection_was_killed_is_retried_on_a_new_one(database: str, db: Any) -> None:
     """The controller does not pre-ping pooled connections: a dead one fails the round's first
     round trip, which must come out as a lost connection so the round is retried, not dropped."""
     wid = await _workflow(db)
     name = f"round-kill-{uuid.uuid4().hex[:6]}"
-    engine = create_engine(settings.database_url.get_secret_value(), pool_size=1, name=name, pre_ping=False)
+    engine = create_engine(database, pool_size=1, name=name, pre_ping=False)
 
     async def round_trip(conn: Any) -> store.RoundState:
         return await open_round(conn, wid, [])
@@ -147,9 +166,9 @@ async def test_a_round_whose_connection_was_killed_is_retried_on_a_new_one(setti
         await engine.dispose()
 
 
-async def test_a_lock_timeout_inside_the_round_trip_is_a_transient_error(settings: Settings, db: Any) -> None:
+async def test_a_lock_timeout_inside_the_round_trip_is_a_transient_error(database: str, db: Any) -> None:
     wid = await _workflow(db)
-    with psycopg.connect(settings.database_url.get_secret_value().replace("+psycopg", "")) as holder:
+    with psycopg.connect(database.replace("+psycopg", "")) as holder:
         holder.execute("SELECT 1 FROM workflows WHERE id = %s FOR UPDATE", (wid,))  # held until the block ends
         async with db.connect() as conn:
             await conn.execute(sa.text("SET lock_timeout = '50ms'"))
