@@ -338,13 +338,18 @@ def _topological_order(doc: WorkflowDocument) -> tuple[list[str], list[Problem]]
     if len(order) == len(indegree):
         return order, []
     cycle = _find_cycle({n for n, d in indegree.items() if d > 0}, doc)
-    index = {t.name: i for i, t in enumerate(doc.spec.tasks)}
+    index: dict[str, int] = {}
+    for i, t in enumerate(doc.spec.tasks):
+        index.setdefault(t.name, i)
     text = " → ".join([*cycle, cycle[0]])
     return order, [_problem(f"spec.tasks[{index[cycle[0]]}].dependsOn", f"dependency cycle: {text}", "cycle")]
 
 
 def _find_cycle(stuck: set[str], doc: WorkflowDocument) -> list[str]:
-    deps = {t.name: [d for d in t.depends_on if d in stuck] for t in doc.spec.tasks if t.name in stuck}
+    deps: dict[str, list[str]] = {}
+    for t in doc.spec.tasks:  # the first task of a duplicated name, as _topological_order counts it
+        if t.name in stuck and t.name not in deps:
+            deps[t.name] = [d for d in t.depends_on if d in stuck]
     # Every stuck node has a stuck dependency, so walking dependencies must revisit a node.
     start = min(stuck)
     path: list[str] = []

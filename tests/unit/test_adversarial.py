@@ -161,3 +161,18 @@ def test_random_templates_never_crash(body: str) -> None:
         render(template, {"params": {"a": 1}, "tasks": {}}, max_bytes=10_000)
     except TemplateError:
         pass
+
+
+def test_a_cycle_through_a_duplicated_name_is_reported() -> None:
+    """Found by the test above: the cycle search read the last task of a duplicated name, the
+    ordering the first."""
+    doc = {
+        "apiVersion": "dagsmith.io/v1",
+        "kind": "Workflow",
+        "metadata": {"name": "dup"},
+        "spec": {"tasks": [{"name": "A", "type": "noop", "dependsOn": ["A"]}, {"name": "A", "type": "noop"}]},
+    }
+    with pytest.raises(SpecError) as caught:
+        validate(doc, Limits())
+    problems = {p["code"]: p["path"] for p in caught.value.problems}
+    assert problems == {"duplicate": "spec.tasks[1].name", "cycle": "spec.tasks[0].dependsOn"}
