@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aio_pika.abc import AbstractChannel
 
+from controller.bundling import plan_bundles
 from controller.store import TaskRow, WorkflowRow
 from dagsmith.amqp import Topology, persistent
 from dagsmith.errors import TemplateError
-from dagsmith.messages import TaskMessage
+from dagsmith.messages import BUNDLE, TaskMessage, encode_bundle
 from dagsmith.templating import is_template, iter_templates, render
 
 
@@ -74,26 +76,44 @@ def prepare(
 
 
 class Publisher:
-    """Publishes task messages with publisher confirms; returns once the broker has them all."""
+    """Publishes task messages with publisher confirms; returns once the broker has them all.
 
-    def __init__(self, channel: AbstractChannel, topology: Topology) -> None:
+    Many ready tasks of a fast type go out as bundles (``controller.bundling``); ``bundle_max``
+    of 1 turns bundling off.
+    """
+
+    def __init__(self, channel: AbstractChannel, topology: Topology, bundle_max: int = 1) -> None:
         self.channel = channel
         self.topology = topology
+        self.bundle_max = bundle_max
 
-    async def publish(self, prepared: list[Prepared]) -> None:
-        if not prepared:
+    async def publish(self, prepared: list[Prepared], fast: Callable[[str], bool] = lambda _: False) -> None:
+        messages = [p.message for p in prepared]
+        bodies = [m.model_dump_json().encode() for m in messages]
+        groups = plan_bundles([(m.type, len(b)) for m, b in zip(messages, bodies, strict=True)], fast, self.bundle_max)
+        await self._send(messages, bodies, groups)
+
+    async def publish_singles(self, messages: list[TaskMessage]) -> None:
+        """One message per task, whatever its type (the members of a dead-lettered bundle)."""
+        bodies = [m.model_dump_json().encode() for m in messages]
+        await self._send(messages, bodies, [[i] for i in range(len(messages))])
+
+    async def _send(self, messages: list[TaskMessage], bodies: list[bytes], groups: list[list[int]]) -> None:
+        if not messages:
             return
         exchange = await self.topology.tasks_exchange()
-        for task_type in {p.task.type for p in prepared}:
+        for task_type in {m.type for m in messages}:
             await self.topology.task_queue(task_type)  # the queue holds tasks until an executor comes
         await asyncio.gather(
             *(
                 exchange.publish(
-                    persistent(p.message.model_dump_json().encode(), message_id=p.message.idempotency_key),
-                    routing_key=p.task.type,
+                    persistent(bodies[g[0]], message_id=messages[g[0]].idempotency_key)
+                    if len(g) == 1
+                    else persistent(encode_bundle([bodies[i] for i in g]), type=BUNDLE),
+                    routing_key=messages[g[0]].type,
                     mandatory=True,
                 )
-                for p in prepared
+                for g in groups
             )
         )
 

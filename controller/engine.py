@@ -19,6 +19,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from controller import metrics, store
+from controller.bundling import RunTimes
 from controller.correct import Corrector, RoundBudget, close_fixed
 from controller.db import in_transaction
 from controller.dispatch import Prepared, Publisher, prepare, template_context
@@ -75,6 +76,7 @@ class Engine:
         self.publisher = publisher
         self.settings = settings
         self.corrector = corrector
+        self.run_times = RunTimes(settings.bundle_fast_below)  # which task types may be bundled
 
     async def run_round(self, inbound: Inbound) -> RoundResult:
         started = time.perf_counter()
@@ -91,6 +93,8 @@ class Engine:
         touched |= {uuid.UUID(m.result.task.workflow_id) for m in inbound.evaluated}
         touched |= {uuid.UUID(m.workflow_id) for m in inbound.started}
         touched |= {uuid.UUID(m.workflow_id) for m, _ in inbound.dead}
+        for m in inbound.evaluated:
+            self.run_times.observe(m.result.task.type, m.result.duration)
         passed = [m for m in inbound.evaluated if m.evaluation.passed]
         failed = [m for m in inbound.evaluated if not m.evaluation.passed]
         limit = self.settings.controller_batch_size * 4
@@ -172,7 +176,7 @@ class Engine:
             await store.insert_events(conn, events, queued, now)
 
         # The broker's confirms and the last writes overlap; both finish before the commit.
-        await asyncio.gather(self.publisher.publish(to_dispatch), write())
+        await asyncio.gather(self.publisher.publish(to_dispatch, self.run_times.fast), write())
         for p in to_dispatch:
             metrics.TASKS_DISPATCHED.labels(p.task.type).inc()
             if p.task.id in ready_since:

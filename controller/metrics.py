@@ -44,6 +44,9 @@ FINISH_TO_DISPATCH = Histogram(
 QUEUE_DEPTH = Gauge("dagsmith_queue_depth", "Messages ready in a RabbitMQ queue.", ["queue"])
 LEASES_EXPIRED = Counter("dagsmith_leases_expired_total", "Running tasks whose executor stopped reporting.")
 DEAD_LETTERS = Counter("dagsmith_dead_letters_total", "Task messages dead-lettered after repeated crashes.")
+BUNDLES_SPLIT = Counter(
+    "dagsmith_bundles_split_total", "Dead-lettered task bundles sent again as one message per task."
+)
 EXECUTORS_ALIVE = Gauge(
     "dagsmith_executors_alive", "Executors that sent a heartbeat recently, by capability.", ["type"]
 )

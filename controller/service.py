@@ -28,7 +28,15 @@ from controller.dispatch import Publisher
 from controller.engine import Engine, Inbound
 from controller.policies import CHANNEL_POLICIES, PolicyBox
 from dagsmith.amqp import Names, Topology, connect, persistent
-from dagsmith.messages import CancelMessage, EvaluatedBatch, EventEnvelope, HeartbeatMessage, TaskMessage
+from dagsmith.messages import (
+    BUNDLE,
+    CancelMessage,
+    EvaluatedBatch,
+    EventEnvelope,
+    HeartbeatMessage,
+    TaskBundle,
+    TaskMessage,
+)
 from dagsmith.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -95,6 +103,9 @@ class Controller:
             self.wake.set()
 
     async def _on_dead(self, message: AbstractIncomingMessage) -> None:
+        if message.type == BUNDLE:
+            await self._split(message)
+            return
         try:
             parsed = TaskMessage.model_validate_json(message.body)
         except ValidationError:
@@ -104,6 +115,25 @@ class Controller:
         deliveries = int(str(headers.get("x-delivery-count") or self.settings.delivery_limit))
         self.inbox.append(("dead", (parsed, deliveries), message))
         self.wake.set()
+
+    async def _split(self, message: AbstractIncomingMessage) -> None:
+        """A bundle reached the delivery limit: one of its tasks may be poison, or none (executors
+        that died of something else). Its tasks go out again one per message, with their own
+        delivery counts, so only a poison task is failed as poison."""
+        try:
+            bundle = TaskBundle.model_validate_json(message.body)
+        except ValidationError:
+            await message.reject()
+            return
+        try:
+            await self.publisher.publish_singles(bundle.tasks)
+        except BROKER_ERRORS as exc:
+            log.warning("could not split a dead-lettered bundle; it is retried", error=str(exc)[:200])
+            await _settle(message, requeue=True)
+            return
+        metrics.BUNDLES_SPLIT.inc()
+        log.warning("a bundle was dead-lettered; its tasks are sent one by one", tasks=len(bundle.tasks))
+        await _settle(message)
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -340,7 +370,8 @@ class Controller:
         consume_topology = Topology(consume_channel, self.names, settings.delivery_limit)
         self.policies = PolicyBox()
         await self.policies.refresh(db, force=True)
-        engine = self.engine_class(db, Publisher(publish_channel, self.topology), settings, Corrector(self.policies))
+        self.publisher = Publisher(publish_channel, self.topology, settings.bundle_max)
+        engine = self.engine_class(db, self.publisher, settings, Corrector(self.policies))
         await self.topology.control_exchange()
         evaluated = await consume_topology.queue(self.names.evaluated)
         events = await consume_topology.queue(self.names.events)

@@ -1,8 +1,9 @@
 """RabbitMQ topology: the one place that names exchanges and queues, and declares them.
 
-- ``<prefix>.tasks`` (direct exchange) routes a TaskMessage by its task type to the quorum queue
-  ``<prefix>.task.<type>``. Quorum queues count deliveries; after ``delivery_limit`` a message
-  is dead-lettered to ``<prefix>.dead`` and the controller fails the task as poison.
+- ``<prefix>.tasks`` (direct exchange) routes a TaskMessage (or a TaskBundle of one type) by its
+  task type to the quorum queue ``<prefix>.task.<type>``. Quorum queues count deliveries; after
+  ``delivery_limit`` a message is dead-lettered to ``<prefix>.dead`` and the controller fails the
+  task as poison (or, for a bundle, sends its tasks again one per message).
 - ``<prefix>.results``: executors → evaluator. ``<prefix>.evaluated``: evaluator → controller.
 - ``<prefix>.events``: executors → controller (started, heartbeats).
 - ``<prefix>.control`` (fanout exchange): controller → every executor (cancellations).
@@ -201,12 +202,13 @@ class BatchPublisher(Generic[T]):
                             future.set_result(None)
 
 
-def persistent(body: bytes, *, message_id: str | None = None) -> aio_pika.Message:
+def persistent(body: bytes, *, message_id: str | None = None, type: str | None = None) -> aio_pika.Message:
     return aio_pika.Message(
         body,
         content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         message_id=message_id,
+        type=type,
     )
 
 

@@ -2,7 +2,8 @@
 
 Flow: controller --TaskMessage--> executor --ResultBatch--> evaluator --EvaluatedBatch-->
 controller. Task messages travel one per task (so redelivery and the delivery limit apply per
-task); results travel in batches that form under load. Executors also send StartedMessage and
+task), except that many ready tasks of a fast type travel as a TaskBundle (see
+controller.bundling); results travel in batches that form under load. Executors also send StartedMessage and
 HeartbeatMessage straight to the controller, and the controller broadcasts CancelMessage to every
 executor.
 """
@@ -42,6 +43,25 @@ class TaskRef(_Message):
 class TaskMessage(TaskRef):
     params: dict[str, Any] = Field(default_factory=dict)
     secrets: list[str] = Field(default_factory=list)
+
+
+class TaskBundle(_Message):
+    """Several task messages of one type in one AMQP message (AMQP ``type`` property ``BUNDLE``).
+
+    Executors run the members like single messages and ack the bundle once every member's result
+    is confirmed. A bundle the broker dead-letters is split by the controller into single
+    messages, so a poison task is still singled out by the delivery limit.
+    """
+
+    tasks: list[TaskMessage]
+
+
+BUNDLE = "dagsmith.bundle"
+
+
+def encode_bundle(bodies: list[bytes]) -> bytes:
+    """A TaskBundle's JSON from its members' encoded TaskMessages (each encoded once)."""
+    return b'{"tasks":[' + b",".join(bodies) + b"]}"
 
 
 class TaskError(_Message):

@@ -79,6 +79,19 @@ class Settings(BaseSettings):
     delivery_limit: int = Field(
         3, ge=1, description="Deliveries of one task message before it is dead-lettered as poison."
     )
+    bundle_max: int = Field(
+        32,
+        ge=1,
+        le=256,
+        description="Most tasks of a fast task type sent in one message when many are ready at once "
+        "(1: one task per message always).",
+    )
+    bundle_fast_below: float = Field(
+        0.02,
+        ge=0,
+        description="A task type counts as fast, and may be bundled, while its recent attempts run "
+        "shorter than this many seconds on average.",
+    )
 
     # Executors
     executor_concurrency: int = Field(16, ge=1, description="Tasks one executor process runs at once.")

@@ -2,8 +2,10 @@
 
 For every message: run the handler under its timeout, publish the result (with a publisher
 confirm), *then* ack the task message — a crash in between redelivers the task rather than losing
-it. Tasks that run longer than ``start_report_after`` report their start, and every heartbeat
-lists the running attempts so the controller extends their leases.
+it. Acks go out in runs (``executors.acks``). A bundle's tasks run side by side and the bundle is
+acked when all their results are confirmed. Tasks that run longer than ``start_report_after``
+report their start, and every heartbeat lists the running attempts so the controller extends
+their leases.
 """
 
 from __future__ import annotations
@@ -29,17 +31,20 @@ from dagsmith.amqp import BatchPublisher, Names, Topology, connect, persistent
 from dagsmith.errors import ErrorClass
 from dagsmith.logs import redact
 from dagsmith.messages import (
+    BUNDLE,
     CancelMessage,
     EventEnvelope,
     HeartbeatMessage,
     ResultBatch,
     ResultMessage,
     StartedMessage,
+    TaskBundle,
     TaskError,
     TaskMessage,
     TaskRef,
 )
 from dagsmith.settings import Settings
+from executors.acks import Acker
 from executors.registry import ExecutorOptions, ExecutorSpec, TaskContext, TaskFailed
 
 log = structlog.get_logger(__name__)
@@ -166,6 +171,7 @@ class ExecutorRuntime:
         # lease lifetime, so a lease set again by a late start report is ended again.
         self.reported: set[tuple[int, int]] = set()
         self.handed_off: dict[tuple[int, int], float] = {}
+        self.acks = Acker()
         self.stopping = False
         self.completed = 0
 
@@ -173,23 +179,43 @@ class ExecutorRuntime:
         await channel.default_exchange.publish(persistent(body), routing_key=queue)
 
     async def _on_task(self, message: AbstractIncomingMessage) -> None:
+        self.acks.delivered(message)
         try:
-            task = TaskMessage.model_validate_json(message.body)
+            if message.type == BUNDLE:
+                tasks = TaskBundle.model_validate_json(message.body).tasks
+            else:
+                tasks = [TaskMessage.model_validate_json(message.body)]
         except ValidationError as exc:
             log.error("rejecting unreadable task message; it is dead-lettered", error=str(exc)[:300])
-            await message.reject(requeue=False)
+            await self.acks.reject(message, requeue=False)
             return
-        spec = self.specs.get(task.type)
-        if spec is None:  # a queue we consume carries a type we do not run: give it back
-            await message.reject(requeue=True)
+        specs = [self.specs.get(task.type) for task in tasks]
+        if None in specs:  # a queue we consume carries a type we do not run: give it back
+            await self.acks.reject(message, requeue=True)
             return
-        if task.workflow_id in self.cancelled:
-            await message.ack()
-            return
-        async with self.slots:
-            await self._run(task, spec, message)
+        try:
+            # A bundle's members run side by side, each in its own slot; the message is acked
+            # once every member's result is confirmed.
+            await asyncio.gather(
+                *(
+                    self._run(task, spec)
+                    for task, spec in zip(tasks, specs, strict=True)
+                    if spec is not None and task.workflow_id not in self.cancelled
+                )
+            )
+        except Exception as exc:
+            # A result could not be handed on (its channel broke): run the attempts again rather
+            # than leave the message unacked on a channel that lives on.
+            log.warning("result not published; the task message goes back to its queue", error=str(exc))
+            await self.acks.reject(message, requeue=True)
+        else:
+            self.acks.finished(message)
 
-    async def _run(self, task: TaskMessage, spec: ExecutorSpec, message: AbstractIncomingMessage) -> None:
+    async def _run(self, task: TaskMessage, spec: ExecutorSpec) -> None:
+        async with self.slots:
+            await self._attempt(task, spec)
+
+    async def _attempt(self, task: TaskMessage, spec: ExecutorSpec) -> None:
         started_at = time.time()
         reporter = asyncio.get_running_loop().call_later(
             self.settings.start_report_after,
@@ -240,7 +266,6 @@ class ExecutorRuntime:
         await self.results.publish([result])
         if has_lease:
             self.handed_off[key] = time.monotonic()
-        await message.ack()
         self.completed += 1
 
     async def _report_started(self, task: TaskMessage, started_at: float) -> None:
@@ -318,7 +343,10 @@ class ExecutorRuntime:
         for task_type in self.specs:
             queue = await topology.task_queue(task_type)
             consumers.append((queue, await queue.consume(self._on_task)))
-        control_queue = await consume.declare_queue(exclusive=True, auto_delete=True)
+        # Control messages get their own channel: task messages are acked in runs (``multiple``),
+        # which must never cover a delivery that is not a task's.
+        control = await connection.channel()
+        control_queue = await control.declare_queue(exclusive=True, auto_delete=True)
         await control_queue.bind(await topology.control_exchange())
         consumers.append((control_queue, await control_queue.consume(self._on_control)))
         log.info("executor started", executor_id=self.id, types=sorted(self.specs), concurrency=self.concurrency)

@@ -60,8 +60,14 @@ async def hang(params: HangParams, ctx: TaskContext) -> dict[str, Any]:
     return {"slept": params.seconds}
 
 
+class CrashParams(BaseModel):
+    spare: bool = False  # return at once instead (to mix harmless tasks of this type with a poison one)
+
+
 @executor("chaos.crash", description="Kills the executor process (poison-message tests). Needs --allow-crash.")
-async def crash(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+async def crash(params: CrashParams, ctx: TaskContext) -> dict[str, Any]:
+    if params.spare:
+        return {"spared": True}
     if not ctx.options.allow_crash:
         raise TaskFailed("permanent", "chaos.crash is disabled on this executor (start it with --allow-crash)")
     os._exit(70)

@@ -13,6 +13,7 @@ from tests.support.stack import Stack
 from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.e2e
+FINAL = ("succeeded", "failed", "cancelled")
 
 
 def chain(name: str, n: int, seconds: float) -> dict[str, object]:
@@ -128,3 +129,46 @@ def test_executor_killed_mid_task_is_redelivered(stack: Stack, client: Client) -
             stack.stop("victim")
         if not stack.procs["executor"].alive():
             stack.start_executor()
+
+
+def test_a_poison_task_in_a_bundle_is_singled_out(stack: Stack, client: Client, settings: Settings) -> None:
+    """Many ready tasks of a fast type travel in bundles. A bundle holding a poison task is
+    dead-lettered after the delivery limit, split into single messages, and then only the poison
+    task is failed: its bundle-mates succeed.
+
+    The crasher takes one message at a time: a crash puts back every unacked message the executor
+    holds, and counts a delivery for each (see guarantees.md)."""
+    crasher = ("executor", "--types", "chaos.crash", "--allow-crash", "--concurrency", "1")
+    crashes = 0
+    try:
+        stack.start("crasher", *crasher)
+        # Spared chaos.crash tasks return at once: the controller learns the type is fast.
+        spared = [{"name": f"s{i}", "type": "chaos.crash", "params": {"spare": True}} for i in range(40)]
+        assert wait_finished(client, submit(client, workflow("spared", *spared)), timeout=60)["status"] == "succeeded"
+        tasks = [{"name": f"ok{i}", "type": "chaos.crash", "params": {"spare": True}} for i in range(31)]
+        tasks.insert(13, {"name": "boom", "type": "chaos.crash"})
+        # No Correction Mode: its answer to poison is to abort, which would cancel the bundle-mates.
+        wid = submit(client, workflow("bundled-poison", *tasks, correction={"mode": "off"}))
+        for _ in range(4 * (settings.delivery_limit + 1)):
+            proc = stack.procs["crasher"]
+            wait_until(
+                lambda: not proc.alive() or client.workflow(wid)["status"] in FINAL,  # noqa: B023
+                timeout=30,
+                what="the crasher to die or the workflow to finish",
+            )
+            if not proc.alive():
+                crashes += 1
+                stack.stop("crasher")
+                stack.start("crasher", *crasher)
+            if client.workflow(wid)["status"] in FINAL:
+                break
+        wf = wait_finished(client, wid, timeout=30)
+    finally:
+        if "crasher" in stack.procs and stack.procs["crasher"].alive():
+            stack.stop("crasher")
+    assert wf["status"] == "failed"
+    by_name = {t["name"]: t for t in client.tasks(wid, limit=100)["items"]}
+    assert by_name["boom"]["status"] == "failed" and by_name["boom"]["error"]["class"] == "poison"
+    assert {n: t["status"] for n, t in by_name.items() if n != "boom"} == {f"ok{i}": "succeeded" for i in range(31)}
+    # The bundle's deliveries, then the single message's: twice what a task sent alone takes.
+    assert crashes == 2 * (settings.delivery_limit + 1), crashes

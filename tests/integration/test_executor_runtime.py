@@ -11,7 +11,7 @@ import pytest
 
 from dagsmith.amqp import Names, Topology
 from dagsmith.errors import ErrorClass
-from dagsmith.messages import ResultBatch, TaskMessage
+from dagsmith.messages import BUNDLE, ResultBatch, TaskMessage, encode_bundle
 from dagsmith.settings import Settings
 from executors.registry import ExecutorOptions, Registry, TaskContext, TaskFailed, executor
 from executors.runtime import ExecutorRuntime, execute
@@ -42,6 +42,11 @@ async def _bug(params: dict[str, object], ctx: TaskContext) -> None:
 @executor("test.slow", into=local)
 async def _slow(params: dict[str, object], ctx: TaskContext) -> None:
     await asyncio.sleep(10)
+
+
+@executor("test.nap", into=local)
+async def _nap(params: dict[str, float], ctx: TaskContext) -> None:
+    await asyncio.sleep(params["s"])
 
 
 @executor("test.big", into=local)
@@ -95,6 +100,7 @@ async def broker(settings: Settings) -> AsyncIterator[tuple[aio_pika.abc.Abstrac
         Names(prefix).results,
         Names(prefix).events,
         Names(prefix).task_queue("test.echo"),
+        Names(prefix).task_queue("test.nap"),
         Names(prefix).dead_queue,
     ):
         with contextlib.suppress(Exception):
@@ -130,3 +136,76 @@ async def test_runtime_consumes_runs_and_reports(broker: tuple[aio_pika.abc.Abst
     finally:
         stop.set()
         await asyncio.wait_for(running, 20)
+
+
+async def test_every_task_message_is_acked_once_whatever_order_tasks_finish_in(
+    broker: tuple[aio_pika.abc.AbstractChannel, Names, Settings],
+) -> None:
+    """Acks go out in runs: slow tasks between fast ones must neither hold back nor lose an ack.
+    Stopping the executor closes its connection, which would put any unacked message back."""
+    channel, names, s = broker
+    topology = Topology(channel, names)
+    results = await topology.queue(names.results)
+    runtime = ExecutorRuntime(s, [local.get("test.nap")], concurrency=8)  # type: ignore[list-item]
+    stop = asyncio.Event()
+    running = asyncio.create_task(runtime.run(stop))
+    naps = [0.4 if i in (0, 9) else 0.2 if i == 15 else 0.0 for i in range(30)]
+    try:
+        exchange = await topology.tasks_exchange()
+        await topology.task_queue("test.nap")
+        for i, nap in enumerate(naps):
+            message = TaskMessage(
+                task_id=i, attempt=1, workflow_id="w", name=f"t{i}", type="test.nap", params={"s": nap}
+            )
+            await exchange.publish(aio_pika.Message(message.model_dump_json().encode()), routing_key="test.nap")
+        seen: list[int] = []
+        async with asyncio.timeout(30):
+            async with results.iterator() as it:
+                async for incoming in it:
+                    seen += [r.task.task_id for r in ResultBatch.model_validate_json(incoming.body).results]
+                    await incoming.ack()
+                    if len(seen) >= len(naps):
+                        break
+        assert sorted(seen) == list(range(len(naps)))
+        assert seen[-1] in (0, 9)  # the slow ones finished last, after the fast ones were acked
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 20)
+    queue = await channel.declare_queue(names.task_queue("test.nap"), passive=True)
+    assert queue.declaration_result.message_count == 0
+    assert runtime.completed == len(naps)
+
+
+async def test_a_bundle_runs_every_member_and_is_acked_once_all_are_confirmed(
+    broker: tuple[aio_pika.abc.AbstractChannel, Names, Settings],
+) -> None:
+    channel, names, s = broker
+    topology = Topology(channel, names)
+    results = await topology.queue(names.results)
+    runtime = ExecutorRuntime(s, [local.get("test.nap")], concurrency=2)  # type: ignore[list-item]
+    stop = asyncio.Event()
+    running = asyncio.create_task(runtime.run(stop))
+    members = [
+        TaskMessage(task_id=i, attempt=1, workflow_id="w", name=f"t{i}", type="test.nap", params={"s": 0.05})
+        for i in range(5)
+    ]
+    try:
+        exchange = await topology.tasks_exchange()
+        await topology.task_queue("test.nap")
+        body = encode_bundle([m.model_dump_json().encode() for m in members])
+        await exchange.publish(aio_pika.Message(body, type=BUNDLE), routing_key="test.nap")
+        seen: list[int] = []
+        async with asyncio.timeout(30):
+            async with results.iterator() as it:
+                async for incoming in it:
+                    seen += [r.task.task_id for r in ResultBatch.model_validate_json(incoming.body).results]
+                    await incoming.ack()
+                    if len(seen) >= len(members):
+                        break
+        assert sorted(seen) == [0, 1, 2, 3, 4]
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 20)
+    queue = await channel.declare_queue(names.task_queue("test.nap"), passive=True)
+    assert queue.declaration_result.message_count == 0  # acked (a closed connection would requeue it)
+    assert runtime.completed == len(members)
