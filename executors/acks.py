@@ -15,6 +15,7 @@ redelivers whatever it did not settle).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 from collections import deque
@@ -33,6 +34,14 @@ class Unsettled:
     order: deque[int] = field(default_factory=deque)
     finished: list[int] = field(default_factory=list)  # to ack, in the order they finished
     settled: set[int] = field(default_factory=set)  # acked alone or rejected, still in ``order``
+
+    def add(self, tag: int) -> None:
+        """A delivered tag. Deliveries are handled in order, but a multiple ack must never pass an
+        unfinished tag, so an older tag registered late still goes to its place."""
+        if self.order and tag < self.order[-1]:
+            bisect.insort(self.order, tag)
+        else:
+            self.order.append(tag)
 
     def plan(self) -> tuple[int | None, list[int]]:
         """What to send now: the tag to ack with ``multiple`` (or None), and the tags to ack alone.
@@ -68,7 +77,7 @@ class Acker:
         """Register a message as it arrives, before anything can settle a later one."""
         channel = self._channel(message)
         if channel is not None and message.delivery_tag is not None:
-            self._channels.setdefault(channel, Unsettled()).order.append(message.delivery_tag)
+            self._channels.setdefault(channel, Unsettled()).add(message.delivery_tag)
 
     def finished(self, message: AbstractIncomingMessage) -> None:
         """The message's work is done (its result is confirmed): ack it with the next flush."""

@@ -33,6 +33,14 @@ def test_rejected_tags_do_not_block_a_run() -> None:
     assert not state.order and not state.settled
 
 
+def test_a_tag_registered_late_still_stops_a_run() -> None:
+    state = Unsettled()
+    for tag in (1, 3, 2, 4):
+        state.add(tag)
+    state.finished = [1, 3]
+    assert state.plan() == (1, [3])  # 2 has not finished: the run stops before it
+
+
 @given(st.permutations(list(range(1, 30))), st.integers(min_value=1, max_value=29))
 def test_every_tag_is_acked_exactly_once_and_never_before_it_finished(order: list[int], step: int) -> None:
     """Finish the tags in any order, a few per flush: each tag is covered by exactly one ack, and
