@@ -77,6 +77,11 @@ class Engine:
         self.settings = settings
         self.corrector = corrector
         self.run_times = RunTimes(settings.bundle_fast_below)  # which task types may be bundled
+        # A controller that was down finds leases past their deadline that live executors have been
+        # renewing all along, in heartbeats still waiting in the queue. Within two heartbeat
+        # intervals of starting it has read at least one from every live executor; until then an
+        # expired lease is not taken for a lost attempt.
+        self.leases_judged_from = time.time() + 2 * settings.heartbeat_interval
 
     async def run_round(self, inbound: Inbound) -> RoundResult:
         started = time.perf_counter()
@@ -133,7 +138,9 @@ class Engine:
             if len(tasks) >= self.settings.controller_batch_size * 4:
                 out.again.add(wid)
             rows = {t.id: t for t in tasks}
-            for action in plan(workflow.view(), [t.view() for t in tasks], now):
+            for action in plan(
+                workflow.view(), [t.view() for t in tasks], now, judge_leases=now >= self.leases_judged_from
+            ):
                 match action:
                     case StartWorkflow():
                         to_start.append(wid)

@@ -164,12 +164,15 @@ def on_failure(task: TaskView, failure: Failure, now: float) -> ScheduleRetry | 
     return FailTask(task.id, task.attempt, failure)
 
 
-def plan(workflow: WorkflowView, candidates: Iterable[TaskView], now: float) -> list[Action]:
+def plan(
+    workflow: WorkflowView, candidates: Iterable[TaskView], now: float, *, judge_leases: bool = True
+) -> list[Action]:
     """The actions that move a workflow forward.
 
     ``candidates`` are tasks that may need action: ready ones (pending, nothing to wait on) and
     in-flight ones whose lease may have expired. Counts are the workflow's counters as they are
-    before these actions.
+    before these actions. With ``judge_leases`` false, an expired lease is left alone: the
+    controller has not yet read the heartbeats that may have renewed it.
     """
     if workflow.status not in (WorkflowStatus.pending, WorkflowStatus.running):
         return []
@@ -181,7 +184,7 @@ def plan(workflow: WorkflowView, candidates: Iterable[TaskView], now: float) -> 
     for task in candidates:
         if task.status == TaskStatus.pending and task.waiting_on == 0 and not _waiting(task, now):
             actions.append(Dispatch(task.id, task.attempt + 1))
-        elif task.status == TaskStatus.running and _lease_expired(task, now):
+        elif task.status == TaskStatus.running and judge_leases and _lease_expired(task, now):
             actions.append(on_failure(task, LEASE_EXPIRED, now))
         elif task.status == TaskStatus.queued and task.queue_deadline is not None and task.queue_deadline <= now:
             actions.append(on_failure(task, QUEUE_TIMEOUT, now))

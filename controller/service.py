@@ -260,7 +260,7 @@ class Controller:
                 log.warning("LISTEN connection lost; reconnecting", error=str(exc)[:200])
                 await asyncio.sleep(1.0)
 
-    async def _resync_loop(self, db: Any, stop: asyncio.Event) -> None:
+    async def _resync_loop(self, db: Any, stop: asyncio.Event, judged_from: float) -> None:
         while not stop.is_set():
             now = time.time()
             next_at: float | None = None
@@ -278,6 +278,8 @@ class Controller:
             wait = self.settings.resync_interval
             if next_at is not None:
                 wait = min(wait, max(next_at - time.time(), 0.01))
+            if time.time() < judged_from:  # expired leases wait for the heartbeats: do not spin on them
+                wait = max(wait, min(judged_from - time.time(), 0.5))
             self.resync_now.clear()
             waiters = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.resync_now.wait())}
             await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
@@ -385,7 +387,7 @@ class Controller:
         log.info("controller started", prefix=settings.amqp_prefix, metrics_port=port)
         background = [
             asyncio.create_task(self._listen(stop)),
-            asyncio.create_task(self._resync_loop(db, stop)),
+            asyncio.create_task(self._resync_loop(db, stop, engine.leases_judged_from)),
             asyncio.create_task(self._heartbeat_loop(db)),
             asyncio.create_task(self._gauges_loop(db, connection, stop)),
             asyncio.create_task(self._policy_loop(db, stop)),

@@ -69,6 +69,8 @@ def test_expired_lease_is_a_lost_attempt() -> None:
     assert isinstance(action, ScheduleRetry)
     assert action.failure.error_class == ErrorClass.lost
     assert plan(wf(running=1), [running], now=3) == []
+    # A controller that has not yet read the heartbeats leaves an expired lease alone.
+    assert plan(wf(running=1), [running], now=5, judge_leases=False) == []
 
 
 def test_results_for_stale_or_finished_attempts_are_ignored() -> None:
