@@ -303,6 +303,12 @@ class Engine:
             metrics.DEAD_LETTERS.inc()
             if task is None or task.workflow_id not in live or accepts_result(task.view(), msg.attempt) is not None:
                 continue
+            if (msg.task_id, msg.attempt) in seen:
+                # This round already applied a result of the same attempt (the message was
+                # dead-lettered after its executor's result had left): that result decides.
+                metrics.RESULTS_IGNORED.labels("duplicate_or_gone").inc()
+                continue
+            seen.add((msg.task_id, msg.attempt))
             failure = Failure(
                 ErrorClass.poison,
                 f"the task message was delivered {deliveries} times and crashed or was rejected by an "

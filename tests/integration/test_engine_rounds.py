@@ -1,0 +1,78 @@
+"""One reconciliation round against the real Postgres and RabbitMQ: what it applies, and once."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aio_pika
+import pytest
+
+from controller.db import create_engine
+from controller.dispatch import Publisher
+from controller.engine import Engine, Inbound
+from controller.migrate import upgrade
+from controller.submit import submit
+from dagsmith.amqp import Names, Topology, delete_topology
+from dagsmith.errors import ErrorClass
+from dagsmith.messages import EvaluatedMessage, Evaluation, ResultMessage, TaskError, TaskMessage, TaskRef
+from dagsmith.validation import validate
+from tests.conftest import AMQP, create_database, drop_database, make_settings
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[tuple[Engine, Any]]:
+    name = f"dagsmith_rounds_{uuid.uuid4().hex[:8]}"
+    url = create_database(name)
+    upgrade(url)
+    settings = make_settings(url, f"rounds{uuid.uuid4().hex[:6]}")
+    db = create_engine(url, pool_size=1, name="rounds-test")
+    connection = await aio_pika.connect(AMQP)
+    channel = await connection.channel(publisher_confirms=True)
+    topology = Topology(channel, Names(settings.amqp_prefix))
+    yield Engine(db, Publisher(channel, topology), settings), db
+    await connection.close()
+    await db.dispose()
+    await delete_topology(AMQP, settings.amqp_prefix, ["noop"])
+    drop_database(name)
+
+
+async def test_a_result_and_a_dead_letter_of_one_attempt_in_one_round_end_it_once(
+    engine: tuple[Engine, Any],
+) -> None:
+    """The broker may dead-letter a task message after its executor's result has left (returns
+    on dropped connections count as deliveries). The result decides; the dead letter changes
+    nothing, even when both arrive in the same round."""
+    eng, db = engine
+    doc = {
+        "apiVersion": "dagsmith.io/v1",
+        "kind": "Workflow",
+        "metadata": {"name": "once"},
+        "spec": {"tasks": [{"name": "t", "type": "noop", "retry": {"limit": 1}}], "correction": {"mode": "off"}},
+    }
+    async with db.begin() as conn:
+        wid = (await submit(conn, validate(doc), namespace="default")).id
+    await eng.run_round(Inbound(dirty={wid}))  # dispatches attempt 1
+    async with db.connect() as conn:
+        (task_id,) = (await conn.exec_driver_sql(f"SELECT id FROM tasks WHERE workflow_id = '{wid}'")).one()
+    ref = TaskRef(task_id=task_id, attempt=1, workflow_id=str(wid), name="t", type="noop")
+    now = time.time()
+    error = TaskError(error_class=ErrorClass.transient, message="flaky")
+    result = ResultMessage(task=ref, executor_id="e", ok=False, error=error, started_at=now - 0.01, finished_at=now)
+    evaluation = Evaluation(verdict="fail", reward=-0.5, feedback={}, error=error)
+    dead = TaskMessage(task_id=task_id, attempt=1, workflow_id=str(wid), name="t", type="noop")
+    await eng.run_round(Inbound(evaluated=[EvaluatedMessage(result=result, evaluation=evaluation)], dead=[(dead, 3)]))
+    async with db.connect() as conn:
+        status, attempt, err = (
+            await conn.exec_driver_sql(f"SELECT status, attempt, error FROM tasks WHERE id = {task_id}")
+        ).one()
+        endings = (
+            await conn.exec_driver_sql(
+                f"SELECT count(*) FROM task_events WHERE task_id = {task_id} AND attempt = 1 "
+                "AND to_status IN ('pending', 'failed', 'succeeded')"
+            )
+        ).scalar()
+    assert endings == 1
+    assert status != "failed" and (err or {}).get("class") != "poison", (status, attempt, err)
