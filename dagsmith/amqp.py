@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -28,6 +29,9 @@ from aio_pika.abc import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# The connection or channel is gone or being restored; aio-pika's robust connection brings it back.
+BROKER_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, ConnectionError)
 
 
 @dataclass(frozen=True)
@@ -145,7 +149,11 @@ class BatchPublisher(Generic[T]):
     under load, batches grow and the per-message cost is shared.
 
     ``await publish(items)`` returns once the broker has confirmed the batch holding the items, so
-    the caller can ack its inputs after it.
+    the caller can ack its inputs after it. While the connection is being restored, a batch is
+    tried again until it goes out: callers keep their inputs unacked meanwhile (a dropped
+    connection gives them back to the broker), rather than fail, and leave an input unacked on a
+    consumer channel that was restored before the publishing one — which once stopped the whole
+    pipeline when every prefetched input of the evaluator was held that way.
     """
 
     def __init__(
@@ -171,6 +179,9 @@ class BatchPublisher(Generic[T]):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for _, future in self._pending:  # nobody will publish these now
+            future.cancel()
+        self._pending.clear()
 
     async def publish(self, items: list[T]) -> None:
         if not items:
@@ -189,10 +200,12 @@ class BatchPublisher(Generic[T]):
                 batch = self._pending[: self.max_items]
                 del self._pending[: len(batch)]
                 try:
-                    await self.channel.default_exchange.publish(
-                        persistent(self.encode([item for item, _ in batch])), routing_key=self.routing_key
-                    )
-                except Exception as exc:  # the callers decide (their inputs stay unacked)
+                    await self._send(self.encode([item for item, _ in batch]))
+                except asyncio.CancelledError:
+                    for _, future in batch:
+                        future.cancel()
+                    raise
+                except Exception as exc:  # not the broker's doing: the callers decide
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
@@ -200,6 +213,18 @@ class BatchPublisher(Generic[T]):
                     for _, future in batch:
                         if not future.done():
                             future.set_result(None)
+
+    async def _send(self, body: bytes) -> None:
+        """Publish one batch and wait for its confirm, trying again while the broker is away."""
+        delay = 0.2
+        while True:
+            try:
+                await self.channel.default_exchange.publish(persistent(body), routing_key=self.routing_key)
+                return
+            except BROKER_ERRORS as exc:
+                log.warning("publish to %s failed (%s); retrying in %.1fs", self.routing_key, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
 
 def persistent(body: bytes, *, message_id: str | None = None, type: str | None = None) -> aio_pika.Message:

@@ -203,10 +203,10 @@ class ExecutorRuntime:
                     if spec is not None and task.workflow_id not in self.cancelled
                 )
             )
-        except Exception as exc:
-            # A result could not be handed on (its channel broke): run the attempts again rather
-            # than leave the message unacked on a channel that lives on.
-            log.warning("result not published; the task message goes back to its queue", error=str(exc))
+        except Exception:
+            # A bug in handling the message (results wait out broker outages in BatchPublisher): give it
+            # back rather than hold it unacked for ever; the delivery limit ends a repeat.
+            log.exception("could not handle a task message; it goes back to its queue")
             await self.acks.reject(message, requeue=True)
         else:
             self.acks.finished(message)
@@ -263,7 +263,7 @@ class ExecutorRuntime:
             started_at=started_at,
             finished_at=finished_at,
         )
-        await self.results.publish([result])
+        await self.results.publish([result])  # waits out a broker reconnect; the message stays unacked
         if has_lease:
             self.handed_off[key] = time.monotonic()
         self.completed += 1
