@@ -7,19 +7,16 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aio_pika
 import pytest
 
-from controller.db import create_engine
-from controller.dispatch import Publisher
 from controller.engine import Engine, Inbound
 from controller.migrate import upgrade
 from controller.submit import submit
-from dagsmith.amqp import Names, Topology, delete_topology
 from dagsmith.errors import ErrorClass
 from dagsmith.messages import EvaluatedMessage, Evaluation, ResultMessage, TaskError, TaskMessage, TaskRef
 from dagsmith.validation import validate
-from tests.conftest import AMQP, create_database, drop_database, make_settings
+from tests.conftest import create_database, drop_database, make_settings
+from tests.support.engine import round_engine
 
 
 @pytest.fixture
@@ -27,15 +24,8 @@ async def engine() -> AsyncIterator[tuple[Engine, Any]]:
     name = f"dagsmith_rounds_{uuid.uuid4().hex[:8]}"
     url = create_database(name)
     upgrade(url)
-    settings = make_settings(url, f"rounds{uuid.uuid4().hex[:6]}")
-    db = create_engine(url, pool_size=1, name="rounds-test")
-    connection = await aio_pika.connect(AMQP)
-    channel = await connection.channel(publisher_confirms=True)
-    topology = Topology(channel, Names(settings.amqp_prefix))
-    yield Engine(db, Publisher(channel, topology), settings), db
-    await connection.close()
-    await db.dispose()
-    await delete_topology(AMQP, settings.amqp_prefix, ["noop"])
+    async with round_engine(url, make_settings(url, f"rounds{uuid.uuid4().hex[:6]}"), "rounds-test") as pair:
+        yield pair
     drop_database(name)
 
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
+from aio_pika.abc import AbstractQueue
 
 from dagsmith.amqp import Names, Topology
 from dagsmith.errors import ErrorClass
@@ -138,6 +139,32 @@ async def test_runtime_consumes_runs_and_reports(broker: tuple[aio_pika.abc.Abst
         await asyncio.wait_for(running, 20)
 
 
+async def collect_task_ids(results: AbstractQueue, n: int) -> list[int]:
+    """Task ids of the first ``n`` results, in the order they arrive."""
+    seen: list[int] = []
+    async with asyncio.timeout(30):
+        async with results.iterator() as it:
+            async for incoming in it:
+                seen += [r.task.task_id for r in ResultBatch.model_validate_json(incoming.body).results]
+                await incoming.ack()
+                if len(seen) >= n:
+                    return seen
+    return seen
+
+
+@contextlib.asynccontextmanager
+async def naps_executor(settings: Settings, concurrency: int) -> AsyncIterator[ExecutorRuntime]:
+    """An executor of test.nap, stopped (connection closed) on the way out."""
+    runtime = ExecutorRuntime(settings, [local.get("test.nap")], concurrency=concurrency)  # type: ignore[list-item]
+    stop = asyncio.Event()
+    running = asyncio.create_task(runtime.run(stop))
+    try:
+        yield runtime
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 20)
+
+
 async def test_every_task_message_is_acked_once_whatever_order_tasks_finish_in(
     broker: tuple[aio_pika.abc.AbstractChannel, Names, Settings],
 ) -> None:
@@ -146,11 +173,8 @@ async def test_every_task_message_is_acked_once_whatever_order_tasks_finish_in(
     channel, names, s = broker
     topology = Topology(channel, names)
     results = await topology.queue(names.results)
-    runtime = ExecutorRuntime(s, [local.get("test.nap")], concurrency=8)  # type: ignore[list-item]
-    stop = asyncio.Event()
-    running = asyncio.create_task(runtime.run(stop))
     naps = [0.4 if i in (0, 9) else 0.2 if i == 15 else 0.0 for i in range(30)]
-    try:
+    async with naps_executor(s, concurrency=8) as runtime:
         exchange = await topology.tasks_exchange()
         await topology.task_queue("test.nap")
         for i, nap in enumerate(naps):
@@ -158,19 +182,9 @@ async def test_every_task_message_is_acked_once_whatever_order_tasks_finish_in(
                 task_id=i, attempt=1, workflow_id="w", name=f"t{i}", type="test.nap", params={"s": nap}
             )
             await exchange.publish(aio_pika.Message(message.model_dump_json().encode()), routing_key="test.nap")
-        seen: list[int] = []
-        async with asyncio.timeout(30):
-            async with results.iterator() as it:
-                async for incoming in it:
-                    seen += [r.task.task_id for r in ResultBatch.model_validate_json(incoming.body).results]
-                    await incoming.ack()
-                    if len(seen) >= len(naps):
-                        break
+        seen = await collect_task_ids(results, len(naps))
         assert sorted(seen) == list(range(len(naps)))
         assert seen[-1] in (0, 9)  # the slow ones finished last, after the fast ones were acked
-    finally:
-        stop.set()
-        await asyncio.wait_for(running, 20)
     queue = await channel.declare_queue(names.task_queue("test.nap"), passive=True)
     assert queue.declaration_result.message_count == 0
     assert runtime.completed == len(naps)
@@ -182,30 +196,16 @@ async def test_a_bundle_runs_every_member_and_is_acked_once_all_are_confirmed(
     channel, names, s = broker
     topology = Topology(channel, names)
     results = await topology.queue(names.results)
-    runtime = ExecutorRuntime(s, [local.get("test.nap")], concurrency=2)  # type: ignore[list-item]
-    stop = asyncio.Event()
-    running = asyncio.create_task(runtime.run(stop))
     members = [
         TaskMessage(task_id=i, attempt=1, workflow_id="w", name=f"t{i}", type="test.nap", params={"s": 0.05})
         for i in range(5)
     ]
-    try:
+    async with naps_executor(s, concurrency=2) as runtime:
         exchange = await topology.tasks_exchange()
         await topology.task_queue("test.nap")
         body = encode_bundle([m.model_dump_json().encode() for m in members])
         await exchange.publish(aio_pika.Message(body, type=BUNDLE), routing_key="test.nap")
-        seen: list[int] = []
-        async with asyncio.timeout(30):
-            async with results.iterator() as it:
-                async for incoming in it:
-                    seen += [r.task.task_id for r in ResultBatch.model_validate_json(incoming.body).results]
-                    await incoming.ack()
-                    if len(seen) >= len(members):
-                        break
-        assert sorted(seen) == [0, 1, 2, 3, 4]
-    finally:
-        stop.set()
-        await asyncio.wait_for(running, 20)
+        assert sorted(await collect_task_ids(results, len(members))) == [0, 1, 2, 3, 4]
     queue = await channel.declare_queue(names.task_queue("test.nap"), passive=True)
     assert queue.declaration_result.message_count == 0  # acked (a closed connection would requeue it)
     assert runtime.completed == len(members)

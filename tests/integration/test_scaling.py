@@ -13,21 +13,18 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aio_pika
 import psycopg
 import pytest
 
 from controller import revisions
-from controller.db import create_engine
-from controller.dispatch import Publisher
 from controller.engine import Engine, Inbound
 from controller.migrate import upgrade
 from controller.submit import submit
-from dagsmith.amqp import Names, Topology, delete_topology
 from dagsmith.messages import EvaluatedMessage, Evaluation, ResultMessage, TaskRef
 from dagsmith.settings import Settings
 from dagsmith.validation import validate
-from tests.conftest import AMQP, create_database, drop_database, make_settings
+from tests.conftest import create_database, drop_database, make_settings
+from tests.support.engine import round_engine
 
 N = 50_000
 
@@ -60,14 +57,8 @@ def big() -> Any:
 @pytest.fixture
 async def engine(big: tuple[str, Settings]) -> AsyncIterator[tuple[Engine, Any]]:
     url, settings = big
-    db = create_engine(url, pool_size=1, name="scale-test")
-    connection = await aio_pika.connect(AMQP)
-    channel = await connection.channel(publisher_confirms=True)
-    topology = Topology(channel, Names(settings.amqp_prefix))
-    yield Engine(db, Publisher(channel, topology), settings), db
-    await connection.close()
-    await db.dispose()
-    await delete_topology(AMQP, settings.amqp_prefix, ["noop"])
+    async with round_engine(url, settings, "scale-test") as pair:
+        yield pair
 
 
 async def settle(db: Any) -> None:
