@@ -50,3 +50,7 @@ BUNDLES_SPLIT = Counter(
 EXECUTORS_ALIVE = Gauge(
     "dagsmith_executors_alive", "Executors that sent a heartbeat recently, by capability.", ["type"]
 )
+ROUNDS_FAILED = Counter(
+    "dagsmith_rounds_failed_total",
+    "Rounds of one message or one workflow that failed for a reason other than a lost connection.",
+)

@@ -25,7 +25,8 @@ from controller import metrics, store
 from controller.correct import ACTIVE_VERSION, Corrector
 from controller.db import CHANNEL_WORKFLOWS, create_engine, in_transaction
 from controller.dispatch import Publisher
-from controller.engine import Engine, Inbound
+from controller.engine import Engine, Inbound, RoundResult
+from controller.held import HeldWorkflows
 from controller.policies import CHANNEL_POLICIES, PolicyBox
 from dagsmith.amqp import Names, Topology, connect, persistent
 from dagsmith.messages import (
@@ -70,6 +71,7 @@ class Controller:
         self.names = Names(settings.amqp_prefix)
         self.inbox: list[tuple[str, Any, AbstractIncomingMessage | None]] = []
         self.dirty: set[uuid.UUID] = set()
+        self.held = HeldWorkflows()  # workflows whose rounds failed, waiting to be tried again
         self.wake = asyncio.Event()
         self.resync_now = asyncio.Event()
         self.policy_changed = asyncio.Event()
@@ -139,16 +141,31 @@ class Controller:
 
     async def _rounds(self, engine: Engine, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            if not self.inbox and not self.dirty:
+            now = time.time()
+            retry = self.held.due(now)
+            if retry:  # held workflows try again alone, so a failure does not drag a batch down
+                self.dirty -= retry
+                if not await self._isolate(engine, [], retry):
+                    await self._pause(stop)
+                continue
+            dirty, waiting = self.held.split(self.dirty, now)
+            if not self.inbox and not dirty:
+                # Held workflows come back when their delay is over (they are due again then).
+                self.dirty -= waiting
+                next_due = self.held.next_due()
                 self.wake.clear()
                 waiter = asyncio.ensure_future(self.wake.wait())
                 stopper = asyncio.ensure_future(stop.wait())
-                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    {waiter, stopper},
+                    timeout=None if next_due is None else max(next_due - now, 0.01),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
                 waiter.cancel()
                 stopper.cancel()
                 continue
             batch = self._take_batch()
-            inbound = Inbound(dirty=set(self.dirty))
+            inbound = Inbound(dirty=dirty)
             self.dirty.clear()
             for kind, item, _ in batch:
                 if kind == "evaluated":
@@ -168,23 +185,34 @@ class Controller:
                     if message is not None:
                         await _settle(message, requeue=True)
                 self.dirty |= inbound.dirty
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=1.0)
+                await self._pause(stop)
                 continue
             except Exception:
-                log.exception("reconciliation round failed; retrying its messages one by one")
-                await self._isolate(engine, batch, inbound.dirty)
+                log.exception("reconciliation round failed; retrying its messages and workflows one by one")
+                if not await self._isolate(engine, batch, inbound.dirty):
+                    await self._pause(stop)
                 continue
             self.rounds += 1
             for _, _, message in batch:
                 if message is not None:
                     await _settle(message)
-            self.dirty |= result.again
-            if result.cancelled:
-                try:
-                    await self._broadcast_cancel(result.cancelled)
-                except BROKER_ERRORS as exc:  # executors' results for those workflows are ignored anyway
-                    log.warning("could not broadcast cancellations", error=str(exc)[:200])
+            self.held.succeeded(inbound.dirty)
+            await self._follow_up(result)
+
+    @staticmethod
+    async def _pause(stop: asyncio.Event) -> None:
+        """RabbitMQ is away: give the robust connection a moment before the next round."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+
+    async def _follow_up(self, result: RoundResult) -> None:
+        """What a successful round leaves to do: workflows with more work, cancellations to announce."""
+        self.dirty |= result.again
+        if result.cancelled:
+            try:
+                await self._broadcast_cancel(result.cancelled)
+            except BROKER_ERRORS as exc:  # executors' results for those workflows are ignored anyway
+                log.warning("could not broadcast cancellations", error=str(exc)[:200])
 
     def _take_batch(self) -> list[tuple[str, Any, AbstractIncomingMessage | None]]:
         """Inbox entries up to about ``controller_batch_size`` items (an evaluated entry holds many)."""
@@ -204,8 +232,13 @@ class Controller:
         engine: Engine,
         batch: list[tuple[str, Any, AbstractIncomingMessage | None]],
         dirty: set[uuid.UUID],
-    ) -> None:
-        """After a non-transient failure, apply messages singly so one bad message cannot block the rest."""
+    ) -> bool:
+        """After a round failed (not for a lost connection), apply its messages one by one and run
+        its workflows one by one, so one bad message or workflow cannot block the rest. A message
+        that fails alone is dropped (the task's lease or a resync recovers the attempt); a workflow
+        whose round fails alone is held back for a while (:mod:`controller.held`). Returns False
+        if RabbitMQ went away meanwhile (what was left goes back, for later)."""
+        singles: list[tuple[Inbound, AbstractIncomingMessage | None]] = []
         for kind, item, message in batch:
             inbound = Inbound()
             if kind == "evaluated":
@@ -214,13 +247,32 @@ class Controller:
                 inbound.started.append(item)
             else:
                 inbound.dead.append(item)
+            singles.append((inbound, message))
+        singles += [(Inbound(dirty={workflow_id}), None) for workflow_id in sorted(dirty)]
+        for index, (inbound, message) in enumerate(singles):
             try:
-                await engine.run_round(inbound)
+                result = await engine.run_round(inbound)
+            except BROKER_ERRORS as exc:
+                # RabbitMQ went away: the rest waits for the connection, as after a failed round.
+                log.warning("RabbitMQ unavailable during a round; retrying it", error=str(exc)[:200])
+                for rest, rest_message in singles[index:]:
+                    if rest_message is not None:
+                        await _settle(rest_message, requeue=True)
+                    self.dirty |= rest.dirty
+                return False
             except Exception:
-                log.exception("message could not be applied; dropping it (the task's lease or a resync recovers it)")
+                metrics.ROUNDS_FAILED.inc()
+                if message is not None:
+                    log.exception("message could not be applied; dropping it (a lease or a resync recovers the task)")
+                for workflow_id in inbound.dirty:
+                    delay = self.held.failed(workflow_id, time.time())
+                    log.exception("workflow round failed; held back", workflow_id=str(workflow_id), retry_in=delay)
+            else:
+                self.held.succeeded(inbound.dirty)
+                await self._follow_up(result)
             if message is not None:
                 await _settle(message)
-        self.dirty |= dirty
+        return True
 
     async def _heartbeat_loop(self, db: Any) -> None:
         while True:
