@@ -416,7 +416,9 @@ class Controller:
         db = create_engine(
             settings.database_url.get_secret_value(), pool_size=4, name="dagsmith-controller", pre_ping=False
         )
-        connection = await connect(settings.amqp_url.get_secret_value(), name="dagsmith-controller")
+        connection = await connect(
+            settings.amqp_url.get_secret_value(), name="dagsmith-controller", heartbeat=settings.amqp_heartbeat
+        )
         publish_channel = await connection.channel(publisher_confirms=True)
         self.topology = Topology(publish_channel, self.names, settings.delivery_limit)
         consume_channel = await connection.channel()

@@ -70,17 +70,17 @@ class Names:
         return f"{self.prefix}.control"
 
 
-async def connect(url: str, *, name: str, attempts: int = 60) -> AbstractRobustConnection:
+async def connect(url: str, *, name: str, heartbeat: int = 15, attempts: int = 60) -> AbstractRobustConnection:
     """A robust connection (it reconnects and restores channels and consumers after a broker restart).
 
     The first connection is retried for about ``attempts`` seconds so services can start before
-    the broker is ready.
+    the broker is ready. ``heartbeat`` is ``DAGSMITH_AMQP_HEARTBEAT``.
     """
     delay = 0.2
     for attempt in range(1, attempts + 1):
         try:
             return await aio_pika.connect_robust(
-                url, client_properties={"connection_name": name}, heartbeat=15, timeout=10
+                url, client_properties={"connection_name": name}, heartbeat=heartbeat, timeout=10
             )
         except (OSError, aio_pika.exceptions.AMQPError) as exc:
             if attempt == attempts:

@@ -39,6 +39,14 @@ class Settings(BaseSettings):
     amqp_prefix: str = Field(
         "dagsmith", description="Prefix of every exchange and queue name (isolates installations)."
     )
+    amqp_heartbeat: int = Field(
+        15,
+        ge=1,
+        le=600,
+        description="Seconds between AMQP heartbeats. RabbitMQ closes a connection that stays silent for "
+        "two or three of them, which gives the tasks a hung executor had received but not started back "
+        "to their queue; lower finds such hangs sooner.",
+    )
     db_pool_size: int = Field(10, ge=1, description="Postgres connections per process.")
 
     # Security

@@ -54,7 +54,9 @@ class Evaluator:
         if port > 0:
             with contextlib.suppress(OSError):
                 start_http_server(port)
-        connection = await connect(self.settings.amqp_url.get_secret_value(), name="dagsmith-evaluator")
+        connection = await connect(
+            self.settings.amqp_url.get_secret_value(), name="dagsmith-evaluator", heartbeat=self.settings.amqp_heartbeat
+        )
         channel: AbstractChannel = await connection.channel(publisher_confirms=True)
         self.publisher: BatchPublisher[EvaluatedMessage] = BatchPublisher(
             channel,

@@ -326,7 +326,11 @@ class ExecutorRuntime:
         if port > 0:
             with contextlib.suppress(OSError):  # several executors on one host: only the first serves
                 start_http_server(port)
-        connection = await connect(self.settings.amqp_url.get_secret_value(), name=f"dagsmith-executor-{self.id}")
+        connection = await connect(
+            self.settings.amqp_url.get_secret_value(),
+            name=f"dagsmith-executor-{self.id}",
+            heartbeat=self.settings.amqp_heartbeat,
+        )
         self.channel = await connection.channel(publisher_confirms=True)
         self.results: BatchPublisher[ResultMessage] = BatchPublisher(
             self.channel,
