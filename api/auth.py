@@ -59,13 +59,20 @@ async def authenticate(app: AppState, credentials: HTTPAuthorizationCredentials 
     return Principal(record.name, frozenset(tokens.expand_scopes(record.scopes)), tuple(record.namespaces))
 
 
-def require(scope: str) -> Callable[..., Awaitable[Principal]]:
+def require(scope: str, *, every_namespace: bool = False) -> Callable[..., Awaitable[Principal]]:
+    """A dependency: the caller's token has ``scope`` (and, for what is installation-wide rather
+    than per namespace, covers every namespace)."""
+
     async def dependency(
         request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
     ) -> Principal:
         principal = await authenticate(state(request), credentials)
         if scope not in principal.scopes:
             raise APIError(403, "forbidden", f"this token lacks the {scope!r} scope")
+        if every_namespace and principal.namespace_filter is not None:
+            raise APIError(
+                403, "forbidden", "this applies to every namespace: it needs a token for all of them (namespaces ['*'])"
+            )
         return principal
 
     return dependency
@@ -74,3 +81,4 @@ def require(scope: str) -> Callable[..., Awaitable[Principal]]:
 Reader = Annotated[Principal, Depends(require("read"))]
 Writer = Annotated[Principal, Depends(require("write"))]
 Admin = Annotated[Principal, Depends(require("admin"))]
+GlobalAdmin = Annotated[Principal, Depends(require("admin", every_namespace=True))]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -121,25 +122,44 @@ async def lookup(conn: AsyncConnection, token: str) -> TokenRecord | None:
     return _record(row) if row else None
 
 
-async def list_all(conn: AsyncConnection) -> list[TokenRecord]:
+def covers(holder: Sequence[str], namespaces: Sequence[str]) -> bool:
+    """Whether a token for ``holder``'s namespaces may manage a token for ``namespaces``: an admin
+    limited to some namespaces cannot mint, see or revoke a token reaching further than its own."""
+    if "*" in holder:
+        return True
+    return "*" not in namespaces and set(namespaces) <= set(holder)
+
+
+async def list_all(conn: AsyncConnection, within: Sequence[str] = ("*",)) -> list[TokenRecord]:
+    """Every token an admin for the namespaces ``within`` may manage."""
     rows = await conn.execute(sa.select(api_tokens).order_by(api_tokens.c.created_at))
-    return [_record(r) for r in rows]
+    return [record for record in map(_record, rows) if covers(within, record.namespaces)]
 
 
-async def revoke(conn: AsyncConnection, name_or_id: str) -> TokenRecord:
+async def revoke(conn: AsyncConnection, name_or_id: str, within: Sequence[str] = ("*",)) -> TokenRecord:
+    """Revoke a live token that an admin for the namespaces ``within`` may manage; a token beyond
+    them is reported as not found, like one that does not exist."""
     condition = api_tokens.c.name == name_or_id
     try:
         condition = sa.or_(condition, api_tokens.c.id == uuid.UUID(name_or_id))
     except ValueError:
         pass
+    rows = (
+        await conn.execute(
+            sa.select(api_tokens.c.id, api_tokens.c.namespaces)
+            .where(condition, api_tokens.c.revoked_at.is_(None))
+            .with_for_update()
+        )
+    ).all()
+    ids = [r.id for r in rows if covers(within, list(r.namespaces))]
+    if not ids:
+        raise NotFound(f"no live token is named {name_or_id!r}")
     row = (
         await conn.execute(
             sa.update(api_tokens)
-            .where(condition, api_tokens.c.revoked_at.is_(None))
+            .where(api_tokens.c.id == ids[0])
             .values(revoked_at=sa.func.now())
             .returning(api_tokens)
         )
-    ).first()
-    if row is None:
-        raise NotFound(f"no live token is named {name_or_id!r}")
+    ).one()
     return _record(row)

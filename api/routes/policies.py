@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel
 
-from api.auth import Admin
+from api.auth import GlobalAdmin
 from api.deps import State
 from api.models import ErrorResponse
 from controller import policies
@@ -30,13 +30,13 @@ class PolicyVersion(BaseModel):
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "No or bad token."},
-    403: {"model": ErrorResponse, "description": "The token lacks the admin scope."},
+    403: {"model": ErrorResponse, "description": "The token lacks the admin scope, or is limited to some namespaces."},
     422: {"model": ErrorResponse, "description": "Invalid request."},
 }
 
 
 @router.get("", response_model=list[PolicyVersion], responses=_ERRORS, summary="Policy versions, newest first")
-async def list_policies(state: State, principal: Admin) -> list[PolicyVersion]:
+async def list_policies(state: State, principal: GlobalAdmin) -> list[PolicyVersion]:
     async with state.db.connect() as conn:
         return [PolicyVersion(**p) for p in await policies.list_versions(conn)]
 
@@ -50,7 +50,7 @@ async def list_policies(state: State, principal: Admin) -> list[PolicyVersion]:
 async def activate_policy(
     version: Annotated[str, Path(max_length=100)],
     state: State,
-    principal: Admin,
+    principal: GlobalAdmin,
     force: Annotated[bool, Query(description="Activate even though the gate failed")] = False,
 ) -> PolicyVersion:
     async with state.db.begin() as tx:
@@ -63,7 +63,7 @@ async def activate_policy(
     responses={**_ERRORS, 409: {"model": ErrorResponse, "description": "No policy is active."}},
     summary="Retire the active policy and go back to the previous one (or to the rules)",
 )
-async def rollback_policy(state: State, principal: Admin) -> PolicyVersion | None:
+async def rollback_policy(state: State, principal: GlobalAdmin) -> PolicyVersion | None:
     async with state.db.begin() as tx:
         previous = await policies.rollback(tx)
     return PolicyVersion(**previous) if previous else None

@@ -45,7 +45,7 @@ _ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorResponse, "description": "The body could not be read (not JSON, not UTF-8)."},
     401: {"model": ErrorResponse, "description": "No or bad token."},
     422: {"model": ErrorResponse, "description": "Invalid request."},
-    403: {"model": ErrorResponse, "description": "The token lacks the admin scope."},
+    403: {"model": ErrorResponse, "description": "The token lacks the admin scope, or the namespaces asked for."},
 }
 
 
@@ -62,6 +62,13 @@ async def create_token(body: TokenRequest, state: State, principal: Admin) -> Cr
     for ns in body.namespaces:
         if ns != "*" and not ns.replace("-", "").isalnum():
             raise APIError(422, "invalid_request", f"namespace {ns!r} is not a valid namespace name")
+    if not tokens.covers(principal.namespaces, body.namespaces):
+        raise APIError(
+            403,
+            "forbidden",
+            f"this token may only create tokens for its own namespaces {list(principal.namespaces)}, "
+            f"not for {body.namespaces}",
+        )
     try:
         expires = parse_duration(body.expires_in) if body.expires_in else None
     except ValueError as exc:
@@ -81,7 +88,7 @@ async def create_token(body: TokenRequest, state: State, principal: Admin) -> Cr
 @router.get("", response_model=list[Token], responses=_ERRORS, summary="List tokens (never their secrets)")
 async def list_tokens(state: State, principal: Admin) -> list[Token]:
     async with state.db.connect() as conn:
-        return [Token(**r.as_json()) for r in await tokens.list_all(conn)]
+        return [Token(**r.as_json()) for r in await tokens.list_all(conn, principal.namespaces)]
 
 
 @router.delete(
@@ -92,4 +99,4 @@ async def list_tokens(state: State, principal: Admin) -> list[Token]:
 )
 async def revoke_token(name_or_id: Annotated[str, Path(max_length=100)], state: State, principal: Admin) -> Token:
     async with state.db.begin() as tx:
-        return Token(**(await tokens.revoke(tx, name_or_id)).as_json())
+        return Token(**(await tokens.revoke(tx, name_or_id, principal.namespaces)).as_json())

@@ -85,6 +85,31 @@ def test_namespaces_are_invisible_to_other_tokens(stack: Stack, client: Client) 
         assert info.value.status == 403
 
 
+def test_an_admin_of_one_namespace_cannot_reach_beyond_it(stack: Stack, client: Client) -> None:
+    """An admin token for team-a manages tokens for team-a only; policies (installation-wide)
+    need an admin for every namespace."""
+    team_admin = client.create_token("team-a-admin", ["admin", "write", "read"], ["team-a"])["token"]
+    client.create_token("global-reader", ["read"], ["*"])
+    with stack.client(team_admin) as as_team_admin:
+        for namespaces in (["*"], ["team-a", "team-b"], ["team-b"]):
+            with pytest.raises(ClientError) as info:
+                as_team_admin.create_token("escalate", ["read"], namespaces)
+            assert info.value.status == 403 and "its own namespaces" in info.value.message, namespaces
+        made = as_team_admin.create_token("team-a-bot", ["read"], ["team-a"])
+        assert made["namespaces"] == ["team-a"]
+        listed = {t["name"] for t in as_team_admin.tokens()}
+        assert "team-a-bot" in listed and "global-reader" not in listed
+        with pytest.raises(ClientError) as info:
+            as_team_admin.revoke_token("global-reader")
+        assert info.value.status == 404
+        assert as_team_admin.revoke_token("team-a-bot")["revoked_at"] is not None
+        with pytest.raises(ClientError) as info:
+            as_team_admin.policies()
+        assert info.value.status == 403 and "every namespace" in info.value.message
+    assert next(t for t in client.tokens() if t["name"] == "global-reader")["revoked_at"] is None
+    assert isinstance(client.policies(), list)
+
+
 def test_revoked_token_is_401_at_once(stack: Stack, client: Client) -> None:
     token = client.create_token("short-lived", ["read"], ["*"])["token"]
     assert httpx.get(stack.url + "/v1/workflows", headers=bearer(token)).status_code == 200
