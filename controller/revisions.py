@@ -249,6 +249,8 @@ async def _insert_before(
         "dependsOn": task.depends_on,
         "insertedBefore": task.name,
     }
+    if inserted.get("secrets"):
+        spec["secrets"] = inserted["secrets"]
     await conn.execute(
         sa.text(
             """

@@ -24,6 +24,7 @@ from enum import StrEnum
 from typing import Any
 
 from dagsmith.errors import DagsmithError
+from dagsmith.logs import redact
 from dagsmith.spec import TASK_NAME_PATTERN, TASK_TYPE_PATTERN, CorrectionSpec
 
 
@@ -68,6 +69,11 @@ class TaskSnapshot:
     def optional(self) -> bool:
         return bool(self.spec.get("optional"))
 
+    @property
+    def secrets(self) -> list[str]:
+        """Params whose values are masked wherever they are shown (the spec's ``secrets``)."""
+        return list(self.spec.get("secrets") or [])
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -107,7 +113,9 @@ def retry(
         raise SurgeryError("delay cannot be negative")
     diff: list[dict[str, Any]] = []
     if params is not None and params != task.params:
-        diff.append({"op": "set", "task": task.name, "field": "params", "old": task.params, "new": params})
+        # Revisions and events are shown to users: secret values stay masked there.
+        old, new = redact(task.params, task.secrets), redact(params, task.secrets)
+        diff.append({"op": "set", "task": task.name, "field": "params", "old": old, "new": new})
     if timeout is not None:
         diff.append({"op": "set", "task": task.name, "field": "timeout", "old": old_timeout, "new": timeout})
     diff.append({"op": "status", "task": task.name, "to": "pending", "delay": delay})
@@ -155,8 +163,13 @@ def insert_before(
         "type": task_type,
         "params": dict(task.params if params is None else params),
     }
+    # The repair task gets the failed task's params, secrets included: they stay masked for it too.
+    secrets = [key for key in task.secrets if key in inserted["params"]]
+    if secrets:
+        inserted["secrets"] = secrets
+    shown = {**inserted, "params": redact(inserted["params"], secrets)}
     diff: list[dict[str, Any]] = [
-        {"op": "add", "task": {**inserted, "dependsOn": list(task.depends_on)}, "before": task.name},
+        {"op": "add", "task": {**shown, "dependsOn": list(task.depends_on)}, "before": task.name},
         {"op": "set", "task": task.name, "field": "dependsOn", "old": list(task.depends_on), "new": [name]},
         {"op": "status", "task": task.name, "to": "pending"},
     ]

@@ -134,3 +134,32 @@ def test_refusals_are_clear(client: Client, stack: Stack) -> None:
             other.surgery(wid, {"op": "retry", "task": "t"})
         assert info.value.status == 404
     assert client.revisions(wid) == []  # nothing was half-applied by any refusal
+
+
+def test_secret_params_stay_masked_through_surgery(client: Client, stack: Stack) -> None:
+    """A retry with edited params and an inserted repair task (which inherits the params) show
+    secret values as *** in the diff, the revisions, the events and the tasks, and log none."""
+    doc = workflow(
+        "secret-surgery",
+        {
+            "name": "s",
+            "type": "chaos.fail",
+            "params": {"class": "permanent", "password": "first-xyzzy-1"},
+            "secrets": ["password"],
+        },
+        correction=OFF,
+    )
+    wid = failed(client, doc)
+    params = {"class": "permanent", "password": "second-xyzzy-2"}
+    done = client.surgery(wid, {"op": "retry", "task": "s", "params": params})
+    assert done["diff"][0]["old"]["password"] == "***" and done["diff"][0]["new"]["password"] == "***"
+    assert wait_finished(client, wid)["status"] == "failed"
+    done = client.surgery(wid, {"op": "insert", "task": "s", "type": "noop"})  # (echo would output them)
+    assert done["diff"][0]["task"]["params"]["password"] == "***"
+    wait_finished(client, wid)
+    tasks = {t["name"]: t for t in client.tasks(wid)["items"]}
+    assert tasks["s_repair1"]["params"]["password"] == "***"
+    seen = repr(client.revisions(wid)) + repr(list(client.events(wid))) + repr(tasks)
+    for proc in stack.procs.values():
+        seen += proc.log.read_text(errors="replace")
+    assert "first-xyzzy-1" not in seen and "second-xyzzy-2" not in seen

@@ -33,6 +33,16 @@ def snap(**kw: object) -> TaskSnapshot:
     return TaskSnapshot(**base)  # type: ignore[arg-type]
 
 
+def test_secret_params_are_masked_in_diffs_and_carried_to_inserted_tasks() -> None:
+    task = snap(params={"a": 1, "token": "s3cret"}, spec={"secrets": ["token", "absent"]})
+    plan = retry(task, params={"a": 2, "token": "n3w"})
+    assert plan.params == {"a": 2, "token": "n3w"}  # the task itself gets the real values
+    assert plan.diff[0]["old"] == {"a": 1, "token": "***"} and plan.diff[0]["new"] == {"a": 2, "token": "***"}
+    plan = insert_before(task, task_type="json.repair", existing={"t", "p"})
+    assert plan.inserted == {"name": "t_repair1", "type": "json.repair", "params": task.params, "secrets": ["token"]}
+    assert plan.diff[0]["task"]["params"] == {"a": 1, "token": "***"}
+
+
 def test_retry_with_params_records_the_change() -> None:
     plan = retry(snap(), params={"a": 2}, delay=3)
     assert plan.operation == Operation.retry and plan.delay == 3
