@@ -146,6 +146,20 @@ def _validate(raw: Any, limits: Limits, known_types: Iterable[str] | None) -> Va
     return ValidatedWorkflow(doc, order, refs, children, warnings)
 
 
+def params_problems(params: dict[str, Any], limits: Limits, path: str = "params") -> list[Problem]:
+    """What a task's params given outside a workflow document (a surgery's) must satisfy, as a
+    submitted task's do: depth, NUL characters, 64-bit integers, and the size limit."""
+    problem = _shape_problem(params, limits)
+    if problem is not None:
+        inner = problem["path"]
+        return [{**problem, "path": f"{path}.{inner}" if inner and not inner.startswith("[") else f"{path}{inner}"}]
+    size = len(orjson.dumps(params, default=str))
+    if size > limits.max_params_bytes:
+        message = f"params are {size} bytes, over the limit of {limits.max_params_bytes} (DAGSMITH_MAX_PARAMS_BYTES)"
+        return [_problem(path, message, "limit")]
+    return []
+
+
 def _scalar_problem(value: Any, path: str) -> Problem | None:
     if isinstance(value, str):
         if "\x00" in value:

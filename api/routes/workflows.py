@@ -34,7 +34,7 @@ from controller import queries, revisions
 from controller.store import known_task_types
 from controller.submit import submit
 from dagsmith.durations import parse_duration
-from dagsmith.validation import load_document, validate
+from dagsmith.validation import load_document, params_problems, validate
 
 router = APIRouter(prefix="/v1/workflows", tags=["workflows"])
 
@@ -278,6 +278,10 @@ async def surgery(workflow_id: str, body: SurgeryRequest, state: State, principa
         delay = parse_duration(body.delay) if body.delay else 0.0
     except ValueError as exc:
         raise APIError(422, "invalid_request", f"delay: {exc}") from exc
+    problems = params_problems(body.params, state.settings.limits()) if body.params is not None else []
+    if problems:
+        first = problems[0]
+        raise APIError(422, "invalid_request", f"{first['path']}: {first['message']}", {"problems": problems})
     async with state.db.begin() as tx:
         applied = await revisions.manual(
             tx,

@@ -114,6 +114,10 @@ def test_refusals_are_clear(client: Client, stack: Stack) -> None:
         ({"op": "retry", "task": "nope"}, 404, "no task named 'nope'"),
         ({"op": "replace", "task": "t", "type": "Bad Type"}, 422, "not a task type"),
         ({"op": "insert", "task": "t"}, 422, "needs the type"),
+        # Params given to a surgery are held to a submitted task's rules and limits.
+        ({"op": "retry", "task": "t", "params": {"text": "a\u0000b"}}, 422, "params.text: contains a NUL"),
+        ({"op": "insert", "task": "t", "type": "noop", "params": {"x": "y" * 70_000}}, 422, "over the limit"),
+        ({"op": "retry", "task": "t", "params": {"n": 2**70}}, 422, "does not fit in 64 bits"),
     ]
     for body, status, fragment in cases:
         with pytest.raises(ClientError) as info:
