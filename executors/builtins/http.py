@@ -38,21 +38,31 @@ def classify_status(status: int) -> str | None:
     return "permanent"
 
 
+def _check_host(host: str, allowed: tuple[str, ...]) -> None:
+    if allowed and host not in allowed:
+        raise TaskFailed(
+            "invalid_input", f"host {host!r} is not in this executor's allow-list", {"allowed": list(allowed)}
+        )
+
+
 @executor(
     "http.request",
     description="Makes an HTTP request; returns {status, headers, json|text}.",
     tunable={"timeout": "x2"},
 )
 async def request(params: RequestParams, ctx: TaskContext) -> dict[str, Any]:
-    host = urlsplit(params.url).hostname or ""
     allowed = ctx.options.http_allow_hosts
-    if allowed and host not in allowed:
-        raise TaskFailed(
-            "invalid_input", f"host {host!r} is not in this executor's allow-list", {"allowed": list(allowed)}
-        )
+    _check_host(urlsplit(params.url).hostname or "", allowed)
+
+    async def each_request(request: httpx.Request) -> None:
+        # Redirects are followed, and each hop is held to the allow-list: an allowed host must
+        # not be able to send the executor anywhere else.
+        _check_host(request.url.host, allowed)
+
     headers = {"Idempotency-Key": ctx.idempotency_key, **params.headers}
+    hooks: dict[str, list[Any]] = {"request": [each_request]}
     try:
-        async with httpx.AsyncClient(timeout=params.timeout, follow_redirects=True) as client:
+        async with httpx.AsyncClient(timeout=params.timeout, follow_redirects=True, event_hooks=hooks) as client:
             response = await client.request(
                 params.method, params.url, headers=headers, json=params.json_body, content=params.body
             )
