@@ -218,9 +218,35 @@ def test_an_operator_limited_to_namespaces_gets_roles_there() -> None:
     )
     assert "--namespace=default" in operator_args and "--namespace=team-a" in operator_args
     assert {s["metadata"]["name"] for s in of_kind(docs, "StatefulSet")} == {"dagsmith-postgres", "dagsmith-rabbitmq"}
-    [secret] = of_kind(docs, "Secret")
-    assert "@dagsmith-postgres:5432/" in secret["stringData"]["DAGSMITH_DATABASE_URL"]
+    secrets = {s["metadata"]["name"]: s for s in of_kind(docs, "Secret")}
+    assert "@dagsmith-postgres:5432/" in secrets["dagsmith-connections"]["stringData"]["DAGSMITH_DATABASE_URL"]
     assert not [d for d in of_kind(docs, "Deployment") if d["metadata"]["name"] == "dagsmith-trainer"]
+
+
+def test_an_admin_token_is_made_when_none_is_given() -> None:
+    """With no auth.existingSecret the chart makes a random bootstrap token (auth stays on, and
+    someone can get in); every component reads the token from whichever Secret holds it."""
+    docs = render(VALUES["demo-values"])
+    made = next(s for s in of_kind(docs, "Secret") if s["metadata"]["name"] == "dagsmith-admin-token")
+    token = made["stringData"]["DAGSMITH_ADMIN_TOKEN"]
+    assert token.startswith("dgs_") and len(token) == 47
+    assert made["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert render(VALUES["demo-values"]) != docs  # random per render offline (an install looks it up)
+
+    def token_refs(docs: list[dict[str, Any]]) -> set[str]:
+        return {
+            env["valueFrom"]["secretKeyRef"]["name"]
+            for d in of_kind(docs, "Deployment")
+            for c in d["spec"]["template"]["spec"]["containers"]
+            for env in c.get("env", [])
+            if env["name"] == "DAGSMITH_ADMIN_TOKEN"
+        }
+
+    assert token_refs(docs) == {"dagsmith-admin-token"}
+    own = {**VALUES["demo-values"], "auth": {"existingSecret": "my-token"}}
+    docs = render(own)
+    assert not [s for s in of_kind(docs, "Secret") if s["metadata"]["name"] == "dagsmith-admin-token"]
+    assert token_refs(docs) == {"my-token"}
 
 
 def test_dashboards_are_shipped_when_there_are_any(tmp_path: Path) -> None:

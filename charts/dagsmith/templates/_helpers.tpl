@@ -59,13 +59,11 @@ env:
       secretKeyRef:
         name: {{ include "dagsmith.rabbitmqSecret" . }}
         key: {{ .Values.rabbitmq.secretKey }}
-  {{- if .Values.auth.existingSecret }}
   - name: DAGSMITH_ADMIN_TOKEN
     valueFrom:
       secretKeyRef:
-        name: {{ .Values.auth.existingSecret }}
+        name: {{ include "dagsmith.adminTokenSecret" . }}
         key: {{ .Values.auth.adminTokenKey }}
-  {{- end }}
 {{- end -}}
 
 {{/* Container fields shared by every Dagsmith container. */}}
@@ -115,4 +113,9 @@ readinessProbe:
   httpGet: {path: /metrics, port: metrics}
   periodSeconds: 10
   timeoutSeconds: 5
+{{- end -}}
+
+{{/* The Secret holding the bootstrap admin token: the user's, or the one the chart makes. */}}
+{{- define "dagsmith.adminTokenSecret" -}}
+{{ .Values.auth.existingSecret | default (printf "%s-admin-token" (include "dagsmith.fullname" .)) }}
 {{- end -}}
