@@ -1,4 +1,6 @@
-"""Write the Grafana dashboards in deploy/grafana/dashboards/ from the panel lists below.
+"""Write the Grafana dashboards in deploy/grafana/dashboards/ from the panel lists below, and
+the same files into the Helm chart (charts/dagsmith/dashboards/: a chart cannot read files
+outside its folder).
 
     python deploy/grafana/generate.py          # rewrite the JSON files
     python deploy/grafana/generate.py --check  # exit 1 if they are not what this file makes
@@ -17,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-OUT = Path(__file__).resolve().parent / "dashboards"
+ROOT = Path(__file__).resolve().parents[2]
+OUTS = [ROOT / "deploy" / "grafana" / "dashboards", ROOT / "charts" / "dagsmith" / "dashboards"]
 DS = {"type": "prometheus", "uid": "${datasource}"}
 RATE = "$__rate_interval"
 
@@ -444,14 +447,15 @@ def render(doc: dict[str, Any]) -> str:
 def main(argv: list[str]) -> int:
     stale = []
     for name, doc in DASHBOARDS.items():
-        path = OUT / name
         text = render(doc)
-        if "--check" in argv:
-            if not path.exists() or path.read_text() != text:
-                stale.append(name)
-        else:
-            OUT.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
+        for out in OUTS:
+            path = out / name
+            if "--check" in argv:
+                if not path.exists() or path.read_text() != text:
+                    stale.append(str(path.relative_to(ROOT)))
+            else:
+                out.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
     if stale:
         print(f"out of date: {', '.join(stale)} (run python deploy/grafana/generate.py)", file=sys.stderr)
         return 1

@@ -262,3 +262,11 @@ def test_dashboards_are_shipped_when_there_are_any(tmp_path: Path) -> None:
     board = maps["dagsmith-dashboards"]
     assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert board["data"] == {"overview.json": '{"title": "Dagsmith"}'}
+
+
+def test_the_chart_ships_the_dashboards_compose_provisions() -> None:
+    values = {**VALUES["external-values"], "grafana": {"dashboards": {"enabled": True}}}
+    (board,) = [c for c in of_kind(render(values), "ConfigMap") if c["metadata"]["name"] == "dagsmith-dashboards"]
+    compose = ROOT / "deploy" / "grafana" / "dashboards"
+    shipped = {path.name: path.read_text().rstrip("\n") for path in compose.glob("*.json")}
+    assert len(shipped) >= 2 and board["data"] == shipped
