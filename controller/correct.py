@@ -32,7 +32,11 @@ A = CorrectiveAction
 
 SURGERIES = Counter("dagsmith_surgeries_total", "DAG surgeries applied, by action and reason.", ["action", "reason"])
 DECISIONS = Counter("dagsmith_policy_decisions_total", "Correction decisions.", ["action", "policy_version", "mode"])
-SHADOW_DECISIONS = Counter("dagsmith_policy_shadow_decisions_total", "Shadow-mode decisions.", ["agreed"])
+SHADOW_DECISIONS = Counter(
+    "dagsmith_policy_shadow_decisions_total",
+    "Shadow-mode decisions: agreed is true or false, or fallback when the shadow policy fell back to the rules.",
+    ["agreed"],
+)
 SHADOW_AGREEMENT = Gauge(
     "dagsmith_policy_shadow_agreement_ratio", "Share of shadow decisions where the learned policy agreed."
 )
@@ -186,7 +190,8 @@ class Corrector:
                     data={"message": message, "task": task.name},
                 )
             )
-        await self._log(conn, workflow, task, ctx, choice, applied.revision, plan, now)
+        spent = 0.0 if outcome.started_at is None else max(outcome.finished_at - outcome.started_at, 0.0)
+        await self._log(conn, workflow, task, ctx, choice, applied.revision, plan, now, spent)
         SURGERIES.labels(plan.operation.value if aborted else str(action), str(failure.error_class)).inc()
         DECISIONS.labels(str(action), choice.decision.policy_version, str(choice.mode)).inc()
         log.info(
@@ -257,7 +262,10 @@ class Corrector:
         revision: int,
         plan: Plan,
         now: float,
+        spent: float,
     ) -> None:
+        """Record the decision, and close the previous one on this task: it did not fix it, and
+        the attempt it led to ran for ``spent`` seconds (what it cost, for the learner)."""
         d = choice.decision
         shadow = choice.shadow
         new_id = (
@@ -325,11 +333,15 @@ class Corrector:
                 WHERE task_id = :t AND outcome IS NULL AND id <> :new
                 """
             ),
-            {"t": task.id, "new": new_id, "now": now, "seconds": 0.0},
+            {"t": task.id, "new": new_id, "now": now, "seconds": spent},
         )
 
     def _record_shadow(self, choice: Choice) -> None:
         if choice.shadow is None:
+            return
+        if choice.shadow.fallback_reason is not None:
+            # The shadow policy fell back to the rules: agreeing with them says nothing about it.
+            SHADOW_DECISIONS.labels("fallback").inc()
             return
         agreed = choice.shadow.action == choice.decision.action
         self._shadowed += 1

@@ -170,3 +170,18 @@ def test_surgery_survives_a_controller_crash_in_the_middle(stack: Stack, client:
             )
         if not stack.procs["controller"].alive():
             stack.start("controller", "controller")
+
+
+def test_a_decision_that_did_not_fix_records_what_the_next_attempt_cost(client: Client, settings: Settings) -> None:
+    """The learner weighs actions by what they cost: a decision followed by another failure is
+    closed with the run time of the attempt it led to (it used to be recorded as 0)."""
+    doc = workflow(
+        "costly",
+        {"name": "t", "type": "chaos.hang", "params": {"seconds": 30}, "timeout": "0.4s"},
+        correction={"maxSurgeries": 1},
+    )
+    wid = submit(client, doc)
+    assert wait_finished(client, wid, timeout=30)["status"] == "failed"
+    first, second = decisions(settings, wid)
+    assert first["outcome"]["fixed"] is False and first["outcome"]["follow_up"] == second["id"]
+    assert 0.3 <= first["outcome"]["task_seconds"] <= 5.0, first["outcome"]

@@ -321,3 +321,20 @@ def test_garbage_bytes_are_rejected() -> None:
 def test_the_correction_package_does_not_import_torch() -> None:
     code = "import sys, controller.correction; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_shadow_agreement_counts_only_the_learned_policys_own_decisions() -> None:
+    """A shadow policy that fell back to the rules agrees with the rules by construction: that
+    must not count as agreement."""
+    from controller.correct import Corrector
+    from controller.policies import Choice, PolicyBox
+    from dagsmith.spec import CorrectionMode
+
+    rules = RulesPolicy().decide(ROOMY)
+    own = replace(rules, policy_version="v7")
+    fell_back = replace(rules, fallback_reason="unsure: low confidence")
+    corrector = Corrector(PolicyBox())
+    corrector._record_shadow(Choice(rules, fell_back, CorrectionMode.shadow))
+    assert corrector._shadowed == 0
+    corrector._record_shadow(Choice(rules, own, CorrectionMode.shadow))
+    assert (corrector._shadowed, corrector._agreed) == (1, 1)
