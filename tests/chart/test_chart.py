@@ -158,12 +158,17 @@ def test_components_probes_and_secrets() -> None:
     ports = {
         name: d["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
         for name, d in deployments.items()
-        if "trainer" not in name
     }
     assert ports["dagsmith-evaluator"] == 9102 and ports["dagsmith-executor-text"] == 9103
+    assert ports["dagsmith-trainer"] == 9104
+    scraped = {
+        s["metadata"]["name"] for s in of_kind(docs, "Service") if s["metadata"]["labels"].get("dagsmith.io/metrics")
+    }
+    assert "dagsmith-trainer-metrics" in scraped and "dagsmith-evaluator-metrics" in scraped
     for name, d in deployments.items():
         for c in d["spec"]["template"]["spec"]["containers"]:
             assert c["resources"]["requests"], f"{name}/{c['name']} has no resource requests"
+            assert c.get("livenessProbe"), f"{name}/{c['name']} has no liveness probe"
             env = {e["name"]: e for e in c["env"]}
             assert env["DAGSMITH_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "dagsmith-connections"
             assert env["DAGSMITH_AMQP_URL"]["valueFrom"]["secretKeyRef"]["name"] == "dagsmith-rabbitmq"
