@@ -102,7 +102,9 @@ class Corrector:
     ) -> Corrected:
         snap = await revisions.snapshot(conn, workflow.id, task.name)
         capability = await self._capability(conn, task.type)
-        fallbacks = [t for t in snap.spec.get("fallback") or [] if t != snap.type]
+        # The spec's fallbacks first (the workflow's author knows best), then those its executors declare.
+        declared = [*(snap.spec.get("fallback") or []), *(capability.get("fallback") or [])]
+        fallbacks = [t for t in dict.fromkeys(declared) if t != snap.type]
         tuned_params, tuned_timeout = tune(snap.params, capability.get("tunable") or {}, task.timeout_s)
         surgeries = workflow.surgeries + budget.surgeries[workflow.id]
         inserted = workflow.inserted_tasks + budget.inserted[workflow.id]

@@ -137,6 +137,7 @@ class Capability(_Message):
     description: str = ""
     repair: str | None = None  # task type that can repair this type's bad input
     tunable: dict[str, str] = Field(default_factory=dict)  # param -> how to tune it, e.g. "x2", "/2"
+    fallback: list[str] = Field(default_factory=list)  # task types that can stand in for this one
 
 
 class HeartbeatMessage(_Message):

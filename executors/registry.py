@@ -71,13 +71,20 @@ class ExecutorSpec:
     params_model: builtins.type[BaseModel] | None = None
     repair: str | None = None  # the task type that repairs this type's bad input
     tunable: dict[str, str] = field(default_factory=dict)  # param -> "x2" | "/2" | ...
+    fallback: tuple[str, ...] = ()  # task types that can stand in for this one (Correction Mode's reroute)
 
     @property
     def is_async(self) -> bool:
         return inspect.iscoroutinefunction(self.handler)
 
     def capability(self) -> Capability:
-        return Capability(type=self.type, description=self.description, repair=self.repair, tunable=self.tunable)
+        return Capability(
+            type=self.type,
+            description=self.description,
+            repair=self.repair,
+            tunable=self.tunable,
+            fallback=list(self.fallback),
+        )
 
 
 class Registry:
@@ -118,6 +125,7 @@ def executor(
     description: str = "",
     repair: str | None = None,
     tunable: dict[str, str] | None = None,
+    fallback: Iterable[str] = (),
     into: Registry | None = None,
 ) -> Callable[[Handler], Handler]:
     """Register the decorated function as the handler of ``task_type``.
@@ -125,12 +133,15 @@ def executor(
     The handler receives the task's params and a :class:`TaskContext`, and returns the output
     (anything JSON-serialisable). If its first parameter is annotated with a pydantic model, the
     params are validated into that model first (bad params fail with ``invalid_input``). It may be
-    sync (run in a thread) or async.
+    sync (run in a thread) or async. ``repair``, ``tunable`` and ``fallback`` tell Correction Mode
+    what it may do when such a task fails: insert a repair task of that type, retry with tuned
+    params, or reroute to one of the fallback types (after those the workflow's spec names).
     """
 
     def register(fn: Handler) -> Handler:
         doc = description or (inspect.getdoc(fn) or "").split("\n")[0]
-        (into or registry).register(ExecutorSpec(task_type, fn, doc, _params_model(fn), repair, dict(tunable or {})))
+        spec = ExecutorSpec(task_type, fn, doc, _params_model(fn), repair, dict(tunable or {}), tuple(fallback))
+        (into or registry).register(spec)
         return fn
 
     return register

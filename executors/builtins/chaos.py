@@ -39,6 +39,16 @@ class FlakyParams(BaseModel):
     output: Any = None
 
 
+@executor(
+    "chaos.outage",
+    description="Always fails as unavailable, like a service that is down; its executors name echo as "
+    "the type that can stand in for it (Correction Mode reroutes to it).",
+    fallback=["echo"],
+)
+async def outage(params: dict[str, Any], ctx: TaskContext) -> None:
+    raise TaskFailed(ErrorClass.unavailable, "chaos: the service is down")
+
+
 @executor("chaos.flaky", description="Fails the first params.failTimes attempts, then succeeds.")
 async def flaky(params: FlakyParams, ctx: TaskContext) -> Any:
     if ctx.attempt <= params.fail_times:

@@ -72,6 +72,22 @@ def test_rules_reroute_to_the_fallback(client: Client) -> None:
     assert node["type"] == "echo" and node["rerouted"] is True
 
 
+def test_rules_reroute_to_a_fallback_the_executors_declare(client: Client) -> None:
+    """No fallback in the spec: the registry's (chaos.outage's executors name echo) is used."""
+    doc = workflow(
+        "registry-fallback",
+        {"name": "call", "type": "chaos.outage", "params": {"v": 1}, "retry": {"backoff": {"initial": "100ms"}}},
+    )
+    wid = submit(client, doc)
+    assert wait_finished(client, wid)["status"] == "succeeded"
+    assert [r["operation"] for r in client.revisions(wid)] == ["retry", "reroute"]
+    (node,) = client.dag(wid)["nodes"]
+    assert node["type"] == "echo" and node["rerouted"] is True
+    assert {"type": "chaos.outage", "fallback": ["echo"]}.items() <= next(
+        c for e in client.executors() for c in e["capabilities"] if c["type"] == "chaos.outage"
+    ).items()
+
+
 def test_rules_tune_a_timeout(client: Client) -> None:
     doc = workflow("tune", {"name": "slow", "type": "chaos.hang", "params": {"seconds": 1.2}, "timeout": "1s"})
     wid = submit(client, doc)

@@ -12,7 +12,7 @@ from aio_pika.abc import AbstractQueue
 
 from dagsmith.amqp import Names, Topology
 from dagsmith.errors import ErrorClass
-from dagsmith.messages import BUNDLE, ResultBatch, TaskMessage, encode_bundle
+from dagsmith.messages import BUNDLE, CancelMessage, ResultBatch, TaskMessage, encode_bundle
 from dagsmith.settings import Settings
 from executors.registry import ExecutorOptions, Registry, TaskContext, TaskFailed, executor
 from executors.runtime import ExecutorRuntime, execute
@@ -209,3 +209,36 @@ async def test_a_bundle_runs_every_member_and_is_acked_once_all_are_confirmed(
     queue = await channel.declare_queue(names.task_queue("test.nap"), passive=True)
     assert queue.declaration_result.message_count == 0  # acked (a closed connection would requeue it)
     assert runtime.completed == len(members)
+
+
+async def test_messages_of_a_cancelled_workflow_are_dropped_unrun(
+    broker: tuple[aio_pika.abc.AbstractChannel, Names, Settings],
+) -> None:
+    """After the controller's cancel broadcast, a queued task of that workflow is acked without
+    running (no result), and the next task, of another workflow, runs as usual."""
+    channel, names, s = broker
+    topology = Topology(channel, names)
+    results = await topology.queue(names.results)
+    runtime = ExecutorRuntime(s, [local.get("test.echo")], concurrency=1)  # type: ignore[list-item]
+    stop = asyncio.Event()
+    running = asyncio.create_task(runtime.run(stop))
+    try:
+        control = await topology.control_exchange()
+        cancel = aio_pika.Message(CancelMessage(workflow_ids=["w-gone"]).model_dump_json().encode())
+        async with asyncio.timeout(20):
+            while "w-gone" not in runtime.cancelled:  # sent again until the executor's queue is bound
+                await control.publish(cancel, routing_key="")
+                await asyncio.sleep(0.1)
+        exchange = await topology.tasks_exchange()
+        await topology.task_queue("test.echo")
+        gone = msg("test.echo").model_copy(update={"workflow_id": "w-gone", "task_id": 8})
+        for message in (gone, msg("test.echo")):
+            await exchange.publish(aio_pika.Message(message.model_dump_json().encode()), routing_key="test.echo")
+        assert await collect_task_ids(results, 1) == [7]
+        queue = await channel.declare_queue(names.task_queue("test.echo"), passive=True)
+        assert queue.declaration_result.message_count == 0  # the cancelled one was acked, not requeued
+        results_left = await channel.declare_queue(names.results, passive=True)
+        assert results_left.declaration_result.message_count == 0  # and it reported nothing
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 20)
