@@ -282,7 +282,13 @@ class Engine:
             action = on_result(task.view(), ref.attempt, False, failure, now)
             if isinstance(action, Ignore):
                 metrics.RESULTS_IGNORED.labels("stale").inc()
-                log.debug("result ignored", task_id=action.task_id, attempt=action.attempt, reason=action.reason)
+                log.debug(
+                    "result ignored",
+                    workflow_id=str(task.workflow_id),
+                    task_id=action.task_id,
+                    attempt=action.attempt,
+                    reason=action.reason,
+                )
                 continue
             if self.corrector is not None:
                 self.corrector.rates.observe(task.type, True)

@@ -222,7 +222,12 @@ class ExecutorRuntime:
             lambda: asyncio.ensure_future(self._report_started(task, started_at)),
         )
         key = (task.task_id, task.attempt)
-        runner = asyncio.ensure_future(execute(spec, task, self.options, self.settings.max_output_bytes))
+        # The runner task copies the context as it is created: every line the handler logs (or a
+        # plugin's own logger, through structlog) carries the task's ids.
+        with structlog.contextvars.bound_contextvars(
+            workflow_id=task.workflow_id, task_id=task.task_id, attempt=task.attempt, task=task.name
+        ):
+            runner = asyncio.ensure_future(execute(spec, task, self.options, self.settings.max_output_bytes))
         self.running[key] = (task.workflow_id, runner)
         RUNNING.inc()
         try:

@@ -50,6 +50,13 @@ async def _nap(params: dict[str, float], ctx: TaskContext) -> None:
     await asyncio.sleep(params["s"])
 
 
+@executor("test.context", into=local)
+async def _context(params: dict[str, object], ctx: TaskContext) -> dict[str, object]:
+    import structlog
+
+    return {k: v for k, v in structlog.contextvars.get_contextvars().items() if k != "service"}
+
+
 @executor("test.big", into=local)
 async def _big(params: dict[str, object], ctx: TaskContext) -> str:
     return "x" * 2000
@@ -242,3 +249,30 @@ async def test_messages_of_a_cancelled_workflow_are_dropped_unrun(
     finally:
         stop.set()
         await asyncio.wait_for(running, 20)
+
+
+async def test_what_a_handler_logs_carries_the_tasks_ids(
+    broker: tuple[aio_pika.abc.AbstractChannel, Names, Settings],
+) -> None:
+    channel, names, s = broker
+    topology = Topology(channel, names)
+    results = await topology.queue(names.results)
+    runtime = ExecutorRuntime(s, [local.get("test.context")], concurrency=1)  # type: ignore[list-item]
+    stop = asyncio.Event()
+    running = asyncio.create_task(runtime.run(stop))
+    try:
+        exchange = await topology.tasks_exchange()
+        await topology.task_queue("test.context")
+        body = msg("test.context").model_dump_json().encode()
+        await exchange.publish(aio_pika.Message(body), routing_key="test.context")
+        async with asyncio.timeout(20):
+            async with results.iterator() as it:
+                async for incoming in it:
+                    (result,) = ResultBatch.model_validate_json(incoming.body).results
+                    await incoming.ack()
+                    break
+        assert result.output == {"workflow_id": "w", "task_id": 7, "attempt": 2, "task": "t"}
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 20)
+        await channel.queue_delete(names.task_queue("test.context"))
