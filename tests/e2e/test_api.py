@@ -158,3 +158,41 @@ def test_secret_params_are_redacted(client: Client) -> None:
     wait_finished(client, wid)
     (task,) = client.tasks(wid)["items"]
     assert task["params"] == {"token": "***", "x": 1}
+
+
+def test_event_streams_are_limited_per_api_process(stack: Stack, client: Client) -> None:
+    """DAGSMITH_MAX_SSE_CONNECTIONS: the stream past the limit is a 503 naming the setting, and a
+    closed stream frees its place."""
+    from dagsmith.local import free_port
+    from tests.support.wait import wait_until
+
+    port = free_port()
+    stack.start("api-sse", "api", "--port", str(port), env={"DAGSMITH_MAX_SSE_CONNECTIONS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    wid = submit(client, workflow("streamed", {"name": "s", "type": "sleep", "params": {"seconds": 60}}))
+    headers = auth(stack)
+    path = f"{url}/v1/workflows/{wid}/events"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(ready, timeout=30, what="the second API to answer")
+        with httpx.stream("GET", path, headers=headers, timeout=30) as first:
+            assert first.status_code == 200
+            second = httpx.get(path, headers=headers, timeout=10)
+            assert second.status_code == 503
+            assert second.json()["error"]["code"] == "too_many_streams"
+            assert "DAGSMITH_MAX_SSE_CONNECTIONS" in second.json()["error"]["message"]
+
+        def freed() -> bool:
+            with httpx.stream("GET", path, headers=headers, timeout=10) as again:
+                return again.status_code == 200
+
+        wait_until(freed, timeout=15, what="the closed stream's place to be free again")
+    finally:
+        client.cancel(wid)
+        stack.stop("api-sse")

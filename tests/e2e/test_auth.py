@@ -73,7 +73,16 @@ def test_namespaces_are_invisible_to_other_tokens(stack: Stack, client: Client) 
     with stack.client(team) as as_team:
         mine = submit(as_team, mine_doc)
         assert as_team.workflow(mine)["namespace"] == "team-a"
-        for call in (as_team.workflow, as_team.tasks, as_team.result, as_team.dag, as_team.cancel):
+        for call in (
+            as_team.workflow,
+            as_team.tasks,
+            as_team.result,
+            as_team.dag,
+            as_team.cancel,
+            as_team.revisions,
+            lambda w: list(as_team.events(w)),
+            lambda w: as_team.surgery(w, {"op": "retry", "task": "a"}),
+        ):
             with pytest.raises(ClientError, match="no workflow") as info:
                 call(elsewhere)
             assert info.value.status == 404, call

@@ -1,0 +1,30 @@
+"""DAGSMITH_<NAME>_FILE: secrets read from files (Docker and Kubernetes secrets)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from dagsmith.settings import Settings
+
+
+def test_secrets_come_from_the_files_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("DAGSMITH_ADMIN_TOKEN", "DAGSMITH_DATABASE_URL", "DAGSMITH_AMQP_URL"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "token").write_text("dgs_from-a-file\n")
+    (tmp_path / "db").write_text("postgresql+psycopg://u:p@db:5432/x")
+    monkeypatch.setenv("DAGSMITH_ADMIN_TOKEN_FILE", str(tmp_path / "token"))
+    monkeypatch.setenv("DAGSMITH_DATABASE_URL_FILE", str(tmp_path / "db"))
+    settings = Settings()
+    assert settings.admin_token is not None and settings.admin_token.get_secret_value() == "dgs_from-a-file"
+    assert settings.database_url.get_secret_value() == "postgresql+psycopg://u:p@db:5432/x"
+    monkeypatch.setenv("DAGSMITH_ADMIN_TOKEN", "dgs_from-the-env")  # a value set directly wins
+    assert Settings().admin_token.get_secret_value() == "dgs_from-the-env"  # type: ignore[union-attr]
+
+
+def test_a_missing_secret_file_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DAGSMITH_AMQP_URL_FILE", str(tmp_path / "nope"))
+    with pytest.raises(ValidationError, match=r"DAGSMITH_AMQP_URL_FILE=.*nope"):
+        Settings()
