@@ -2,9 +2,9 @@
 
 Torch and the trainer are imported inside the commands, so the rest of the CLI starts without
 them. Where the simulator's parameters come from is decided in one place, :func:`load_params`:
-defaults, a params JSON file, or decision records to fit from (JSON lines). Reading the records
-from Postgres (``--from-db``) and the long-running retraining service are not part of this
-module yet; they belong in :func:`load_params` (a records source) and a new command respectively.
+defaults, a params JSON file, or decision records to fit from (JSON lines). ``train --from-db``
+fits to the decisions logged in Postgres, gates and registers the result
+(:func:`trainer.loop.train_and_gate`); ``serve`` runs the same on a schedule.
 """
 
 from __future__ import annotations
