@@ -19,7 +19,14 @@ from prometheus_client import Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from controller import revisions, store
-from controller.correction import ACTIONS, FEATURE_SCHEMA_VERSION, CorrectiveAction, FailureContext, featurize
+from controller.correction import (
+    ACTIONS,
+    FEATURE_SCHEMA_VERSION,
+    CorrectiveAction,
+    FailureContext,
+    featurize,
+    limits_reached,
+)
 from controller.policies import Choice, PolicyBox
 from controller.reconcile import Failure
 from controller.store import Event, Events, Outcome, TaskRow, WorkflowRow, _json
@@ -168,7 +175,9 @@ class Corrector:
         budget.inserted[workflow.id] += plan.inserts
         aborted = plan.operation == "abort"
         if aborted:
-            message = stop or f"{choice.actor} found no corrective action worth trying, and aborted"
+            limits = limits_reached(ctx)
+            ruled_out = f" (ruled out by the correction budget: {'; '.join(limits)})" if limits else ""
+            message = stop or f"{choice.actor} found no corrective action worth trying, and aborted{ruled_out}"
             for row in await store.abort_workflow(conn, workflow.id, now, task.name, message, failure):
                 events.add(
                     Event(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from controller.correction.actions import ACTIONS, N_ACTIONS, CorrectiveAction, mask
+from controller.correction.actions import ACTIONS, N_ACTIONS, CorrectiveAction, limits_reached, mask
 from controller.correction.features import (
     FEATURE_DIM,
     FEATURE_SCHEMA_VERSION,
@@ -33,6 +33,7 @@ __all__ = [
     "RulesPolicy",
     "featurize",
     "learned_available",
+    "limits_reached",
     "load_learned_policy",
     "mask",
 ]

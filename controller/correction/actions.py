@@ -73,6 +73,22 @@ def is_plain_retryable(error_class: str) -> bool:
     return error_class in _RETRYABLE_NAMES or not known
 
 
+def limits_reached(ctx: FailureContext) -> list[str]:
+    """The correction budgets that ruled actions out in this situation, named as in the spec
+    (for the message of a workflow the policy aborts)."""
+    out_of_time = ctx.time_budget_used is not None and ctx.time_budget_used >= 1.0
+    reached = []
+    if ctx.surgeries_used >= ctx.max_surgeries:
+        reached.append(f"maxSurgeries ({ctx.max_surgeries}) used up")
+    if out_of_time:
+        reached.append("timeBudget used up")
+    if ctx.retries_used >= ctx.max_retries and (is_plain_retryable(ctx.error_class) or ctx.has_tunable):
+        reached.append(f"maxRetries ({ctx.max_retries}) used up")
+    if ctx.has_repair and ctx.inserted_used >= ctx.max_inserted:
+        reached.append(f"maxInsertedTasks ({ctx.max_inserted}) reached")
+    return reached
+
+
 def mask(ctx: FailureContext) -> tuple[bool, ...]:
     """Validity of each action (in :data:`ACTIONS` order) for this failure."""
     out_of_time = ctx.time_budget_used is not None and ctx.time_budget_used >= 1.0

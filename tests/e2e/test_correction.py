@@ -143,6 +143,35 @@ def test_budget_exhausted_fails_with_a_clear_reason(client: Client) -> None:
     assert "correction" in wf["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("budget", "task", "named"),
+    [
+        (
+            {"maxInsertedTasks": 0},
+            {"name": "parse", "type": "json.parse", "params": {"text": "{'answer': 42,}"}},
+            "maxInsertedTasks (0) reached",
+        ),
+        (
+            {"timeBudget": "1s", "maxRetries": 50},
+            {"name": "t", "type": "chaos.fail", "params": {"class": "transient"}, "retry": {"limit": 0}},
+            "timeBudget",
+        ),
+        (
+            {"taskSecondsBudget": 0.5, "maxRetries": 50},
+            {"name": "t", "type": "chaos.hang", "params": {"seconds": 30}, "timeout": "0.3s"},
+            "taskSecondsBudget",
+        ),
+    ],
+)
+def test_each_budget_ends_correction_with_a_clear_reason(
+    client: Client, budget: dict[str, Any], task: dict[str, Any], named: str
+) -> None:
+    wid = submit(client, workflow(f"budget-{named.split()[0].lower()}", task, correction=budget))
+    wf = wait_finished(client, wid, timeout=60)
+    assert wf["status"] == "failed"
+    assert named in wf["error"]["message"], wf["error"]
+
+
 def test_surgery_survives_a_controller_crash_in_the_middle(stack: Stack, client: Client, settings: Settings) -> None:
     """A trigger holds the surgery's transaction open; the controller is killed inside it.
     Nothing is half-applied, the failed result is redelivered, and the surgery happens once."""

@@ -167,3 +167,31 @@ def test_secret_params_stay_masked_through_surgery(client: Client, stack: Stack)
     for proc in stack.procs.values():
         seen += proc.log.read_text(errors="replace")
     assert "first-xyzzy-1" not in seen and "second-xyzzy-2" not in seen
+
+
+def test_an_inserted_task_waits_for_the_dependencies_it_takes_over(client: Client) -> None:
+    """Inserted before a task whose parent is still running, the new task waits for that parent,
+    and the task waits for the new one: nothing runs before its (new) dependencies."""
+    from datetime import datetime
+
+    from tests.support.wait import wait_until
+
+    doc = workflow(
+        "insert-while-running",
+        {"name": "parent", "type": "sleep", "params": {"seconds": 1.5}},
+        {"name": "child", "type": "noop", "dependsOn": ["parent"]},
+        correction=OFF,
+    )
+    wid = submit(client, doc)
+    wait_until(lambda: client.workflow(wid)["progress"]["running"] == 1, timeout=20, what="the parent to start")
+    done = client.surgery(wid, {"op": "insert", "task": "child", "type": "noop", "name": "between"})
+    assert done["revision"] == 1
+    assert wait_finished(client, wid)["status"] == "succeeded"
+    tasks = {t["name"]: t for t in client.tasks(wid)["items"]}
+
+    def at(name: str, field: str) -> datetime:
+        return datetime.fromisoformat(tasks[name][field])
+
+    assert at("between", "started_at") >= at("parent", "finished_at")
+    assert at("child", "started_at") >= at("between", "finished_at")
+    assert tasks["child"]["depends_on"] == ["between"] and tasks["between"]["depends_on"] == ["parent"]

@@ -338,3 +338,13 @@ def test_shadow_agreement_counts_only_the_learned_policys_own_decisions() -> Non
     assert corrector._shadowed == 0
     corrector._record_shadow(Choice(rules, own, CorrectionMode.shadow))
     assert (corrector._shadowed, corrector._agreed) == (1, 1)
+
+
+def test_the_budgets_that_ruled_actions_out_are_named() -> None:
+    from controller.correction import limits_reached
+
+    assert limits_reached(ROOMY) == []
+    bad_input = replace(ROOMY, error_class="invalid_input", has_repair=True, inserted_used=0, max_inserted=0)
+    assert limits_reached(bad_input) == ["maxInsertedTasks (0) reached"]
+    spent = replace(ROOMY, retries_used=3, max_retries=3, surgeries_used=4, max_surgeries=4)
+    assert limits_reached(spent) == ["maxSurgeries (4) used up", "maxRetries (3) used up"]
