@@ -84,3 +84,23 @@ def test_status_result_dag_and_not_found(stack: Stack) -> None:
     assert wid in listing.stdout
     missing = cli(stack, "status", "00000000-0000-0000-0000-000000000000")
     assert missing.returncode == 4
+
+
+def test_cancel(stack: Stack, tmp_path: Path) -> None:
+    from dagsmith.client import Client
+    from tests.support.wait import wait_until
+
+    spec = tmp_path / "long.yaml"
+    spec.write_text(
+        "apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {name: long}\n"
+        "spec:\n  tasks: [{name: s, type: sleep, params: {seconds: 60}}]\n"
+    )
+    submitted = cli(stack, "submit", str(spec))
+    assert submitted.returncode == 0, submitted.stderr
+    wid = next(line.split()[-1] for line in submitted.stderr.splitlines() if line.startswith("submitted workflow"))
+    done = cli(stack, "cancel", wid)
+    assert done.returncode == 0 and f"cancelling {wid}" in done.stderr, done.stderr  # messages go to stderr
+    with Client(stack.url, token=stack.token) as client:
+        wait_until(lambda: client.workflow(wid)["status"] == "cancelled", timeout=20, what="the cancel")
+    again = cli(stack, "cancel", wid)
+    assert again.returncode != 0 and len(again.stderr.strip().splitlines()) == 1, again.stderr
