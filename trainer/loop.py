@@ -57,7 +57,8 @@ def load_records(conn: sa.Connection, limit: int = 20_000) -> list[dict[str, Any
     rows = conn.execute(
         sa.text(
             """
-            SELECT features, action, probability, probabilities, policy_version, outcome, feature_schema_version
+            SELECT id, created_at, features, action, probability, probabilities, policy_version, outcome,
+                   feature_schema_version
             FROM correction_decisions
             WHERE outcome IS NOT NULL AND feature_schema_version = :schema
             ORDER BY id DESC LIMIT :limit
@@ -70,6 +71,8 @@ def load_records(conn: sa.Connection, limit: int = 20_000) -> list[dict[str, Any
         outcome = r.outcome or {}
         records.append(
             {
+                "id": r.id,
+                "at": r.created_at.isoformat(),
                 "features": r.features,
                 "action": r.action,
                 "probability": r.probability,
@@ -83,6 +86,17 @@ def load_records(conn: sa.Connection, limit: int = 20_000) -> list[dict[str, Any
             }
         )
     return records
+
+
+def data_window(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Which logged decisions a policy was trained on (ids and times, first and last), kept in the
+    registry so a version can be traced back to its data."""
+    dated = [r for r in records if "id" in r]
+    if not dated:
+        return None
+    first = min(dated, key=lambda r: r["id"])
+    last = max(dated, key=lambda r: r["id"])
+    return {"first_id": first["id"], "last_id": last["id"], "from": first["at"], "to": last["at"]}
 
 
 def decision_reward(record: dict[str, Any], weights: RewardWeights = RewardWeights()) -> float:
@@ -237,7 +251,13 @@ def train_and_gate(
     report = gate(candidate, active, params, records, gate_config)
     log(f"gate {'passed' if report.passed else 'failed'}: {report.reason}")
     evaluation = {"gate": asdict(report), "validation_reward": best[0], "seed": seed}
-    training = {"records": len(records), "seeds": seeds, "timesteps": timesteps, "params": params.to_dict()}
+    training = {
+        "records": len(records),
+        "window": data_window(records),
+        "seeds": seeds,
+        "timesteps": timesteps,
+        "params": params.to_dict(),
+    }
 
     async def persist() -> bool:
         db = create_async(database_url, pool_size=1, name="dagsmith-trainer")

@@ -43,6 +43,8 @@ def test_closed_loop_recovers_better_after_training(lab: Stack, client: Client, 
     assert trained.records >= 30
     policy = next(p for p in client.policies() if p["version"] == trained.version)
     assert policy["status"] == "active" and policy["evaluation"]["gate"]["passed"] is True
+    window = policy["training"]["window"]  # the version can be traced back to the decisions it learnt from
+    assert window["first_id"] < window["last_id"] and window["from"] <= window["to"]
 
     after = run_batch(client, lab_workflows(40, 7, "learned"))  # the same tasks, the same luck
     reward_a = statistics.fmean(w["total_reward"] for w in before)
