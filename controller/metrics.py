@@ -47,6 +47,10 @@ DEAD_LETTERS = Counter("dagsmith_dead_letters_total", "Task messages dead-letter
 BUNDLES_SPLIT = Counter(
     "dagsmith_bundles_split_total", "Dead-lettered task bundles sent again as one message per task."
 )
+EXECUTORS_SILENT = Gauge(
+    "dagsmith_executors_silent",
+    "Executors heard from in the last 15 minutes whose heartbeats stopped without a goodbye (died or hung).",
+)
 EXECUTORS_ALIVE = Gauge(
     "dagsmith_executors_alive", "Executors that sent a heartbeat recently, by capability.", ["type"]
 )

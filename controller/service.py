@@ -353,6 +353,7 @@ class Controller:
                         ),
                         {"window": self.settings.heartbeat_interval * 3},
                     )
+                    metrics.EXECUTORS_SILENT.set(await store.silent_executors(conn, self.settings.heartbeat_interval))
                     metrics.EXECUTORS_ALIVE.clear()
                     types = [r[0] for r in (await conn.execute(sa.text("SELECT type FROM task_types"))).all()]
                     alive_counts = dict(alive.all())

@@ -859,6 +859,24 @@ async def next_timer(conn: AsyncConnection) -> float | None:
     return epoch(row)
 
 
+async def silent_executors(conn: AsyncConnection, heartbeat_interval: float, window: float = 900.0) -> int:
+    """Executors whose heartbeats stopped without a goodbye: silent for more than three heartbeat
+    intervals, heard from within ``window`` seconds, and not stopping (an executor that shuts down
+    says so in its last heartbeat). They died, hung, or lost the broker."""
+    count = await conn.execute(
+        sa.text(
+            """
+            SELECT count(*) FROM executors
+            WHERE NOT stopping
+              AND last_heartbeat < now() - make_interval(secs => :silent)
+              AND last_heartbeat > now() - make_interval(secs => :window)
+            """
+        ),
+        {"silent": heartbeat_interval * 3, "window": window},
+    )
+    return int(count.scalar_one())
+
+
 async def record_heartbeat(conn: AsyncConnection, hb: Any, lease_ttl: float, grace: float, new_types: bool) -> int:
     """Upsert the executor's registry row and extend the leases of the tasks it runs."""
     await conn.execute(

@@ -195,6 +195,7 @@ OVERVIEW = (
                     Q('count(up{job="executor"} == 1)', "answering"),
                     Q('count(up{job="executor"} == 0) or vector(0)', "not answering"),
                     Q("sum(dagsmith_executor_running)", "tasks running"),
+                    Q("max(dagsmith_executors_silent)", "silent, no goodbye"),
                 ),
                 kind="stat",
                 width=8,

@@ -66,3 +66,24 @@ async def test_a_result_and_a_dead_letter_of_one_attempt_in_one_round_end_it_onc
         ).scalar()
     assert endings == 1
     assert status != "failed" and (err or {}).get("class") != "poison", (status, attempt, err)
+
+
+async def test_silent_executors_are_those_that_stopped_heartbeating_without_a_goodbye(
+    engine: tuple[Engine, Any],
+) -> None:
+    from controller.store import silent_executors
+
+    _, db = engine
+    async with db.begin() as conn:
+        for executor_id, seconds_ago, stopping in (
+            ("alive", 1, False),
+            ("crashed", 30, False),  # silent for six 5 s intervals, never said goodbye
+            ("scaled-down", 30, True),  # said it was stopping
+            ("long-gone", 7200, False),  # outside the window
+        ):
+            await conn.exec_driver_sql(
+                "INSERT INTO executors (id, capabilities, version, hostname, pid, concurrency, stopping,"
+                f" last_heartbeat) VALUES ('{executor_id}', '[]', 'v', 'h', 1, 1, {stopping},"
+                f" now() - interval '{seconds_ago} seconds')"
+            )
+        assert await silent_executors(conn, heartbeat_interval=5.0) == 1
