@@ -26,6 +26,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aiormq.abc import ArgumentsType
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -120,15 +121,31 @@ class Topology:
         if queue is None:
             exchange = await self.tasks_exchange()
             await self.dead_queue()
-            queue = await self.channel.declare_queue(
-                self.names.task_queue(task_type),
-                durable=True,
-                arguments={
-                    "x-queue-type": "quorum",
-                    "x-delivery-limit": self.delivery_limit,
-                    "x-dead-letter-exchange": self.names.dead_exchange,
-                },
-            )
+            name = self.names.task_queue(task_type)
+            arguments: ArgumentsType = {
+                "x-queue-type": "quorum",
+                "x-delivery-limit": self.delivery_limit,
+                "x-dead-letter-exchange": self.names.dead_exchange,
+            }
+            # A queue's arguments are fixed when it is first declared, and declaring it again with
+            # others is a channel error. Try on a channel of its own, so that a queue made with
+            # another DAGSMITH_DELIVERY_LIMIT is used as it is (with a warning) instead of breaking
+            # every publish on the shared channel.
+            trial = await (await self.channel.get_underlay_channel()).connection.channel()
+            try:
+                await trial.queue_declare(name, durable=True, arguments=arguments)
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                log.warning(
+                    "queue %s exists with other arguments and keeps them (%s); to apply "
+                    "DAGSMITH_DELIVERY_LIMIT=%d, delete the queue while it is empty",
+                    name,
+                    exc,
+                    self.delivery_limit,
+                )
+            finally:
+                if not trial.is_closed:
+                    await trial.close()
+            queue = await self.channel.declare_queue(name, passive=True)
             await queue.bind(exchange, routing_key=task_type)
             self._task_queues[task_type] = queue
         return queue

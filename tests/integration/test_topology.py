@@ -1,0 +1,37 @@
+"""Task queues declared again with other arguments (an installation whose DAGSMITH_DELIVERY_LIMIT
+changed) keep working: the queue keeps its arguments, with a warning, and the channel stays open."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import aio_pika
+import pytest
+
+from dagsmith.amqp import Names, Topology, delete_topology
+from tests.conftest import AMQP
+
+
+async def test_a_task_queue_made_with_another_delivery_limit_is_used_as_it_is(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    prefix = f"topo{uuid.uuid4().hex[:6]}"
+    names = Names(prefix)
+    connection = await aio_pika.connect(AMQP)
+    try:
+        first = await connection.channel(publisher_confirms=True)
+        await Topology(first, names, delivery_limit=3).task_queue("noop")
+        channel = await connection.channel(publisher_confirms=True)
+        later = Topology(channel, names, delivery_limit=5)
+        with caplog.at_level(logging.WARNING, logger="dagsmith.amqp"):
+            queue = await later.task_queue("noop")
+        assert "exists with other arguments" in caplog.text and "DAGSMITH_DELIVERY_LIMIT=5" in caplog.text
+        assert not channel.is_closed
+        exchange = await later.tasks_exchange()
+        await exchange.publish(aio_pika.Message(b"{}", delivery_mode=2), routing_key="noop")  # confirmed
+        message = await queue.get(timeout=5)
+        await message.ack()
+    finally:
+        await connection.close()
+        await delete_topology(AMQP, prefix, ["noop"])
