@@ -74,6 +74,11 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeServer]:
             "kopf.dev/v1/kopfpeerings",
             {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": PEERING, "namespace": ns}},
         )
+    # ... and for one serving every namespace (--all-namespaces)
+    server.put(
+        "kopf.dev/v1/clusterkopfpeerings",
+        {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": PEERING}},
+    )
     server.start()
     old = os.environ.get("KUBECONFIG")
     os.environ["KUBECONFIG"] = str(server.kubeconfig)  # the operator logs in with it
@@ -122,9 +127,12 @@ class OperatorThread:
         return self.options.liveness
 
 
-def replica(settings: Settings, identity: str, priority: int) -> OperatorThread:
+def replica(
+    settings: Settings, identity: str, priority: int, namespaces: tuple[str, ...] = NAMESPACES
+) -> OperatorThread:
+    """An operator replica serving ``namespaces`` (empty: every namespace, as --all-namespaces)."""
     options = OperatorOptions(
-        namespaces=NAMESPACES,
+        namespaces=namespaces,
         peering=PEERING,
         priority=priority,
         identity=identity,

@@ -260,6 +260,33 @@ def test_two_replicas_one_active_and_the_other_takes_over(
         standby.stop()
 
 
+def test_an_operator_for_every_namespace_serves_them_all(
+    operator: OperatorThread, kube_api: Kube, kube: Any, engine_settings: Settings
+) -> None:
+    """--all-namespaces: kopf watches cluster-wide and peers through the ClusterKopfPeering."""
+    if operator.thread.is_alive():
+        operator.stop()  # one operator at a time on these objects
+    everywhere = replica(engine_settings, "replica-all", priority=100, namespaces=()).start()
+    try:
+        peering = "/apis/kopf.dev/v1/clusterkopfpeerings/dagsmith"
+        wait_until(
+            lambda: "replica-all" in httpx.get(kube.url + peering).json().get("status", {}),
+            timeout=30,
+            what="the replica in the cluster peering object",
+        )
+        for namespace in ("default", "team-a"):
+            kube_api.create(workflow(f"everywhere-{namespace}", {"name": "hi", "type": "noop"}), namespace)
+        for namespace in ("default", "team-a"):
+            obj = kube_api.wait_status(
+                f"everywhere-{namespace}", lambda s: s.get("phase") == "Succeeded", "phase Succeeded", namespace
+            )
+            assert obj["status"]["workflowId"]
+        rows = store(engine_settings, "SELECT namespace FROM workflows WHERE name LIKE 'everywhere-%%'")
+        assert sorted(r[0] for r in rows) == ["default", "team-a"]
+    finally:
+        everywhere.stop()
+
+
 def test_the_command_serves_liveness_joins_the_peering_and_stops_cleanly(kube: Any, engine: Any, tmp_path: Any) -> None:
     """``dagsmith operator`` as a process, stopped with SIGTERM as Kubernetes stops a pod."""
     import signal
