@@ -43,6 +43,7 @@ from dagsmith.settings import Settings
 log = structlog.get_logger(__name__)
 
 DEFAULT_METRICS_PORT = 9101
+CANCELLATION_MEMORY = 86_400.0  # seconds of cancelled and failed workflows an executor is told about
 
 # RabbitMQ is unreachable or the channel is gone; the robust connection restores both.
 BROKER_ERRORS = (
@@ -279,6 +280,8 @@ class Controller:
             hb, message = await self.heartbeats.get()
             caps_key = ",".join(sorted(c.model_dump_json() for c in hb.capabilities))
             new_types = self.known_capabilities.get(hb.executor_id) != caps_key
+            if hb.wants_cancellations and hb.control_queue and not hb.stopping:
+                await self._send_cancellations(db, hb.control_queue)
 
             async def record(conn: Any, hb: HeartbeatMessage = hb, new_types: bool = new_types) -> int:
                 return await store.record_heartbeat(
@@ -398,6 +401,17 @@ class Controller:
             ACTIVE_VERSION.clear()
             if self.policies.version:
                 ACTIVE_VERSION.labels(self.policies.version).set(1)
+
+    async def _send_cancellations(self, db: Any, control_queue: str) -> None:
+        """The workflows cancelled or failed in the last day, to an executor that asks: it has just
+        connected (or reconnected) and may hold their task messages, having missed the broadcasts."""
+        try:
+            async with db.connect() as conn:
+                ids = await store.recently_ended(conn, CANCELLATION_MEMORY)
+            body = CancelMessage(workflow_ids=[str(w) for w in ids], snapshot=True).model_dump_json().encode()
+            await self.topology.channel.default_exchange.publish(persistent(body), routing_key=control_queue)
+        except Exception as exc:  # the executor runs its old messages after a short wait, as before
+            log.warning("could not send the recent cancellations to an executor", error=str(exc)[:200])
 
     async def _broadcast_cancel(self, workflow_ids: set[uuid.UUID]) -> None:
         exchange = await self.topology.control_exchange()

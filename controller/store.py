@@ -859,6 +859,22 @@ async def next_timer(conn: AsyncConnection) -> float | None:
     return epoch(row)
 
 
+async def recently_ended(conn: AsyncConnection, seconds: float, limit: int = 10_000) -> list[uuid.UUID]:
+    """Workflows cancelled or failed in the last ``seconds`` (newest first): those whose task
+    messages may still wait in a queue, of no use to anyone."""
+    rows = await conn.execute(
+        sa.text(
+            """
+            SELECT id FROM workflows
+            WHERE status IN ('cancelled', 'failed') AND finished_at > now() - make_interval(secs => :seconds)
+            ORDER BY finished_at DESC LIMIT :limit
+            """
+        ),
+        {"seconds": seconds, "limit": limit},
+    )
+    return [r.id for r in rows]
+
+
 async def silent_executors(conn: AsyncConnection, heartbeat_interval: float, window: float = 900.0) -> int:
     """Executors whose heartbeats stopped without a goodbye: silent for more than three heartbeat
     intervals, heard from within ``window`` seconds, and not stopping (an executor that shuts down

@@ -154,6 +154,10 @@ class HeartbeatMessage(_Message):
     # expire them).
     handed_off: list[tuple[int, int]] = Field(default_factory=list)
     stopping: bool = False
+    # Cancellations broadcast while the executor was not connected never reached it: until it has
+    # the recent ones, it asks, and a controller sends them to its own control queue.
+    control_queue: str | None = None
+    wants_cancellations: bool = False
 
 
 ExecutorEvent = Annotated[StartedMessage | HeartbeatMessage, Field(discriminator="kind")]
@@ -165,6 +169,7 @@ class EventEnvelope(_Message):
 
 class CancelMessage(_Message):
     workflow_ids: list[str]
+    snapshot: bool = False  # the recent cancellations, sent to one executor that just connected
 
 
 class DeadLetter(_Message):

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from pydantic import ValidationError
 
@@ -174,6 +174,11 @@ class ExecutorRuntime:
         self.acks = Acker()
         self.stopping = False
         self.completed = 0
+        # Cancellations broadcast before this executor connected are not in ``cancelled``: messages
+        # dispatched before it started wait (briefly) for the snapshot a controller sends it.
+        self.started_at = time.time()
+        self.caught_up = asyncio.Event()
+        self.control_queue: str | None = None
 
     async def _publish(self, channel: AbstractChannel, queue: str, body: bytes) -> None:
         await channel.default_exchange.publish(persistent(body), routing_key=queue)
@@ -193,6 +198,8 @@ class ExecutorRuntime:
         if None in specs:  # a queue we consume carries a type we do not run: give it back
             await self.acks.reject(message, requeue=True)
             return
+        if not self.caught_up.is_set() and any(0 < t.dispatched_at < self.started_at for t in tasks):
+            await self._catch_up()
         try:
             # A bundle's members run side by side, each in its own slot; the message is acked
             # once every member's result is confirmed.
@@ -287,9 +294,30 @@ class ExecutorRuntime:
         with contextlib.suppress(Exception):
             await self._publish(self.channel, self.names.events, EventEnvelope(event=event).model_dump_json().encode())
 
+    async def _reconnected(self, _connection: object) -> None:
+        """Back from a lost connection: cancellations may have been broadcast meanwhile. Messages
+        dispatched before now wait for them again, and a heartbeat asks for them at once."""
+        self.started_at = time.time()
+        self.caught_up.clear()
+        with contextlib.suppress(Exception):
+            body = EventEnvelope(event=self.heartbeat()).model_dump_json().encode()
+            await self._publish(self.channel, self.names.events, body)
+
+    async def _catch_up(self) -> None:
+        """Wait for the cancellations sent before this executor connected (a controller answers
+        its first heartbeat with them), for two heartbeat intervals at most: with no controller
+        running, nothing is being cancelled either."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.caught_up.wait(), timeout=2 * self.settings.heartbeat_interval)
+        if not self.caught_up.is_set():
+            log.info("no cancellation snapshot came; running tasks queued before this executor started")
+            self.caught_up.set()
+
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
         with contextlib.suppress(ValidationError):
             cancel = CancelMessage.model_validate_json(message.body)
+            if cancel.snapshot:
+                self.caught_up.set()
             for wid in cancel.workflow_ids:
                 self.cancelled[wid] = None
                 while len(self.cancelled) > 10_000:
@@ -314,6 +342,8 @@ class ExecutorRuntime:
             running=list(self.running),
             handed_off=list(self.handed_off),
             stopping=self.stopping,
+            control_queue=self.control_queue,
+            wants_cancellations=not self.caught_up.is_set(),
         )
 
     async def _heartbeats(self, stop: asyncio.Event) -> None:
@@ -348,18 +378,23 @@ class ExecutorRuntime:
         topology = Topology(consume, self.names, self.settings.delivery_limit)
         await topology.queue(self.names.results)
         await topology.queue(self.names.events)
-        consumers = []
+        consumers: list[tuple[AbstractQueue, str]] = []
+        # Control messages get their own channel: task messages are acked in runs (``multiple``),
+        # which must never cover a delivery that is not a task's. The control queue comes first,
+        # and the first heartbeat (which names it) goes out before any task is taken.
+        control = await connection.channel()
+        control_queue = await control.declare_queue(
+            f"{self.names.control_exchange}.{self.id}", exclusive=True, auto_delete=True
+        )
+        await control_queue.bind(await topology.control_exchange())
+        consumers.append((control_queue, await control_queue.consume(self._on_control)))
+        self.control_queue = control_queue.name
+        connection.reconnect_callbacks.add(self._reconnected)
+        heartbeats = asyncio.create_task(self._heartbeats(stop))
         for task_type in self.specs:
             queue = await topology.task_queue(task_type)
             consumers.append((queue, await queue.consume(self._on_task)))
-        # Control messages get their own channel: task messages are acked in runs (``multiple``),
-        # which must never cover a delivery that is not a task's.
-        control = await connection.channel()
-        control_queue = await control.declare_queue(exclusive=True, auto_delete=True)
-        await control_queue.bind(await topology.control_exchange())
-        consumers.append((control_queue, await control_queue.consume(self._on_control)))
         log.info("executor started", executor_id=self.id, types=sorted(self.specs), concurrency=self.concurrency)
-        heartbeats = asyncio.create_task(self._heartbeats(stop))
         await stop.wait()
         # Graceful stop: take no new work, let running tasks finish for a while, then leave the
         # rest unacked so the broker redelivers them to another executor.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 
 import pytest
@@ -172,3 +173,42 @@ def test_a_poison_task_in_a_bundle_is_singled_out(stack: Stack, client: Client, 
     assert {n: t["status"] for n, t in by_name.items() if n != "boom"} == {f"ok{i}": "succeeded" for i in range(31)}
     # The bundle's deliveries, then the single message's: twice what a task sent alone takes.
     assert crashes == 2 * (settings.delivery_limit + 1), crashes
+
+
+def test_an_executor_that_connects_after_a_cancel_does_not_run_its_waiting_tasks(
+    stack: Stack, client: Client, settings: Settings
+) -> None:
+    """The cancel broadcast went out while no executor for chaos.crash was connected; its message
+    waited in the queue. An executor that starts later asks for the recent cancellations and drops
+    it: had it run it, the process would have died."""
+    import aio_pika
+
+    wid = submit(client, workflow("cancelled-while-waiting", {"name": "boom", "type": "chaos.crash"}))
+    wait_until(lambda: client.tasks(wid)["items"][0]["status"] == "queued", timeout=20, what="the task to be queued")
+    client.cancel(wid)
+    assert wait_finished(client, wid, timeout=20)["status"] == "cancelled"
+
+    async def waiting() -> int:
+        connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+        try:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(f"{settings.amqp_prefix}.task.chaos.crash", passive=True)
+            return int(queue.declaration_result.message_count or 0)
+        finally:
+            await connection.close()
+
+    assert asyncio.run(waiting()) == 1  # still there, for whoever takes chaos.crash next
+    proc = stack.start("late", "executor", "--types", "chaos.crash", "--allow-crash")
+    try:
+        wait_until(lambda: asyncio.run(waiting()) == 0, timeout=30, what="the late executor to take the message")
+        wait_until(
+            lambda: any(
+                e["alive"] and "chaos.crash" in {c["type"] for c in e["capabilities"]} for e in client.executors()
+            ),
+            timeout=30,
+            what="the late executor to heartbeat",
+        )
+        assert proc.alive(), proc.tail()  # it dropped the task instead of running it
+        assert client.tasks(wid)["items"][0]["status"] == "cancelled"
+    finally:
+        stack.stop("late")

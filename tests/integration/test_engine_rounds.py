@@ -87,3 +87,26 @@ async def test_silent_executors_are_those_that_stopped_heartbeating_without_a_go
                 f" now() - interval '{seconds_ago} seconds')"
             )
         assert await silent_executors(conn, heartbeat_interval=5.0) == 1
+
+
+async def test_recently_ended_lists_cancelled_and_failed_workflows_newest_first(engine: tuple[Engine, Any]) -> None:
+    from controller.store import recently_ended
+
+    _, db = engine
+    doc = {"apiVersion": "dagsmith.io/v1", "kind": "Workflow", "metadata": {"name": "w"}}
+    ids = {}
+    async with db.begin() as conn:
+        for name, status, ago in (
+            ("c", "cancelled", 10),
+            ("f", "failed", 5),
+            ("s", "succeeded", 1),
+            ("old", "failed", 90_000),
+        ):
+            spec = {**doc, "metadata": {"name": name}, "spec": {"tasks": [{"name": "t", "type": "noop"}]}}
+            wid = (await submit(conn, validate(spec), namespace="default")).id
+            await conn.exec_driver_sql(
+                f"UPDATE workflows SET status = '{status}', finished_at = now() - interval '{ago} seconds' "
+                f"WHERE id = '{wid}'"
+            )
+            ids[name] = wid
+        assert await recently_ended(conn, 86_400) == [ids["f"], ids["c"]]

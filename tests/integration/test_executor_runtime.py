@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 import aio_pika
@@ -276,3 +277,47 @@ async def test_what_a_handler_logs_carries_the_tasks_ids(
         stop.set()
         await asyncio.wait_for(running, 20)
         await channel.queue_delete(names.task_queue("test.context"))
+
+
+async def test_an_executor_asks_for_the_cancellations_it_missed_and_drops_their_old_messages(
+    broker: tuple[aio_pika.abc.AbstractChannel, Names, Settings],
+) -> None:
+    """A message of a workflow cancelled before this executor connected waits for the snapshot the
+    controller sends on the executor's first heartbeat (this test plays the controller), then is
+    dropped unrun; messages dispatched after the executor started do not wait."""
+    from dagsmith.messages import EventEnvelope, HeartbeatMessage
+
+    channel, names, s = broker
+    topology = Topology(channel, names)
+    results = await topology.queue(names.results)
+    events = await topology.queue(names.events)
+    exchange = await topology.tasks_exchange()
+    await topology.task_queue("test.echo")
+    old = msg("test.echo").model_copy(update={"workflow_id": "w-gone", "task_id": 8, "dispatched_at": time.time()})
+    await exchange.publish(aio_pika.Message(old.model_dump_json().encode()), routing_key="test.echo")
+    runtime = ExecutorRuntime(s, [local.get("test.echo")], concurrency=1)  # type: ignore[list-item]
+    stop = asyncio.Event()
+    running = asyncio.create_task(runtime.run(stop))
+    try:
+        async with asyncio.timeout(20):
+            async with events.iterator() as it:
+                async for incoming in it:
+                    event = EventEnvelope.model_validate_json(incoming.body).event
+                    await incoming.ack()
+                    if isinstance(event, HeartbeatMessage) and event.wants_cancellations:
+                        break
+        assert event.control_queue and not runtime.caught_up.is_set()
+        snapshot = CancelMessage(workflow_ids=["w-gone"], snapshot=True).model_dump_json().encode()
+        await channel.default_exchange.publish(aio_pika.Message(snapshot), routing_key=event.control_queue)
+        new = msg("test.echo").model_copy(update={"dispatched_at": time.time()})
+        await exchange.publish(aio_pika.Message(new.model_dump_json().encode()), routing_key="test.echo")
+        assert await collect_task_ids(results, 1) == [7]
+        assert "w-gone" in runtime.cancelled and runtime.caught_up.is_set()
+        assert not runtime.heartbeat().wants_cancellations
+        queue = await channel.declare_queue(names.task_queue("test.echo"), passive=True)
+        assert queue.declaration_result.message_count == 0
+        left = await channel.declare_queue(names.results, passive=True)
+        assert left.declaration_result.message_count == 0  # nothing was reported for the cancelled one
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 20)
