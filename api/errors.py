@@ -58,9 +58,11 @@ def install(app: FastAPI) -> None:
         problems = [
             {"path": ".".join(str(p) for p in e["loc"]), "message": e["msg"], "code": e["type"]} for e in exc.errors()
         ]
-        return JSONResponse(
-            error_body("invalid_request", "the request is invalid", {"problems": problems}), status_code=422
-        )
+        first = problems[0] if problems else None
+        message = f"the request is invalid: {first['path']}: {first['message']}" if first else "the request is invalid"
+        if len(problems) > 1:
+            message += f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})"
+        return JSONResponse(error_body("invalid_request", message, {"problems": problems}), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

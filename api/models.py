@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
+
+from dagsmith.spec import TASK_NAME_PATTERN, TASK_TYPE_PATTERN
 
 
 class Problem(BaseModel):
@@ -159,14 +161,26 @@ class SurgeryRequest(BaseModel):
         description="retry (optionally with changed params), replace the task's type, insert a task "
         "before it, or skip it (optional tasks only)"
     )
-    task: str = Field(max_length=63, description="The task operated on.")
+    task: str = Field(max_length=63, pattern=TASK_NAME_PATTERN, description="The task operated on.")
     params: dict[str, Any] | None = Field(
         None, description="retry: params merged over the task's; insert: the new task's params (default: the task's)"
     )
-    type: str | None = Field(None, max_length=100, description="replace: the new type; insert: the new task's type")
-    name: str | None = Field(None, max_length=63, description="insert: the new task's name")
+    type: str | None = Field(
+        None,
+        max_length=100,
+        pattern=TASK_TYPE_PATTERN,
+        description="replace: the new type; insert: the new task's type",
+    )
+    name: str | None = Field(None, max_length=63, pattern=TASK_NAME_PATTERN, description="insert: the new task's name")
     delay: str | None = Field(None, description="retry: wait this long first (a duration, e.g. '30s')")
     reason: str = Field("", max_length=1000, description="Why; kept in the revision history.")
+
+    @field_validator("reason", "delay")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        if value is not None and "\x00" in value:
+            raise ValueError("contains a NUL character (\\u0000), which cannot be stored")
+        return value
 
 
 class Surgery(BaseModel):

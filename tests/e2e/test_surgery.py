@@ -112,7 +112,9 @@ def test_refusals_are_clear(client: Client, stack: Stack) -> None:
     cases = [
         ({"op": "skip", "task": "t"}, 422, "not optional"),
         ({"op": "retry", "task": "nope"}, 404, "no task named 'nope'"),
-        ({"op": "replace", "task": "t", "type": "Bad Type"}, 422, "not a task type"),
+        ({"op": "replace", "task": "t", "type": "Bad Type"}, 422, "body.type: String should match pattern"),
+        ({"op": "retry", "task": "t\u0000"}, 422, "body.task: String should match pattern"),
+        ({"op": "retry", "task": "t", "reason": "a\u0000b"}, 422, "body.reason: Value error, contains a NUL"),
         ({"op": "insert", "task": "t"}, 422, "needs the type"),
         # Params given to a surgery are held to a submitted task's rules and limits.
         ({"op": "retry", "task": "t", "params": {"text": "a\u0000b"}}, 422, "params.text: contains a NUL"),
