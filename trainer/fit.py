@@ -124,7 +124,9 @@ def _fit_durations(records: Sequence[dict[str, Any]], prior: SimulatorParams, st
     for record in records:
         task_type, action = record["features"]["task_type"], A(record["action"])
         seconds = float(record.get("task_seconds", 0.0))
-        if task_type not in prior.types or seconds <= 0:
+        # A type's run time is learnt from the attempts that fixed it: a failed attempt's time says
+        # how long it took to fail (often at once), which is a cost in the reward, not a run time.
+        if task_type not in prior.types or seconds <= 0 or not record.get("fixed"):
             continue
         if action in factor:
             sums.setdefault(task_type, []).append(seconds / factor[action])

@@ -47,6 +47,9 @@ def test_off_policy_prefers_the_policy_that_picks_what_worked() -> None:
     good = off_policy(records, Always("retry_now"), Always("retry_backoff"), config)
     assert good["candidate"] > good["active"]
     assert good["difference_low"] > 0.5
+    # The gate refuses a candidate whose interval lies wholly below -tolerance: this one's does.
+    bad = off_policy(records, Always("retry_backoff"), Always("retry_now"), config)
+    assert bad["difference_high"] < -config.tolerance
 
 
 def test_off_policy_refuses_without_enough_data_or_overlap() -> None:
