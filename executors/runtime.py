@@ -229,12 +229,7 @@ class ExecutorRuntime:
             lambda: asyncio.ensure_future(self._report_started(task, started_at)),
         )
         key = (task.task_id, task.attempt)
-        # The runner task copies the context as it is created: every line the handler logs (or a
-        # plugin's own logger, through structlog) carries the task's ids.
-        with structlog.contextvars.bound_contextvars(
-            workflow_id=task.workflow_id, task_id=task.task_id, attempt=task.attempt, task=task.name
-        ):
-            runner = asyncio.ensure_future(execute(spec, task, self.options, self.settings.max_output_bytes))
+        runner = asyncio.ensure_future(self._execute(spec, task))
         self.running[key] = (task.workflow_id, runner)
         RUNNING.inc()
         try:
@@ -293,6 +288,14 @@ class ExecutorRuntime:
         )
         with contextlib.suppress(Exception):
             await self._publish(self.channel, self.names.events, EventEnvelope(event=event).model_dump_json().encode())
+
+    async def _execute(self, spec: ExecutorSpec, task: TaskMessage) -> tuple[bool, Any, TaskError | None]:
+        # Runs as a task of its own, in its own copy of the context: the ids bound here are on every
+        # line the handler logs (or a plugin's own structlog logger), and nowhere else.
+        structlog.contextvars.bind_contextvars(
+            workflow_id=task.workflow_id, task_id=task.task_id, attempt=task.attempt, task=task.name
+        )
+        return await execute(spec, task, self.options, self.settings.max_output_bytes)
 
     async def _reconnected(self, _connection: object) -> None:
         """Back from a lost connection: cancellations may have been broadcast meanwhile. Messages
