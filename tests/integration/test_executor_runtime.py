@@ -13,7 +13,7 @@ from aio_pika.abc import AbstractQueue
 
 from dagsmith.amqp import Names, Topology
 from dagsmith.errors import ErrorClass
-from dagsmith.messages import BUNDLE, CancelMessage, ResultBatch, TaskMessage, encode_bundle
+from dagsmith.messages import BUNDLE, CancelMessage, ResultBatch, ResultMessage, TaskMessage, encode_bundle
 from dagsmith.settings import Settings
 from executors.registry import ExecutorOptions, Registry, TaskContext, TaskFailed, executor
 from executors.runtime import ExecutorRuntime, execute
@@ -110,6 +110,7 @@ async def broker(settings: Settings) -> AsyncIterator[tuple[aio_pika.abc.Abstrac
         Names(prefix).events,
         Names(prefix).task_queue("test.echo"),
         Names(prefix).task_queue("test.nap"),
+        Names(prefix).task_queue("test.context"),
         Names(prefix).dead_queue,
     ):
         with contextlib.suppress(Exception):
@@ -121,30 +122,19 @@ async def test_runtime_consumes_runs_and_reports(broker: tuple[aio_pika.abc.Abst
     channel, names, s = broker
     topology = Topology(channel, names)
     results = await topology.queue(names.results)
-    runtime = ExecutorRuntime(s, [local.get("test.echo")], concurrency=2)  # type: ignore[list-item]
-    stop = asyncio.Event()
-    running = asyncio.create_task(runtime.run(stop))
-    try:
+    async with running_executor(s, "test.echo", concurrency=2) as runtime:
         exchange = await topology.tasks_exchange()
         await topology.task_queue("test.echo")
         await exchange.publish(
             aio_pika.Message(msg("test.echo", x=1).model_dump_json().encode()), routing_key="test.echo"
         )
-        async with asyncio.timeout(20):
-            async with results.iterator() as it:
-                async for incoming in it:
-                    (result,) = ResultBatch.model_validate_json(incoming.body).results
-                    await incoming.ack()
-                    break
+        result = await first_result(results)
         assert result.ok
         assert result.output == {"params": {"x": 1}, "key": "7:2"}
         assert result.task.task_id == 7 and result.task.attempt == 2
         assert result.executor_id == runtime.id
         queue = await channel.declare_queue(names.task_queue("test.echo"), passive=True)
         assert queue.declaration_result.message_count == 0  # acked after the result went out
-    finally:
-        stop.set()
-        await asyncio.wait_for(running, 20)
 
 
 async def collect_task_ids(results: AbstractQueue, n: int) -> list[int]:
@@ -161,9 +151,9 @@ async def collect_task_ids(results: AbstractQueue, n: int) -> list[int]:
 
 
 @contextlib.asynccontextmanager
-async def naps_executor(settings: Settings, concurrency: int) -> AsyncIterator[ExecutorRuntime]:
-    """An executor of test.nap, stopped (connection closed) on the way out."""
-    runtime = ExecutorRuntime(settings, [local.get("test.nap")], concurrency=concurrency)  # type: ignore[list-item]
+async def running_executor(settings: Settings, task_type: str, concurrency: int) -> AsyncIterator[ExecutorRuntime]:
+    """An executor of one test type, stopped (connection closed) on the way out."""
+    runtime = ExecutorRuntime(settings, [local.get(task_type)], concurrency=concurrency)  # type: ignore[list-item]
     stop = asyncio.Event()
     running = asyncio.create_task(runtime.run(stop))
     try:
@@ -171,6 +161,16 @@ async def naps_executor(settings: Settings, concurrency: int) -> AsyncIterator[E
     finally:
         stop.set()
         await asyncio.wait_for(running, 20)
+
+
+async def first_result(results: AbstractQueue) -> ResultMessage:
+    async with asyncio.timeout(20):
+        async with results.iterator() as it:
+            async for incoming in it:
+                (result,) = ResultBatch.model_validate_json(incoming.body).results
+                await incoming.ack()
+                return result
+    raise AssertionError("no result")
 
 
 async def test_every_task_message_is_acked_once_whatever_order_tasks_finish_in(
@@ -182,7 +182,7 @@ async def test_every_task_message_is_acked_once_whatever_order_tasks_finish_in(
     topology = Topology(channel, names)
     results = await topology.queue(names.results)
     naps = [0.4 if i in (0, 9) else 0.2 if i == 15 else 0.0 for i in range(30)]
-    async with naps_executor(s, concurrency=8) as runtime:
+    async with running_executor(s, "test.nap", concurrency=8) as runtime:
         exchange = await topology.tasks_exchange()
         await topology.task_queue("test.nap")
         for i, nap in enumerate(naps):
@@ -208,7 +208,7 @@ async def test_a_bundle_runs_every_member_and_is_acked_once_all_are_confirmed(
         TaskMessage(task_id=i, attempt=1, workflow_id="w", name=f"t{i}", type="test.nap", params={"s": 0.05})
         for i in range(5)
     ]
-    async with naps_executor(s, concurrency=2) as runtime:
+    async with running_executor(s, "test.nap", concurrency=2) as runtime:
         exchange = await topology.tasks_exchange()
         await topology.task_queue("test.nap")
         body = encode_bundle([m.model_dump_json().encode() for m in members])
@@ -227,10 +227,7 @@ async def test_messages_of_a_cancelled_workflow_are_dropped_unrun(
     channel, names, s = broker
     topology = Topology(channel, names)
     results = await topology.queue(names.results)
-    runtime = ExecutorRuntime(s, [local.get("test.echo")], concurrency=1)  # type: ignore[list-item]
-    stop = asyncio.Event()
-    running = asyncio.create_task(runtime.run(stop))
-    try:
+    async with running_executor(s, "test.echo", concurrency=1) as runtime:
         control = await topology.control_exchange()
         cancel = aio_pika.Message(CancelMessage(workflow_ids=["w-gone"]).model_dump_json().encode())
         async with asyncio.timeout(20):
@@ -247,9 +244,6 @@ async def test_messages_of_a_cancelled_workflow_are_dropped_unrun(
         assert queue.declaration_result.message_count == 0  # the cancelled one was acked, not requeued
         results_left = await channel.declare_queue(names.results, passive=True)
         assert results_left.declaration_result.message_count == 0  # and it reported nothing
-    finally:
-        stop.set()
-        await asyncio.wait_for(running, 20)
 
 
 async def test_what_a_handler_logs_carries_the_tasks_ids(
@@ -258,25 +252,13 @@ async def test_what_a_handler_logs_carries_the_tasks_ids(
     channel, names, s = broker
     topology = Topology(channel, names)
     results = await topology.queue(names.results)
-    runtime = ExecutorRuntime(s, [local.get("test.context")], concurrency=1)  # type: ignore[list-item]
-    stop = asyncio.Event()
-    running = asyncio.create_task(runtime.run(stop))
-    try:
+    async with running_executor(s, "test.context", concurrency=1):
         exchange = await topology.tasks_exchange()
         await topology.task_queue("test.context")
         body = msg("test.context").model_dump_json().encode()
         await exchange.publish(aio_pika.Message(body), routing_key="test.context")
-        async with asyncio.timeout(20):
-            async with results.iterator() as it:
-                async for incoming in it:
-                    (result,) = ResultBatch.model_validate_json(incoming.body).results
-                    await incoming.ack()
-                    break
+        result = await first_result(results)
         assert result.output == {"workflow_id": "w", "task_id": 7, "attempt": 2, "task": "t"}
-    finally:
-        stop.set()
-        await asyncio.wait_for(running, 20)
-        await channel.queue_delete(names.task_queue("test.context"))
 
 
 async def test_an_executor_asks_for_the_cancellations_it_missed_and_drops_their_old_messages(
@@ -295,10 +277,7 @@ async def test_an_executor_asks_for_the_cancellations_it_missed_and_drops_their_
     await topology.task_queue("test.echo")
     old = msg("test.echo").model_copy(update={"workflow_id": "w-gone", "task_id": 8, "dispatched_at": time.time()})
     await exchange.publish(aio_pika.Message(old.model_dump_json().encode()), routing_key="test.echo")
-    runtime = ExecutorRuntime(s, [local.get("test.echo")], concurrency=1)  # type: ignore[list-item]
-    stop = asyncio.Event()
-    running = asyncio.create_task(runtime.run(stop))
-    try:
+    async with running_executor(s, "test.echo", concurrency=1) as runtime:
         async with asyncio.timeout(20):
             async with events.iterator() as it:
                 async for incoming in it:
@@ -318,6 +297,3 @@ async def test_an_executor_asks_for_the_cancellations_it_missed_and_drops_their_
         assert queue.declaration_result.message_count == 0
         left = await channel.declare_queue(names.results, passive=True)
         assert left.declaration_result.message_count == 0  # nothing was reported for the cancelled one
-    finally:
-        stop.set()
-        await asyncio.wait_for(running, 20)
