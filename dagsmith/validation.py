@@ -153,11 +153,16 @@ def params_problems(params: dict[str, Any], limits: Limits, path: str = "params"
     if problem is not None:
         inner = problem["path"]
         return [{**problem, "path": f"{path}.{inner}" if inner and not inner.startswith("[") else f"{path}{inner}"}]
+    too_big = _params_size_problem(params, limits, path)
+    return [too_big] if too_big else []
+
+
+def _params_size_problem(params: dict[str, Any], limits: Limits, path: str) -> Problem | None:
     size = len(orjson.dumps(params, default=str))
     if size > limits.max_params_bytes:
         message = f"params are {size} bytes, over the limit of {limits.max_params_bytes} (DAGSMITH_MAX_PARAMS_BYTES)"
-        return [_problem(path, message, "limit")]
-    return []
+        return _problem(path, message, "limit")
+    return None
 
 
 def _scalar_problem(value: Any, path: str) -> Problem | None:
@@ -297,15 +302,9 @@ def _graph_problems(doc: WorkflowDocument, limits: Limits) -> list[Problem]:
                 problems.append(
                     _problem(f"spec.tasks[{i}].dependsOn[{j}]", f"no task is named {dep!r}{hint}", "unknown_task")
                 )
-        size = len(orjson.dumps(task.params, default=str))
-        if size > limits.max_params_bytes:
-            problems.append(
-                _problem(
-                    f"spec.tasks[{i}].params",
-                    f"params are {size} bytes, over the limit of {limits.max_params_bytes} (DAGSMITH_MAX_PARAMS_BYTES)",
-                    "limit",
-                )
-            )
+        too_big = _params_size_problem(task.params, limits, f"spec.tasks[{i}].params")
+        if too_big:
+            problems.append(too_big)
         if task.expect is not None:
             try:
                 jsonschema.validators.validator_for(task.expect).check_schema(task.expect)
