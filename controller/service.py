@@ -115,7 +115,7 @@ class Controller:
             await message.reject()
             return
         headers = message.headers or {}
-        deliveries = int(str(headers.get("x-delivery-count") or self.settings.delivery_limit))
+        deliveries = int(str(headers.get("x-delivery-count") or self.settings.max_deliveries))
         self.inbox.append(("dead", (parsed, deliveries), message))
         self.wake.set()
 
@@ -435,10 +435,10 @@ class Controller:
             settings.amqp_url.get_secret_value(), name="dagsmith-controller", heartbeat=settings.amqp_heartbeat
         )
         publish_channel = await connection.channel(publisher_confirms=True)
-        self.topology = Topology(publish_channel, self.names, settings.delivery_limit)
+        self.topology = Topology(publish_channel, self.names, settings.max_deliveries)
         consume_channel = await connection.channel()
         await consume_channel.set_qos(prefetch_count=256)
-        consume_topology = Topology(consume_channel, self.names, settings.delivery_limit)
+        consume_topology = Topology(consume_channel, self.names, settings.max_deliveries)
         self.policies = PolicyBox()
         await self.policies.refresh(db, force=True)
         self.publisher = Publisher(publish_channel, self.topology, settings.bundle_max)

@@ -2,7 +2,7 @@
 
 - ``<prefix>.tasks`` (direct exchange) routes a TaskMessage (or a TaskBundle of one type) by its
   task type to the quorum queue ``<prefix>.task.<type>``. Quorum queues count deliveries; after
-  ``delivery_limit`` a message is dead-lettered to ``<prefix>.dead`` and the controller fails the
+  ``max_deliveries`` deliveries a message is dead-lettered to ``<prefix>.dead`` and the controller fails the
   task as poison (or, for a bundle, sends its tasks again one per message).
 - ``<prefix>.results``: executors → evaluator. ``<prefix>.evaluated``: evaluator → controller.
 - ``<prefix>.events``: executors → controller (started, heartbeats).
@@ -95,10 +95,10 @@ async def connect(url: str, *, name: str, heartbeat: int = 15, attempts: int = 6
 class Topology:
     """Declares (idempotently) and hands out the exchanges and queues of one installation."""
 
-    def __init__(self, channel: AbstractChannel, names: Names, delivery_limit: int = 3) -> None:
+    def __init__(self, channel: AbstractChannel, names: Names, max_deliveries: int = 3) -> None:
         self.channel = channel
         self.names = names
-        self.delivery_limit = delivery_limit
+        self.max_deliveries = max_deliveries
         self._task_queues: dict[str, AbstractQueue] = {}
         self._tasks_exchange: AbstractExchange | None = None
 
@@ -124,12 +124,13 @@ class Topology:
             name = self.names.task_queue(task_type)
             arguments: ArgumentsType = {
                 "x-queue-type": "quorum",
-                "x-delivery-limit": self.delivery_limit,
+                # The broker's limit counts returns: past it, the next return dead-letters the message.
+                "x-delivery-limit": self.max_deliveries - 1,
                 "x-dead-letter-exchange": self.names.dead_exchange,
             }
             # A queue's arguments are fixed when it is first declared, and declaring it again with
             # others is a channel error. Try on a channel of its own, so that a queue made with
-            # another DAGSMITH_DELIVERY_LIMIT is used as it is (with a warning) instead of breaking
+            # another DAGSMITH_MAX_DELIVERIES is used as it is (with a warning) instead of breaking
             # every publish on the shared channel.
             trial = await (await self.channel.get_underlay_channel()).connection.channel()
             try:
@@ -137,10 +138,10 @@ class Topology:
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 log.warning(
                     "queue %s exists with other arguments and keeps them (%s); to apply "
-                    "DAGSMITH_DELIVERY_LIMIT=%d, delete the queue while it is empty",
+                    "DAGSMITH_MAX_DELIVERIES=%d, delete the queue while it is empty",
                     name,
                     exc,
-                    self.delivery_limit,
+                    self.max_deliveries,
                 )
             finally:
                 if not trial.is_closed:

@@ -84,12 +84,12 @@ class Settings(BaseSettings):
         30.0, gt=0, description="Seconds a running task's lease lasts without a heartbeat from its executor."
     )
     lease_grace: float = Field(5.0, ge=0, description="Slack added to a task's timeout before its lease expires.")
-    delivery_limit: int = Field(
+    max_deliveries: int = Field(
         3,
         ge=1,
-        description="Redeliveries of one task message before it is dead-lettered and its task failed as poison: "
-        "a message that crashes executors this many times plus once (its first delivery) ends there. Fixed "
-        "per queue when the queue is made (an existing queue keeps its own, with a warning).",
+        description="Deliveries of one task message: a message that crashes (or is rejected by) executors this "
+        "many times is dead-lettered and its task failed as poison. Fixed per queue when the queue is made "
+        "(an existing queue keeps its own, with a warning).",
     )
     bundle_max: int = Field(
         32,

@@ -378,7 +378,7 @@ class ExecutorRuntime:
         self.results.start()
         consume = await connection.channel()
         await consume.set_qos(prefetch_count=self.concurrency)
-        topology = Topology(consume, self.names, self.settings.delivery_limit)
+        topology = Topology(consume, self.names, self.settings.max_deliveries)
         await topology.queue(self.names.results)
         await topology.queue(self.names.events)
         consumers: list[tuple[AbstractQueue, str]] = []

@@ -82,13 +82,13 @@ def test_two_controllers_never_double_dispatch(stack: Stack, client: Client, set
             stack.stop("controller-2")
 
 
-def test_poison_message_is_failed_after_the_delivery_limit(stack: Stack, client: Client, settings: Settings) -> None:
+def test_poison_message_is_failed_after_max_deliveries(stack: Stack, client: Client, settings: Settings) -> None:
     wid = submit(client, workflow("poison", {"name": "boom", "type": "chaos.crash", "retry": {"limit": 3}}))
     # A dedicated executor that crashes on chaos.crash; restart it each time it dies, until the
     # broker gives up on the message and the controller fails the task.
     crashes = 0
     try:
-        for _ in range(settings.delivery_limit + 2):
+        for _ in range(settings.max_deliveries + 2):
             proc = stack.start("crasher", "executor", "--types", "chaos.crash", "--allow-crash")
             proc.popen.wait(timeout=60)
             stack.stop("crasher")
@@ -108,7 +108,8 @@ def test_poison_message_is_failed_after_the_delivery_limit(stack: Stack, client:
     (task,) = client.tasks(wid)["items"]
     assert task["error"]["class"] == "poison"
     assert "dead-lettered" in task["error"]["message"]
-    assert crashes == settings.delivery_limit + 1  # the first delivery, then `delivery_limit` redeliveries
+    assert crashes == settings.max_deliveries
+    assert task["error"]["details"]["deliveries"] == settings.max_deliveries
 
 
 def test_executor_killed_mid_task_is_redelivered(stack: Stack, client: Client) -> None:
@@ -150,7 +151,7 @@ def test_a_poison_task_in_a_bundle_is_singled_out(stack: Stack, client: Client, 
         tasks.insert(13, {"name": "boom", "type": "chaos.crash"})
         # No Correction Mode: its answer to poison is to abort, which would cancel the bundle-mates.
         wid = submit(client, workflow("bundled-poison", *tasks, correction={"mode": "off"}))
-        for _ in range(4 * (settings.delivery_limit + 1)):
+        for _ in range(4 * settings.max_deliveries):
             proc = stack.procs["crasher"]
             wait_until(
                 lambda: not proc.alive() or client.workflow(wid)["status"] in FINAL,  # noqa: B023
@@ -172,7 +173,7 @@ def test_a_poison_task_in_a_bundle_is_singled_out(stack: Stack, client: Client, 
     assert by_name["boom"]["status"] == "failed" and by_name["boom"]["error"]["class"] == "poison"
     assert {n: t["status"] for n, t in by_name.items() if n != "boom"} == {f"ok{i}": "succeeded" for i in range(31)}
     # The bundle's deliveries, then the single message's: twice what a task sent alone takes.
-    assert crashes == 2 * (settings.delivery_limit + 1), crashes
+    assert crashes == 2 * settings.max_deliveries, crashes
 
 
 def test_an_executor_that_connects_after_a_cancel_does_not_run_its_waiting_tasks(

@@ -42,7 +42,7 @@ T = TypeVar("T")
 LEASE_TTL = 3.0
 HEARTBEAT = 0.5
 RESYNC = 1.0
-DELIVERY_LIMIT = 3
+MAX_DELIVERIES = 3
 CONCURRENCY = 24
 TYPES = "sleep,noop,chaos.flaky,chaos.fail"
 FINISH_TIMEOUT = 150.0  # for a whole batch to finish once a fault is over
@@ -107,7 +107,7 @@ class Installation:
             "lease_ttl": LEASE_TTL,
             "lease_grace": 1.0,
             "heartbeat_interval": HEARTBEAT,
-            "delivery_limit": DELIVERY_LIMIT,
+            "max_deliveries": MAX_DELIVERIES,
             "executor_concurrency": CONCURRENCY,
             "shutdown_grace": 1.0,
             "log_format": "json",

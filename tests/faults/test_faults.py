@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.faults import workload
-from tests.faults.harness import DELIVERY_LIMIT, LEASE_TTL, RESYNC, Fault, Installation
+from tests.faults.harness import MAX_DELIVERIES, LEASE_TTL, RESYNC, Fault, Installation
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -221,7 +221,7 @@ def test_evaluator_down_for_a_while(installation: Make, report: Report) -> None:
     finish(inst, rest, began, report)
 
 
-def test_poison_message_ends_after_the_delivery_limit(installation: Make, report: Report) -> None:
+def test_poison_message_ends_after_max_deliveries(installation: Make, report: Report) -> None:
     """A task that crashes every executor that takes it is failed as poison after the delivery limit."""
     inst = installation()
     rest, began = begin(inst, seed=8)
@@ -238,7 +238,7 @@ def test_poison_message_ends_after_the_delivery_limit(installation: Make, report
     struck = time.monotonic()
     crashes = 0
     queue = f"{inst.settings.amqp_prefix}.task.chaos.crash"
-    for _ in range(DELIVERY_LIMIT + 3):
+    for _ in range(MAX_DELIVERIES + 3):
         status = inst.query("SELECT status FROM tasks WHERE workflow_id = %s AND name = 'boom'", (wid,))[0][0]
         if status == "failed":
             break
@@ -263,8 +263,8 @@ def test_poison_message_ends_after_the_delivery_limit(installation: Make, report
         Fault("poison message", recover_s=time.monotonic() - struck, notes={"executor_crashes": crashes})
     )
     assert error is not None and error["class"] == "poison", error
-    assert crashes == DELIVERY_LIMIT + 1, f"{crashes} crashes for a delivery limit of {DELIVERY_LIMIT}"
-    assert error["details"]["deliveries"] >= DELIVERY_LIMIT
+    assert crashes == MAX_DELIVERIES, f"{crashes} crashes for at most {MAX_DELIVERIES} deliveries"
+    assert error["details"]["deliveries"] == MAX_DELIVERIES
     inst.submit(rest)
     inst.wait_finished()
     verdict = inst.check()

@@ -1,4 +1,4 @@
-"""Task queues declared again with other arguments (an installation whose DAGSMITH_DELIVERY_LIMIT
+"""Task queues declared again with other arguments (an installation whose DAGSMITH_MAX_DELIVERIES
 changed) keep working: the queue keeps its arguments, with a warning, and the channel stays open."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dagsmith.amqp import Names, Topology, delete_topology
 from tests.conftest import AMQP
 
 
-async def test_a_task_queue_made_with_another_delivery_limit_is_used_as_it_is(
+async def test_a_task_queue_made_with_another_max_deliveries_is_used_as_it_is(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     prefix = f"topo{uuid.uuid4().hex[:6]}"
@@ -21,12 +21,12 @@ async def test_a_task_queue_made_with_another_delivery_limit_is_used_as_it_is(
     connection = await aio_pika.connect(AMQP)
     try:
         first = await connection.channel(publisher_confirms=True)
-        await Topology(first, names, delivery_limit=3).task_queue("noop")
+        await Topology(first, names, max_deliveries=3).task_queue("noop")
         channel = await connection.channel(publisher_confirms=True)
-        later = Topology(channel, names, delivery_limit=5)
+        later = Topology(channel, names, max_deliveries=5)
         with caplog.at_level(logging.WARNING, logger="dagsmith.amqp"):
             queue = await later.task_queue("noop")
-        assert "exists with other arguments" in caplog.text and "DAGSMITH_DELIVERY_LIMIT=5" in caplog.text
+        assert "exists with other arguments" in caplog.text and "DAGSMITH_MAX_DELIVERIES=5" in caplog.text
         assert not channel.is_closed
         exchange = await later.tasks_exchange()
         await exchange.publish(aio_pika.Message(b"{}", delivery_mode=2), routing_key="noop")  # confirmed
