@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.faults import workload
-from tests.faults.harness import MAX_DELIVERIES, LEASE_TTL, RESYNC, Fault, Installation
+from tests.faults.harness import LEASE_TTL, MAX_DELIVERIES, RESYNC, Fault, Installation
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
