@@ -11,9 +11,11 @@ Write a task type::
         return {"text": params["text"][::-1]}
 
 and run it with ``dagsmith executor --module mypackage.tasks --types text.reverse``, or publish
-it under the ``dagsmith.executors`` entry-point group.
+it under the ``dagsmith.executors`` entry-point group. A type that keeps something between tasks
+(a client, a loaded model) is a class: subclass :class:`Executor`, define ``run(params, ctx)``
+and, if needed, ``start()``/``stop()``, and decorate the class the same way.
 """
 
-from executors.registry import ExecutorSpec, Registry, TaskContext, TaskFailed, executor, registry
+from executors.registry import Executor, ExecutorSpec, Registry, TaskContext, TaskFailed, executor, registry
 
-__all__ = ["ExecutorSpec", "Registry", "TaskContext", "TaskFailed", "executor", "registry"]
+__all__ = ["Executor", "ExecutorSpec", "Registry", "TaskContext", "TaskFailed", "executor", "registry"]

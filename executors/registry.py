@@ -1,4 +1,4 @@
-"""Task types as plugins: a decorator registers a function under a type name.
+"""Task types as plugins: a decorator registers a function, or a class, under a type name.
 
 Plugins are found three ways: the built-ins, modules named on the command line, and installed
 packages that declare an entry point in the ``dagsmith.executors`` group (the entry point names a
@@ -63,6 +63,28 @@ class TaskContext:
 Handler = Callable[..., Any]
 
 
+class Executor:
+    """A task type as a class, for handlers that keep something between tasks: a client with its
+    connection pool, a model loaded once.
+
+    ``run(params, ctx)`` is the handler, exactly as a decorated function would be (sync or async;
+    its first parameter's annotation may name a pydantic model of the params). ``start()`` runs
+    once in each executor process that serves the type, before it takes a task (an exception
+    there stops the process from starting, with the error); ``stop()`` runs once on the way out,
+    after the running tasks finished. Both may be sync or async. The class is instantiated, with
+    no arguments, when it is registered: keep ``__init__`` cheap and do the work in ``start``.
+    """
+
+    def start(self) -> Any:
+        """Open what the tasks share (clients, models)."""
+
+    def stop(self) -> Any:
+        """Release what ``start`` opened."""
+
+    def run(self, params: Any, ctx: TaskContext) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must define run(params, ctx)")
+
+
 @dataclass(frozen=True)
 class ExecutorSpec:
     type: str
@@ -72,6 +94,7 @@ class ExecutorSpec:
     repair: str | None = None  # the task type that repairs this type's bad input
     tunable: dict[str, str] = field(default_factory=dict)  # param -> "x2" | "/2" | ...
     fallback: tuple[str, ...] = ()  # task types that can stand in for this one (Correction Mode's reroute)
+    instance: Executor | None = None  # for a class-based type: the object whose run() is the handler
 
     @property
     def is_async(self) -> bool:
@@ -93,8 +116,10 @@ class Registry:
 
     def register(self, spec: ExecutorSpec) -> None:
         existing = self._specs.get(spec.type)
-        if existing is not None and existing.handler is not spec.handler:
-            raise DagsmithError(f"task type {spec.type!r} is registered twice ({existing.handler} and {spec.handler})")
+        if existing is not None and _origin(existing) is not _origin(spec):
+            raise DagsmithError(
+                f"task type {spec.type!r} is registered twice ({_origin(existing)} and {_origin(spec)})"
+            )
         self._specs[spec.type] = spec
 
     def get(self, task_type: str) -> ExecutorSpec | None:
@@ -128,7 +153,7 @@ def executor(
     fallback: Iterable[str] = (),
     into: Registry | None = None,
 ) -> Callable[[Handler], Handler]:
-    """Register the decorated function as the handler of ``task_type``.
+    """Register the decorated function (or :class:`Executor` subclass) as the handler of ``task_type``.
 
     The handler receives the task's params and a :class:`TaskContext`, and returns the output
     (anything JSON-serialisable). If its first parameter is annotated with a pydantic model, the
@@ -140,11 +165,25 @@ def executor(
 
     def register(fn: Handler) -> Handler:
         doc = description or (inspect.getdoc(fn) or "").split("\n")[0]
-        spec = ExecutorSpec(task_type, fn, doc, _params_model(fn), repair, dict(tunable or {}), tuple(fallback))
+        instance = None
+        handler = fn
+        if inspect.isclass(fn):
+            if not issubclass(fn, Executor):
+                raise TypeError(f"@executor({task_type!r}) on class {fn.__name__}: subclass executors.Executor")
+            instance = fn()
+            handler = instance.run
+        spec = ExecutorSpec(
+            task_type, handler, doc, _params_model(handler), repair, dict(tunable or {}), tuple(fallback), instance
+        )
         (into or registry).register(spec)
         return fn
 
     return register
+
+
+def _origin(spec: ExecutorSpec) -> object:
+    """What was decorated: the same function or class registered again is not a conflict."""
+    return type(spec.instance) if spec.instance is not None else spec.handler
 
 
 def _params_model(fn: Handler) -> type[BaseModel] | None:

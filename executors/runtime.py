@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import socket
 import time
@@ -28,7 +29,7 @@ from pydantic import ValidationError
 
 import dagsmith
 from dagsmith.amqp import BatchPublisher, Names, Topology, connect, persistent
-from dagsmith.errors import ErrorClass
+from dagsmith.errors import DagsmithError, ErrorClass
 from dagsmith.logs import redact
 from dagsmith.messages import (
     BUNDLE,
@@ -53,6 +54,44 @@ DEFAULT_METRICS_PORT = 9103
 TASKS_RUN = Counter("dagsmith_executor_tasks_total", "Task attempts run by this executor.", ["type", "outcome"])
 TASK_SECONDS = Histogram("dagsmith_executor_task_seconds", "Handler run time.", ["type"])
 RUNNING = Gauge("dagsmith_executor_running", "Task attempts running now.")
+
+
+class PluginStartError(DagsmithError):
+    """A class-based task type's ``start()`` failed: the executor does not start."""
+
+
+async def _call(method: Any) -> None:
+    """Call a plugin's start or stop, which may be sync or async."""
+    result = method()
+    if inspect.isawaitable(result):
+        await result
+
+
+async def start_plugins(specs: list[ExecutorSpec]) -> list[ExecutorSpec]:
+    """Start the class-based types, in order. If one fails, those already started are stopped
+    and :class:`PluginStartError` names the type and the error."""
+    started: list[ExecutorSpec] = []
+    for spec in specs:
+        if spec.instance is None:
+            continue
+        try:
+            await _call(spec.instance.start)
+        except Exception as exc:
+            await stop_plugins(started)
+            raise PluginStartError(f"task type {spec.type!r} failed to start: {type(exc).__name__}: {exc}") from exc
+        started.append(spec)
+    return started
+
+
+async def stop_plugins(specs: list[ExecutorSpec]) -> None:
+    """Stop class-based types in the reverse order of their start; a failure is logged, not raised."""
+    for spec in reversed(specs):
+        if spec.instance is None:
+            continue
+        try:
+            await _call(spec.instance.stop)
+        except Exception:
+            log.exception("task type failed to stop cleanly", type=spec.type)
 
 
 async def execute(
@@ -360,6 +399,13 @@ class ExecutorRuntime:
                 return
 
     async def run(self, stop: asyncio.Event) -> None:
+        started = await start_plugins(list(self.specs.values()))
+        try:
+            await self._serve(stop)
+        finally:
+            await stop_plugins(started)
+
+    async def _serve(self, stop: asyncio.Event) -> None:
         port = self.settings.metrics_port if self.settings.metrics_port else DEFAULT_METRICS_PORT
         if port > 0:
             with contextlib.suppress(OSError):  # several executors on one host: only the first serves

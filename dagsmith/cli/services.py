@@ -116,7 +116,7 @@ def executor(
 ) -> None:
     """Run an executor agent for the given task types."""
     from executors.registry import ExecutorOptions, load_plugins
-    from executors.runtime import ExecutorRuntime
+    from executors.runtime import ExecutorRuntime, PluginStartError
 
     settings = get_settings()
     try:
@@ -140,10 +140,14 @@ def executor(
         http_allow_hosts=tuple(allow_host or settings.executor_http_allow_hosts),
         allow_crash=allow_crash,
     )
-    run_service(
-        "executor",
-        lambda stop: ExecutorRuntime(settings, specs, options=options, concurrency=concurrency).run(stop),
-    )
+    try:
+        run_service(
+            "executor",
+            lambda stop: ExecutorRuntime(settings, specs, options=options, concurrency=concurrency).run(stop),
+        )
+    except PluginStartError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 def config() -> None:

@@ -104,3 +104,26 @@ def test_cancel(stack: Stack, tmp_path: Path) -> None:
         wait_until(lambda: client.workflow(wid)["status"] == "cancelled", timeout=20, what="the cancel")
     again = cli(stack, "cancel", wid)
     assert again.returncode != 0 and len(again.stderr.strip().splitlines()) == 1, again.stderr
+
+
+def test_executor_whose_plugin_cannot_start_exits_2_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "broken_plugin.py").write_text(
+        "from executors import Executor, executor\n\n"
+        "@executor('t.broken')\n"
+        "class Broken(Executor):\n"
+        "    async def start(self):\n"
+        "        raise ConnectionError('model server unreachable')\n\n"
+        "    async def run(self, params, ctx):\n"
+        "        return None\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSMITH_")}
+    env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    done = subprocess.run(
+        [sys.executable, "-m", "dagsmith", "executor", "--module", "broken_plugin", "--types", "t.broken"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "error: task type 't.broken' failed to start: ConnectionError: model server unreachable" in done.stderr

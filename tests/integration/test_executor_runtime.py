@@ -15,7 +15,7 @@ from dagsmith.amqp import Names, Topology
 from dagsmith.errors import ErrorClass
 from dagsmith.messages import BUNDLE, CancelMessage, ResultBatch, ResultMessage, TaskMessage, encode_bundle
 from dagsmith.settings import Settings
-from executors.registry import ExecutorOptions, Registry, TaskContext, TaskFailed, executor
+from executors.registry import Executor, ExecutorOptions, Registry, TaskContext, TaskFailed, executor
 from executors.runtime import ExecutorRuntime, execute
 
 local = Registry()
@@ -61,6 +61,26 @@ async def _context(params: dict[str, object], ctx: TaskContext) -> dict[str, obj
 @executor("test.big", into=local)
 async def _big(params: dict[str, object], ctx: TaskContext) -> str:
     return "x" * 2000
+
+
+@executor("test.session", into=local)
+class _Session(Executor):
+    """Keeps a connection-like object open from start to stop."""
+
+    def __init__(self) -> None:
+        self.session: dict[str, int] | None = None
+        self.closed = False
+
+    async def start(self) -> None:
+        self.session = {"uses": 0}
+
+    async def stop(self) -> None:
+        self.closed = True
+
+    async def run(self, params: dict[str, object], ctx: TaskContext) -> dict[str, int]:
+        assert self.session is not None, "run before start"
+        self.session["uses"] += 1
+        return dict(self.session)
 
 
 def msg(task_type: str, timeout: float | None = None, **params: object) -> TaskMessage:
@@ -111,6 +131,7 @@ async def broker(settings: Settings) -> AsyncIterator[tuple[aio_pika.abc.Abstrac
         Names(prefix).task_queue("test.echo"),
         Names(prefix).task_queue("test.nap"),
         Names(prefix).task_queue("test.context"),
+        Names(prefix).task_queue("test.session"),
         Names(prefix).dead_queue,
     ):
         with contextlib.suppress(Exception):
@@ -297,3 +318,23 @@ async def test_an_executor_asks_for_the_cancellations_it_missed_and_drops_their_
         assert queue.declaration_result.message_count == 0
         left = await channel.declare_queue(names.results, passive=True)
         assert left.declaration_result.message_count == 0  # nothing was reported for the cancelled one
+
+
+async def test_a_class_based_type_is_started_before_its_tasks_and_stopped_after(
+    broker: tuple[aio_pika.abc.AbstractChannel, Names, Settings],
+) -> None:
+    channel, names, s = broker
+    topology = Topology(channel, names)
+    results = await topology.queue(names.results)
+    spec = local.get("test.session")
+    assert spec is not None and isinstance(spec.instance, _Session)
+    async with running_executor(s, "test.session", concurrency=1):
+        exchange = await topology.tasks_exchange()
+        await topology.task_queue("test.session")
+        for task_id in (1, 2):
+            body = msg("test.session").model_copy(update={"task_id": task_id}).model_dump_json().encode()
+            await exchange.publish(aio_pika.Message(body), routing_key="test.session")
+        outputs = sorted(str(r.output) for r in [await first_result(results), await first_result(results)])
+        assert outputs == [str({"uses": 1}), str({"uses": 2})]  # one session, shared by both tasks
+        assert not spec.instance.closed
+    assert spec.instance.closed
