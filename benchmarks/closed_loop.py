@@ -90,7 +90,7 @@ def experiment(workflows: int, seed: int, seeds: int, timesteps: int | None, log
     from trainer.loop import train_and_gate
 
     with installation(executors=1, concurrency=64) as bench:
-        bench.stack.start_executor("lab", "lab.*", "--module", "trainer.lab")
+        bench.stack.start_executor("lab", "chaos.lab.*", "--module", "trainer.lab")
         bench.stack.wait_executors(2)
         started = time.time()
         log(f"batch A: {workflows} lab workflows under the rules")

@@ -3,7 +3,7 @@
 They exist for the closed-loop experiment (``python -m benchmarks.closed_loop``): a batch of
 workflows runs on the real stack under one policy, the decisions are logged, a policy is trained
 on the simulator fitted to them, and a batch facing the same failures runs under it. Load them
-explicitly: ``dagsmith executor --module trainer.lab --types 'lab.*'``. (They live with the
+explicitly: ``dagsmith executor --module trainer.lab --types 'chaos.lab.*'``. (They live with the
 trainer, not in ``executors/``, because they read the simulator's tables.)
 
 A lab task's params carry its hidden mode (the controller's features never read params). Its
@@ -30,15 +30,15 @@ from executors.registry import TaskContext, TaskFailed, executor
 from trainer.params import SimulatorParams
 
 LAB_TYPES = {  # lab type -> the simulator's task type it plays
-    "lab.http": "http.fetch",
-    "lab.parse": "json.parse",
-    "lab.ml": "ml.infer",
-    "lab.db": "db.query",
-    "lab.text": "text.render",
-    "lab.report": "report.build",
+    "chaos.lab.http": "http.fetch",
+    "chaos.lab.parse": "json.parse",
+    "chaos.lab.ml": "ml.infer",
+    "chaos.lab.db": "db.query",
+    "chaos.lab.text": "text.render",
+    "chaos.lab.report": "report.build",
 }
-FALLBACK_TYPE = "lab.alt"
-REPAIR_TYPE = "lab.repair"
+FALLBACK_TYPE = "chaos.lab.alt"
+REPAIR_TYPE = "chaos.lab.repair"
 BACKOFF_SECONDS = 0.15  # a retry this long after the last failure counts as a backoff
 _PARAMS = SimulatorParams()
 _last_failure: dict[tuple[str, str], float] = {}

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def lab(stack: Stack) -> Iterator[Stack]:
-    stack.start_executor("lab", "lab.*", "--module", "trainer.lab")
+    stack.start_executor("lab", "chaos.lab.*", "--module", "trainer.lab")
     stack.wait_executors(2)
     yield stack
     stack.stop("lab")
