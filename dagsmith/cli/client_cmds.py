@@ -175,6 +175,19 @@ def status(workflow_id: str, api: ApiOption = DEFAULT_API, token: TokenOption = 
     out.print(table)
 
 
+def watch(workflow_id: str, api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
+    """Follow a submitted workflow live until it finishes, then print its result (exit 1 unless it
+    succeeded)."""
+    with Client(api, token=token) as client:
+        try:
+            final = _watch(client, workflow_id)
+        except ClientError as exc:
+            handle(exc)
+        _print_result(client, workflow_id)
+    if final != "succeeded":
+        raise typer.Exit(1)
+
+
 def result(workflow_id: str, api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
     """Print a finished workflow's output (exit 1 if it failed)."""
     with Client(api, token=token) as client:
@@ -292,6 +305,6 @@ def executors(api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    for fn in (submit, status, result, dag, cancel, tasks, executors):
+    for fn in (submit, watch, status, result, dag, cancel, tasks, executors):
         app.command(rich_help_panel="Client")(fn)
     app.command("list", rich_help_panel="Client")(list_)

@@ -43,6 +43,17 @@ def test_watch_shows_progress(stack: Stack) -> None:
     assert "2/2" in done.stderr
 
 
+def test_watch_follows_a_submitted_workflow_to_its_result(stack: Stack) -> None:
+    submitted = cli(stack, "submit", str(EXAMPLES / "hello.yaml"))
+    assert submitted.returncode == 0, submitted.stderr
+    wid = submitted.stdout.strip()
+    done = cli(stack, "watch", wid)
+    assert done.returncode == 0, done.stderr
+    assert "2/2" in done.stderr and '"result": "HELLO WORLD"' in done.stdout
+    missing = cli(stack, "watch", "00000000-0000-0000-0000-000000000000")
+    assert missing.returncode == 4, missing.stderr
+
+
 def test_failed_workflow_exits_1_with_reason(stack: Stack, tmp_path: Path) -> None:
     spec = tmp_path / "fail.yaml"
     spec.write_text(
