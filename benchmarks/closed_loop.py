@@ -28,6 +28,7 @@ import orjson
 from benchmarks.harness import Bench, installation, machine
 
 ROOT = Path(__file__).resolve().parents[1]
+NOTES = "## Reading the results"
 
 
 def run_batch(bench: Bench, docs: list[dict[str, Any]], timeout: float = 600) -> list[dict[str, Any]]:
@@ -115,6 +116,7 @@ def experiment(workflows: int, seed: int, seeds: int, timesteps: int | None, log
             "activated": trained.activated,
             "records": trained.records,
             "training_seconds": trained.wall_seconds,
+            "drift": trained.drift,
             "rules": summary(before),
         }
         if not trained.activated:
@@ -169,6 +171,21 @@ def write_report(result: dict[str, Any], command: str) -> Path:
         f"{result['training_seconds']:.0f} s.",
         "",
     ]
+    if result.get("drift"):
+        lines += [
+            "What the policy saw in batch A's first decisions against what it trained on (the fitted",
+            "simulator), per feature (`trainer.fit.feature_drift`):",
+            "",
+            "| feature | logged mean | logged range | simulated mean | simulated range | KS distance |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, d in result["drift"].items():
+            (rl, rh), (sl, sh) = d["real_range"], d["simulated_range"]
+            lines.append(
+                f"| {name} | {d['real_mean']:.2f} | {rl:.2f}–{rh:.2f} | {d['simulated_mean']:.2f} | "
+                f"{sl:.2f}–{sh:.2f} | {d['ks']:.2f} |"
+            )
+        lines.append("")
     if "learned" in result:
         a, b = result["rules"], result["learned"]
         rd, sd = result["reward_difference"], result["success_difference"]
@@ -198,7 +215,11 @@ def write_report(result: dict[str, Any], command: str) -> Path:
             f"Actions under the learned policy: {b['actions']}",
         ]
     path = out / "closed_loop.md"
-    path.write_text("\n".join(lines) + "\n")
+    # The reading of the results is written by hand below the figures: keep it across runs.
+    notes = ""
+    if path.exists() and NOTES in path.read_text():
+        notes = path.read_text()[path.read_text().index(NOTES) :]
+    path.write_text("\n".join(lines) + "\n" + ("\n" + notes if notes else ""))
     return path
 
 

@@ -28,10 +28,12 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
+
 from controller.correction.actions import CorrectiveAction
 from controller.correction.features import FailureContext
 from trainer.params import MODES, RERUN_ACTIONS, SimulatorParams
-from trainer.simulator import Chooser, Episode, EpisodeState, Simulator
+from trainer.simulator import STREAM_VALID, Chooser, Episode, EpisodeState, Simulator
 
 A = CorrectiveAction
 _FLOOR = 1e-3  # likelihood floor: real logs may contain what the emission model never produces
@@ -160,3 +162,63 @@ def simulate_records(sim: Simulator, episodes: Sequence[Episode], choose: Choose
                 }
             )
     return records
+
+
+# Context fields compared by :func:`feature_drift`: the numbers the policy reads, as the controller
+# reports them (budgets and counts are compared too, through what they are in the first decision).
+DRIFT_FIELDS: tuple[str, ...] = (
+    "executor_failure_rate",
+    "duration_ratio",
+    "reward",
+    "upstream_reward",
+    "progress",
+    "has_fallback",
+    "has_repair",
+    "has_tunable",
+    "optional",
+    "max_retries",
+    "max_surgeries",
+    "max_inserted",
+)
+
+
+def feature_drift(
+    records: Sequence[dict[str, Any]], params: SimulatorParams, episodes: int = 2000
+) -> dict[str, dict[str, Any]]:
+    """Where the first decisions of real failures look unlike the simulator's.
+
+    Per field of :data:`DRIFT_FIELDS`: mean and range in the logged first decisions (nothing
+    tried yet) and in ``episodes`` simulated ones, and ``ks``: the two-sample Kolmogorov-Smirnov
+    distance between them (0: the same distribution, 1: disjoint; for a 0/1 field, the difference
+    of the shares). The policy learnt what a feature's values mean from the simulator: where the
+    real ones are distributed otherwise, it reads them as the simulator's (a failure rate that is
+    high for every task reads as a degraded executor everywhere) or extrapolates. A large ``ks``
+    means the simulator's params — their emission model, which ``fit`` does not re-estimate —
+    need changing.
+    """
+    real = [ctx for ctx in (FailureContext.from_dict(r["features"]) for r in records) if not any(ctx.tried)]
+    sim = Simulator(params)
+    simulated = [sim.context(ep, EpisodeState()) for ep in sim.episodes(STREAM_VALID, 0, episodes)]
+    out: dict[str, dict[str, Any]] = {}
+    for name in DRIFT_FIELDS:
+        rv = [float(v) for v in (getattr(c, name) for c in real) if v is not None]
+        sv = [float(v) for v in (getattr(c, name) for c in simulated) if v is not None]
+        if not rv or not sv:
+            continue
+        out[name] = {
+            "real_mean": sum(rv) / len(rv),
+            "real_range": (min(rv), max(rv)),
+            "simulated_mean": sum(sv) / len(sv),
+            "simulated_range": (min(sv), max(sv)),
+            "ks": ks_distance(rv, sv),
+        }
+    return out
+
+
+def ks_distance(a: Sequence[float], b: Sequence[float]) -> float:
+    """The largest gap between the two samples' empirical distribution functions."""
+    xa, xb = np.sort(np.asarray(a, dtype=float)), np.sort(np.asarray(b, dtype=float))
+    points = np.concatenate([xa, xb])
+    fa = np.searchsorted(xa, points, side="right") / len(xa)
+    fb = np.searchsorted(xb, points, side="right") / len(xb)
+    return float(np.max(np.abs(fa - fb)))

@@ -103,11 +103,14 @@ def _register(task_type: str) -> None:
     async def handler(params: LabParams, ctx: TaskContext) -> dict[str, Any]:
         return await run(params, ctx)
 
+    # Declared as the simulator's type profile says: what a lab type can be repaired or tuned
+    # with decides which actions the controller's mask allows, as it does in the simulator.
+    profile = _PARAMS.types[LAB_TYPES[task_type]]
     executor(
         task_type,
         description=f"Lab: plays the simulator's {LAB_TYPES[task_type]}",
-        repair=REPAIR_TYPE,
-        tunable={"timeout": "x2"},
+        repair=REPAIR_TYPE if profile.has_repair else None,
+        tunable={"timeout": "x2"} if profile.has_tunable else None,
     )(handler)
 
 
@@ -135,8 +138,13 @@ LAB_CORRECTION = {"maxRetries": 2, "maxSurgeries": 3, "maxInsertedTasks": 1}
 
 def lab_params() -> SimulatorParams:
     """The simulator's defaults, restated for the lab: its type names, single-task workflows (no
-    upstream), its budgets, and no executor-failure-rate signal (the lab's types share one
-    executor, so the controller's per-type rate cannot single out a degraded one)."""
+    upstream, and no progress when the task fails), its budgets, and no executor-failure-rate
+    signal: the lab's types share one executor, so the controller's per-type rate cannot single
+    out a degraded one, and as every lab task's first attempt fails, the rate the controller
+    reports is high for every mode (0.67 to 1.0 over 150 rules-run workflows, mean 0.87).
+
+    What the policy sees must be drawn as the controller reports it: a feature outside the range
+    it was trained on leaves the network extrapolating (see ``project_logs/experiments/closed_loop.md``)."""
     from dataclasses import replace
 
     base = SimulatorParams()
@@ -145,8 +153,9 @@ def lab_params() -> SimulatorParams:
         base,
         types={to_lab[k]: v for k, v in base.types.items()},
         type_given_mode={m: {to_lab[k]: p for k, p in row.items()} for m, row in base.type_given_mode.items()},
-        failure_rate={m: (3.0, 9.0) for m in base.failure_rate},
+        failure_rate={m: (9.0, 1.5) for m in base.failure_rate},
         p_no_upstream=1.0,
+        progress=(0.0, 0.0),
         max_retries_choices=(LAB_CORRECTION["maxRetries"],),
         max_surgeries_choices=(LAB_CORRECTION["maxSurgeries"],),
         surgeries_left_choices=(LAB_CORRECTION["maxSurgeries"],),

@@ -33,6 +33,7 @@ import sqlalchemy as sa
 from controller.correction import ACTIONS, FEATURE_SCHEMA_VERSION, FailureContext, RulesPolicy
 from controller.correction.policy import Policy
 from trainer.evaluate import evaluate, paired_difference_ci
+from trainer.fit import feature_drift
 from trainer.params import RewardWeights, SimulatorParams
 from trainer.simulator import STREAM_TEST, STREAM_VALID, Simulator
 
@@ -45,6 +46,12 @@ class GateConfig:
     min_ess: float = 10.0
     tolerance: float = 0.02  # reward units: refused if the OPE shows it worse by more than this
     n_boot: int = 2000
+
+
+# Warn when a logged feature's distribution is this far (Kolmogorov-Smirnov distance) from the
+# simulator's, given at least DRIFT_MIN_RECORDS first decisions (fewer say little).
+DRIFT_WARN = 0.3
+DRIFT_MIN_RECORDS = 30
 
 
 @dataclass
@@ -204,6 +211,7 @@ class Trained:
     activated: bool
     wall_seconds: float
     records: int
+    drift: dict[str, dict[str, Any]] = field(default_factory=dict)  # trainer.fit.feature_drift
 
 
 def train_and_gate(
@@ -238,6 +246,15 @@ def train_and_gate(
     base = prior or SimulatorParams()
     params = base.fit(records) if records else base
     log(f"fitted the simulator to {len(records)} logged decisions")
+    drift = feature_drift(records, params) if records else {}
+    first_decisions = sum(not any(r["features"].get("tried", {}).values()) for r in records)
+    for name, d in drift.items():
+        if d["ks"] > DRIFT_WARN and first_decisions >= DRIFT_MIN_RECORDS:
+            log(
+                f"warning: logged {name} is distributed unlike the simulator's (KS distance {d['ks']:.2f}; "
+                f"logged mean {d['real_mean']:.2f}, simulated {d['simulated_mean']:.2f}): the policy "
+                "learns from values the controller does not report"
+            )
     sim = Simulator(params)
     valid = sim.episodes(STREAM_VALID, 0, 500)
     best = None
@@ -263,6 +280,7 @@ def train_and_gate(
         "seeds": seeds,
         "timesteps": timesteps,
         "params": params.to_dict(),
+        "drift": drift,
     }
 
     async def persist() -> bool:
@@ -287,4 +305,4 @@ def train_and_gate(
             await db.dispose()
 
     activated = asyncio.run(persist())
-    return Trained(version, report, activated, time.perf_counter() - started, len(records))
+    return Trained(version, report, activated, time.perf_counter() - started, len(records), drift)

@@ -23,10 +23,11 @@ Generative story of one episode (one failed task), all drawn from the episode's 
 mode ~ ``mix``; task type ~ ``type_given_mode[mode]``; the type fixes cost, repair and tunable
 parameters; fallback and optional are drawn per task; budgets and time budget are drawn from
 small sets; executor failure rate ~ Beta(``failure_rate[mode]``); upstream reward ~
-Normal(``upstream[mode]``) (absent for 20% of tasks). At every decision step a fresh error class
-~ ``error_given_mode[mode]`` and duration ratio (1.0 for timeouts, else Uniform(``duration[mode]``))
-are observed. A re-running action succeeds with probability ``success[mode][action]``, the same
-at every step (documented simplification: a failed reroute does not make later retries healthier).
+Normal(``upstream[mode]``) (absent for 20% of tasks); the workflow's progress ~
+Uniform(``progress``). At every decision step a fresh error class ~ ``error_given_mode[mode]`` and
+duration ratio (1.0 for timeouts, else Uniform(``duration[mode]``)) are observed. A re-running
+action succeeds with probability ``success[mode][action]``, the same at every step (documented
+simplification: a failed reroute does not make later retries healthier).
 
 Reward of an episode (``RewardWeights``; success dominates, so it is a guardrail and not just a
 term):  ``R = 1.0 * fixed + 0.4 * skipped - 0.002 * task_seconds - 0.001 * latency_s
@@ -230,6 +231,7 @@ class SimulatorParams:
         )
     )
     p_no_upstream: float = 0.2
+    progress: tuple[float, float] = (0.0, 1.0)  # the workflow's finished share ~ Uniform(progress)
     # Budgets: the task's retry limit, and the workflow's surgery and inserted-task limits of
     # which earlier failures in the same workflow have already used all but ``*_left``.
     max_retries_choices: tuple[int, ...] = (1, 2)
@@ -287,6 +289,7 @@ class SimulatorParams:
             if key in data:
                 data[key] = {k: tuple(v) for k, v in data[key].items()}
         for key in (
+            "progress",
             "max_retries_choices",
             "max_surgeries_choices",
             "surgeries_left_choices",

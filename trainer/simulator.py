@@ -178,7 +178,7 @@ class Simulator:
             max_inserted=max_inserted,
             inserted_before=max_inserted - p.inserted_left_choices[int(u[10] * len(p.inserted_left_choices))],
             time_budget=p.time_budget_choices[int(u[7] * len(p.time_budget_choices))],
-            progress=u[8],
+            progress=p.progress[0] + (p.progress[1] - p.progress[0]) * u[8],
             failure_rate=float(b["failure_rate"][i]),
             upstream_reward=None if b["no_upstream"][i] else float(b["upstream"][i]),
             error_classes=classes,

@@ -58,3 +58,34 @@ def test_off_policy_refuses_without_enough_data_or_overlap() -> None:
     records = [record("retry_now", True) for _ in range(50)]
     none = off_policy(records, Always("abort"), RulesPolicy(), GateConfig())
     assert "effective sample size" in none["reason"]
+
+
+def test_feature_drift_flags_what_the_simulator_never_draws() -> None:
+    """The lab's executors report a failure rate near 0.9 for every task; the default simulator
+    draws such rates only for a degraded executor, so the policy would read every lab failure as one."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from trainer.fit import feature_drift
+    from trainer.params import SimulatorParams
+
+    rates = np.random.default_rng(0).beta(9.0, 1.5, 200)
+    logged = [
+        {"features": FailureContext(error_class="unknown", task_type="x", executor_failure_rate=rate).to_dict()}
+        for rate in rates.tolist()
+    ]
+    default = SimulatorParams()
+    drift = feature_drift(logged, default, episodes=500)
+    assert drift["executor_failure_rate"]["ks"] > 0.7
+    assert drift["executor_failure_rate"]["real_mean"] == pytest.approx(float(rates.mean()))
+    matched = replace(default, failure_rate={m: (9.0, 1.5) for m in default.failure_rate})
+    assert feature_drift(logged, matched, episodes=500)["executor_failure_rate"]["ks"] < 0.3
+
+
+def test_ks_distance() -> None:
+    from trainer.fit import ks_distance
+
+    assert ks_distance([0.1, 0.2, 0.3], [0.1, 0.2, 0.3]) == 0.0
+    assert ks_distance([0.0, 0.1], [0.8, 0.9]) == 1.0
+    assert ks_distance([0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]) == pytest.approx(0.25)
