@@ -62,9 +62,6 @@ class Settings(BaseSettings):
     # API
     api_host: str = Field("127.0.0.1", description="Address the API binds to.")
     api_port: int = Field(8000, description="Port the API listens on.")
-    api_url: str = Field(
-        "http://127.0.0.1:8000", description="Where clients (the CLI) find the API.", alias="DAGSMITH_API"
-    )
     max_body_bytes: int = Field(32 * 1024 * 1024, description="Largest request body the API accepts (413 above).")
     max_tasks: int = Field(50_000, ge=1, description="Most tasks in one workflow.")
     max_params_bytes: int = Field(65_536, description="Largest params object of one task, as JSON.")
@@ -185,6 +182,17 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+class ClientSettings(BaseSettings):
+    """What the CLI's client commands read (``--api`` and ``--token`` override them): from the
+    environment or ``.env``, like the services' settings, but apart from them, so a client needs
+    none of the services' settings to be valid."""
+
+    model_config = SettingsConfigDict(env_prefix="DAGSMITH_", env_file=".env", extra="ignore")
+
+    api: str = Field("http://127.0.0.1:8000", description="Where the CLI finds the API.")
+    token: SecretStr | None = Field(None, description="The CLI's API token.")
 
 
 def settings_table() -> str:

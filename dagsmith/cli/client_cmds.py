@@ -19,10 +19,25 @@ console = Console(stderr=True)
 out = Console()
 
 ApiOption = Annotated[
-    str, typer.Option("--api", envvar="DAGSMITH_API", help="API base URL [DAGSMITH_API]", show_default=True)
+    str | None,
+    typer.Option(
+        "--api", help="API base URL [default: DAGSMITH_API from the environment or .env, else http://127.0.0.1:8000]"
+    ),
 ]
-TokenOption = Annotated[str | None, typer.Option("--token", envvar="DAGSMITH_TOKEN", help="API token [DAGSMITH_TOKEN]")]
-DEFAULT_API = "http://127.0.0.1:8000"
+TokenOption = Annotated[
+    str | None, typer.Option("--token", help="API token [default: DAGSMITH_TOKEN from the environment or .env]")
+]
+
+
+def connect(api: str | None, token: str | None) -> Client:
+    """A client for the API named by the options, else by DAGSMITH_API / DAGSMITH_TOKEN."""
+    from dagsmith.settings import ClientSettings
+
+    defaults = ClientSettings()
+    fallback_token = defaults.token.get_secret_value() if defaults.token else None
+    return Client(api or defaults.api, token=token or fallback_token)
+
+
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -50,7 +65,7 @@ def submit(
     wait: Annotated[bool, typer.Option("--wait", help="Wait until it finishes; print the result")] = False,
     watch: Annotated[bool, typer.Option("--watch", help="Show live progress until it finishes")] = False,
     idempotency_key: Annotated[str | None, typer.Option("--idempotency-key", help="Same key → same workflow")] = None,
-    api: ApiOption = DEFAULT_API,
+    api: ApiOption = None,
     token: TokenOption = None,
 ) -> None:
     """Submit a workflow. Prints its id (or, with --wait/--watch, its result)."""
@@ -59,7 +74,7 @@ def submit(
     except OSError as exc:
         fail(f"cannot read {file}: {exc.strerror}", 2)
     content_type = "application/json" if str(file).endswith(".json") else "application/yaml"
-    with Client(api, token=token) as client:
+    with connect(api, token) as client:
         try:
             submitted = client.submit(body, content_type=content_type, idempotency_key=idempotency_key)
         except ClientError as exc:
@@ -149,9 +164,9 @@ def _print_result(client: Client, wid: str) -> None:
     _json(result.get("output"))
 
 
-def status(workflow_id: str, api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
+def status(workflow_id: str, api: ApiOption = None, token: TokenOption = None) -> None:
     """Show a workflow's status, progress and reward."""
-    with Client(api, token=token) as client:
+    with connect(api, token) as client:
         try:
             wf = client.workflow(workflow_id)
         except ClientError as exc:
@@ -175,10 +190,10 @@ def status(workflow_id: str, api: ApiOption = DEFAULT_API, token: TokenOption = 
     out.print(table)
 
 
-def watch(workflow_id: str, api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
+def watch(workflow_id: str, api: ApiOption = None, token: TokenOption = None) -> None:
     """Follow a submitted workflow live until it finishes, then print its result (exit 1 unless it
     succeeded)."""
-    with Client(api, token=token) as client:
+    with connect(api, token) as client:
         try:
             final = _watch(client, workflow_id)
         except ClientError as exc:
@@ -188,9 +203,9 @@ def watch(workflow_id: str, api: ApiOption = DEFAULT_API, token: TokenOption = N
         raise typer.Exit(1)
 
 
-def result(workflow_id: str, api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
+def result(workflow_id: str, api: ApiOption = None, token: TokenOption = None) -> None:
     """Print a finished workflow's output (exit 1 if it failed)."""
-    with Client(api, token=token) as client:
+    with connect(api, token) as client:
         try:
             res = client.result(workflow_id)
         except ClientError as exc:
@@ -205,13 +220,13 @@ def dag(
     workflow_id: str,
     fmt: Annotated[str, typer.Option("--format", "-f", help="json, mermaid or dot")] = "mermaid",
     revision: Annotated[int | None, typer.Option("--revision", help="Show a past revision")] = None,
-    api: ApiOption = DEFAULT_API,
+    api: ApiOption = None,
     token: TokenOption = None,
 ) -> None:
     """Print a workflow's DAG with each task's status."""
     if fmt not in ("json", "mermaid", "dot"):
         fail("--format must be json, mermaid or dot", 2)
-    with Client(api, token=token) as client:
+    with connect(api, token) as client:
         try:
             graph = client.dag(workflow_id, fmt, revision)
         except ClientError as exc:
@@ -222,9 +237,9 @@ def dag(
         sys.stdout.write(graph)
 
 
-def cancel(workflow_id: str, api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
+def cancel(workflow_id: str, api: ApiOption = None, token: TokenOption = None) -> None:
     """Cancel a workflow."""
-    with Client(api, token=token) as client:
+    with connect(api, token) as client:
         try:
             client.cancel(workflow_id)
         except ClientError as exc:
@@ -236,11 +251,11 @@ def list_(
     status_: Annotated[str | None, typer.Option("--status", help="Only this status")] = None,
     label: Annotated[list[str] | None, typer.Option("--label", "-l", help="key=value")] = None,
     limit: Annotated[int, typer.Option(help="How many")] = 20,
-    api: ApiOption = DEFAULT_API,
+    api: ApiOption = None,
     token: TokenOption = None,
 ) -> None:
     """List recent workflows."""
-    with Client(api, token=token) as client:
+    with connect(api, token) as client:
         try:
             page = client.workflows(status=status_, label=label, limit=limit)
         except ClientError as exc:
@@ -263,11 +278,11 @@ def list_(
 def tasks(
     workflow_id: str,
     status_: Annotated[str | None, typer.Option("--status", help="Only this status")] = None,
-    api: ApiOption = DEFAULT_API,
+    api: ApiOption = None,
     token: TokenOption = None,
 ) -> None:
     """List a workflow's tasks."""
-    with Client(api, token=token) as client:
+    with connect(api, token) as client:
         try:
             page = client.tasks(workflow_id, **({"status": status_} if status_ else {}))
         except ClientError as exc:
@@ -286,9 +301,9 @@ def tasks(
     out.print(table)
 
 
-def executors(api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
+def executors(api: ApiOption = None, token: TokenOption = None) -> None:
     """List registered executors and their task types."""
-    with Client(api, token=token) as client:
+    with connect(api, token) as client:
         try:
             items = client.executors()
         except ClientError as exc:

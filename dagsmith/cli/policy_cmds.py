@@ -7,16 +7,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from dagsmith.cli.client_cmds import DEFAULT_API, ApiOption, TokenOption, console, handle, out
-from dagsmith.client import Client, ClientError
+from dagsmith.cli.client_cmds import ApiOption, TokenOption, connect, console, handle, out
+from dagsmith.client import ClientError
 
 app = typer.Typer(help="List, activate and roll back correction-policy versions.", no_args_is_help=True)
 
 
 @app.command("list")
-def list_(api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
+def list_(api: ApiOption = None, token: TokenOption = None) -> None:
     """Policy versions with their gate results."""
-    with Client(api, token=token) as client:
+    with connect(api, token) as client:
         try:
             items = client.policies()
         except ClientError as exc:
@@ -39,11 +39,11 @@ def list_(api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
 def activate(
     version: Annotated[str, typer.Argument(help="The version to make active")],
     force: Annotated[bool, typer.Option("--force", help="Even if its gate failed")] = False,
-    api: ApiOption = DEFAULT_API,
+    api: ApiOption = None,
     token: TokenOption = None,
 ) -> None:
     """Make a version active; controllers switch to it within moments, without a restart."""
-    with Client(api, token=token) as client:
+    with connect(api, token) as client:
         try:
             client.activate_policy(version, force)
         except ClientError as exc:
@@ -52,9 +52,9 @@ def activate(
 
 
 @app.command()
-def rollback(api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
+def rollback(api: ApiOption = None, token: TokenOption = None) -> None:
     """Retire the active version; the one before it (or the rules) decides again."""
-    with Client(api, token=token) as client:
+    with connect(api, token) as client:
         try:
             previous = client.rollback_policy()
         except ClientError as exc:

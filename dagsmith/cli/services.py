@@ -119,6 +119,10 @@ def executor(
     from executors.runtime import ExecutorRuntime, PluginStartError
 
     settings = get_settings()
+    # --module names a module of the working directory as often as an installed one (as with
+    # `python -m`); the `dagsmith` script alone would not look there.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         registry = load_plugins(module or [], use_entry_points=not no_entry_points)
     except ImportError as exc:

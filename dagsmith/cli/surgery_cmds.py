@@ -9,8 +9,8 @@ import typer
 import yaml
 from rich.table import Table
 
-from dagsmith.cli.client_cmds import DEFAULT_API, ApiOption, TokenOption, console, fail, handle, out
-from dagsmith.client import Client, ClientError
+from dagsmith.cli.client_cmds import ApiOption, TokenOption, connect, console, fail, handle, out
+from dagsmith.client import ClientError
 
 OPERATIONS = ("retry", "replace", "insert", "skip")
 
@@ -43,7 +43,7 @@ def surgery(
     name: Annotated[str | None, typer.Option("--name", help="insert: the new task's name")] = None,
     delay: Annotated[str | None, typer.Option("--delay", help="retry: wait first, e.g. 30s")] = None,
     reason: Annotated[str, typer.Option("--reason", "-r", help="Why (kept in the history)")] = "",
-    api: ApiOption = DEFAULT_API,
+    api: ApiOption = None,
     token: TokenOption = None,
 ) -> None:
     """Change a workflow's DAG. Examples:
@@ -68,7 +68,7 @@ def surgery(
         body["name"] = name
     if delay:
         body["delay"] = delay
-    with Client(api, token=token) as client:
+    with connect(api, token) as client:
         try:
             done = client.surgery(workflow_id, body)
         except ClientError as exc:
@@ -91,11 +91,11 @@ def _describe(change: dict[str, Any]) -> str:
 
 def history(
     workflow_id: Annotated[str, typer.Argument(help="Workflow id")],
-    api: ApiOption = DEFAULT_API,
+    api: ApiOption = None,
     token: TokenOption = None,
 ) -> None:
     """Show a workflow's DAG revisions: every surgery, by whom, why, what changed."""
-    with Client(api, token=token) as client:
+    with connect(api, token) as client:
         try:
             items = client.revisions(workflow_id)
         except ClientError as exc:

@@ -7,8 +7,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from dagsmith.cli.client_cmds import DEFAULT_API, ApiOption, TokenOption, console, handle, out
-from dagsmith.client import Client, ClientError
+from dagsmith.cli.client_cmds import ApiOption, TokenOption, connect, console, handle, out
+from dagsmith.client import ClientError
 
 app = typer.Typer(help="Create, list and revoke API tokens (with an admin token).", no_args_is_help=True)
 
@@ -21,11 +21,11 @@ def create(
         list[str] | None, typer.Option("--namespace", "-n", help="Namespace it sees ('*': all) [default]")
     ] = None,
     expires_in: Annotated[str | None, typer.Option("--expires-in", help="e.g. 30d")] = None,
-    api: ApiOption = DEFAULT_API,
+    api: ApiOption = None,
     token: TokenOption = None,
 ) -> None:
     """Create a token and print it. It is shown once: only its hash is stored."""
-    with Client(api, token=token) as client:
+    with connect(api, token) as client:
         try:
             created = client.create_token(name, scope or ["read"], namespace or ["default"], expires_in)
         except ClientError as exc:
@@ -39,9 +39,9 @@ def create(
 
 
 @app.command("list")
-def list_(api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
+def list_(api: ApiOption = None, token: TokenOption = None) -> None:
     """List tokens (names, scopes, namespaces — never the secrets)."""
-    with Client(api, token=token) as client:
+    with connect(api, token) as client:
         try:
             items = client.tokens()
         except ClientError as exc:
@@ -64,11 +64,11 @@ def list_(api: ApiOption = DEFAULT_API, token: TokenOption = None) -> None:
 @app.command()
 def revoke(
     name: Annotated[str, typer.Argument(help="Token name or id")],
-    api: ApiOption = DEFAULT_API,
+    api: ApiOption = None,
     token: TokenOption = None,
 ) -> None:
     """Revoke a token; requests with it get 401 from now on."""
-    with Client(api, token=token) as client:
+    with connect(api, token) as client:
         try:
             client.revoke_token(name)
         except ClientError as exc:

@@ -128,13 +128,30 @@ def test_executor_whose_plugin_cannot_start_exits_2_naming_it(tmp_path: Path) ->
         "        return None\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSMITH_")}
-    env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    # The `dagsmith` script, run where the module is: --module finds it in the working directory.
+    script = Path(sys.executable).with_name("dagsmith")
     done = subprocess.run(
-        [sys.executable, "-m", "dagsmith", "executor", "--module", "broken_plugin", "--types", "t.broken"],
+        [str(script), "executor", "--module", "broken_plugin", "--types", "t.broken"],
         capture_output=True,
         text=True,
         env=env,
+        cwd=tmp_path,
         timeout=60,
     )
     assert done.returncode == 2, done.stderr
     assert "error: task type 't.broken' failed to start: ConnectionError: model server unreachable" in done.stderr
+
+
+def test_client_commands_read_the_api_and_token_from_dotenv(stack: Stack, tmp_path: Path) -> None:
+    """DAGSMITH_API and DAGSMITH_TOKEN work from a .env file in the working directory, as every
+    other setting does; --api overrides them."""
+    (tmp_path / ".env").write_text(f"DAGSMITH_API={stack.url}\nDAGSMITH_TOKEN={stack.token or ''}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSMITH_")}
+    env["COLUMNS"] = "200"
+    run = [sys.executable, "-m", "dagsmith", "list"]
+    found = subprocess.run(run, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert found.returncode == 0, found.stderr
+    elsewhere = subprocess.run(
+        [*run, "--api", f"http://127.0.0.1:{free_port()}"], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert elsewhere.returncode == 3 and "cannot reach the API" in elsewhere.stderr
