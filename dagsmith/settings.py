@@ -82,11 +82,12 @@ class Settings(BaseSettings):
     )
     lease_grace: float = Field(5.0, ge=0, description="Slack added to a task's timeout before its lease expires.")
     max_deliveries: int = Field(
-        3,
+        4,
         ge=1,
         description="Deliveries of one task message: a message that crashes (or is rejected by) executors this "
-        "many times is dead-lettered and its task failed as poison. Fixed per queue when the queue is made "
-        "(an existing queue keeps its own, with a warning).",
+        "many times is dead-lettered and its task failed as poison. Connection drops count too (a broker "
+        "restart can count two), hence 4 rather than 3. Fixed per queue when the queue is made (an "
+        "existing queue keeps its own, with a warning).",
     )
     bundle_max: int = Field(
         32,
