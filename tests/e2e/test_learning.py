@@ -34,7 +34,7 @@ def test_closed_loop_recovers_better_after_training(lab: Stack, client: Client, 
     from trainer.lab import lab_params, lab_workflows
     from trainer.loop import train_and_gate
 
-    before = run_batch(client, lab_workflows(40, 7, "rules"))
+    before = run_batch(client, lab_workflows(80, 7, "rules"))
     trained = train_and_gate(
         settings.database_url.get_secret_value(), seeds=1, timesteps=20_000, prior=lab_params(), log=lambda _: None
     )
@@ -46,7 +46,7 @@ def test_closed_loop_recovers_better_after_training(lab: Stack, client: Client, 
     window = policy["training"]["window"]  # the version can be traced back to the decisions it learnt from
     assert window["first_id"] < window["last_id"] and window["from"] <= window["to"]
 
-    after = run_batch(client, lab_workflows(40, 7, "learned"))  # the same tasks, the same luck
+    after = run_batch(client, lab_workflows(80, 7, "learned"))  # the same tasks, the same luck
     reward_a = statistics.fmean(w["total_reward"] for w in before)
     reward_b = statistics.fmean(w["total_reward"] for w in after)
     success_a = sum(w["status"] == "succeeded" for w in before)
