@@ -141,10 +141,11 @@ def lab_params() -> SimulatorParams:
     upstream, and no progress when the task fails), its budgets, and no executor-failure-rate
     signal: the lab's types share one executor, so the controller's per-type rate cannot single
     out a degraded one, and as every lab task's first attempt fails, the rate the controller
-    reports is high for every mode (0.67 to 1.0 over 150 rules-run workflows, mean 0.87).
+    reports is high for every mode (0.6 to 1.0 over 300 rules-run workflows, mean 0.84 to 0.88).
 
-    What the policy sees must be drawn as the controller reports it: a feature outside the range
-    it was trained on leaves the network extrapolating (see ``project_logs/experiments/closed_loop.md``)."""
+    What the policy sees must be drawn as the controller reports it: trained on a feature
+    distributed otherwise, the network reads the real values wrongly (see
+    ``project_logs/experiments/closed_loop.md``)."""
     from dataclasses import replace
 
     base = SimulatorParams()
