@@ -216,9 +216,8 @@ def write_report(result: dict[str, Any], command: str) -> Path:
         ]
     path = out / "closed_loop.md"
     # The reading of the results is written by hand below the figures: keep it across runs.
-    notes = ""
-    if path.exists() and NOTES in path.read_text():
-        notes = path.read_text()[path.read_text().index(NOTES) :]
+    old = path.read_text() if path.exists() else ""
+    notes = old[old.index(NOTES) :] if NOTES in old else ""
     path.write_text("\n".join(lines) + "\n" + ("\n" + notes if notes else ""))
     return path
 

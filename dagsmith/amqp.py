@@ -28,6 +28,8 @@ from aio_pika.abc import (
 )
 from aiormq.abc import ArgumentsType
 
+from dagsmith.settings import DEFAULT_MAX_DELIVERIES
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -95,7 +97,7 @@ async def connect(url: str, *, name: str, heartbeat: int = 15, attempts: int = 6
 class Topology:
     """Declares (idempotently) and hands out the exchanges and queues of one installation."""
 
-    def __init__(self, channel: AbstractChannel, names: Names, max_deliveries: int = 3) -> None:
+    def __init__(self, channel: AbstractChannel, names: Names, max_deliveries: int = DEFAULT_MAX_DELIVERIES) -> None:
         self.channel = channel
         self.names = names
         self.max_deliveries = max_deliveries

@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from dagsmith.validation import Limits
 
 SECRET_FIELDS = ("database_url", "amqp_url", "admin_token")
+DEFAULT_MAX_DELIVERIES = 4  # see the setting's description
 
 
 class Settings(BaseSettings):
@@ -82,7 +83,7 @@ class Settings(BaseSettings):
     )
     lease_grace: float = Field(5.0, ge=0, description="Slack added to a task's timeout before its lease expires.")
     max_deliveries: int = Field(
-        4,
+        DEFAULT_MAX_DELIVERIES,
         ge=1,
         description="Deliveries of one task message: a message that crashes (or is rejected by) executors this "
         "many times is dead-lettered and its task failed as poison. Connection drops count too (a broker "

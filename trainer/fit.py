@@ -187,14 +187,14 @@ def feature_drift(
 ) -> dict[str, dict[str, Any]]:
     """Where the first decisions of real failures look unlike the simulator's.
 
-    Per field of :data:`DRIFT_FIELDS`: mean and range in the logged first decisions (nothing
-    tried yet) and in ``episodes`` simulated ones, and ``ks``: the two-sample Kolmogorov-Smirnov
-    distance between them (0: the same distribution, 1: disjoint; for a 0/1 field, the difference
-    of the shares). The policy learnt what a feature's values mean from the simulator: where the
-    real ones are distributed otherwise, it reads them as the simulator's (a failure rate that is
-    high for every task reads as a degraded executor everywhere) or extrapolates. A large ``ks``
-    means the simulator's params — their emission model, which ``fit`` does not re-estimate —
-    need changing.
+    Per field of :data:`DRIFT_FIELDS`: how many logged first decisions (nothing tried yet) have a
+    value (``logged``), mean and range there and in ``episodes`` simulated ones, and ``ks``: the
+    two-sample Kolmogorov-Smirnov distance between them (0: the same distribution, 1: disjoint;
+    for a 0/1 field, the difference of the shares). The policy learnt what a feature's values
+    mean from the simulator: where the real ones are distributed otherwise, it reads them as the
+    simulator's (a failure rate that is high for every task reads as a degraded executor
+    everywhere) or extrapolates. A large ``ks`` means the simulator's params — their emission
+    model, which ``fit`` does not re-estimate — need changing.
     """
     real = [ctx for ctx in (FailureContext.from_dict(r["features"]) for r in records) if not any(ctx.tried)]
     sim = Simulator(params)
@@ -206,6 +206,7 @@ def feature_drift(
         if not rv or not sv:
             continue
         out[name] = {
+            "logged": len(rv),
             "real_mean": sum(rv) / len(rv),
             "real_range": (min(rv), max(rv)),
             "simulated_mean": sum(sv) / len(sv),

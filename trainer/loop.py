@@ -247,9 +247,8 @@ def train_and_gate(
     params = base.fit(records) if records else base
     log(f"fitted the simulator to {len(records)} logged decisions")
     drift = feature_drift(records, params) if records else {}
-    first_decisions = sum(not any(r["features"].get("tried", {}).values()) for r in records)
     for name, d in drift.items():
-        if d["ks"] > DRIFT_WARN and first_decisions >= DRIFT_MIN_RECORDS:
+        if d["ks"] > DRIFT_WARN and d["logged"] >= DRIFT_MIN_RECORDS:
             log(
                 f"warning: logged {name} is distributed unlike the simulator's (KS distance {d['ks']:.2f}; "
                 f"logged mean {d['real_mean']:.2f}, simulated {d['simulated_mean']:.2f}): the policy "

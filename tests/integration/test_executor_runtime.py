@@ -144,11 +144,7 @@ async def test_runtime_consumes_runs_and_reports(broker: tuple[aio_pika.abc.Abst
     topology = Topology(channel, names)
     results = await topology.queue(names.results)
     async with running_executor(s, "test.echo", concurrency=2) as runtime:
-        exchange = await topology.tasks_exchange()
-        await topology.task_queue("test.echo")
-        await exchange.publish(
-            aio_pika.Message(msg("test.echo", x=1).model_dump_json().encode()), routing_key="test.echo"
-        )
+        await send(topology, msg("test.echo", x=1))
         result = await first_result(results)
         assert result.ok
         assert result.output == {"params": {"x": 1}, "key": "7:2"}
@@ -156,6 +152,14 @@ async def test_runtime_consumes_runs_and_reports(broker: tuple[aio_pika.abc.Abst
         assert result.executor_id == runtime.id
         queue = await channel.declare_queue(names.task_queue("test.echo"), passive=True)
         assert queue.declaration_result.message_count == 0  # acked after the result went out
+
+
+async def send(topology: Topology, *messages: TaskMessage) -> None:
+    """Publish task messages as the controller does, each to its type's queue (declared first)."""
+    exchange = await topology.tasks_exchange()
+    for message in messages:
+        await topology.task_queue(message.type)
+        await exchange.publish(aio_pika.Message(message.model_dump_json().encode()), routing_key=message.type)
 
 
 async def collect_task_ids(results: AbstractQueue, n: int) -> list[int]:
@@ -204,13 +208,13 @@ async def test_every_task_message_is_acked_once_whatever_order_tasks_finish_in(
     results = await topology.queue(names.results)
     naps = [0.4 if i in (0, 9) else 0.2 if i == 15 else 0.0 for i in range(30)]
     async with running_executor(s, "test.nap", concurrency=8) as runtime:
-        exchange = await topology.tasks_exchange()
-        await topology.task_queue("test.nap")
-        for i, nap in enumerate(naps):
-            message = TaskMessage(
-                task_id=i, attempt=1, workflow_id="w", name=f"t{i}", type="test.nap", params={"s": nap}
-            )
-            await exchange.publish(aio_pika.Message(message.model_dump_json().encode()), routing_key="test.nap")
+        await send(
+            topology,
+            *(
+                TaskMessage(task_id=i, attempt=1, workflow_id="w", name=f"t{i}", type="test.nap", params={"s": nap})
+                for i, nap in enumerate(naps)
+            ),
+        )
         seen = await collect_task_ids(results, len(naps))
         assert sorted(seen) == list(range(len(naps)))
         assert seen[-1] in (0, 9)  # the slow ones finished last, after the fast ones were acked
@@ -255,11 +259,8 @@ async def test_messages_of_a_cancelled_workflow_are_dropped_unrun(
             while "w-gone" not in runtime.cancelled:  # sent again until the executor's queue is bound
                 await control.publish(cancel, routing_key="")
                 await asyncio.sleep(0.1)
-        exchange = await topology.tasks_exchange()
-        await topology.task_queue("test.echo")
         gone = msg("test.echo").model_copy(update={"workflow_id": "w-gone", "task_id": 8})
-        for message in (gone, msg("test.echo")):
-            await exchange.publish(aio_pika.Message(message.model_dump_json().encode()), routing_key="test.echo")
+        await send(topology, gone, msg("test.echo"))
         assert await collect_task_ids(results, 1) == [7]
         queue = await channel.declare_queue(names.task_queue("test.echo"), passive=True)
         assert queue.declaration_result.message_count == 0  # the cancelled one was acked, not requeued
@@ -274,10 +275,7 @@ async def test_what_a_handler_logs_carries_the_tasks_ids(
     topology = Topology(channel, names)
     results = await topology.queue(names.results)
     async with running_executor(s, "test.context", concurrency=1):
-        exchange = await topology.tasks_exchange()
-        await topology.task_queue("test.context")
-        body = msg("test.context").model_dump_json().encode()
-        await exchange.publish(aio_pika.Message(body), routing_key="test.context")
+        await send(topology, msg("test.context"))
         result = await first_result(results)
         assert result.output == {"workflow_id": "w", "task_id": 7, "attempt": 2, "task": "t"}
 
@@ -294,10 +292,8 @@ async def test_an_executor_asks_for_the_cancellations_it_missed_and_drops_their_
     topology = Topology(channel, names)
     results = await topology.queue(names.results)
     events = await topology.queue(names.events)
-    exchange = await topology.tasks_exchange()
-    await topology.task_queue("test.echo")
     old = msg("test.echo").model_copy(update={"workflow_id": "w-gone", "task_id": 8, "dispatched_at": time.time()})
-    await exchange.publish(aio_pika.Message(old.model_dump_json().encode()), routing_key="test.echo")
+    await send(topology, old)
     async with running_executor(s, "test.echo", concurrency=1) as runtime:
         async with asyncio.timeout(20):
             async with events.iterator() as it:
@@ -309,8 +305,7 @@ async def test_an_executor_asks_for_the_cancellations_it_missed_and_drops_their_
         assert event.control_queue and not runtime.caught_up.is_set()
         snapshot = CancelMessage(workflow_ids=["w-gone"], snapshot=True).model_dump_json().encode()
         await channel.default_exchange.publish(aio_pika.Message(snapshot), routing_key=event.control_queue)
-        new = msg("test.echo").model_copy(update={"dispatched_at": time.time()})
-        await exchange.publish(aio_pika.Message(new.model_dump_json().encode()), routing_key="test.echo")
+        await send(topology, msg("test.echo").model_copy(update={"dispatched_at": time.time()}))
         assert await collect_task_ids(results, 1) == [7]
         assert "w-gone" in runtime.cancelled and runtime.caught_up.is_set()
         assert not runtime.heartbeat().wants_cancellations
@@ -329,11 +324,7 @@ async def test_a_class_based_type_is_started_before_its_tasks_and_stopped_after(
     spec = local.get("test.session")
     assert spec is not None and isinstance(spec.instance, _Session)
     async with running_executor(s, "test.session", concurrency=1):
-        exchange = await topology.tasks_exchange()
-        await topology.task_queue("test.session")
-        for task_id in (1, 2):
-            body = msg("test.session").model_copy(update={"task_id": task_id}).model_dump_json().encode()
-            await exchange.publish(aio_pika.Message(body), routing_key="test.session")
+        await send(topology, *(msg("test.session").model_copy(update={"task_id": t}) for t in (1, 2)))
         outputs = sorted(str(r.output) for r in [await first_result(results), await first_result(results)])
         assert outputs == [str({"uses": 1}), str({"uses": 2})]  # one session, shared by both tasks
         assert not spec.instance.closed
