@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from controller.correction import FailureContext, RulesPolicy, learned_available, load_learned_policy
 from controller.correction.policy import Decision, Policy
 from controller.db import in_transaction
-from controller.schema import policies
+from controller.schema import policies, policy_activations
 from dagsmith.errors import Conflict, NotFound
 from dagsmith.spec import CorrectionMode
 
@@ -168,41 +168,48 @@ async def activate(conn: AsyncConnection, version: str, *, force: bool = False) 
             f"policy {version} did not pass the gate ({gate.get('reason', 'no gate report')}); "
             "activate it anyway with force"
         )
-    await conn.execute(
-        sa.update(policies)
-        .where(policies.c.status == "active", policies.c.version != version)
-        .values(status="retired", retired_at=sa.func.now())
-    )
-    await conn.execute(
-        sa.update(policies).where(policies.c.version == version).values(status="active", activated_at=sa.func.now())
-    )
-    await conn.execute(sa.select(sa.func.pg_notify(CHANNEL_POLICIES, version)))
+    if row.status != "active":
+        await conn.execute(sa.insert(policy_activations).values(version=version))
+    await _make_active(conn, version)
     return await active(conn) or {}
 
 
 async def rollback(conn: AsyncConnection) -> dict[str, Any] | None:
-    """Retire the active version and re-activate the one active before it (or none: the rules)."""
+    """Undo the latest activation still standing: the version active before it comes back (or
+    none: the rules). Successive rollbacks walk back through the activations, newest first."""
     current = (await conn.execute(sa.select(policies).where(policies.c.status == "active").with_for_update())).first()
     if current is None:
         raise Conflict("no policy is active: the controllers already decide with the rules")
-    previous = (
-        await conn.execute(
-            sa.select(policies.c.version)
-            .where(policies.c.status == "retired", policies.c.activated_at.is_not(None))
-            .order_by(policies.c.activated_at.desc())
-            .limit(1)
-        )
-    ).first()
-    await conn.execute(
-        sa.update(policies)
-        .where(policies.c.version == current.version)
-        .values(status="retired", retired_at=sa.func.now())
+    standing = (
+        sa.select(policy_activations.c.id, policy_activations.c.version)
+        .where(~policy_activations.c.undone)
+        .order_by(policy_activations.c.id.desc())
+        .limit(2)
     )
-    if previous is not None:
+    rows = (await conn.execute(standing)).all()
+    if rows and rows[0].version == current.version:
+        await conn.execute(
+            sa.update(policy_activations)
+            .where(policy_activations.c.id == rows[0].id)
+            .values(undone=True, undone_at=sa.func.now())
+        )
+        rows = rows[1:]
+    previous = rows[0].version if rows else None
+    await _make_active(conn, previous)
+    return await active(conn)
+
+
+async def _make_active(conn: AsyncConnection, version: str | None) -> None:
+    """Retire whatever is active and activate ``version`` (none: the rules decide); tell every
+    controller to reload."""
+    others = policies.c.status == "active"
+    if version is not None:
+        others &= policies.c.version != version
+    await conn.execute(sa.update(policies).where(others).values(status="retired", retired_at=sa.func.now()))
+    if version is not None:
         await conn.execute(
             sa.update(policies)
-            .where(policies.c.version == previous.version)
+            .where(policies.c.version == version, policies.c.status != "active")
             .values(status="active", activated_at=sa.func.now())
         )
-    await conn.execute(sa.select(sa.func.pg_notify(CHANNEL_POLICIES, previous.version if previous else "")))
-    return await active(conn)
+    await conn.execute(sa.select(sa.func.pg_notify(CHANNEL_POLICIES, version or "")))

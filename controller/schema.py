@@ -239,3 +239,16 @@ policies = sa.Table(
     sa.CheckConstraint("status IN ('candidate', 'active', 'retired', 'rejected')", name="status"),
     sa.Index("ix_policies_one_active", "status", unique=True, postgresql_where=sa.text("status = 'active'")),
 )
+
+# Every activation, in order: a rollback undoes the latest one still standing and brings back the
+# version of the one before it, so successive rollbacks walk back through the history.
+policy_activations = sa.Table(
+    "policy_activations",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("version", sa.Text, sa.ForeignKey("policies.version", ondelete="CASCADE"), nullable=False),
+    sa.Column("undone", sa.Boolean, nullable=False, server_default=sa.false()),
+    _ts("activated_at", nullable=False, server_default=sa.func.now()),
+    _ts("undone_at"),
+    sa.Index("ix_policy_activations_live", "id", postgresql_where=sa.text("NOT undone")),
+)
