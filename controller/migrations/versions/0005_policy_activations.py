@@ -22,9 +22,7 @@ def upgrade() -> None:
         sa.Column("activated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
         sa.Column("undone_at", sa.DateTime(timezone=True)),
     )
-    op.create_index(
-        "ix_policy_activations_live", "policy_activations", ["id"], postgresql_where=sa.text("NOT undone")
-    )
+    op.create_index("ix_policy_activations_live", "policy_activations", ["id"], postgresql_where=sa.text("NOT undone"))
     # The history so far is only known as each version's last activation: take it in that order,
     # the active version last.
     op.execute(
