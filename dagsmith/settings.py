@@ -70,7 +70,10 @@ class Settings(BaseSettings):
         1024 * 1024,
         description="Largest task output stored; larger outputs fail the attempt (resource_exhausted).",
     )
-    max_template_bytes: int = Field(1024 * 1024, description="Largest value one template may render to.")
+    max_template_bytes: int = Field(
+        1024 * 1024,
+        description="Largest total the templates of one task's params (or of a workflow's output) may render to.",
+    )
     max_sse_connections: int = Field(200, description="Concurrent event streams the API serves.")
 
     # Controller

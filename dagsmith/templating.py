@@ -8,13 +8,16 @@ building. A string that is exactly one ``{{ expression }}`` renders to the expre
 
 from __future__ import annotations
 
+import functools
 import operator
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import jinja2
+import jinja2.filters
 import jmespath
 import orjson
 from jinja2 import nodes
@@ -23,8 +26,130 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from dagsmith.errors import TemplateError
 
-# Any string longer than this built by ``*`` inside a template is refused before it is built.
+# What one expression may build, checked before it is built. A template is short, but nested
+# powers, padding, replacements and repeated references grow exponentially with its length, so
+# every operation that can amplify is bounded by the size of its result (strings and lists in
+# characters or serialised bytes, integers in bits); the rest are linear in their input.
 MAX_BUILT_STRING = 1_000_000
+MAX_INT_BITS = 100_000  # about 30,000 decimal digits
+MAX_FORMAT_WIDTH = 10_000  # widths and precisions in %-style and str.format specs
+
+_PERCENT_SPEC = re.compile(r"%[-#0 +]*(\*|\d*)(?:\.(\*|\d*))?")
+_BRACE_SPEC = re.compile(r"\{[^{}]*?:([^{}]*)(\{?)")
+
+
+def _refuse_large(size: int, what: str) -> None:
+    if size > MAX_BUILT_STRING:
+        raise TemplateError(f"template builds {what} of {size} characters or items (limit {MAX_BUILT_STRING})")
+
+
+def _check_format(fmt: str) -> None:
+    """Refuse format strings whose widths could build a huge string (``'%999999999s'``)."""
+    for match in _PERCENT_SPEC.finditer(fmt):
+        for part in match.groups():
+            if part == "*":
+                raise TemplateError("template format strings may not take their width from an argument ('*')")
+            if part and int(part) > MAX_FORMAT_WIDTH:
+                raise TemplateError(f"template format width {part} is over the limit of {MAX_FORMAT_WIDTH}")
+    for match in _BRACE_SPEC.finditer(fmt):
+        if match.group(2):
+            raise TemplateError("template format strings may not take their width from an argument ('{:{}}')")
+        for number in re.findall(r"\d+", match.group(1)):
+            if int(number) > MAX_FORMAT_WIDTH:
+                raise TemplateError(f"template format width {number} is over the limit of {MAX_FORMAT_WIDTH}")
+
+
+def _weight(value: Any) -> int:
+    """Roughly how large a value is once written out (what repeating it multiplies)."""
+    if isinstance(value, str):
+        return len(value)
+    try:
+        return len(orjson.dumps(value, default=str))
+    except TypeError:
+        return len(str(value))
+
+
+def _replaced_size(text: str, old: str, new: str, count: int = -1) -> int:
+    hits = text.count(old) if old else len(text) + 1
+    if count >= 0:
+        hits = min(hits, count)
+    return len(text) + hits * max(len(new) - len(old), 0)
+
+
+def _check_str_call(text: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Bound the result of a ``str`` method call before it runs."""
+    if name in ("center", "ljust", "rjust", "zfill") and args and isinstance(args[0], int):
+        _refuse_large(args[0], f"a padded string ('{name}')")
+    elif name == "expandtabs":
+        size = int(args[0] if args else kwargs.get("tabsize", 8))
+        _refuse_large(len(text) + text.count("\t") * size, "a string ('expandtabs')")
+    elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        count = args[2] if len(args) > 2 else kwargs.get("count", -1)
+        _refuse_large(_replaced_size(text, args[0], args[1], int(count)), "a string ('replace')")
+    elif name in ("format", "format_map"):
+        _check_format(text)
+
+
+def _guarded_filter(name: str, check: Any) -> Any:
+    """A built-in filter that first checks the size of what it would build. A check may return
+    the arguments to call the filter with (an iterable it had to read, now a list)."""
+    original = jinja2.filters.FILTERS[name]
+
+    @functools.wraps(original)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        checked = check(*args, **kwargs)
+        return original(*(checked or args), **kwargs)
+
+    return guarded
+
+
+def _check_center(value: Any, width: int = 80) -> None:
+    _refuse_large(len(str(value)) + int(width), "a padded string ('center')")
+
+
+def _check_indent(value: Any, width: int | str = 4, *args: Any, **kwargs: Any) -> None:
+    pad = len(width) if isinstance(width, str) else int(width)
+    text = str(value)
+    _refuse_large(len(text) + (text.count("\n") + 1) * pad, "an indented string ('indent')")
+
+
+def _check_replace(*args: Any, **kwargs: Any) -> None:
+    # The filter is called as replace(eval_context, value, old, new, count=None).
+    value, old, new, *rest = args[1:]
+    count = rest[0] if rest else kwargs.get("count")
+    _refuse_large(
+        _replaced_size(str(value), str(old), str(new), -1 if count is None else int(count)), "a string ('replace')"
+    )
+
+
+def _check_join(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
+    # join(eval_context, value, d="", attribute=None); value may be any iterable, read once here.
+    items = list(args[1])
+    sep = args[2] if len(args) > 2 else kwargs.get("d", "")
+    _refuse_large(sum(_weight(v) for v in items) + len(items) * len(str(sep)), "a string ('join')")
+    return (args[0], items, *args[2:])
+
+
+def _check_format_filter(value: Any, *args: Any, **kwargs: Any) -> None:
+    _check_format(str(value))
+
+
+def _check_wordwrap(*args: Any, **kwargs: Any) -> None:
+    # wordwrap(environment, s, width=79, break_long_words=True, wrapstring=None, ...)
+    text = str(args[1])
+    width = int(args[2] if len(args) > 2 else kwargs.get("width", 79))
+    wrap = args[4] if len(args) > 4 else kwargs.get("wrapstring") or "\n"
+    _refuse_large(len(text) + (len(text) // max(width, 1) + 1) * len(str(wrap)), "a string ('wordwrap')")
+
+
+_FILTER_CHECKS = {
+    "center": _check_center,
+    "indent": _check_indent,
+    "replace": _check_replace,
+    "join": _check_join,
+    "format": _check_format_filter,
+    "wordwrap": _check_wordwrap,
+}
 
 
 def _concat(values: Iterator[Any]) -> Any:
@@ -52,7 +177,7 @@ def _fromjson(value: str) -> Any:
 class _Environment(ImmutableSandboxedEnvironment):
     code_generator_class = NativeCodeGenerator
     concat = staticmethod(_concat)  # type: ignore[assignment]
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "%"})
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         # Outputs are JSON: ``output.items`` means the key "items", never the dict method.
@@ -60,23 +185,56 @@ class _Environment(ImmutableSandboxedEnvironment):
             if attribute in obj:
                 return obj[attribute]
             return self.undefined(obj=obj, name=attribute)
-        return super().getattr(obj, attribute)
+        value = super().getattr(obj, attribute)
+        if isinstance(obj, str) and callable(value):
+            return _guarded_method(obj, attribute, value)
+        return value
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        value = super().getitem(obj, argument)
+        if isinstance(obj, str) and isinstance(argument, str) and callable(value):
+            return _guarded_method(obj, argument, value)
+        return value
 
     def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
+        if op == "%":
+            if isinstance(left, str):
+                _check_format(left)
+            return operator.mod(left, right)
         if op == "**":
-            if isinstance(right, int | float) and abs(right) > 100:
-                raise TemplateError("exponent too large in template (limit 100)")
+            if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
+                bits = left.bit_length() * right
+                if bits > MAX_INT_BITS:
+                    raise TemplateError(f"template computes a {bits}-bit number (limit {MAX_INT_BITS} bits)")
             return operator.pow(left, right)
-        # op == "*": refuse to build huge strings or lists ('a' * 10**9).
+        # op == "*": refuse to build huge numbers, strings or lists ('a' * 10**9, [big] * 1000).
+        if isinstance(left, int) and isinstance(right, int):
+            bits = left.bit_length() + right.bit_length()
+            if bits > MAX_INT_BITS:
+                raise TemplateError(f"template computes a {bits}-bit number (limit {MAX_INT_BITS} bits)")
         for seq, n in ((left, right), (right, left)):
-            if isinstance(seq, str | list | tuple) and isinstance(n, int) and len(seq) * n > MAX_BUILT_STRING:
-                raise TemplateError(f"template builds a sequence of {len(seq) * n} items (limit {MAX_BUILT_STRING})")
+            if isinstance(seq, str | list | tuple) and isinstance(n, int) and not isinstance(n, bool):
+                _refuse_large(len(seq) * n, "a sequence")
+                _refuse_large(_weight(seq) * n, "a sequence")
         return operator.mul(left, right)
+
+
+def _guarded_method(text: str, name: str, method: Any) -> Any:
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        _check_str_call(text, name, args, kwargs)
+        return method(*args, **kwargs)
+
+    return guarded
 
 
 @lru_cache(maxsize=1)
 def environment() -> _Environment:
     env = _Environment(undefined=jinja2.StrictUndefined, autoescape=False)
+    # Only what templates need: no lipsum (it writes paragraphs by the thousand), cycler, joiner
+    # or namespace (templates hold no state).
+    env.globals = {"range": env.globals["range"], "dict": env.globals["dict"]}
+    for name, check in _FILTER_CHECKS.items():
+        env.filters[name] = _guarded_filter(name, check)
     env.filters["jmespath"] = _jmespath
     env.filters["tojson"] = _tojson
     env.filters["fromjson"] = _fromjson
@@ -164,31 +322,45 @@ def _compile(template: str) -> jinja2.Template:
 def render(value: Any, context: dict[str, Any], *, max_bytes: int, path: str = "") -> Any:
     """Render every template inside ``value``; other values pass through unchanged.
 
-    Raises TemplateError naming the path of the failing template, or if a rendered string is
-    larger than ``max_bytes``.
+    ``max_bytes`` bounds what all the templates in ``value`` render to together (one task's
+    params, or a workflow's output), so many small templates cannot add up to a huge message.
+    Raises TemplateError naming the path of the failing template, or of the one that went over.
     """
+    return _render(value, context, _Budget(max_bytes), path)
+
+
+@dataclass
+class _Budget:
+    limit: int
+    used: int = 0
+
+
+def _render(value: Any, context: dict[str, Any], budget: _Budget, path: str) -> Any:
     if isinstance(value, str):
         if not is_template(value):
             return value
+        where = path or "template"
         try:
             result = _compile(value).render(context)
         except TemplateError as exc:
-            raise TemplateError(f"{path or 'template'}: {exc}") from exc
+            raise TemplateError(f"{where}: {exc}") from exc
         except jinja2.TemplateError as exc:
-            raise TemplateError(f"{path or 'template'}: {exc}") from exc
+            raise TemplateError(f"{where}: {exc}") from exc
         except (TypeError, ValueError, ArithmeticError, LookupError) as exc:
-            raise TemplateError(f"{path or 'template'}: {type(exc).__name__}: {exc}") from exc
+            raise TemplateError(f"{where}: {type(exc).__name__}: {exc}") from exc
         try:
             size = len(result) if isinstance(result, str) else len(orjson.dumps(result))
         except TypeError:
+            raise TemplateError(f"{where}: renders to a {type(result).__name__}, which is not JSON data") from None
+        budget.used += size
+        if budget.used > budget.limit:
             raise TemplateError(
-                f"{path or 'template'}: renders to a {type(result).__name__}, which is not JSON data"
-            ) from None
-        if size > max_bytes:
-            raise TemplateError(f"{path or 'template'}: rendered value is {size} bytes, over the limit of {max_bytes}")
+                f"{where}: rendered value is {size} bytes, bringing the templates here to {budget.used} bytes, "
+                f"over the limit of {budget.limit} (DAGSMITH_MAX_TEMPLATE_BYTES)"
+            )
         return result
     if isinstance(value, dict):
-        return {k: render(v, context, max_bytes=max_bytes, path=f"{path}.{k}") for k, v in value.items()}
+        return {k: _render(v, context, budget, f"{path}.{k}") for k, v in value.items()}
     if isinstance(value, list):
-        return [render(v, context, max_bytes=max_bytes, path=f"{path}[{i}]") for i, v in enumerate(value)]
+        return [_render(v, context, budget, f"{path}[{i}]") for i, v in enumerate(value)]
     return value

@@ -138,6 +138,24 @@ INJECTIONS = [
     "{{ range(100000000) | list | length }}",
     "{{ tasks.a.output.items() }}",
     "{{ params.x.pop() }}",
+    # Each of these is short but builds gigabytes or runs for minutes if not bounded up front.
+    "{{ ((((9 ** 100) ** 100) ** 100) ** 100) }}",
+    "{{ 'a' | center(2000000000) }}",
+    "{{ 'a' | indent(2000000000) }}",
+    "{{ 'a'.center(2000000000) }}",
+    "{{ 'a'['ljust'](2000000000) }}",
+    "{{ 'a'.zfill(2000000000) }}",
+    "{{ '%2000000000s' % 'a' }}",
+    "{{ '%*s' % (2000000000, 'a') }}",
+    "{{ '{:>2000000000}'.format('a') }}",
+    "{{ '{:{}}'.format('a', 2000000000) }}",
+    "{{ '%2000000000s' | format('a') }}",
+    "{{ ('a' * 1000000) | replace('a', 'a' * 1000000) }}",
+    "{{ ('a' * 1000000).replace('a', 'a' * 1000000) }}",
+    "{{ range(100000) | join('a' * 1000000) }}",
+    "{{ ([('a' * 1000000)] * 1000000) | tojson }}",
+    "{{ 'ab' | wordwrap(1, true, 'x' * 1000000) }}",
+    "{{ lipsum(1000000) }}",
 ]
 
 
@@ -176,3 +194,20 @@ def test_a_cycle_through_a_duplicated_name_is_reported() -> None:
         validate(doc, Limits())
     problems = {p["code"]: p["path"] for p in caught.value.problems}
     assert problems == {"duplicate": "spec.tasks[1].name", "cycle": "spec.tasks[0].dependsOn"}
+
+
+def test_bounded_operations_still_work_below_their_limits() -> None:
+    context = {"params": {"x": [1, 2]}}
+    assert render("{{ '%5.2f' % 3.14159 }}", context, max_bytes=100) == " 3.14"
+    assert render("{{ '{:>3}'.format('a') }}", context, max_bytes=100) == "  a"
+    assert render("{{ params.x | join(',') }}", context, max_bytes=100) == "1,2"
+    assert render("{{ 'a b' | replace('a', 'c') }}", context, max_bytes=100) == "c b"
+    assert render("{{ 'x' | center(3) }}", context, max_bytes=100) == " x "
+    assert render("{{ (2 ** 40) * 3 }}", context, max_bytes=100) == 3 * 2**40
+
+
+def test_the_template_size_limit_covers_all_of_a_tasks_templates_together() -> None:
+    params = {f"p{i}": "{{ 'a' * 1000 }}" for i in range(20)}
+    assert len(render(params, {}, max_bytes=20_000)) == 20
+    with pytest.raises(TemplateError, match=r"params\.p10: .* 11000 bytes, over the limit of 10000"):
+        render(params, {}, max_bytes=10_000, path="params")
