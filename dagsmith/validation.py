@@ -386,6 +386,8 @@ def _reference_problems(
     names = {t.name for t in doc.spec.tasks}
     deps = {t.name: t.depends_on for t in doc.spec.tasks}
     topo = {n: i for i, n in enumerate(order)} if order is not None else None
+    # References to tasks that are not direct dependencies, checked together at the end.
+    indirect: list[tuple[str, str, str]] = []  # (referenced task, referring task, path)
     for i, task in enumerate(doc.spec.tasks):
         found: set[str] = set()
         for path, template in iter_templates(task.params, f"spec.tasks[{i}].params"):
@@ -401,15 +403,8 @@ def _reference_problems(
                     )
                 elif ref == task.name:
                     problems.append(_problem(path, f"task {task.name!r} refers to its own output", "reference"))
-                elif topo is not None and not _is_ancestor(ref, task.name, deps, topo):
-                    problems.append(
-                        _problem(
-                            path,
-                            f"refers to tasks.{ref}, which is not upstream of {task.name!r}; "
-                            f"add {ref!r} to dependsOn (directly or through another task)",
-                            "reference",
-                        )
-                    )
+                elif topo is not None and ref not in deps[task.name]:
+                    indirect.append((ref, task.name, path))
                 else:
                     found.add(ref)
             for param in sorted(found_here.params):
@@ -422,6 +417,20 @@ def _reference_problems(
                         )
                     )
         refs[task.name] = frozenset(found)
+    if indirect and topo is not None:
+        upstream = _descendants({ref for ref, _, _ in indirect}, indirect, deps, topo)
+        for ref, name, path in indirect:
+            if name in upstream[ref]:
+                refs[name] = refs[name] | {ref}
+            else:
+                problems.append(
+                    _problem(
+                        path,
+                        f"refers to tasks.{ref}, which is not upstream of {name!r}; "
+                        f"add {ref!r} to dependsOn (directly or through another task)",
+                        "reference",
+                    )
+                )
     for path, template in iter_templates(doc.spec.output, "spec.output"):
         try:
             found_here = references(template)
@@ -433,20 +442,32 @@ def _reference_problems(
     return refs, problems
 
 
-def _is_ancestor(candidate: str, task: str, deps: dict[str, list[str]], topo: dict[str, int]) -> bool:
-    """Is ``candidate`` reachable by walking ``task``'s dependencies? Prunes by topological index."""
-    if candidate in deps[task]:
-        return True
-    if topo[candidate] >= topo[task]:
-        return False
-    seen = {task}
-    stack = [task]
-    limit = topo[candidate]
-    while stack:
-        for dep in deps[stack.pop()]:
-            if dep == candidate:
-                return True
-            if dep not in seen and topo[dep] > limit:
-                seen.add(dep)
-                stack.append(dep)
-    return False
+def _descendants(
+    candidates: set[str], queries: list[tuple[str, str, str]], deps: dict[str, list[str]], topo: dict[str, int]
+) -> dict[str, set[str]]:
+    """For each referenced task, the tasks downstream of it, as far as any task referring to it.
+
+    One walk per referenced task, whatever the number of references to it, so a thousand tasks
+    reading the same early output cost one walk, not a thousand (which made validation quadratic).
+    The walk goes forward in topological order and stops past the last task that asks.
+    """
+    children: dict[str, list[str]] = {name: [] for name in deps}
+    for name, parents in deps.items():
+        for parent in parents:
+            if parent in children:
+                children[parent].append(name)
+    reach: dict[str, int] = {}
+    for ref, name, _ in queries:
+        reach[ref] = max(reach.get(ref, -1), topo[name])
+    found: dict[str, set[str]] = {}
+    for ref in candidates:
+        limit = reach[ref]
+        seen: set[str] = set()
+        stack = [ref]
+        while stack:
+            for child in children[stack.pop()]:
+                if child not in seen and topo[child] <= limit:
+                    seen.add(child)
+                    stack.append(child)
+        found[ref] = seen
+    return found

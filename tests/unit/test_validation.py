@@ -93,6 +93,23 @@ def test_reference_to_non_ancestor() -> None:
     assert "not upstream of 'c'" in found[0]["message"]
 
 
+def test_references_through_other_tasks_are_upstream_and_side_branches_are_not() -> None:
+    # a → b → c → d, and e beside them; c, d and e all read a (one walk from a serves them all).
+    def reads_a() -> dict[str, str]:
+        return {"x": "{{ tasks.a.output }}"}
+
+    found = problems(
+        doc(
+            {"name": "a", "type": "noop"},
+            {"name": "b", "type": "noop", "dependsOn": ["a"]},
+            {"name": "c", "type": "echo", "dependsOn": ["b"], "params": reads_a()},
+            {"name": "d", "type": "echo", "dependsOn": ["c"], "params": {**reads_a(), "y": "{{ tasks.b.output }}"}},
+            {"name": "e", "type": "echo", "params": reads_a()},
+        )
+    )
+    assert [(p["path"], p["code"]) for p in found] == [("spec.tasks[4].params.x", "reference")]
+
+
 def test_reference_to_unknown_task_and_param() -> None:
     found = problems(doc({"name": "a", "type": "echo", "params": {"x": "{{ tasks.zz.output }} {{ params.nope }}"}}))
     messages = sorted(p["message"] for p in found)
