@@ -141,23 +141,29 @@ class Corrector:
         choice = self.policies.choose(correction.mode, ctx)
         self._record_shadow(choice)
         action = choice.decision.action
+        spent = 0.0 if outcome.started_at is None else max(outcome.finished_at - outcome.started_at, 0.0)
         stop = over_budget(
             correction,
             surgeries=surgeries,
             inserted=inserted,
             elapsed=now - (workflow.started_at or now),
-            task_seconds=workflow.task_seconds,
+            task_seconds=workflow.task_seconds + spent,  # the failed attempt counts too
         )
         taken = (
             await revisions.names_like(conn, workflow.id, f"{task.name}_repair") if action == A.insert_repair else set()
         )
+        chosen = action
         try:
             plan = self._plan(action, snap, task, capability, fallbacks, tuned_params, tuned_timeout, taken)
         except SurgeryError as exc:
             log.warning("planned surgery impossible; aborting", action=str(action), error=str(exc))
             plan, stop = abort(snap), str(exc)
+            choice = choice.overridden(f"impossible: {exc}")
         if stop and action not in (A.skip, A.abort):
             plan = abort(snap)
+            if choice.decision.action != A.abort:
+                choice = choice.overridden(f"budget: {stop}")
+        action = choice.decision.action
         reason = {
             "error_class": str(failure.error_class),
             "message": failure.message[:500],
@@ -167,6 +173,7 @@ class Corrector:
             "fallback_reason": choice.decision.fallback_reason,
             "feedback": outcome.feedback,
             "budget": stop,
+            "overrode": str(chosen) if chosen != action else None,
         }
         applied = await revisions.apply(
             conn, workflow.id, snap, plan, actor=choice.actor, reason=reason, now=now, events=events, outcome=outcome
@@ -201,7 +208,6 @@ class Corrector:
                     data={"message": message, "task": task.name},
                 )
             )
-        spent = 0.0 if outcome.started_at is None else max(outcome.finished_at - outcome.started_at, 0.0)
         await self._log(conn, workflow, task, ctx, choice, applied.revision, plan, now, spent)
         SURGERIES.labels(plan.operation.value if aborted else str(action), str(failure.error_class)).inc()
         DECISIONS.labels(str(action), choice.decision.policy_version, str(choice.mode)).inc()

@@ -16,7 +16,14 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from controller.correction import FailureContext, RulesPolicy, learned_available, load_learned_policy
+from controller.correction import (
+    ACTIONS,
+    CorrectiveAction,
+    FailureContext,
+    RulesPolicy,
+    learned_available,
+    load_learned_policy,
+)
 from controller.correction.policy import Decision, Policy
 from controller.db import in_transaction
 from controller.schema import policies, policy_activations
@@ -36,6 +43,15 @@ class Choice:
     # off-policy estimate divides by): 1 for deterministic choices (rules, argmax), the
     # distribution's entry when the policy samples.
     propensity: float = 1.0
+
+    def overridden(self, reason: str) -> Choice:
+        """What is logged when the controller aborts instead of the chosen action (a budget ran
+        out, or the surgery proved impossible): the abort that was taken, with certainty, and why
+        — not the choice it replaced, which the learner would otherwise blame for the failure."""
+        d = self.decision
+        certain = tuple(1.0 if a == CorrectiveAction.abort else 0.0 for a in ACTIONS)
+        forced = Decision(CorrectiveAction.abort, certain, 1.0, d.mask, d.policy_version, reason)
+        return Choice(forced, self.shadow, self.mode, 1.0)
 
     @property
     def actor(self) -> str:

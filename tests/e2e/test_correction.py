@@ -230,3 +230,23 @@ def test_a_decision_that_did_not_fix_records_what_the_next_attempt_cost(client: 
     first, second = decisions(settings, wid)
     assert first["outcome"]["fixed"] is False and first["outcome"]["follow_up"] == second["id"]
     assert 0.3 <= first["outcome"]["task_seconds"] <= 5.0, first["outcome"]
+
+
+def test_a_budget_that_runs_out_ends_correction_at_once_and_logs_the_abort(client: Client, settings: Settings) -> None:
+    """The task-seconds budget counts the attempt that just failed (it used to be checked one
+    attempt late), and the decision logged is the abort the controller took, not the retry the
+    rules chose before the budget ruled it out (the learner would blame the retry)."""
+    doc = workflow(
+        "spent",
+        {"name": "t", "type": "chaos.hang", "params": {"seconds": 30}, "timeout": "0.3s"},
+        correction={"taskSecondsBudget": 0.5, "maxRetries": 50},
+    )
+    wid = submit(client, doc)
+    wf = wait_finished(client, wid, timeout=60)
+    assert wf["status"] == "failed"
+    assert [t["attempt"] for t in client.tasks(wid)["items"]] == [2]  # 0.3 s, then 0.6 s: over 0.5 s
+    first, last = decisions(settings, wid)
+    assert first["action"] != "abort"
+    assert last["action"] == "abort" and last["probability"] == 1.0
+    assert last["fallback_reason"].startswith("budget: tasks ran"), last["fallback_reason"]
+    assert last["outcome"]["ended"] == "abort"
