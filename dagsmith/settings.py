@@ -140,8 +140,8 @@ class Settings(BaseSettings):
     # Observability
     metrics_port: int = Field(
         0,
-        description="Port for /metrics of the controller, evaluator and executors (0: the service default "
-        "9101/9102/9103; -1: off).",
+        description="Port for /metrics of the controller, evaluator, executors and trainer (0: the service "
+        "default 9101/9102/9103/9104; -1: off).",
     )
     log_level: str = Field("INFO", description="Log level.")
     log_format: str = Field("auto", description="'json', 'console' or 'auto' (JSON when not a TTY).")

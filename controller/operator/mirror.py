@@ -5,9 +5,6 @@ The mirror answers from memory, and refreshes all tracked workflows with one que
 ``interval`` (the first timer to find the cache stale does it, under a lock), plus one bounded
 task query for the workflows whose counters changed. Work per refresh is one indexed lookup per
 tracked workflow and nothing at all for the ones that did not change.
-
-The ``surgeries`` and ``policy_version`` columns belong to Correction Mode; the rows are read
-with ``SELECT *`` so they are used when that migration has run, and read as 0 / none before.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ Kubernetes OpenAPI schemas, unknown fields rejected).
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +39,36 @@ OTHER_SCHEMAS: dict[str, dict[str, Any]] = {
                 "properties": {
                     "selector": {"type": "object", "required": ["matchLabels"]},
                     "endpoints": {"type": "array", "items": {"type": "object", "required": ["port"]}},
+                },
+            }
+        },
+    },
+    "PrometheusRule": {
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "spec": {
+                "type": "object",
+                "required": ["groups"],
+                "properties": {
+                    "groups": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["name", "rules"],
+                            "properties": {
+                                "rules": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["expr"],
+                                        "oneOf": [{"required": ["record"]}, {"required": ["alert"]}],
+                                    },
+                                }
+                            },
+                        },
+                    }
                 },
             }
         },
@@ -76,9 +107,11 @@ OTHER_SCHEMAS: dict[str, dict[str, Any]] = {
 }
 
 
-def render(values: dict[str, Any], chart: Path = CHART) -> list[dict[str, Any]]:
+def render(
+    values: dict[str, Any], chart: Path = CHART, name: str = "dagsmith", namespace: str = "dagsmith"
+) -> list[dict[str, Any]]:
     with helm.Chart.load(chart) as loaded:
-        manifests = loaded.render(values, name="dagsmith", namespace="dagsmith", is_install=True)
+        manifests = loaded.render(values, name=name, namespace=namespace, is_install=True)
     docs: list[dict[str, Any]] = []
     for path, text in sorted(manifests.items()):
         if path.endswith(".yaml"):
@@ -165,14 +198,24 @@ def test_components_probes_and_secrets() -> None:
         s["metadata"]["name"] for s in of_kind(docs, "Service") if s["metadata"]["labels"].get("dagsmith.io/metrics")
     }
     assert "dagsmith-trainer-metrics" in scraped and "dagsmith-evaluator-metrics" in scraped
+    # Each container gets the connections it uses: executors and the evaluator only the broker,
+    # the admin token only the API.
+    uses_postgres = {"api", "controller", "operator", "trainer"}
     for name, d in deployments.items():
         for c in d["spec"]["template"]["spec"]["containers"]:
             assert c["resources"]["requests"], f"{name}/{c['name']} has no resource requests"
             assert c.get("livenessProbe"), f"{name}/{c['name']} has no liveness probe"
-            env = {e["name"]: e for e in c["env"]}
-            assert env["DAGSMITH_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "dagsmith-connections"
-            assert env["DAGSMITH_AMQP_URL"]["valueFrom"]["secretKeyRef"]["name"] == "dagsmith-rabbitmq"
-            assert env["DAGSMITH_ADMIN_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "dagsmith-auth"
+            env = {
+                e["name"]: e["valueFrom"]["secretKeyRef"]["name"]
+                for e in c["env"]
+                if "secretKeyRef" in e.get("valueFrom", {})
+            }
+            expected = {"DAGSMITH_AMQP_URL": "dagsmith-rabbitmq"}
+            if c["name"] in uses_postgres:
+                expected["DAGSMITH_DATABASE_URL"] = "dagsmith-connections"
+            if c["name"] == "api":
+                expected["DAGSMITH_ADMIN_TOKEN"] = "dagsmith-auth"
+            assert env == expected, f"{name}/{c['name']}"
         if name != "dagsmith-controller":
             assert d["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
     [secret] = of_kind(docs, "Secret")
@@ -205,7 +248,32 @@ def test_rbac_is_what_kopf_and_the_operator_need() -> None:
     }
     assert of_kind(docs, "Role") == []
     [peering] = of_kind(docs, "ClusterKopfPeering")
-    assert peering["metadata"]["name"] == "dagsmith"
+    assert peering["metadata"]["name"] == "dagsmith-dagsmith"
+    assert f"--peering={peering['metadata']['name']}" in operator_args(docs)
+
+
+def test_releases_do_not_share_a_peering_object() -> None:
+    """A ClusterKopfPeering is cluster-wide: two releases serving all namespaces would otherwise
+    elect one active operator between them, and the other release's Workflows would go unserved."""
+    names = set()
+    for release, namespace in [("dagsmith", "team-a"), ("dagsmith", "team-b"), ("other", "team-a")]:
+        docs = render(VALUES["external-values"], name=release, namespace=namespace)
+        [peering] = of_kind(docs, "ClusterKopfPeering")
+        assert f"--peering={peering['metadata']['name']}" in operator_args(docs)
+        names.add(peering["metadata"]["name"])
+    assert len(names) == 3
+    docs = render(VALUES["demo-values"])
+    assert {p["metadata"]["name"] for p in of_kind(docs, "KopfPeering")} == {"dagsmith-dagsmith"}
+    assert "--peering=dagsmith-dagsmith" in operator_args(docs)
+
+
+def operator_args(docs: list[dict[str, Any]]) -> list[str]:
+    return next(
+        c["args"]
+        for d in of_kind(docs, "Deployment")
+        for c in d["spec"]["template"]["spec"]["containers"]
+        if c["name"] == "operator"
+    )
 
 
 def test_an_operator_limited_to_namespaces_gets_roles_there() -> None:
@@ -215,13 +283,8 @@ def test_an_operator_limited_to_namespaces_gets_roles_there() -> None:
     [cluster_role] = of_kind(docs, "ClusterRole")
     assert {r["resources"][0] for r in cluster_role["rules"]} == {"customresourcedefinitions", "namespaces"}
     assert sorted(p["metadata"]["namespace"] for p in of_kind(docs, "KopfPeering")) == ["default", "team-a"]
-    operator_args = next(
-        c["args"]
-        for d in of_kind(docs, "Deployment")
-        for c in d["spec"]["template"]["spec"]["containers"]
-        if c["name"] == "operator"
-    )
-    assert "--namespace=default" in operator_args and "--namespace=team-a" in operator_args
+    args = operator_args(docs)
+    assert "--namespace=default" in args and "--namespace=team-a" in args
     assert {s["metadata"]["name"] for s in of_kind(docs, "StatefulSet")} == {"dagsmith-postgres", "dagsmith-rabbitmq"}
     secrets = {s["metadata"]["name"]: s for s in of_kind(docs, "Secret")}
     assert "@dagsmith-postgres:5432/" in secrets["dagsmith-connections"]["stringData"]["DAGSMITH_DATABASE_URL"]
@@ -230,7 +293,7 @@ def test_an_operator_limited_to_namespaces_gets_roles_there() -> None:
 
 def test_an_admin_token_is_made_when_none_is_given() -> None:
     """With no auth.existingSecret the chart makes a random bootstrap token (auth stays on, and
-    someone can get in); every component reads the token from whichever Secret holds it."""
+    someone can get in); the API reads the token from whichever Secret holds it."""
     docs = render(VALUES["demo-values"])
     made = next(s for s in of_kind(docs, "Secret") if s["metadata"]["name"] == "dagsmith-admin-token")
     token = made["stringData"]["DAGSMITH_ADMIN_TOKEN"]
@@ -275,3 +338,52 @@ def test_the_chart_ships_the_dashboards_compose_provisions() -> None:
     compose = ROOT / "deploy" / "grafana" / "dashboards"
     shipped = {path.name: path.read_text().rstrip("\n") for path in compose.glob("*.json")}
     assert len(shipped) >= 2 and board["data"] == shipped
+
+
+def relabel(rule: dict[str, Any], value: str) -> str | None:
+    """One Prometheus ``replace`` relabeling of one source value (None: the regex does not match)."""
+    match = re.fullmatch(rule["regex"], value)  # Prometheus anchors the regex at both ends
+    if match is None:
+        return None
+    return re.sub(r"\$\{(\d+)\}", lambda ref: match.group(int(ref[1])) or "", rule["replacement"])
+
+
+def test_the_service_monitor_gives_targets_the_job_names_compose_uses() -> None:
+    """Dashboards and alerts select targets by Compose's job names (``up{job="executor"}``);
+    left alone, the operator would name the jobs after the Services (dagsmith-executor-text-metrics)."""
+    compose = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    scraped = [job for job in compose["scrape_configs"] if "dns_sd_configs" in job]  # the Dagsmith services
+    compose_jobs = {job["job_name"]: {job["dns_sd_configs"][0]["port"]} for job in scraped}
+    docs = render(VALUES["external-values"])
+    [monitor] = of_kind(docs, "ServiceMonitor")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    jobs: dict[str, set[int]] = {}
+    for endpoint in monitor["spec"]["endpoints"]:
+        [rule] = endpoint["relabelings"]
+        assert rule["targetLabel"] == "job"
+        assert rule["sourceLabels"] == ["__meta_kubernetes_service_label_app_kubernetes_io_component"]
+        for service in of_kind(docs, "Service"):
+            labels = service["metadata"]["labels"]
+            ports = [p["port"] for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
+            if selector.items() <= labels.items() and ports:
+                job = relabel(rule, labels["app.kubernetes.io/component"])
+                assert job, service["metadata"]["name"]
+                jobs.setdefault(job, set()).update(ports)
+    assert jobs == compose_jobs  # two executor pools, one job "executor"
+
+
+def test_the_chart_ships_the_rules_compose_loads() -> None:
+    compose = ROOT / "deploy" / "prometheus" / "rules"
+    copies = CHART / "rules"
+    assert {p.name: p.read_text() for p in copies.glob("*.yml")} == {
+        p.name: p.read_text() for p in compose.glob("*.yml")
+    }, "copy deploy/prometheus/rules/*.yml to charts/dagsmith/rules/"
+    [rule] = of_kind(render(VALUES["external-values"]), "PrometheusRule")
+    groups = [g for path in sorted(compose.glob("*.yml")) for g in yaml.safe_load(path.read_text())["groups"]]
+    assert rule["spec"]["groups"] == groups
+    rules = [r for g in groups for r in g["rules"]]
+    assert {"dagsmith:workflow_failure_ratio:rate5m", "dagsmith:queue_depth:by_capability"} <= {
+        r.get("record") for r in rules
+    }
+    assert "DagsmithServiceDown" in {r.get("alert") for r in rules}
+    assert of_kind(render(VALUES["demo-values"]), "PrometheusRule") == []  # off by default

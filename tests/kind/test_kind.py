@@ -74,7 +74,12 @@ def cluster() -> Iterator[object]:
 
 
 def has_trainer() -> bool:
-    probe = subprocess.run(["docker", "run", "--rm", IMAGE, "dagsmith", "trainer", "--help"], capture_output=True)
+    # --entrypoint: the root Dockerfile's entrypoint is already `dagsmith`, the fallback's is empty.
+    probe = subprocess.run(
+        ["docker", "run", "--rm", "--entrypoint", "dagsmith", IMAGE, "trainer", "--help"],
+        capture_output=True,
+        timeout=120,
+    )
     return probe.returncode == 0
 
 

@@ -43,27 +43,34 @@ app.kubernetes.io/component: {{ .component }}
 {{ .Values.rabbitmq.existingSecret | default (printf "%s-connections" (include "dagsmith.fullname" .)) }}
 {{- end -}}
 
-{{/* Environment shared by every Dagsmith container: settings, connections, auth. */}}
+{{/* Environment of a Dagsmith container: the settings and the broker for every one; Postgres and
+the admin token only where asked for, since executors and the evaluator talk to RabbitMQ alone and
+only the API reads the token. (dict "ctx" $ "database" true "adminToken" true) */}}
 {{- define "dagsmith.env" -}}
+{{- $ctx := .ctx -}}
 envFrom:
   - configMapRef:
-      name: {{ include "dagsmith.fullname" . }}-settings
+      name: {{ include "dagsmith.fullname" $ctx }}-settings
 env:
+  {{- if .database }}
   - name: DAGSMITH_DATABASE_URL
     valueFrom:
       secretKeyRef:
-        name: {{ include "dagsmith.databaseSecret" . }}
-        key: {{ .Values.database.secretKey }}
+        name: {{ include "dagsmith.databaseSecret" $ctx }}
+        key: {{ $ctx.Values.database.secretKey }}
+  {{- end }}
   - name: DAGSMITH_AMQP_URL
     valueFrom:
       secretKeyRef:
-        name: {{ include "dagsmith.rabbitmqSecret" . }}
-        key: {{ .Values.rabbitmq.secretKey }}
+        name: {{ include "dagsmith.rabbitmqSecret" $ctx }}
+        key: {{ $ctx.Values.rabbitmq.secretKey }}
+  {{- if .adminToken }}
   - name: DAGSMITH_ADMIN_TOKEN
     valueFrom:
       secretKeyRef:
-        name: {{ include "dagsmith.adminTokenSecret" . }}
-        key: {{ .Values.auth.adminTokenKey }}
+        name: {{ include "dagsmith.adminTokenSecret" $ctx }}
+        key: {{ $ctx.Values.auth.adminTokenKey }}
+  {{- end }}
 {{- end -}}
 
 {{/* Container fields shared by every Dagsmith container. */}}
@@ -118,4 +125,10 @@ readinessProbe:
 {{/* The Secret holding the bootstrap admin token: the user's, or the one the chart makes. */}}
 {{- define "dagsmith.adminTokenSecret" -}}
 {{ .Values.auth.existingSecret | default (printf "%s-admin-token" (include "dagsmith.fullname" .)) }}
+{{- end -}}
+
+{{/* kopf's peering object. A ClusterKopfPeering is cluster-wide, so the default carries the
+release's name and namespace, as the ClusterRole's name does: two releases never share one. */}}
+{{- define "dagsmith.peeringName" -}}
+{{ .Values.operator.peeringName | default (printf "%s-%s" (include "dagsmith.fullname" .) .Release.Namespace | trimSuffix "-") }}
 {{- end -}}
