@@ -33,6 +33,7 @@ from controller.reconcile import (
     ScheduleRetry,
     StartWorkflow,
     accepts_result,
+    backoff_ends,
     on_failure,
     on_result,
     plan,
@@ -64,6 +65,7 @@ class Inbound:
 class RoundResult:
     again: set[uuid.UUID] = field(default_factory=set)  # workflows with more to do right away
     cancelled: set[uuid.UUID] = field(default_factory=set)  # tell executors to stop these
+    due: dict[uuid.UUID, float] = field(default_factory=dict)  # workflows to look at again then (backoffs)
     dispatched: int = 0
     applied: int = 0
 
@@ -138,6 +140,9 @@ class Engine:
             if len(tasks) >= self.settings.controller_batch_size * 4:
                 out.again.add(wid)
             rows = {t.id: t for t in tasks}
+            due = backoff_ends(t.view() for t in tasks)
+            if due is not None and due > now:
+                out.due[wid] = due
             for action in plan(
                 workflow.view(), [t.view() for t in tasks], now, judge_leases=now >= self.leases_judged_from
             ):

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.states import ACTIVE_TASK, IN_FLIGHT, TERMINAL_TASK, TaskStatus, WorkflowStatus
+from controller.states import IN_FLIGHT, TERMINAL_TASK, TaskStatus, WorkflowStatus
 from dagsmith.errors import RETRYABLE, ErrorClass
 from dagsmith.spec import Backoff
 
@@ -219,14 +219,13 @@ def finish_status(counts: Counts) -> WorkflowStatus | None:
     return WorkflowStatus.succeeded
 
 
-def next_wakeup(candidates: Iterable[TaskView]) -> float | None:
-    """The earliest time a timer (backoff or lease) may change something."""
-    times = []
-    for task in candidates:
-        if task.status == TaskStatus.pending and task.waiting_on == 0 and task.not_before is not None:
-            times.append(task.not_before)
-        if task.status in ACTIVE_TASK and task.lease_expires_at is not None:
-            times.append(task.lease_expires_at)
-        if task.status == TaskStatus.queued and task.queue_deadline is not None:
-            times.append(task.queue_deadline)
-    return min(times, default=None)
+def backoff_ends(candidates: Iterable[TaskView]) -> float | None:
+    """When the earliest retry waiting out its backoff may be dispatched."""
+    return min(
+        (
+            t.not_before
+            for t in candidates
+            if t.status == TaskStatus.pending and t.waiting_on == 0 and t.not_before is not None
+        ),
+        default=None,
+    )

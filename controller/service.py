@@ -74,6 +74,9 @@ class Controller:
         self.dirty: set[uuid.UUID] = set()
         self.held = HeldWorkflows()  # workflows whose rounds failed, waiting to be tried again
         self.wake = asyncio.Event()
+        # A timer per workflow waiting out a retry's backoff, so the retry goes when it is due
+        # rather than at the next resync (several seconds later for a 100 ms backoff).
+        self.timers: dict[uuid.UUID, tuple[float, asyncio.TimerHandle]] = {}
         self.resync_now = asyncio.Event()
         self.policy_changed = asyncio.Event()
         self.heartbeats: asyncio.Queue[tuple[HeartbeatMessage, AbstractIncomingMessage]] = asyncio.Queue()
@@ -209,11 +212,29 @@ class Controller:
     async def _follow_up(self, result: RoundResult) -> None:
         """What a successful round leaves to do: workflows with more work, cancellations to announce."""
         self.dirty |= result.again
+        for workflow_id, at in result.due.items():
+            self._wake_at(workflow_id, at)
         if result.cancelled:
             try:
                 await self._broadcast_cancel(result.cancelled)
             except BROKER_ERRORS as exc:  # executors' results for those workflows are ignored anyway
                 log.warning("could not broadcast cancellations", error=str(exc)[:200])
+
+    def _wake_at(self, workflow_id: uuid.UUID, at: float) -> None:
+        """Run a round for this workflow at ``at`` (epoch seconds), unless one is already set sooner."""
+        current = self.timers.get(workflow_id)
+        if current is not None:
+            if current[0] <= at:
+                return
+            current[1].cancel()
+
+        def due() -> None:
+            self.timers.pop(workflow_id, None)
+            self.dirty.add(workflow_id)
+            self.wake.set()
+
+        handle = asyncio.get_running_loop().call_later(max(at - time.time(), 0.0), due)
+        self.timers[workflow_id] = (at, handle)
 
     def _take_batch(self) -> list[tuple[str, Any, AbstractIncomingMessage | None]]:
         """Inbox entries up to about ``controller_batch_size`` items (an evaluated entry holds many)."""
@@ -469,6 +490,8 @@ class Controller:
                     await queue.cancel(tag)
             for task in background:
                 task.cancel()
+            for _, handle in self.timers.values():
+                handle.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await connection.close()
             await db.dispose()

@@ -250,3 +250,30 @@ def test_a_budget_that_runs_out_ends_correction_at_once_and_logs_the_abort(clien
     assert last["action"] == "abort" and last["probability"] == 1.0
     assert last["fallback_reason"].startswith("budget: tasks ran"), last["fallback_reason"]
     assert last["outcome"]["ended"] == "abort"
+
+
+@pytest.mark.parametrize("mode", ["off", "rules"])
+def test_a_retry_goes_when_its_backoff_ends_not_at_the_next_resync(stack: Stack, client: Client, mode: str) -> None:
+    """With a resync interval of two minutes, three attempts separated by 100 ms backoffs still
+    finish in seconds: the controller sets a timer for each backoff (they used to wait for the
+    resync), both for the spec's retries (mode off) and for Correction Mode's retry_backoff."""
+    stack.stop("controller")
+    stack.start("controller", "controller", env={"DAGSMITH_RESYNC_INTERVAL": "120"})
+    try:
+        doc = workflow(
+            f"backoff-{mode}",
+            {
+                "name": "t",
+                "type": "chaos.fail",
+                "params": {"class": "transient"},
+                "retry": {"limit": 2, "backoff": {"initial": "100ms", "factor": 1}},
+            },
+            correction={"mode": mode, "maxRetries": 2},
+        )
+        wid = submit(client, doc)
+        assert wait_finished(client, wid, timeout=30)["status"] == "failed"
+        (task,) = client.tasks(wid)["items"]
+        assert task["attempt"] == 3
+    finally:
+        stack.stop("controller")
+        stack.start("controller", "controller")

@@ -27,8 +27,8 @@ from controller.reconcile import (
     Succeed,
     TaskView,
     WorkflowView,
+    backoff_ends,
     finish_status,
-    next_wakeup,
     on_failure,
     on_result,
     plan,
@@ -101,9 +101,10 @@ def test_cancel_and_finish() -> None:
     assert finish_status(Counts(succeeded=1, running=1)) is None
 
 
-def test_next_wakeup() -> None:
-    assert next_wakeup([task(not_before=5.0), task(status=S.running, lease_expires_at=3.0)]) == 3.0
-    assert next_wakeup([task(status=S.succeeded)]) is None
+def test_backoff_ends_when_the_earliest_waiting_retry_may_go() -> None:
+    waiting = [task(not_before=5.0), task(not_before=4.0, waiting_on=1), task(status=S.running, lease_expires_at=3.0)]
+    assert backoff_ends(waiting) == 5.0
+    assert backoff_ends([task(status=S.succeeded), task()]) is None
 
 
 # --- Property test: a model of the shell, driven by a hostile world. ---
@@ -256,4 +257,3 @@ def test_queued_past_its_queue_deadline_is_an_unavailable_attempt() -> None:
     assert plan(wf(queued=1), [queued], now=9) == []
     (action,) = plan(wf(queued=1), [queued], now=10)
     assert isinstance(action, FailTask) and action.failure.error_class == ErrorClass.unavailable
-    assert next_wakeup([queued]) == 10.0
