@@ -18,7 +18,6 @@ import psycopg
 import sqlalchemy as sa
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
-from prometheus_client import start_http_server
 from pydantic import ValidationError
 
 from controller import metrics, store
@@ -38,6 +37,7 @@ from dagsmith.messages import (
     TaskBundle,
     TaskMessage,
 )
+from dagsmith.metrics_http import serve_metrics
 from dagsmith.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -443,9 +443,7 @@ class Controller:
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.settings
-        port = settings.metrics_port or DEFAULT_METRICS_PORT
-        if port > 0:
-            start_http_server(port)
+        port = serve_metrics(settings.metrics_port, DEFAULT_METRICS_PORT, "controller")
         # No pre-ping (it would add a round trip to every reconciliation round): rounds,
         # heartbeats, resyncs and policy reloads are transactions retried on a lost connection,
         # and the metrics gauges try again at their next tick.

@@ -7,11 +7,12 @@ import contextlib
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 
 from dagsmith.amqp import BatchPublisher, Names, Topology, connect
 from dagsmith.messages import EvaluatedBatch, EvaluatedMessage, ResultBatch
+from dagsmith.metrics_http import serve_metrics
 from dagsmith.settings import Settings
 from evaluator.reward import REWARD_VERSION, evaluate
 
@@ -50,10 +51,7 @@ class Evaluator:
             REWARD.labels(item.result.task.type).observe(item.evaluation.reward)
 
     async def run(self, stop: asyncio.Event) -> None:
-        port = self.settings.metrics_port or DEFAULT_METRICS_PORT
-        if port > 0:
-            with contextlib.suppress(OSError):
-                start_http_server(port)
+        serve_metrics(self.settings.metrics_port, DEFAULT_METRICS_PORT, "evaluator")
         connection = await connect(
             self.settings.amqp_url.get_secret_value(), name="dagsmith-evaluator", heartbeat=self.settings.amqp_heartbeat
         )

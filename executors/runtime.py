@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 
 import dagsmith
@@ -44,6 +44,7 @@ from dagsmith.messages import (
     TaskMessage,
     TaskRef,
 )
+from dagsmith.metrics_http import serve_metrics
 from dagsmith.settings import Settings
 from executors.acks import Acker
 from executors.registry import ExecutorOptions, ExecutorSpec, TaskContext, TaskFailed
@@ -406,10 +407,7 @@ class ExecutorRuntime:
             await stop_plugins(started)
 
     async def _serve(self, stop: asyncio.Event) -> None:
-        port = self.settings.metrics_port if self.settings.metrics_port else DEFAULT_METRICS_PORT
-        if port > 0:
-            with contextlib.suppress(OSError):  # several executors on one host: only the first serves
-                start_http_server(port)
+        serve_metrics(self.settings.metrics_port, DEFAULT_METRICS_PORT, "executor")
         connection = await connect(
             self.settings.amqp_url.get_secret_value(),
             name=f"dagsmith-executor-{self.id}",

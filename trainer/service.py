@@ -14,10 +14,11 @@ import time
 
 import sqlalchemy as sa
 import structlog
-from prometheus_client import Counter, Gauge, start_http_server
+from prometheus_client import Counter, Gauge
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from controller.db import create_engine
+from dagsmith.metrics_http import serve_metrics
 from dagsmith.settings import get_settings
 
 log = structlog.get_logger(__name__)
@@ -53,9 +54,7 @@ class TrainerService:
     async def run(self, stop: asyncio.Event) -> None:
         from trainer.loop import train_and_gate
 
-        port = self.settings.metrics_port or DEFAULT_METRICS_PORT
-        if port > 0:
-            start_http_server(port)
+        serve_metrics(self.settings.metrics_port, DEFAULT_METRICS_PORT, "trainer")
         db = create_engine(self.settings.database_url.get_secret_value(), pool_size=1, name="dagsmith-trainer")
         log.info("trainer started", interval=self.interval, min_new=self.min_new)
         try:
