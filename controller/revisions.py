@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from controller.store import Event, Events, Outcome, _json, ts
-from controller.surgery import Operation, Plan, SurgeryError, TaskSnapshot
+from controller.surgery import Operation, Plan, SurgeryConflict, SurgeryError, TaskSnapshot
 from dagsmith.errors import NotFound
 
 TERMINAL_WORKFLOW = ("succeeded", "failed", "cancelled")
@@ -331,6 +331,8 @@ async def manual(
     await get_workflow(conn, workflow_id, namespaces)  # 404 for workflows the caller cannot see
     await store.lock_workflows(conn, [workflow_id])
     task = await snapshot(conn, workflow_id, task_name)
+    if operation in ("retry", "replace", "insert"):
+        await _check_upstream_can_finish(conn, workflow_id, task)
     if operation == "retry":
         merged = {**task.params, **params} if params else None
         plan = retry(task, delay=delay, params=merged, manual=True)
@@ -354,6 +356,27 @@ async def manual(
     await store.insert_events(conn, events)
     await conn.execute(sa.select(sa.func.pg_notify(CHANNEL_WORKFLOWS, str(workflow_id))))
     return applied
+
+
+async def _check_upstream_can_finish(conn: AsyncConnection, workflow_id: uuid.UUID, task: TaskSnapshot) -> None:
+    """Refuse to bring back a task whose own dependency failed or was cancelled: it would wait for
+    ever, and so would its workflow. Operating on that dependency brings this task back too."""
+    if not task.depends_on:
+        return
+    rows = await conn.execute(
+        sa.text(
+            "SELECT name, status FROM tasks WHERE workflow_id = :w AND name = ANY(:deps) "
+            "AND status IN ('failed', 'cancelled') ORDER BY name"
+        ),
+        {"w": workflow_id, "deps": task.depends_on},
+    )
+    dead = [(r.name, r.status) for r in rows]
+    if dead:
+        listed = ", ".join(f"{name!r} ({status})" for name, status in dead)
+        raise SurgeryConflict(
+            f"task {task.name!r} depends on {listed}, so it could never start; "
+            f"operate on {dead[0][0]!r} instead (retrying or skipping it brings {task.name!r} back too)"
+        )
 
 
 async def history(conn: AsyncConnection, workflow_id: uuid.UUID) -> list[Any]:

@@ -197,3 +197,26 @@ def test_an_inserted_task_waits_for_the_dependencies_it_takes_over(client: Clien
     assert at("between", "started_at") >= at("parent", "finished_at")
     assert at("child", "started_at") >= at("between", "finished_at")
     assert tasks["child"]["depends_on"] == ["between"] and tasks["between"]["depends_on"] == ["parent"]
+
+
+def test_a_task_whose_dependency_failed_cannot_be_brought_back_on_its_own(client: Client) -> None:
+    """Retrying b while a, its dependency, stays failed would leave b pending for ever (and the
+    revived workflow running for ever): refused with what to do instead; retrying a brings b back."""
+    wid = failed(
+        client,
+        workflow(
+            "upstream-dead",
+            {"name": "a", "type": "chaos.fail", "params": {"class": "permanent"}},
+            {"name": "b", "type": "noop", "dependsOn": ["a"]},
+            correction=OFF,
+        ),
+    )
+    for body in ({"op": "retry", "task": "b"}, {"op": "replace", "task": "b", "type": "echo"}):
+        with pytest.raises(ClientError) as info:
+            client.surgery(wid, body)
+        assert info.value.status == 409
+        assert "depends on 'a' (failed)" in info.value.message and "operate on 'a' instead" in info.value.message
+    assert client.revisions(wid) == []
+    assert client.workflow(wid)["status"] == "failed"
+    client.surgery(wid, {"op": "replace", "task": "a", "type": "noop"})
+    assert wait_finished(client, wid)["status"] == "succeeded"
