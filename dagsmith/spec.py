@@ -116,6 +116,12 @@ class CorrectionSpec(_Model):
     time_budget: Duration | None = Field(None, alias="timeBudget")
     task_seconds_budget: float | None = Field(None, ge=0, alias="taskSecondsBudget")
 
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted `mode: off` as false; that is what the author meant.
+        return CorrectionMode.off if value is False else value
+
 
 class WorkflowBody(_Model):
     params: dict[str, Any] = Field(default_factory=dict)

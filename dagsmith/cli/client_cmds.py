@@ -11,11 +11,12 @@ import orjson
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from dagsmith.client import Client, ClientError
 
-console = Console(stderr=True)
+# Messages on stderr are never wrapped: an error is one line, whatever the terminal (or none).
+console = Console(stderr=True, soft_wrap=True)
 out = Console()
 
 ApiOption = Annotated[
@@ -161,7 +162,8 @@ def _print_result(client: Client, wid: str) -> None:
     console.print(f"[{color}]{result['status']}[/{color}] · reward {result['total_reward']:.3f}", highlight=False)
     if result.get("error"):
         console.print(f"[red]{result['error'].get('message')}[/red]", highlight=False)
-    _json(result.get("output"))
+    if result.get("output") is not None or result["status"] == "succeeded":
+        _json(result.get("output"))
 
 
 def status(workflow_id: str, api: ApiOption = None, token: TokenOption = None) -> None:
@@ -249,18 +251,30 @@ def cancel(workflow_id: str, api: ApiOption = None, token: TokenOption = None) -
 
 def list_(
     status_: Annotated[str | None, typer.Option("--status", help="Only this status")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Only workflows with this name")] = None,
+    namespace: Annotated[str | None, typer.Option("--namespace", "-n", help="Only this namespace")] = None,
     label: Annotated[list[str] | None, typer.Option("--label", "-l", help="key=value")] = None,
     limit: Annotated[int, typer.Option(help="How many")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON instead of a table")] = False,
     api: ApiOption = None,
     token: TokenOption = None,
 ) -> None:
     """List recent workflows."""
+    for item in label or []:
+        if "=" not in item:
+            fail(f"--label {item!r}: write it as key=value", 2)
     with connect(api, token) as client:
         try:
-            page = client.workflows(status=status_, label=label, limit=limit)
+            page = client.workflows(status=status_, name=name, namespace=namespace, label=label, limit=limit)
         except ClientError as exc:
             handle(exc)
-    table = Table("ID", "NAME", "NAMESPACE", "STATUS", "PROGRESS", "REWARD", "CREATED")
+    if as_json:
+        _json(page)
+        return
+    # Ids are what the other commands take: never shortened, whatever the width.
+    table = Table(
+        Column("ID", no_wrap=True, min_width=36), "NAME", "NAMESPACE", "STATUS", "PROGRESS", "REWARD", "CREATED"
+    )
     for wf in page["items"]:
         p = wf["progress"]
         table.add_row(

@@ -42,19 +42,27 @@ def run_service(name: str, make: Callable[[asyncio.Event], Coroutine[Any, Any, N
 
 
 def migrate(
-    revision: Annotated[str, typer.Argument(help="Target revision (head, or an id)")] = "head",
-    down: Annotated[bool, typer.Option("--down", help="Downgrade to REVISION instead")] = False,
+    revision: Annotated[
+        str | None, typer.Argument(help="Target revision: head (the default), or an id; with --down, an id or base")
+    ] = None,
+    down: Annotated[bool, typer.Option("--down", help="Downgrade to REVISION instead (it must be given)")] = False,
 ) -> None:
     """Create or upgrade the database schema."""
     from controller.migrate import current, downgrade, upgrade
 
+    if down and revision is None:
+        typer.echo(
+            "error: --down needs the revision to go down to (an id such as 0004, or base: drop everything)", err=True
+        )
+        raise typer.Exit(2)
+    revision = revision or "head"
     url = get_settings().database_url.get_secret_value()
     try:
         (downgrade if down else upgrade)(url, revision)
     except Exception as exc:
         typer.echo(f"error: migration failed: {exc}", err=True)
         raise typer.Exit(3) from exc
-    typer.echo(f"database at revision {current(url)}")
+    typer.echo(f"database at revision {current(url) or 'base (no schema)'}")
 
 
 def api(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,10 +17,17 @@ pytestmark = pytest.mark.e2e
 
 
 def cli(
-    stack: Stack, *args: str, stdin: bytes | None = None, url: str | None = None, token: str | None = None
+    stack: Stack,
+    *args: str,
+    stdin: bytes | None = None,
+    url: str | None = None,
+    token: str | None = None,
+    columns: int = 200,
 ) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSMITH_")}
-    env.update({"DAGSMITH_API": url or stack.url, "COLUMNS": "200", "DAGSMITH_TOKEN": token or stack.token or ""})
+    env.update(
+        {"DAGSMITH_API": url or stack.url, "COLUMNS": str(columns), "DAGSMITH_TOKEN": token or stack.token or ""}
+    )
     return subprocess.run(
         [sys.executable, "-m", "dagsmith", *args],
         input=stdin.decode() if stdin else None,
@@ -63,6 +71,7 @@ def test_failed_workflow_exits_1_with_reason(stack: Stack, tmp_path: Path) -> No
     done = cli(stack, "submit", str(spec), "--wait")
     assert done.returncode == 1
     assert "task 'bad' failed: permanent: nope" in done.stderr
+    assert done.stdout == ""  # a failed workflow has no output to print (it used to print null)
 
 
 def test_invalid_spec_exits_2_listing_problems(stack: Stack) -> None:
@@ -77,9 +86,10 @@ def test_invalid_spec_exits_2_listing_problems(stack: Stack) -> None:
 
 
 def test_unreachable_api_exits_3(stack: Stack) -> None:
-    done = cli(stack, "list", url=f"http://127.0.0.1:{free_port()}")
+    done = cli(stack, "list", url=f"http://127.0.0.1:{free_port()}", columns=40)
     assert done.returncode == 3
     assert "cannot reach the API" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1  # one line, not wrapped at the terminal's width
 
 
 def test_status_result_dag_and_not_found(stack: Stack) -> None:
@@ -91,8 +101,12 @@ def test_status_result_dag_and_not_found(stack: Stack) -> None:
     assert result.returncode == 0 and "HELLO WORLD" in result.stdout
     dag = cli(stack, "dag", wid, "--format", "mermaid")
     assert dag.stdout.startswith("flowchart TD")
-    listing = cli(stack, "list")
-    assert wid in listing.stdout
+    listing = cli(stack, "list", columns=60)
+    assert wid in listing.stdout  # whole, even in a narrow terminal
+    found = json.loads(cli(stack, "list", "--name", "hello", "--json").stdout)
+    assert wid in [w["id"] for w in found["items"]] and {w["name"] for w in found["items"]} == {"hello"}
+    bad_label = cli(stack, "list", "--label", "team")
+    assert bad_label.returncode == 2 and "write it as key=value" in bad_label.stderr
     missing = cli(stack, "status", "00000000-0000-0000-0000-000000000000")
     assert missing.returncode == 4
 

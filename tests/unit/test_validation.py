@@ -192,3 +192,10 @@ def test_kubernetes_metadata_passes_through() -> None:
     raw["metadata"].update({"uid": "123", "resourceVersion": "7", "namespace": "team-a", "generation": 1})
     checked = validate(raw)
     assert checked.document.metadata.namespace == "team-a"
+
+
+def test_an_unquoted_yaml_off_is_the_off_mode() -> None:
+    body = b"apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {name: x}\nspec:\n"
+    body += b"  correction: {mode: off}\n  tasks: [{name: a, type: noop}]\n"
+    assert validate(load_document(body, "application/yaml")).document.spec.correction.mode == "off"
+    assert problems(doc({"name": "a", "type": "noop"}, correction={"mode": True}))[0]["path"] == "spec.correction.mode"
