@@ -192,24 +192,24 @@ async def apply(
         },
     )
     to_status = {Operation.skip: "skipped", Operation.abort: "failed"}.get(plan.operation, "pending")
+    surgery = f"surgery r{revision}: {plan.operation.value} by {actor}"
+    from_status = task.status
+    data: dict[str, Any] = {
+        "revision": revision,
+        "operation": plan.operation.value,
+        "actor": actor,
+        "reason": reason,
+        "diff": plan.diff,
+    }
+    if outcome is not None:
+        # The attempt that just failed: the transition is from running (its start may have been
+        # recorded in this very round), and says why, as a spec retry's transition does.
+        from_status = "running" if task.status in ("queued", "running") else task.status
+        error_class = (outcome.error or {}).get("class", "failed")
+        surgery = f"attempt {task.attempt} failed ({error_class}); {surgery}"
+        data["error"] = outcome.error
     events.add(
-        Event(
-            workflow_id,
-            to_status,
-            task.id,
-            task.name,
-            task.attempt,
-            task.status,
-            at=now,
-            reason=f"surgery r{revision}: {plan.operation.value} by {actor}",
-            data={
-                "revision": revision,
-                "operation": plan.operation.value,
-                "actor": actor,
-                "reason": reason,
-                "diff": plan.diff,
-            },
-        )
+        Event(workflow_id, to_status, task.id, task.name, task.attempt, from_status, at=now, reason=surgery, data=data)
     )
     return Applied(revision, plan, inserted_id)
 

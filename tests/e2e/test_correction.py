@@ -51,6 +51,17 @@ def test_rules_retry_a_transient_failure_within_the_correction_allowance(client:
     (d,) = decisions(settings, wid)
     assert d["action"] == "retry_now" and d["features"]["max_retries"] == 2  # spec.correction.maxRetries
     assert d["outcome"]["fixed"] is True
+    # The task's history reads as one story: each transition starts where the one before ended,
+    # and the surgery's says which attempt failed and why.
+    with pg(settings) as conn:
+        history = conn.execute(
+            "SELECT from_status, to_status, reason FROM task_events WHERE workflow_id = %s AND task_id IS NOT NULL "
+            "ORDER BY id",
+            (wid,),
+        ).fetchall()
+    assert all(prev[1] == cur[0] for prev, cur in zip(history, history[1:], strict=False)), history
+    assert ("running", "pending") in [(f, t) for f, t, _ in history]
+    assert any(r and r.startswith("attempt 1 failed (transient); surgery r1: retry") for _, _, r in history), history
 
 
 def test_rules_reroute_to_the_fallback(client: Client) -> None:
