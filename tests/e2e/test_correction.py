@@ -3,6 +3,7 @@ logged with what the learning loop needs, and the outcome is filled in when know
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import psycopg
@@ -59,7 +60,7 @@ def test_rules_retry_a_transient_failure_within_the_correction_allowance(client:
             "ORDER BY id",
             (wid,),
         ).fetchall()
-    assert all(prev[1] == cur[0] for prev, cur in zip(history, history[1:], strict=False)), history
+    assert all(prev[1] == cur[0] for prev, cur in itertools.pairwise(history)), history
     assert ("running", "pending") in [(f, t) for f, t, _ in history]
     assert any(r and r.startswith("attempt 1 failed (transient); surgery r1: retry") for _, _, r in history), history
 
