@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import defaultdict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,6 +210,8 @@ class Corrector:
                 )
             )
         await self._log(conn, workflow, task, ctx, choice, applied.revision, plan, now, spent)
+        if aborted:  # decisions on the workflow's other tasks will never learn their outcome
+            await close_unresolved(conn, "workflow_aborted", now, workflow_ids=[workflow.id])
         SURGERIES.labels(plan.operation.value if aborted else str(action), str(failure.error_class)).inc()
         DECISIONS.labels(str(action), choice.decision.policy_version, str(choice.mode)).inc()
         log.info(
@@ -408,4 +411,33 @@ async def close_fixed(conn: AsyncConnection, fixed: list[tuple[int, float, float
     )
 
 
-__all__ = ["CorrectionMode", "Corrector", "FailureRates", "RoundBudget", "close_fixed"]
+async def close_unresolved(
+    conn: AsyncConnection,
+    ended: str,
+    now: float,
+    *,
+    workflow_ids: Sequence[uuid.UUID] = (),
+    task_id: int | None = None,
+) -> None:
+    """Decisions that will never learn their outcome — their workflow ended first (cancelled,
+    aborted over another task, finished), or a user's surgery took over their task — are closed
+    as censored, so none stays open for ever. The learner leaves them out (what the action would
+    have led to is unknown) rather than counting them as fixes or failures."""
+    if not workflow_ids and task_id is None:
+        return
+    which = "task_id = :task" if task_id is not None else "workflow_id = ANY(:ids)"
+    await conn.execute(
+        sa.text(
+            f"""
+            UPDATE correction_decisions SET outcome = jsonb_build_object(
+                    'fixed', false, 'ended', CAST(:ended AS text), 'censored', true, 'task_seconds', 0,
+                    'latency_added', :now - extract(epoch FROM created_at), 'inserted', 0),
+                outcome_at = to_timestamp(:now)
+            WHERE {which} AND outcome IS NULL
+            """
+        ),
+        {"ids": list(workflow_ids), "task": task_id, "ended": ended, "now": now},
+    )
+
+
+__all__ = ["CorrectionMode", "Corrector", "FailureRates", "RoundBudget", "close_fixed", "close_unresolved"]

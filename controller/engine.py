@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from controller import metrics, store
 from controller.bundling import RunTimes
-from controller.correct import Corrector, RoundBudget, close_fixed
+from controller.correct import Corrector, RoundBudget, close_fixed, close_unresolved
 from controller.db import in_transaction
 from controller.dispatch import Prepared, Publisher, prepare, template_context
 from controller.reconcile import (
@@ -433,6 +433,8 @@ class Engine:
 
     async def _cancel(self, conn: AsyncConnection, workflow: WorkflowRow, now: float, events: Events) -> None:
         rows = await store.cancel_workflow(conn, workflow.id, now, "cancelled by request")
+        if workflow.surgeries:
+            await close_unresolved(conn, "workflow_cancelled", now, workflow_ids=[workflow.id])
         for row in rows:
             events.add(
                 Event(
@@ -494,6 +496,8 @@ class Engine:
             else:
                 error = {"code": "tasks_cancelled", "message": "tasks were cancelled"}
         await store.finish_workflow(conn, workflow.id, status, now, output=output, error=error)
+        if workflow.surgeries:  # only workflows that were corrected can have decisions left open
+            await close_unresolved(conn, "workflow_finished", now, workflow_ids=[workflow.id])
         events.add(
             Event(
                 workflow.id,

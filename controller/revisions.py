@@ -349,6 +349,9 @@ async def manual(
         plan = skip(task, manual=True)
     else:
         raise SurgeryError(f"unknown operation {operation!r}: use retry, replace, insert or skip")
+    from controller.correct import close_unresolved
+
+    await close_unresolved(conn, f"superseded by {actor}", now, task_id=task.id)
     events = Events()
     applied = await apply(
         conn, workflow_id, task, plan, actor=actor, reason={"by": actor, "message": message}, now=now, events=events

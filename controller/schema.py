@@ -219,6 +219,7 @@ correction_decisions = sa.Table(
     _ts("created_at", nullable=False, server_default=sa.func.now()),
     _ts("outcome_at"),
     sa.Index("ix_correction_decisions_open", "task_id", postgresql_where=sa.text("outcome IS NULL")),
+    sa.Index("ix_correction_decisions_open_workflow", "workflow_id", postgresql_where=sa.text("outcome IS NULL")),
     sa.Index("ix_correction_decisions_created", "created_at"),
 )
 

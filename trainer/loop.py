@@ -72,6 +72,7 @@ def load_records(conn: sa.Connection, limit: int = 20_000) -> list[dict[str, Any
                    feature_schema_version
             FROM correction_decisions
             WHERE outcome IS NOT NULL AND feature_schema_version = :schema
+              AND NOT coalesce((outcome->>'censored')::boolean, false)
             ORDER BY id DESC LIMIT :limit
             """
         ),

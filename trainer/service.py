@@ -44,7 +44,8 @@ class TrainerService:
                 await conn.execute(
                     sa.text(
                         "SELECT count(*), COALESCE(max(id), 0) FROM correction_decisions "
-                        "WHERE outcome IS NOT NULL AND id > :after"
+                        "WHERE outcome IS NOT NULL AND id > :after "
+                        "AND NOT coalesce((outcome->>'censored')::boolean, false)"
                     ),
                     {"after": self.trained_up_to},
                 )

@@ -289,3 +289,28 @@ def test_a_retry_goes_when_its_backoff_ends_not_at_the_next_resync(stack: Stack,
     finally:
         stack.stop("controller")
         stack.start("controller", "controller")
+
+
+def test_decisions_left_open_by_a_cancelled_workflow_are_closed_as_censored(client: Client, settings: Settings) -> None:
+    """A decision whose task is cancelled before its outcome is known does not stay open for ever;
+    it is closed as censored, and the trainer's records leave it out."""
+    doc = workflow(
+        "censored",
+        {"name": "t", "type": "chaos.hang", "params": {"seconds": 60}, "timeout": "0.3s"},
+        correction={"maxSurgeries": 3},
+    )
+    wid = submit(client, doc)
+    wait_until(lambda: decisions(settings, wid), timeout=30, what="the first correction decision")
+    client.cancel(wid)
+    assert wait_finished(client, wid)["status"] == "cancelled"
+    logged = decisions(settings, wid)
+    assert all(d["outcome"] is not None for d in logged), logged
+    assert logged[-1]["outcome"]["censored"] is True and logged[-1]["outcome"]["ended"] == "workflow_cancelled"
+    from sqlalchemy import create_engine
+
+    from trainer.loop import load_records
+
+    engine = create_engine(settings.database_url.get_secret_value())
+    with engine.connect() as conn:
+        assert logged[-1]["id"] not in {r["id"] for r in load_records(conn)}
+    engine.dispose()
