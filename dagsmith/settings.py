@@ -109,6 +109,12 @@ class Settings(BaseSettings):
 
     # Executors
     executor_concurrency: int = Field(16, ge=1, description="Tasks one executor process runs at once.")
+    default_task_timeout: float = Field(
+        86400.0,
+        ge=0,
+        description="Timeout in seconds for tasks whose spec sets none, so a hung handler cannot hold its "
+        "task for ever (0: no limit).",
+    )
     heartbeat_interval: float = Field(5.0, gt=0, description="Seconds between executor heartbeats.")
     start_report_after: float = Field(
         0.05,

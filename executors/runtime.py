@@ -19,6 +19,7 @@ import time
 import traceback
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
@@ -96,9 +97,52 @@ async def stop_plugins(specs: list[ExecutorSpec]) -> None:
 
 
 async def execute(
+    spec: ExecutorSpec,
+    message: TaskMessage,
+    options: ExecutorOptions,
+    max_output_bytes: int,
+    default_timeout: float | None = None,
+) -> tuple[bool, Any, TaskError | None]:
+    """Run one attempt of a task. Never raises (except CancelledError): failures become TaskErrors,
+    with the values of the task's secret params masked wherever the error repeats them. A task
+    whose spec sets no timeout gets ``default_timeout``."""
+    if message.timeout is None and default_timeout:
+        message = message.model_copy(update={"timeout": default_timeout})
+    ok, output, error = await _execute(spec, message, options, max_output_bytes)
+    if error is not None and message.secrets:
+        error = scrub_error(error, message.params, message.secrets)
+    return ok, output, error
+
+
+def scrub_error(error: TaskError, params: dict[str, Any], secrets: list[str]) -> TaskError:
+    """``error`` with every secret param's value (4 characters or more) replaced by ``***``: a
+    handler's message may quote what it was given (a URL with a token in it), and errors are
+    stored, shown by the API and logged."""
+    values = sorted(
+        {str(params[k]) for k in secrets if isinstance(params.get(k), str | int | float) and len(str(params[k])) >= 4},
+        key=len,
+        reverse=True,  # longest first, so a value containing another is masked whole
+    )
+    if not values:
+        return error
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, str):
+            for secret in values:
+                value = value.replace(secret, "***")
+            return value
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return error.model_copy(update={"message": clean(error.message), "details": clean(error.details)})
+
+
+async def _execute(
     spec: ExecutorSpec, message: TaskMessage, options: ExecutorOptions, max_output_bytes: int
 ) -> tuple[bool, Any, TaskError | None]:
-    """Run one attempt of a task. Never raises (except CancelledError): failures become TaskErrors."""
     ctx = TaskContext(
         task_id=message.task_id,
         attempt=message.attempt,
@@ -335,7 +379,9 @@ class ExecutorRuntime:
         structlog.contextvars.bind_contextvars(
             workflow_id=task.workflow_id, task_id=task.task_id, attempt=task.attempt, task=task.name
         )
-        return await execute(spec, task, self.options, self.settings.max_output_bytes)
+        return await execute(
+            spec, task, self.options, self.settings.max_output_bytes, self.settings.default_task_timeout
+        )
 
     async def _reconnected(self, _connection: object) -> None:
         """Back from a lost connection: cancellations may have been broadcast meanwhile. Messages
@@ -400,6 +446,13 @@ class ExecutorRuntime:
                 return
 
     async def run(self, stop: asyncio.Event) -> None:
+        # Synchronous handlers run in threads: at least one per slot, so they never queue behind
+        # each other (the default pool has as few as 5 threads). A handler that outlives its
+        # timeout keeps its thread (a thread cannot be stopped) but not its task: the attempt has
+        # failed as a timeout, and if every thread is stuck, later sync tasks time out too.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=self.concurrency + 4, thread_name_prefix="dagsmith-task")
+        )
         started = await start_plugins(list(self.specs.values()))
         try:
             await self._serve(stop)

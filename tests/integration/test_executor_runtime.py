@@ -46,6 +46,11 @@ async def _slow(params: dict[str, object], ctx: TaskContext) -> None:
     await asyncio.sleep(10)
 
 
+@executor("test.quote", into=local)
+async def _quote(params: dict[str, object], ctx: TaskContext) -> None:
+    raise TaskFailed("unavailable", f"GET {params['url']} failed", {"url": params["url"], "tries": [params["url"]]})
+
+
 @executor("test.nap", into=local)
 async def _nap(params: dict[str, float], ctx: TaskContext) -> None:
     await asyncio.sleep(params["s"])
@@ -104,6 +109,28 @@ async def test_execute_outcomes() -> None:
     assert error.error_class == ErrorClass.timeout  # type: ignore[union-attr]
     ok, _, error = await run("test.big")
     assert error.error_class == ErrorClass.resource_exhausted  # type: ignore[union-attr]
+    # A task whose spec sets no timeout gets the executor's default (DAGSMITH_DEFAULT_TASK_TIMEOUT).
+    slow = local.get("test.slow")
+    assert slow is not None
+    ok, _, error = await execute(slow, msg("test.slow"), ExecutorOptions(), max_output_bytes=1000, default_timeout=0.1)
+    assert error is not None and error.error_class == ErrorClass.timeout and "0.1s" in error.message
+
+
+async def test_an_error_never_repeats_a_secret_params_value() -> None:
+    spec = local.get("test.quote")
+    assert spec is not None
+    url = "https://api.example.com/v1?token=tok-123456"
+    message = msg("test.quote", url=url, token="tok-123456").model_copy(update={"secrets": ["token"]})
+    ok, _, error = await execute(spec, message, ExecutorOptions(), max_output_bytes=1000)
+    assert not ok and error is not None
+    assert error.message == "GET https://api.example.com/v1?token=*** failed"
+    assert error.details == {
+        "url": "https://api.example.com/v1?token=***",
+        "tries": ["https://api.example.com/v1?token=***"],
+    }
+    # without secrets the message is left as it is
+    _, _, plain = await execute(spec, msg("test.quote", url=url), ExecutorOptions(), max_output_bytes=1000)
+    assert plain is not None and plain.message == f"GET {url} failed"
 
 
 async def test_builtin_params_are_validated() -> None:
