@@ -55,7 +55,8 @@ class SpecError(DagsmithError):
         self.problems = problems
         first = problems[0] if problems else {"path": "", "message": "invalid spec"}
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        super().__init__(f"{first['path']}: {first['message']}{more}")
+        where = f"{first['path']}: " if first.get("path") else ""
+        super().__init__(f"{where}{first['message']}{more}")
 
 
 class TemplateError(DagsmithError):

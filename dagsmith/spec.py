@@ -87,6 +87,13 @@ class TaskSpec(_Model):
         description="Names of params whose values are redacted in logs, events and the API.",
     )
 
+    @field_validator("timeout", "queue_timeout")
+    @classmethod
+    def _positive(cls, value: float | None) -> float | None:
+        if value is not None and value <= 0:
+            raise ValueError("must be longer than 0 (a task given no time at all could never finish)")
+        return value
+
     @field_validator("fallback", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:

@@ -69,7 +69,9 @@ def _load(body: bytes | str, content_type: str) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SpecError([_problem("", f"body is not valid YAML or JSON{where}: {exc}", "parse")]) from exc
+        # pyyaml's own text spans several lines with a caret drawing; its one-line problem suffices.
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError([_problem("", f"body is not valid YAML or JSON{where}: {problem}", "parse")]) from exc
     if len(docs) != 1:
         raise SpecError([_problem("", f"expected one workflow document, found {len(docs)}", "parse")])
     return docs[0]
@@ -272,6 +274,10 @@ def _pydantic_problems(exc: ValidationError) -> list[Problem]:
 
 def _graph_problems(doc: WorkflowDocument, limits: Limits) -> list[Problem]:
     problems: list[Problem] = []
+    # The workflow's params are read by every task's templates: held to the same limit as a task's.
+    too_big = _params_size_problem(doc.spec.params, limits, "spec.params")
+    if too_big:
+        problems.append(too_big)
     seen: dict[str, int] = {}
     for i, task in enumerate(doc.spec.tasks):
         if task.name in seen:
@@ -439,6 +445,10 @@ def _reference_problems(
             continue
         for ref in sorted(found_here.tasks - names):
             problems.append(_problem(path, f"refers to tasks.{ref}, but no task is named {ref!r}", "unknown_task"))
+        for param in sorted(found_here.params - set(doc.spec.params)):
+            problems.append(
+                _problem(path, f"refers to params.{param}, which spec.params does not define", "unknown_param")
+            )
     return refs, problems
 
 

@@ -36,6 +36,10 @@ from controller.submit import submit
 from dagsmith.durations import parse_duration
 from dagsmith.validation import load_document, params_problems, validate
 
+# What a workflow document may be sent as (none at all is read as YAML, which JSON also is).
+DOCUMENT_TYPES = frozenset(
+    {"application/json", "application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml", "text/plain"}
+)
 router = APIRouter(prefix="/v1/workflows", tags=["workflows"])
 
 SUBMITTED = Counter("dagsmith_api_workflows_submitted_total", "Workflows accepted by the API.", ["source"])
@@ -68,6 +72,7 @@ async def _known_types(state: AppState, conn: Conn) -> set[str]:
         },
         409: {"model": ErrorResponse, "description": "Idempotency-Key reused with a different document."},
         413: {"model": ErrorResponse, "description": "Body larger than DAGSMITH_MAX_BODY_BYTES."},
+        415: {"model": ErrorResponse, "description": "A Content-Type other than JSON or YAML."},
         422: {
             "model": ErrorResponse,
             "description": "Invalid workflow document; details.problems lists each.",
@@ -92,8 +97,14 @@ async def submit_workflow(
     principal: Writer,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Submitted:
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";")[0].strip().lower()
+    if media and media not in DOCUMENT_TYPES and not media.endswith(("+json", "+yaml")):
+        raise APIError(
+            415, "unsupported_media_type", f"Content-Type {media!r} is not a workflow document: send JSON or YAML"
+        )
     body = await request.body()
-    raw = load_document(body, request.headers.get("content-type", ""))
+    raw = load_document(body, content_type)
     checked = validate(raw, state.settings.limits(), await _known_types(state, conn))
     namespace = checked.document.metadata.namespace or "default"
     if not principal.may_use(namespace):

@@ -87,6 +87,10 @@ def test_yaml_body_and_unparseable_body(stack: Stack) -> None:
     )
     assert bad.status_code == 422
     assert "not valid YAML" in bad.json()["error"]["details"]["problems"][0]["message"]
+    xml = httpx.post(
+        f"{stack.url}/v1/workflows", content=b"<workflow/>", headers={"Content-Type": "application/xml", **auth(stack)}
+    )
+    assert xml.status_code == 415 and "'application/xml' is not a workflow document" in xml.json()["error"]["message"]
 
 
 def test_oversized_body_is_413(stack: Stack, settings: Settings) -> None:

@@ -199,3 +199,24 @@ def test_an_unquoted_yaml_off_is_the_off_mode() -> None:
     body += b"  correction: {mode: off}\n  tasks: [{name: a, type: noop}]\n"
     assert validate(load_document(body, "application/yaml")).document.spec.correction.mode == "off"
     assert problems(doc({"name": "a", "type": "noop"}, correction={"mode": True}))[0]["path"] == "spec.correction.mode"
+
+
+def test_zero_timeouts_are_problems() -> None:
+    found = problems(doc({"name": "a", "type": "noop", "timeout": "0s", "queueTimeout": 0}))
+    by_path = {p["path"]: p["message"] for p in found}
+    assert "must be longer than 0" in by_path["spec.tasks[0].timeout"]
+    assert "must be longer than 0" in by_path["spec.tasks[0].queueTimeout"]
+
+
+def test_undefined_params_in_the_output_and_oversized_workflow_params_are_problems() -> None:
+    found = problems(doc({"name": "a", "type": "noop"}, params={"big": "x" * 70_000}, output="{{ params.nope }}"))
+    by_path = {p["path"]: p["message"] for p in found}
+    assert "refers to params.nope" in by_path["spec.output"]
+    assert "over the limit of 65536 (DAGSMITH_MAX_PARAMS_BYTES)" in by_path["spec.params"]
+
+
+def test_yaml_errors_are_one_line_and_an_unpathed_problem_has_no_stray_colon() -> None:
+    with pytest.raises(SpecError) as info:
+        load_document(b"spec: [unclosed", "application/yaml")
+    assert "\n" not in info.value.problems[0]["message"] and "line 1" in info.value.problems[0]["message"]
+    assert not str(info.value).startswith(":")
