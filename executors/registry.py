@@ -43,6 +43,18 @@ class ExecutorOptions:
     http_allow_hosts: tuple[str, ...] = ()
     allow_crash: bool = False
 
+    def needs(self, task_type: str) -> str | None:
+        """The flag a built-in type needs and this executor was not given, or None. An executor
+        does not declare a type it would refuse: in a fleet where only some executors enable
+        ``shell.run``, its tasks must reach those, not fail for good on the others."""
+        if task_type == "shell.run" and not self.allow_shell:
+            return "--allow-shell"
+        if task_type == "python.call" and not self.python_modules:
+            return "--python-module MODULE"
+        if task_type == "chaos.crash" and not self.allow_crash:
+            return "--allow-crash"
+        return None
+
 
 @dataclass(frozen=True)
 class TaskContext:

@@ -239,11 +239,15 @@ class ExecutorRuntime:
         concurrency: int | None = None,
         executor_id: str | None = None,
     ) -> None:
+        self.options = options or ExecutorOptions()
+        gated = [s.type for s in specs if self.options.needs(s.type)]
+        if gated:
+            log.info("task types not enabled on this executor are not declared", types=gated)
+        specs = [s for s in specs if s.type not in gated]
         if not specs:
             raise ValueError("an executor needs at least one task type")
         self.settings = settings
         self.specs = {s.type: s for s in specs}
-        self.options = options or ExecutorOptions()
         self.concurrency = concurrency or settings.executor_concurrency
         self.id = executor_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.names = Names(settings.amqp_prefix)

@@ -152,6 +152,17 @@ def executor(
         http_allow_hosts=tuple(allow_host or settings.executor_http_allow_hosts),
         allow_crash=allow_crash,
     )
+    # A type named outright that needs a flag is a mistake worth stopping for; a glob (`*`) that
+    # matches one simply leaves it out.
+    for pattern in patterns:
+        flag = options.needs(pattern)
+        if flag:
+            typer.echo(f"error: {pattern} runs only on an executor started with {flag}", err=True)
+            raise typer.Exit(2)
+    specs = [s for s in specs if not options.needs(s.type)]
+    if not specs:
+        typer.echo(f"error: every task type matching {types!r} needs a flag to be enabled", err=True)
+        raise typer.Exit(2)
     try:
         run_service(
             "executor",

@@ -109,3 +109,26 @@ def test_two_plugins_for_one_type_conflict() -> None:
         @executor("t.counter", into=local)
         def other(params: Any, ctx: TaskContext) -> None:
             pass
+
+
+def test_types_that_need_a_flag_are_neither_declared_nor_accepted_by_name_without_it() -> None:
+    from typer.testing import CliRunner
+
+    from dagsmith.cli import app
+    from executors.registry import registry as builtins
+    from executors.runtime import ExecutorRuntime
+    from tests.conftest import make_settings
+
+    assert ExecutorOptions().needs("shell.run") == "--allow-shell"
+    assert ExecutorOptions(allow_shell=True).needs("shell.run") is None
+    assert (
+        ExecutorOptions().needs("python.call")
+        and ExecutorOptions(python_modules=("json",)).needs("python.call") is None
+    )
+    assert ExecutorOptions().needs("echo") is None
+    import executors.builtins  # noqa: F401
+
+    runtime = ExecutorRuntime(make_settings("postgresql://unused/x", "unused"), builtins.select(["*"]))
+    assert {"shell.run", "python.call", "chaos.crash"}.isdisjoint(runtime.specs) and "echo" in runtime.specs
+    named = CliRunner().invoke(app, ["executor", "--types", "echo,shell.run"])
+    assert named.exit_code == 2 and "shell.run runs only on an executor started with --allow-shell" in named.output
