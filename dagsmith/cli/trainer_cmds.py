@@ -57,7 +57,9 @@ def load_params(params_file: Path | None, records_file: Path | None) -> Simulato
 @app.command("train")
 def train_cmd(
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Training seeds (0 .. N-1)")] = 5,
-    out: Annotated[Path, typer.Option("--out", help="Directory for policies and diagnostics")] = Path("trainer-out"),
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Directory for policies and diagnostics [default: trainer-out]")
+    ] = None,
     timesteps: Annotated[int | None, typer.Option("--timesteps", help="Decisions per seed")] = None,
     params_file: ParamsOption = None,
     records_file: RecordsOption = None,
@@ -80,11 +82,20 @@ def train_cmd(
         from dagsmith.settings import get_settings
         from trainer.loop import train_and_gate
 
+        # Options that do not apply are refused, not ignored: the records come from Postgres and
+        # the version goes to the registry. --params gives the prior the fit starts from.
+        for flag, given in (("--records", records_file), ("--out", out)):
+            if given is not None:
+                typer.echo(
+                    f"error: --from-db does not take {flag} (it reads Postgres and registers the version)", err=True
+                )
+                raise typer.Exit(2)
         trained = train_and_gate(
             get_settings().database_url.get_secret_value(),
             seeds=seeds,
             timesteps=timesteps,
             activate=activate,
+            prior=load_params(params_file, None) if params_file else None,
             log=lambda line: typer.echo(line, err=True),
         )
         state = "activated" if trained.activated else "registered (not active)"
@@ -93,6 +104,7 @@ def train_cmd(
     from trainer.ppo import PPOConfig, train
     from trainer.simulator import STREAM_VALID, Simulator
 
+    out = out or Path("trainer-out")
     sim = Simulator(load_params(params_file, records_file))
     valid = sim.episodes(STREAM_VALID, 0, 500)
     out.mkdir(parents=True, exist_ok=True)

@@ -286,3 +286,10 @@ def test_train_then_evaluate_from_the_command_line(tmp_path: Path) -> None:
     )
     assert evaluated.exit_code == 0, evaluated.output
     assert "policy-seed0.pt" in evaluated.output and "oracle" in evaluated.output
+
+
+def test_from_db_refuses_the_options_it_would_ignore(tmp_path: Path) -> None:
+    records = tmp_path / "records.jsonl"
+    records.write_text("")
+    done = CliRunner().invoke(app, ["trainer", "train", "--from-db", "--records", str(records)])
+    assert done.exit_code == 2 and "--from-db does not take --records" in done.output
