@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from benchmarks import report, scenarios
-from benchmarks.harness import installation, machine
+from benchmarks.harness import bench_settings, installation, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,9 +49,7 @@ def run(name: str, repeat: int, quick: bool) -> dict[str, Any]:
         sizes = [2_000] if quick else [10_000, 50_000]
         with installation() as bench:
             for n in sizes:
-                results[f"{n}_tasks"] = scenarios.summarize(
-                    [scenarios.big_submission(bench, n) for _ in range(1 if n > 10_000 else repeat)]
-                )
+                results[f"{n}_tasks"] = scenarios.summarize([scenarios.big_submission(bench, n) for _ in range(repeat)])
     elif name == "scale":
         points = [1, 10, 100] if quick else [1, 10, 100, 1000]
         with installation() as bench:
@@ -63,7 +61,9 @@ def run(name: str, repeat: int, quick: bool) -> dict[str, Any]:
     elif name == "idle":
         workflows = 100 if quick else 1000
         with installation(executors=2, concurrency=workflows) as bench:
-            results["waiting"] = scenarios.summarize([scenarios.idle_cost(bench, workflows, 10 if quick else 30)])
+            results["waiting"] = scenarios.summarize(
+                [scenarios.idle_cost(bench, workflows, 10 if quick else 30) for _ in range(repeat)]
+            )
     else:
         raise SystemExit(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
     print(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode(), file=sys.stderr, flush=True)
@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         "repeat": repeat,
         "quick": args.quick,
         "duration_s": round(time.time() - started, 1),
+        # What the services ran with (defaults, and what the harness sets: benchmarks/harness.py).
+        "settings": bench_settings(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     raw = args.out / "benchmarks" / f"results-{meta['machine']['date']}{'-quick' if args.quick else ''}.json"

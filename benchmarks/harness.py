@@ -131,6 +131,15 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+HARNESS_SETTINGS: dict[str, Any] = {"executor_concurrency": 64, "resync_interval": 5.0, "log_level": "WARNING"}
+
+
+def bench_settings() -> dict[str, Any]:
+    """The settings the benchmarked services run with, secrets and connection strings left out."""
+    values = Settings(**HARNESS_SETTINGS).model_dump()
+    return {k: v for k, v in values.items() if not k.endswith(("_url", "_token")) and not k.startswith("amqp_prefix")}
+
+
 @contextmanager
 def installation(executors: int = 2, concurrency: int = 64, **overrides: Any) -> Iterator[Bench]:
     """Create a database, start API, controller, evaluator and executors; tear all down after."""
@@ -147,9 +156,8 @@ def installation(executors: int = 2, concurrency: int = 64, **overrides: Any) ->
         "amqp_url": AMQP,
         "amqp_prefix": f"bench{run}",
         "metrics_port": -1,
-        "log_level": "WARNING",
+        **HARNESS_SETTINGS,
         "executor_concurrency": concurrency,
-        "resync_interval": 5.0,
     }
     values.update(overrides)
     settings = Settings(**values)
