@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -83,3 +84,23 @@ async def in_transaction(
             log.warning("transaction failed; retrying", what=what, attempt=attempt, error=str(exc)[:300])
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+async def wait_for_database(engine: AsyncEngine, stop: asyncio.Event, *, service: str) -> bool:
+    """Wait until Postgres answers, saying so while it does not (a service started before its
+    database, or while it restarts, waits for it as it waits for RabbitMQ). False if ``stop``
+    came first."""
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            async with engine.connect() as conn:
+                await conn.exec_driver_sql("SELECT 1")
+            return True
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("postgres not reachable; retrying", service=service, error=str(exc)[:200], retry_in=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            delay = min(delay * 2, 5.0)
+    return False

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from controller import metrics, store
 from controller.correct import ACTIVE_VERSION, Corrector
-from controller.db import CHANNEL_WORKFLOWS, create_engine, in_transaction
+from controller.db import CHANNEL_WORKFLOWS, create_engine, in_transaction, wait_for_database
 from controller.dispatch import Publisher
 from controller.engine import Engine, Inbound, RoundResult
 from controller.held import HeldWorkflows
@@ -450,6 +450,9 @@ class Controller:
         db = create_engine(
             settings.database_url.get_secret_value(), pool_size=4, name="dagsmith-controller", pre_ping=False
         )
+        if not await wait_for_database(db, stop, service="controller"):
+            await db.dispose()
+            return
         connection = await connect(
             settings.amqp_url.get_secret_value(), name="dagsmith-controller", heartbeat=settings.amqp_heartbeat
         )
