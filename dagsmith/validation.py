@@ -1,6 +1,9 @@
 """Whole-document validation: shape (pydantic), then the graph (duplicates, cycles, references).
 
-Every problem is collected with its path, so a user fixes them all in one round trip.
+Every problem of a stage is collected with its path, so a user fixes them together. The graph is
+only checked once the shape is right (a graph cannot be read from a malformed document), and
+references are only checked for ancestry once there is no cycle: a document with a shape error
+and a cycle reports the shape error first, then the cycle.
 """
 
 from __future__ import annotations
