@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from dagsmith.spec import TASK_NAME_PATTERN, TASK_TYPE_PATTERN
 
@@ -152,6 +152,15 @@ class Health(BaseModel):
     checks: dict[str, str] = Field(default_factory=dict)
 
 
+# What each surgery takes besides the task (and a reason).
+SURGERY_OPTIONS: dict[str, tuple[str, ...]] = {
+    "retry": ("params", "delay"),
+    "replace": ("type", "params"),
+    "insert": ("type", "params", "name"),
+    "skip": (),
+}
+
+
 class SurgeryRequest(BaseModel):
     """A DAG surgery on a workflow (running, or finished: a retry revives it)."""
 
@@ -163,7 +172,9 @@ class SurgeryRequest(BaseModel):
     )
     task: str = Field(max_length=63, pattern=TASK_NAME_PATTERN, description="The task operated on.")
     params: dict[str, Any] | None = Field(
-        None, description="retry: params merged over the task's; insert: the new task's params (default: the task's)"
+        None,
+        description="retry, replace: params merged over the task's; insert: the new task's params "
+        "(default: the task's)",
     )
     type: str | None = Field(
         None,
@@ -182,6 +193,19 @@ class SurgeryRequest(BaseModel):
             raise ValueError("contains a NUL character (\\u0000), which cannot be stored")
         return value
 
+    @model_validator(mode="after")
+    def _options_fit_the_operation(self) -> SurgeryRequest:
+        # An option the operation does not use is refused rather than silently ignored.
+        allowed = SURGERY_OPTIONS[self.op]
+        given = [f for f in ("params", "type", "name", "delay") if getattr(self, f) is not None]
+        wrong = [f for f in given if f not in allowed]
+        if wrong:
+            takes = ", ".join(allowed) if allowed else "none of params, type, name, delay"
+            raise ValueError(f"{self.op} does not take {', '.join(wrong)} (it takes {takes})")
+        if self.op in ("replace", "insert") and self.type is None:
+            raise ValueError(f"{self.op} needs the type of the task to run (type)")
+        return self
+
 
 class Surgery(BaseModel):
     workflow_id: str
@@ -190,6 +214,9 @@ class Surgery(BaseModel):
     task: str
     inserted_task_id: int | None = None
     diff: list[dict[str, Any]]
+    warnings: list[str] = Field(
+        default_factory=list, description="E.g. a new task type no executor has declared yet (the task waits for one)."
+    )
 
 
 class Revision(BaseModel):

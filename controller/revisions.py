@@ -320,9 +320,11 @@ async def manual(
     name: str | None = None,
     delay: float = 0.0,
     message: str = "",
+    max_tasks: int | None = None,
 ) -> Applied:
     """A surgery a user asked for. Manual surgeries are recorded (and counted) like the policy's,
-    but the correction budgets do not block them: a person decided."""
+    but the correction budgets do not block them: a person decided. ``max_tasks`` still bounds
+    the workflow's size, as at submission."""
     from controller import store
     from controller.db import CHANNEL_WORKFLOWS
     from controller.queries import get_workflow
@@ -339,10 +341,19 @@ async def manual(
     elif operation == "replace":
         if not new_type:
             raise SurgeryError("replace needs the new task type")
-        plan = reroute(task, new_type, manual=True)
+        plan = reroute(task, new_type, params={**task.params, **params} if params else None, manual=True)
     elif operation == "insert":
         if not new_type:
             raise SurgeryError("insert needs the type of the task to insert")
+        if max_tasks is not None:
+            total = (
+                await conn.execute(sa.text("SELECT n_total FROM workflows WHERE id = :w"), {"w": workflow_id})
+            ).scalar_one()
+            if total >= max_tasks:
+                raise SurgeryConflict(
+                    f"the workflow has {total} tasks, the most one may have (DAGSMITH_MAX_TASKS): "
+                    "nothing can be inserted"
+                )
         taken = await names_like(conn, workflow_id, name or f"{task.name}_repair")
         plan = insert_before(task, task_type=new_type, existing=taken, params=params, name=name, manual=True)
     elif operation == "skip":

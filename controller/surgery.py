@@ -122,17 +122,20 @@ def retry(
     return Plan(Operation.retry, task.name, delay=delay, params=params, timeout=timeout, diff=diff)
 
 
-def reroute(task: TaskSnapshot, new_type: str, *, manual: bool = False) -> Plan:
+def reroute(task: TaskSnapshot, new_type: str, *, params: dict[str, Any] | None = None, manual: bool = False) -> Plan:
+    """Run the task as another type; ``params``, if given, replace its params (the new type may
+    want different ones)."""
     _check_operable(task, manual)
     if not re.match(TASK_TYPE_PATTERN, new_type):
         raise SurgeryError(f"{new_type!r} is not a task type (e.g. 'text.upper')")
     if new_type == task.type:
         raise SurgeryError(f"task {task.name!r} already runs as {new_type!r}")
-    diff = [
-        {"op": "set", "task": task.name, "field": "type", "old": task.type, "new": new_type},
-        {"op": "status", "task": task.name, "to": "pending"},
-    ]
-    return Plan(Operation.reroute, task.name, new_type=new_type, diff=diff)
+    diff: list[dict[str, Any]] = [{"op": "set", "task": task.name, "field": "type", "old": task.type, "new": new_type}]
+    if params is not None and params != task.params:
+        old, new = redact(task.params, task.secrets), redact(params, task.secrets)
+        diff.append({"op": "set", "task": task.name, "field": "params", "old": old, "new": new})
+    diff.append({"op": "status", "task": task.name, "to": "pending"})
+    return Plan(Operation.reroute, task.name, new_type=new_type, params=params, diff=diff)
 
 
 def insert_before(

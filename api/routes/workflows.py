@@ -307,7 +307,13 @@ async def surgery(workflow_id: str, body: SurgeryRequest, state: State, principa
             name=body.name,
             delay=delay,
             message=body.reason,
+            max_tasks=state.settings.max_tasks,
         )
+    warnings = []
+    if body.type is not None:
+        async with state.db.connect() as conn:
+            if body.type not in await _known_types(state, conn):
+                warnings.append(f"no executor has declared task type {body.type!r} yet; the task waits until one does")
     return Surgery(
         workflow_id=str(wid),
         revision=applied.revision,
@@ -315,6 +321,7 @@ async def surgery(workflow_id: str, body: SurgeryRequest, state: State, principa
         task=body.task,
         inserted_task_id=applied.inserted_id,
         diff=applied.plan.diff,
+        warnings=warnings,
     )
 
 

@@ -50,7 +50,8 @@ def surgery(
 
     dagsmith surgery ID retry shout --param text='try again'    (re-run a step with edited inputs)
 
-    dagsmith surgery ID replace parse --type json.repair        (run a task on another capability)
+    dagsmith surgery ID replace parse --type json.repair        (run a task on another capability;
+    --param adjusts its params for it)
 
     dagsmith surgery ID insert parse --type text.clean          (add a repair step before a task)
 
@@ -76,6 +77,8 @@ def surgery(
     console.print(f"revision {done['revision']}: {done['operation']} {done['task']}", highlight=False)
     for change in done["diff"]:
         console.print(f"  {_describe(change)}", highlight=False)
+    for warning in done.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
 
 
 def _describe(change: dict[str, Any]) -> str:

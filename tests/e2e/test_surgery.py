@@ -83,6 +83,30 @@ def test_replace_a_task_type(client: Client) -> None:
     assert node["type"] == "echo" and node["rerouted"] is True
 
 
+def test_replace_with_params_and_a_type_no_executor_has(client: Client) -> None:
+    doc = workflow(
+        "reroute-params", {"name": "t", "type": "chaos.fail", "params": {"class": "permanent"}}, correction=OFF
+    )
+    wid = failed(client, doc)
+    done = client.surgery(wid, {"op": "replace", "task": "t", "type": "echo", "params": {"note": "rerouted"}})
+    assert done["warnings"] == []
+    assert {"op": "set", "task": "t", "field": "params"}.items() <= done["diff"][1].items()
+    assert wait_finished(client, wid)["status"] == "succeeded"
+    (task,) = client.tasks(wid)["items"]
+    assert task["params"] == {"class": "permanent", "note": "rerouted"}
+    other = failed(
+        client,
+        workflow(
+            "reroute-nowhere", {"name": "t", "type": "chaos.fail", "params": {"class": "permanent"}}, correction=OFF
+        ),
+    )
+    waiting = client.surgery(other, {"op": "replace", "task": "t", "type": "no.such.type"})
+    assert waiting["warnings"] == [
+        "no executor has declared task type 'no.such.type' yet; the task waits until one does"
+    ]
+    client.cancel(other)
+
+
 def test_skip_an_optional_task_gives_its_default(client: Client) -> None:
     doc = workflow(
         "skippy",
@@ -116,6 +140,10 @@ def test_refusals_are_clear(client: Client, stack: Stack) -> None:
         ({"op": "retry", "task": "t\u0000"}, 422, "body.task: String should match pattern"),
         ({"op": "retry", "task": "t", "reason": "a\u0000b"}, 422, "body.reason: Value error, contains a NUL"),
         ({"op": "insert", "task": "t"}, 422, "needs the type"),
+        # An option the operation does not use is refused, not ignored.
+        ({"op": "skip", "task": "t", "params": {"x": 1}}, 422, "skip does not take params"),
+        ({"op": "replace", "task": "t", "type": "echo", "delay": "5s"}, 422, "replace does not take delay"),
+        ({"op": "retry", "task": "t", "type": "echo"}, 422, "retry does not take type (it takes params, delay)"),
         # Params given to a surgery are held to a submitted task's rules and limits.
         ({"op": "retry", "task": "t", "params": {"text": "a\u0000b"}}, 422, "params.text: contains a NUL"),
         ({"op": "insert", "task": "t", "type": "noop", "params": {"x": "y" * 70_000}}, 422, "over the limit"),
