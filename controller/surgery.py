@@ -260,15 +260,31 @@ def over_budget(
 
 def replay(tasks: list[dict[str, Any]], diffs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """The DAG's structure after applying revision diffs in order to the submitted tasks."""
-    out = [dict(t) for t in tasks]
-    by_name = {t["name"]: t for t in out}
+    submitted = [dict(t) for t in tasks]
+    by_name = {t["name"]: t for t in submitted}
+    # An inserted task goes right before the task it was inserted before (after those inserted
+    # there earlier); one whose target is unknown goes last. Placing them all in one pass at the
+    # end keeps replay linear in the DAG, however many tasks were inserted.
+    before: dict[str, list[dict[str, Any]]] = {}
+    appended: list[dict[str, Any]] = []
     for diff in diffs:
         for op in diff:
             if op["op"] == "add":
                 new = dict(op["task"])
-                index = next((i for i, t in enumerate(out) if t["name"] == op.get("before")), len(out))
-                out.insert(index, new)
+                target = op.get("before")
+                (before.setdefault(target, []) if target in by_name else appended).append(new)
                 by_name[new["name"]] = new
             elif op["op"] == "set":
                 by_name[op["task"]][op["field"]] = op["new"]
+    out: list[dict[str, Any]] = []
+    for task in [*submitted, *appended]:
+        # Emit everything inserted before `task` (recursively, without recursion), then the task.
+        stack: list[tuple[dict[str, Any], bool]] = [(task, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if expanded:
+                out.append(node)
+                continue
+            stack.append((node, True))
+            stack.extend((inserted, False) for inserted in reversed(before.get(node["name"], [])))
     return out

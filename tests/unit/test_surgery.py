@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from controller.surgery import (
     Operation,
@@ -95,3 +99,27 @@ def test_replay_rebuilds_any_revision() -> None:
     assert after[2]["dependsOn"] == ["t_repair1"] and after[2]["type"] == "z.z"
     assert after[1]["dependsOn"] == ["p"]
     assert tasks[1]["type"] == "x.y"  # the submitted spec is not modified
+
+
+def _replay_naively(tasks: list[dict[str, Any]], diffs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The obvious quadratic replay: each insert searched for and placed in the list, in order."""
+    out = [dict(t) for t in tasks]
+    for diff in diffs:
+        for op in diff:
+            if op["op"] == "add":
+                index = next((i for i, t in enumerate(out) if t["name"] == op.get("before")), len(out))
+                out.insert(index, dict(op["task"]))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=30), max_size=25))
+def test_replay_places_inserts_as_inserting_them_one_by_one_would(targets: list[int]) -> None:
+    tasks = [{"name": f"s{i}", "type": "noop"} for i in range(5)]
+    names = [t["name"] for t in tasks]
+    diffs = []
+    for n, target in enumerate(targets):
+        before = names[target] if target < len(names) else None  # past the end: an unknown target
+        diffs.append([{"op": "add", "task": {"name": f"i{n}", "type": "noop"}, "before": before}])
+        names.append(f"i{n}")
+    assert [t["name"] for t in replay(tasks, diffs)] == [t["name"] for t in _replay_naively(tasks, diffs)]
