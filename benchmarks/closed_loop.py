@@ -86,6 +86,19 @@ def paired_ci(a: list[float], b: list[float], n_boot: int = 5000) -> tuple[float
     return float(d.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
+FRESH_SEED_OFFSET = 1000  # the fresh batches' workflows: seed + this
+
+
+def differences(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, tuple[float, float, float]]:
+    """Paired (per workflow) differences b − a in reward and success, with 95% intervals."""
+    return {
+        "reward_difference": paired_ci([r["reward"] for r in a], [r["reward"] for r in b]),
+        "success_difference": paired_ci(
+            [float(r["status"] == "succeeded") for r in a], [float(r["status"] == "succeeded") for r in b]
+        ),
+    }
+
+
 def experiment(workflows: int, seed: int, seeds: int, timesteps: int | None, log: Any = print) -> dict[str, Any]:
     from trainer.lab import lab_params, lab_workflows
     from trainer.loop import train_and_gate
@@ -127,10 +140,19 @@ def experiment(workflows: int, seed: int, seeds: int, timesteps: int | None, log
         rows_a = [r for r in before if "reward" in r]
         rows_b = [r for r in after if "reward" in r]
         result["learned"] = summary(after)
-        result["reward_difference"] = paired_ci([r["reward"] for r in rows_a], [r["reward"] for r in rows_b])
-        result["success_difference"] = paired_ci(
-            [float(r["status"] == "succeeded") for r in rows_a], [float(r["status"] == "succeeded") for r in rows_b]
-        )
+        result.update(differences(rows_a, rows_b))
+        # Batch B replays the failures the policy was trained from. Fresh workflows, which neither
+        # policy has seen, run under both (paired again): the out-of-sample comparison.
+        fresh = seed + FRESH_SEED_OFFSET
+        log(f"batches C and D: {workflows} fresh workflows (seed {fresh}) under the rules, then the learned policy")
+        fresh_rules = run_batch(bench, lab_workflows(workflows, fresh, "rules"))
+        fresh_learned = run_batch(bench, lab_workflows(workflows, fresh, "learned"))
+        result["fresh"] = {
+            "seed": fresh,
+            "rules": summary(fresh_rules),
+            "learned": summary(fresh_learned),
+            **differences([r for r in fresh_rules if "reward" in r], [r for r in fresh_learned if "reward" in r]),
+        }
         by_mode: dict[str, Any] = {}
         for mode in sorted({r["mode"] for r in rows_a}):
             a = [r for r in rows_a if r["mode"] == mode]
@@ -145,6 +167,12 @@ def experiment(workflows: int, seed: int, seeds: int, timesteps: int | None, log
         result["by_mode"] = by_mode
         result["wall_seconds"] = time.time() - started
         return result
+
+
+BATCH_HEADER = (
+    "| batch | workflows | mean workflow reward | success rate | attempts / workflow | surgeries / workflow |",
+    "|---|---|---|---|---|---|",
+)
 
 
 def write_report(result: dict[str, Any], command: str) -> Path:
@@ -163,8 +191,9 @@ def write_report(result: dict[str, Any], command: str) -> Path:
         "Lab workflows (one task each, failures following the simulator's latent modes; see `trainer/lab.py`) ran",
         "on the real API, controller, evaluator and executors. Batch A ran under the `rules` policy; the trainer",
         "fitted the simulator to batch A's logged decisions, trained PPO, ran the gate and activated the version;",
-        "batch B — the same tasks with the same luck — ran under `learned`. Differences are paired per workflow",
-        "(95% bootstrap intervals).",
+        "batch B — the same tasks with the same luck — ran under `learned`. Then fresh workflows, which",
+        "neither policy had seen (batches C and D, another seed), ran under each. Differences are paired per",
+        "workflow (95% bootstrap intervals).",
         "",
         f"Policy `{result['version']}`: gate {'passed' if result['gate']['passed'] else 'FAILED'} — "
         f"{result['gate']['reason']}; trained on {result['records']} logged decisions in "
@@ -190,8 +219,7 @@ def write_report(result: dict[str, Any], command: str) -> Path:
         a, b = result["rules"], result["learned"]
         rd, sd = result["reward_difference"], result["success_difference"]
         lines += [
-            "| batch | workflows | mean workflow reward | success rate | attempts / workflow | surgeries / workflow |",
-            "|---|---|---|---|---|---|",
+            *BATCH_HEADER,
             f"| A: rules | {a['workflows']} | {a['mean_reward']:.3f} | {a['success_rate']:.1%} | "
             f"{a['mean_attempts']:.2f} | {a['mean_surgeries']:.2f} |",
             f"| B: learned | {b['workflows']} | {b['mean_reward']:.3f} | {b['success_rate']:.1%} | "
@@ -199,6 +227,27 @@ def write_report(result: dict[str, Any], command: str) -> Path:
             "",
             f"Reward difference (B − A): {rd[0]:+.3f} [{rd[1]:+.3f}, {rd[2]:+.3f}]; "
             f"success difference: {sd[0]:+.1%} [{sd[1]:+.1%}, {sd[2]:+.1%}].",
+            "",
+        ]
+        if "fresh" in result:
+            f = result["fresh"]
+            c, d = f["rules"], f["learned"]
+            frd, fsd = f["reward_difference"], f["success_difference"]
+            lines += [
+                f"Fresh workflows (seed {f['seed']}):",
+                "",
+                *BATCH_HEADER,
+                f"| C: rules | {c['workflows']} | {c['mean_reward']:.3f} | {c['success_rate']:.1%} | "
+                f"{c['mean_attempts']:.2f} | {c['mean_surgeries']:.2f} |",
+                f"| D: learned | {d['workflows']} | {d['mean_reward']:.3f} | {d['success_rate']:.1%} | "
+                f"{d['mean_attempts']:.2f} | {d['mean_surgeries']:.2f} |",
+                "",
+                f"Reward difference (D − C): {frd[0]:+.3f} [{frd[1]:+.3f}, {frd[2]:+.3f}]; "
+                f"success difference: {fsd[0]:+.1%} [{fsd[1]:+.1%}, {fsd[2]:+.1%}].",
+                "",
+            ]
+        lines += [
+            "Batches A and B by latent mode:",
             "",
             "| latent mode | n | rules reward | learned reward | rules success | learned success |",
             "|---|---|---|---|---|---|",

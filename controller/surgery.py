@@ -272,7 +272,10 @@ def replay(tasks: list[dict[str, Any]], diffs: list[list[dict[str, Any]]]) -> li
             if op["op"] == "add":
                 new = dict(op["task"])
                 target = op.get("before")
-                (before.setdefault(target, []) if target in by_name else appended).append(new)
+                if isinstance(target, str) and target in by_name:
+                    before.setdefault(target, []).append(new)
+                else:
+                    appended.append(new)
                 by_name[new["name"]] = new
             elif op["op"] == "set":
                 by_name[op["task"]][op["field"]] = op["new"]
