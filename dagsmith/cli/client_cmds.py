@@ -53,7 +53,7 @@ def handle(exc: ClientError) -> NoReturn:
         for p in exc.details["problems"]:
             console.print(f"  [bold]{p.get('path') or '(document)'}[/bold]: {p['message']}", highlight=False)
         raise typer.Exit(2)
-    code = {0: 3, 404: 4, 422: 2, 413: 2, 401: 5, 403: 5}.get(exc.status, 3)
+    code = {0: 3, 404: 4, 422: 2, 413: 2, 415: 2, 401: 5, 403: 5, 409: 6}.get(exc.status, 3)
     fail(exc.message, code)
 
 

@@ -128,7 +128,7 @@ def test_cancel(stack: Stack, tmp_path: Path) -> None:
     with Client(stack.url, token=stack.token) as client:
         wait_until(lambda: client.workflow(wid)["status"] == "cancelled", timeout=20, what="the cancel")
     again = cli(stack, "cancel", wid)
-    assert again.returncode != 0 and len(again.stderr.strip().splitlines()) == 1, again.stderr
+    assert again.returncode == 6 and len(again.stderr.strip().splitlines()) == 1, again.stderr  # 409: finished
 
 
 def test_executor_whose_plugin_cannot_start_exits_2_naming_it(tmp_path: Path) -> None:
