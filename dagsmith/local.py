@@ -89,6 +89,7 @@ class LocalStack:
         self.settings = settings
         self.logdir = logdir
         self.procs: dict[str, Proc] = {}
+        self.ended: set[str] = set()  # stopped or killed on purpose (not restarted since)
         self.api_port = 0
         self.extra_env: dict[str, str] = {}
 
@@ -115,6 +116,7 @@ class LocalStack:
         )
         proc = Proc(name, popen, log, handle)
         self.procs[name] = proc
+        self.ended.discard(name)
         return proc
 
     def start_api(self) -> Proc:
@@ -171,11 +173,13 @@ class LocalStack:
 
     def kill(self, name: str) -> None:
         proc = self.procs[name]
+        self.ended.add(name)
         proc.popen.send_signal(signal.SIGKILL)
         proc.popen.wait(timeout=10)
 
     def stop(self, name: str, timeout: float = 20) -> int:
         proc = self.procs[name]
+        self.ended.add(name)
         if proc.alive():
             proc.popen.send_signal(signal.SIGTERM)
             try:
@@ -185,6 +189,10 @@ class LocalStack:
                 proc.popen.wait(timeout=10)
         proc.handle.close()
         return int(proc.popen.returncode)
+
+    def died(self) -> list[str]:
+        """Processes that ended without being stopped or killed on purpose."""
+        return [name for name, proc in self.procs.items() if name not in self.ended and not proc.alive()]
 
     def stop_all(self) -> None:
         for name in list(self.procs):

@@ -33,6 +33,10 @@ def begin(inst: Installation, seed: int) -> tuple[list[workload.Planned], float]
 def finish(inst: Installation, rest: list[workload.Planned], began: float, report: Report, **extra: Any) -> None:
     inst.submit(rest)
     inst.wait_finished()
+    # Every service the fault did not end on purpose came through it (a crash would otherwise
+    # go unnoticed as long as another process picked up its work).
+    died = inst.stack.died()
+    assert not died, "\n".join(f"{name} died:\n{inst.stack.procs[name].tail()}" for name in died)
     verdict = inst.check()
     extra.setdefault("results_ignored", inst.controller_metric(IGNORED))
     report(inst, verdict, time.monotonic() - began, **extra)
@@ -189,8 +193,7 @@ def test_postgres_restart(installation: Make, report: Report) -> None:
     fault = Fault("Postgres crash (pg_ctl stop -m immediate) and start", downtime_s=back - struck)
     fault.recover_s = inst.progress_after(back, baseline)
     inst.faults.append(fault)
-    for name, proc in inst.stack.procs.items():
-        assert proc.alive(), f"{name} died with the database:\n{proc.tail()}"
+    assert not inst.stack.died(), f"{inst.stack.died()} died with the database:\n{inst.tails()}"
     finish(inst, rest, began, report)
 
 
