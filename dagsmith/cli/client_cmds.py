@@ -69,7 +69,10 @@ def submit(
     api: ApiOption = None,
     token: TokenOption = None,
 ) -> None:
-    """Submit a workflow. Prints its id (or, with --wait/--watch, its result)."""
+    """Submit a workflow; print its id.
+
+    With --wait or --watch, print its result once it finishes (exit 1 unless it succeeded).
+    """
     try:
         body = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
     except OSError as exc:
@@ -193,8 +196,10 @@ def status(workflow_id: str, api: ApiOption = None, token: TokenOption = None) -
 
 
 def watch(workflow_id: str, api: ApiOption = None, token: TokenOption = None) -> None:
-    """Follow a submitted workflow live until it finishes, then print its result (exit 1 unless it
-    succeeded)."""
+    """Follow a workflow live, then print its result.
+
+    Shows progress until it finishes; exits 1 unless it succeeded.
+    """
     with connect(api, token) as client:
         try:
             final = _watch(client, workflow_id)

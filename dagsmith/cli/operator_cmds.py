@@ -34,7 +34,10 @@ def operator(
         typer.Option(envvar="DAGSMITH_OPERATOR_STATUS_INTERVAL", min=0.1, help="Seconds between .status refreshes"),
     ] = 2.0,
 ) -> None:
-    """Run the Kubernetes operator: submits Workflow resources and mirrors their status."""
+    """Run the Kubernetes operator.
+
+    It submits Workflow resources to the store and mirrors their status back.
+    """
     import asyncio
 
     from controller.operator import OperatorOptions, run_operator

@@ -42,7 +42,10 @@ def activate(
     api: ApiOption = None,
     token: TokenOption = None,
 ) -> None:
-    """Make a version active; controllers switch to it within moments, without a restart."""
+    """Make a version active.
+
+    Controllers switch to it within moments, without a restart.
+    """
     with connect(api, token) as client:
         try:
             client.activate_policy(version, force)
@@ -53,7 +56,10 @@ def activate(
 
 @app.command()
 def rollback(api: ApiOption = None, token: TokenOption = None) -> None:
-    """Retire the active version; the one before it (or the rules) decides again."""
+    """Undo the latest activation.
+
+    The version active before it (or, with none, the rules) decides again; repeat to go further back.
+    """
     with connect(api, token) as client:
         try:
             previous = client.rollback_policy()

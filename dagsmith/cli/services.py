@@ -174,7 +174,10 @@ def executor(
 
 
 def config() -> None:
-    """Print every setting (environment variable, default, meaning) as a markdown table."""
+    """Print every setting as a table.
+
+    Each row: the environment variable, its default and what it means (markdown).
+    """
     typer.echo(settings_table())
 
 
@@ -182,7 +185,10 @@ def dev(
     executors: Annotated[int, typer.Option(help="Executor processes")] = 1,
     port: Annotated[int | None, typer.Option(help="API port")] = None,
 ) -> None:
-    """Run migrations, then the API, controller, evaluator and executors together, logs interleaved."""
+    """Run the whole system locally.
+
+    Migrations first, then the API, controller, evaluator and executors, their logs interleaved.
+    """
     settings = get_settings()
     typer.secho(
         "dagsmith dev: local development mode. THE API RUNS WITHOUT AUTHENTICATION: anyone who can reach "

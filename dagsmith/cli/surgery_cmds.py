@@ -46,16 +46,17 @@ def surgery(
     api: ApiOption = None,
     token: TokenOption = None,
 ) -> None:
-    """Change a workflow's DAG. Examples:
+    """Change a workflow's DAG.
 
-    dagsmith surgery ID retry shout --param text='try again'    (re-run a step with edited inputs)
+    Examples:
 
-    dagsmith surgery ID replace parse --type json.repair        (run a task on another capability;
-    --param adjusts its params for it)
+    Re-run a step with edited inputs: dagsmith surgery ID retry shout --param text='try again'
 
-    dagsmith surgery ID insert parse --type text.clean          (add a repair step before a task)
+    Run a task on another capability (--param adjusts its params): dagsmith surgery ID replace parse --type json.repair
 
-    dagsmith surgery ID skip enrich                             (skip an optional task)
+    Add a repair step before a task: dagsmith surgery ID insert parse --type text.clean
+
+    Skip an optional task: dagsmith surgery ID skip enrich
     """
     if operation not in OPERATIONS:
         fail(f"operation must be one of {', '.join(OPERATIONS)}", 2)
@@ -97,7 +98,10 @@ def history(
     api: ApiOption = None,
     token: TokenOption = None,
 ) -> None:
-    """Show a workflow's DAG revisions: every surgery, by whom, why, what changed."""
+    """Show a workflow's DAG revisions.
+
+    Every surgery: by whom, why and what changed.
+    """
     with connect(api, token) as client:
         try:
             items = client.revisions(workflow_id)

@@ -24,7 +24,10 @@ def create(
     api: ApiOption = None,
     token: TokenOption = None,
 ) -> None:
-    """Create a token and print it. It is shown once: only its hash is stored."""
+    """Create a token and print it.
+
+    It is shown once: only its hash is stored.
+    """
     with connect(api, token) as client:
         try:
             created = client.create_token(name, scope or ["read"], namespace or ["default"], expires_in)

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from trainer.params import SimulatorParams
 
 app = typer.Typer(
-    help="Train, evaluate and benchmark the learned correction policy (needs the 'learn' extra: torch).",
+    help="The learned correction policy (needs torch).",
     no_args_is_help=True,
 )
 
@@ -71,7 +71,9 @@ def train_cmd(
         bool, typer.Option("--activate/--no-activate", help="With --from-db: activate if the gate passes")
     ] = True,
 ) -> None:
-    """Train PPO policies on the simulator, one per seed; writes policy-seed<N>.pt and diagnostics.
+    """Train PPO policies (one per seed).
+
+    On the simulator, it writes policy-seed<N>.pt and diagnostics.
 
     With --from-db: fit the simulator to the decisions logged in Postgres, train, keep the best
     seed, run the gate (held-out simulator episodes and an off-policy estimate on real decisions),
@@ -140,7 +142,10 @@ def evaluate_cmd(
     params_file: ParamsOption = None,
     records_file: RecordsOption = None,
 ) -> None:
-    """Evaluate policies and the baselines on held-out simulator episodes."""
+    """Evaluate policies and the baselines.
+
+    On held-out simulator episodes.
+    """
     _require_torch()
     from rich.console import Console
     from rich.table import Table
@@ -193,7 +198,10 @@ def benchmark_cmd(
     params_file: ParamsOption = None,
     records_file: RecordsOption = None,
 ) -> None:
-    """Train on several seeds, evaluate on held-out episodes, write the report and learning curves."""
+    """Benchmark PPO against the baselines.
+
+    Train on several seeds, evaluate on held-out episodes, write the report and learning curves.
+    """
     _require_torch()
     from trainer.benchmark import BenchmarkConfig, run_benchmark
     from trainer.params import MODES
@@ -220,7 +228,10 @@ def serve_cmd(
     seeds: Annotated[int | None, typer.Option("--seeds", help="[DAGSMITH_TRAINER_SEEDS]")] = None,
     timesteps: Annotated[int | None, typer.Option("--timesteps", help="[DAGSMITH_TRAINER_TIMESTEPS]")] = None,
 ) -> None:
-    """The trainer service: retrain from new decisions on a schedule, gate, activate."""
+    """Run the trainer service.
+
+    It retrains from new decisions on a schedule, runs the gate and activates what passes.
+    """
     from dagsmith.cli.services import run_service
     from dagsmith.settings import get_settings
     from trainer.service import TrainerService
