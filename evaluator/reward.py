@@ -56,7 +56,10 @@ def reward_for(
     return -1.0
 
 
-def evaluate(result: ResultMessage) -> Evaluation:
+def evaluate(result: ResultMessage, max_output_bytes: int | None = None) -> Evaluation:
+    """Score one result. ``max_output_bytes`` (``DAGSMITH_MAX_OUTPUT_BYTES``) is checked here too,
+    not only by the executor that produced the output: an executor with a larger limit, or one
+    that does not check, cannot get a larger output stored."""
     task = result.task
     checks: list[Check] = [
         Check(
@@ -66,7 +69,17 @@ def evaluate(result: ResultMessage) -> Evaluation:
         )
     ]
     error: TaskError | None = result.error
-    if result.ok and task.expect is not None:
+    if result.ok and max_output_bytes is not None and result.output is not None:
+        size = len(orjson.dumps(result.output))
+        if size > max_output_bytes:
+            detail = f"output is {size} bytes, over the limit of {max_output_bytes} (DAGSMITH_MAX_OUTPUT_BYTES)"
+            checks.append(Check(name="output_size", passed=False, detail=detail))
+            error = TaskError(
+                error_class=ErrorClass.resource_exhausted,
+                message=detail,
+                details={"size": size, "limit": max_output_bytes},
+            )
+    if result.ok and error is None and task.expect is not None:
         problems = check_expect(task.expect, result.output)
         checks.append(Check(name="expect", passed=not problems, detail="; ".join(problems)))
         if problems:
@@ -84,7 +97,7 @@ def evaluate(result: ResultMessage) -> Evaluation:
                 detail=f"{duration:.3f}s of {task.timeout:g}s",
             )
         )
-    passed = all(c.passed for c in checks if c.name in ("executor", "expect"))
+    passed = all(c.passed for c in checks if c.name in ("executor", "expect", "output_size"))
     error_class = None if passed else (error.error_class if error else ErrorClass.unknown)
     reward = reward_for(passed, error_class, duration, task.timeout, task.attempt)
     feedback = {

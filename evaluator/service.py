@@ -42,7 +42,8 @@ class Evaluator:
             log.error("dropping unreadable result batch", error=str(exc)[:300])
             await message.reject()
             return
-        out = [EvaluatedMessage(result=r, evaluation=evaluate(r)) for r in batch.results]
+        limit = self.settings.max_output_bytes
+        out = [EvaluatedMessage(result=r, evaluation=evaluate(r, limit)) for r in batch.results]
         await self.publisher.publish(out)
         await message.ack()
         self.evaluated += len(out)

@@ -111,7 +111,27 @@ async def execute(
     ok, output, error = await _execute(spec, message, options, max_output_bytes)
     if error is not None and message.secrets:
         error = scrub_error(error, message.params, message.secrets)
+    if error is not None:
+        error = bound_error(error)
     return ok, output, error
+
+
+MAX_ERROR_MESSAGE = 4_000  # characters of an error's message that are kept
+MAX_ERROR_DETAILS = 16_000  # bytes of its details (as JSON); larger details are replaced
+
+
+def bound_error(error: TaskError) -> TaskError:
+    """An error small enough to store, log and show: a handler may put a whole response body or
+    a huge exception text in it, and every error is kept with its attempt."""
+    message, details = error.message, error.details
+    if len(message) > MAX_ERROR_MESSAGE:
+        message = message[:MAX_ERROR_MESSAGE] + f"… [{len(error.message) - MAX_ERROR_MESSAGE} more characters]"
+    size = len(orjson.dumps(details, default=str))
+    if size > MAX_ERROR_DETAILS:
+        details = {"truncated": True, "size": size, "keys": sorted(str(k) for k in details)[:50]}
+    if message is error.message and details is error.details:
+        return error
+    return error.model_copy(update={"message": message, "details": details})
 
 
 def scrub_error(error: TaskError, params: dict[str, Any], secrets: list[str]) -> TaskError:

@@ -13,7 +13,7 @@ from aio_pika.abc import AbstractQueue
 
 from dagsmith.amqp import Names, Topology
 from dagsmith.errors import ErrorClass
-from dagsmith.messages import BUNDLE, CancelMessage, ResultBatch, ResultMessage, TaskMessage, encode_bundle
+from dagsmith.messages import BUNDLE, CancelMessage, ResultBatch, ResultMessage, TaskError, TaskMessage, encode_bundle
 from dagsmith.settings import Settings
 from executors.registry import Executor, ExecutorOptions, Registry, TaskContext, TaskFailed, executor
 from executors.runtime import ExecutorRuntime, execute
@@ -131,6 +131,18 @@ async def test_an_error_never_repeats_a_secret_params_value() -> None:
     # without secrets the message is left as it is
     _, _, plain = await execute(spec, msg("test.quote", url=url), ExecutorOptions(), max_output_bytes=1000)
     assert plain is not None and plain.message == f"GET {url} failed"
+
+
+async def test_huge_errors_are_cut_to_a_storable_size() -> None:
+    from executors.runtime import MAX_ERROR_DETAILS, MAX_ERROR_MESSAGE, bound_error
+
+    huge = TaskError(error_class=ErrorClass.unavailable, message="x" * 50_000, details={"body": "y" * 50_000})
+    bounded = bound_error(huge)
+    assert len(bounded.message) < MAX_ERROR_MESSAGE + 50 and bounded.message.endswith("[46000 more characters]")
+    assert bounded.details == {"truncated": True, "size": 50_011, "keys": ["body"]}
+    assert len(bounded.model_dump_json()) < MAX_ERROR_MESSAGE + MAX_ERROR_DETAILS
+    small = TaskError(error_class=ErrorClass.unavailable, message="short", details={"a": 1})
+    assert bound_error(small) is small
 
 
 async def test_builtin_params_are_validated() -> None:

@@ -70,3 +70,12 @@ def test_executor_failure_keeps_its_class() -> None:
     assert ev.verdict == "fail" and ev.error is not None
     assert ev.error.error_class == ErrorClass.rate_limited
     assert ev.feedback["error_class"] == "rate_limited"
+
+
+def test_an_output_over_the_size_limit_fails_whatever_the_executor_allowed() -> None:
+    big = result(output={"text": "x" * 2000}, expect={"type": "object"})
+    ev = evaluate(big, max_output_bytes=1000)
+    assert ev.verdict == "fail" and ev.error is not None
+    assert ev.error.error_class == ErrorClass.resource_exhausted
+    assert ev.error.message == "output is 2011 bytes, over the limit of 1000 (DAGSMITH_MAX_OUTPUT_BYTES)"
+    assert evaluate(big, max_output_bytes=4000).verdict == "pass"
