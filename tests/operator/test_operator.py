@@ -234,6 +234,15 @@ def test_a_failing_task_is_reported_in_status_and_events(operator: OperatorThrea
     kube_api.wait_event("doomed", "Failed")
 
 
+def test_a_surgery_shows_in_status_and_as_an_event(operator: OperatorThread, kube_api: Kube) -> None:
+    """Correction Mode retries a task that fails once: the resource counts the surgery and says so."""
+    kube_api.create(workflow("mended", {"name": "blip", "type": "chaos.flaky", "params": {"failTimes": 1}}))
+    obj = kube_api.wait_status("mended", lambda s: s.get("phase") == "Succeeded", "phase Succeeded")
+    assert obj["status"]["surgeries"] == 1
+    [event] = kube_api.wait_event("mended", "SurgeryApplied")
+    assert event.type == "Normal" and "1 DAG surgery(ies) applied" in event.message
+
+
 def test_two_replicas_one_active_and_the_other_takes_over(
     operator: OperatorThread, kube_api: Kube, kube: Any, engine_settings: Settings
 ) -> None:
