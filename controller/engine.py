@@ -140,12 +140,11 @@ class Engine:
             if len(tasks) >= self.settings.controller_batch_size * 4:
                 out.again.add(wid)
             rows = {t.id: t for t in tasks}
-            due = backoff_ends(t.view() for t in tasks)
+            views = [t.view() for t in tasks]
+            due = backoff_ends(views)
             if due is not None and due > now:
                 out.due[wid] = due
-            for action in plan(
-                workflow.view(), [t.view() for t in tasks], now, judge_leases=now >= self.leases_judged_from
-            ):
+            for action in plan(workflow.view(), views, now, judge_leases=now >= self.leases_judged_from):
                 match action:
                     case StartWorkflow():
                         to_start.append(wid)
