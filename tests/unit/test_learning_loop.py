@@ -89,3 +89,15 @@ def test_ks_distance() -> None:
     assert ks_distance([0.1, 0.2, 0.3], [0.1, 0.2, 0.3]) == 0.0
     assert ks_distance([0.0, 0.1], [0.8, 0.9]) == 1.0
     assert ks_distance([0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]) == pytest.approx(0.25)
+
+
+def test_the_gate_refuses_a_candidate_worse_than_the_rules_on_held_out_episodes() -> None:
+    from trainer.loop import gate
+    from trainer.params import SimulatorParams
+
+    records = [record("retry_now", True) for _ in range(40)]
+    config = GateConfig(test_episodes=300, min_decisions=30, min_ess=10, n_boot=500)
+    report = gate(Always("abort"), None, SimulatorParams(), records, config)
+    assert not report.passed
+    assert "does not beat rules" in report.reason
+    assert report.simulator["vs_rules"]["high"] < 0  # aborting at once is clearly worse
