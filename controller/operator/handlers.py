@@ -123,7 +123,8 @@ async def on_create(
                 "message": message[:500],
                 "observedGeneration": meta.get("generation"),
                 "conditions": merge_conditions(
-                    status.get("conditions"), [condition("Accepted", False, "InvalidSpec", message, _now())]
+                    status.get("conditions"),
+                    [condition("Accepted", False, "InvalidSpec", message, _now(), generation=meta.get("generation"))],
                 ),
             }
         )
@@ -145,7 +146,16 @@ async def on_create(
         "observedGeneration": meta.get("generation"),
         "conditions": merge_conditions(
             status.get("conditions"),
-            [condition("Accepted", True, "Submitted", f"stored as workflow {result.id}", _now())],
+            [
+                condition(
+                    "Accepted",
+                    True,
+                    "Submitted",
+                    f"stored as workflow {result.id}",
+                    _now(),
+                    generation=meta.get("generation"),
+                )
+            ],
         ),
     }
     if not status.get("phase") or (status.get("phase") == "Failed" and not status.get("workflowId")):
@@ -225,9 +235,27 @@ async def on_spec_change(
     updates = []
     if decision.rejected:
         kopf.warn(body, reason="SpecChangeRejected", message=decision.message())
-        updates.append(condition("SpecChangeRejected", True, "ImmutableSpec", decision.message(), _now()))
+        updates.append(
+            condition(
+                "SpecChangeRejected",
+                True,
+                "ImmutableSpec",
+                decision.message(),
+                _now(),
+                generation=meta.get("generation"),
+            )
+        )
     elif any(c.get("type") == "SpecChangeRejected" for c in status.get("conditions") or []):
-        updates.append(condition("SpecChangeRejected", False, "SpecMatches", decision.message(), _now()))
+        updates.append(
+            condition(
+                "SpecChangeRejected",
+                False,
+                "SpecMatches",
+                decision.message(),
+                _now(),
+                generation=meta.get("generation"),
+            )
+        )
     patch.status["observedGeneration"] = meta.get("generation")
     if updates:
         patch.status["conditions"] = merge_conditions(status.get("conditions"), updates)

@@ -162,20 +162,30 @@ def _message(view: StoreView, phase: Phase) -> str:
 
 
 def condition(
-    type_: str, status: bool, reason: str, message: str, now: datetime, previous: Mapping[str, Any] | None = None
+    type_: str,
+    status: bool,
+    reason: str,
+    message: str,
+    now: datetime,
+    previous: Mapping[str, Any] | None = None,
+    generation: int | None = None,
 ) -> dict[str, Any]:
-    """A condition; ``lastTransitionTime`` moves only when ``status`` changes."""
+    """A condition; ``lastTransitionTime`` moves only when ``status`` changes. ``generation`` is
+    the ``metadata.generation`` it was set from (Kubernetes' condition convention)."""
     value = "True" if status else "False"
     since = _iso(now)
     if previous and previous.get("status") == value and previous.get("lastTransitionTime"):
         since = previous["lastTransitionTime"]
-    return {
+    out: dict[str, Any] = {
         "type": type_,
         "status": value,
         "reason": reason,
         "message": _cut(message, MAX_MESSAGE),
         "lastTransitionTime": since,
     }
+    if generation is not None:
+        out["observedGeneration"] = generation
+    return out
 
 
 def merge_conditions(previous: list[Mapping[str, Any]] | None, updates: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -213,6 +223,7 @@ def build_status(
     c = view.counts
     total = c.get("total", 0)
     old_conditions = {cond.get("type"): cond for cond in previous.get("conditions") or []}
+    observed = previous.get("observedGeneration", generation)  # the spec that runs (edits are refused)
     running = condition(
         "Running",
         phase is Phase.Running,
@@ -220,6 +231,7 @@ def build_status(
         _message(view, phase),
         now,
         old_conditions.get("Running"),
+        observed,
     )
     completed = condition(
         "Completed",
@@ -228,6 +240,7 @@ def build_status(
         _message(view, phase),
         now,
         old_conditions.get("Completed"),
+        observed,
     )
     lines = _task_lines(view)
     status: dict[str, Any] = {
@@ -244,7 +257,7 @@ def build_status(
         "startedAt": _iso(view.started_at),
         "finishedAt": _iso(view.finished_at),
         "message": _message(view, phase),
-        "observedGeneration": previous.get("observedGeneration", generation),
+        "observedGeneration": observed,
         "conditions": merge_conditions(previous.get("conditions"), [running, completed]),
         "tasks": lines,
         "tasksOmitted": max(total - len(lines), 0),

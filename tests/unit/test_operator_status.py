@@ -18,6 +18,7 @@ from controller.operator.status import (
     TaskView,
     WorkflowStatus,
     build_status,
+    condition,
     events_between,
     status_patch,
 )
@@ -178,3 +179,10 @@ def test_the_crd_rejects_what_the_model_rejects(spec: dict[str, Any], where: str
     with pytest.raises(jsonschema.ValidationError) as info:
         jsonschema.validate({"apiVersion": "dagsmith.io/v1", "kind": "Workflow", "spec": spec}, CRD_SCHEMA)
     assert where in str(list(info.value.absolute_path)) or where in info.value.message
+
+
+def test_conditions_record_the_generation_they_were_set_from() -> None:
+    assert condition("Accepted", True, "Submitted", "ok", NOW, generation=3)["observedGeneration"] == 3
+    assert "observedGeneration" not in condition("Accepted", True, "Submitted", "ok", NOW)
+    status = build_status(view(), previous=None, generation=2, now=NOW)
+    assert {c["observedGeneration"] for c in status["conditions"]} == {2}
