@@ -95,7 +95,13 @@ class Plan:
 def _check_operable(task: TaskSnapshot, manual: bool) -> None:
     allowed = MANUAL_OPERABLE if manual else OPERABLE
     if task.status not in allowed:
-        hint = " (wait for it to finish, or cancel the workflow)" if task.status in ("queued", "running") else ""
+        hints = {
+            "queued": " (wait for it to finish, or cancel the workflow)",
+            "running": " (wait for it to finish, or cancel the workflow)",
+            "succeeded": " (its output may already be in use downstream: to run it again, submit the workflow again)",
+            "skipped": " (it was skipped with its default output, which tasks after it may have used)",
+        }
+        hint = hints.get(task.status, "")
         raise SurgeryConflict(f"task {task.name!r} is {task.status}: it cannot be operated on now{hint}")
 
 

@@ -123,3 +123,10 @@ def test_replay_places_inserts_as_inserting_them_one_by_one_would(targets: list[
         diffs.append([{"op": "add", "task": {"name": f"i{n}", "type": "noop"}, "before": before}])
         names.append(f"i{n}")
     assert [t["name"] for t in replay(tasks, diffs)] == [t["name"] for t in _replay_naively(tasks, diffs)]
+
+
+def test_a_refused_surgery_says_what_to_do_instead() -> None:
+    with pytest.raises(SurgeryConflict, match="to run it again, submit the workflow again"):
+        retry(snap(status="succeeded"), manual=True)
+    with pytest.raises(SurgeryConflict, match="wait for it to finish, or cancel the workflow"):
+        retry(snap(status="running"), manual=True)
