@@ -62,17 +62,20 @@ class GateReport:
     off_policy: dict[str, Any] = field(default_factory=dict)
 
 
+# Decisions the learner reads: closed, and not censored (their outcome could no longer be known).
+LEARNABLE = "outcome IS NOT NULL AND NOT coalesce((outcome->>'censored')::boolean, false)"
+
+
 def load_records(conn: sa.Connection, limit: int = 20_000) -> list[dict[str, Any]]:
     """Decisions with known outcomes, newest first, as the records ``SimulatorParams.fit`` and the
     off-policy estimate read."""
     rows = conn.execute(
         sa.text(
-            """
+            f"""
             SELECT id, created_at, features, action, probability, probabilities, policy_version, outcome,
                    feature_schema_version
             FROM correction_decisions
-            WHERE outcome IS NOT NULL AND feature_schema_version = :schema
-              AND NOT coalesce((outcome->>'censored')::boolean, false)
+            WHERE {LEARNABLE} AND feature_schema_version = :schema
             ORDER BY id DESC LIMIT :limit
             """
         ),

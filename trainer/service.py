@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from controller.db import create_engine
 from dagsmith.metrics_http import serve_metrics
 from dagsmith.settings import get_settings
+from trainer.loop import LEARNABLE
 
 log = structlog.get_logger(__name__)
 DEFAULT_METRICS_PORT = 9104
@@ -44,8 +45,7 @@ class TrainerService:
                 await conn.execute(
                     sa.text(
                         "SELECT count(*), COALESCE(max(id), 0) FROM correction_decisions "
-                        "WHERE outcome IS NOT NULL AND id > :after "
-                        "AND NOT coalesce((outcome->>'censored')::boolean, false)"
+                        f"WHERE {LEARNABLE} AND id > :after"
                     ),
                     {"after": self.trained_up_to},
                 )

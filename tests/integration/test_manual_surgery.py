@@ -23,9 +23,10 @@ async def test_an_insert_cannot_grow_a_workflow_past_the_task_limit(db: AsyncEng
     }
     async with db.begin() as conn:
         wid = (await submit(conn, validate(doc), namespace="default", idempotency_key=None, source="api")).id
-    with pytest.raises(SurgeryConflict, match="has 2 tasks, the most one may have \\(DAGSMITH_MAX_TASKS\\)"):
+
+    async def insert_before_b(max_tasks: int) -> revisions.Applied:
         async with db.begin() as conn:
-            await revisions.manual(
+            return await revisions.manual(
                 conn,
                 wid,
                 operation="insert",
@@ -34,20 +35,12 @@ async def test_an_insert_cannot_grow_a_workflow_past_the_task_limit(db: AsyncEng
                 namespaces=None,
                 now=time.time(),
                 new_type="noop",
-                max_tasks=2,
+                max_tasks=max_tasks,
             )
-    async with db.begin() as conn:  # one more would fit under a limit of 3
-        applied = await revisions.manual(
-            conn,
-            wid,
-            operation="insert",
-            task_name="b",
-            actor="user:test",
-            namespaces=None,
-            now=time.time(),
-            new_type="noop",
-            max_tasks=3,
-        )
+
+    with pytest.raises(SurgeryConflict, match="has 2 tasks, the most one may have \\(DAGSMITH_MAX_TASKS\\)"):
+        await insert_before_b(2)
+    applied = await insert_before_b(3)  # one more fits under a limit of 3
     assert applied.revision == 1
 
 
