@@ -30,10 +30,12 @@ from controller.reconcile import (
     Failure,
     FinishWorkflow,
     Ignore,
+    Redrive,
     ScheduleRetry,
     StartWorkflow,
     accepts_result,
     backoff_ends,
+    judge_dead_letter,
     on_failure,
     on_result,
     plan,
@@ -68,6 +70,7 @@ class RoundResult:
     due: dict[uuid.UUID, float] = field(default_factory=dict)  # workflows to look at again then (backoffs)
     dispatched: int = 0
     applied: int = 0
+    redriven: list[TaskMessage] = field(default_factory=list)  # dead-lettered messages to send again
 
 
 class Engine:
@@ -109,7 +112,10 @@ class Engine:
         state = await store.open_round(
             conn,
             touched,
-            [(m.task_id, uuid.UUID(m.workflow_id), m.attempt, m.executor_id, m.started_at) for m in inbound.started],
+            [
+                (m.task_id, uuid.UUID(m.workflow_id), m.attempt, m.executor_id, m.started_at, m.delivery)
+                for m in inbound.started
+            ],
             [_passed(m, now) for m in passed],
             [m.result.task.task_id for m in failed] + [m.task_id for m, _ in inbound.dead],
             now=now,
@@ -187,7 +193,11 @@ class Engine:
             await store.insert_events(conn, events, queued, now)
 
         # The broker's confirms and the last writes overlap; both finish before the commit.
-        await asyncio.gather(self.publisher.publish(to_dispatch, self.run_times.fast), write())
+        await asyncio.gather(
+            self.publisher.publish(to_dispatch, self.run_times.fast),
+            self.publisher.publish_singles(out.redriven),
+            write(),
+        )
         for p in to_dispatch:
             metrics.TASKS_DISPATCHED.labels(p.task.type).inc()
             if p.task.id in ready_since:
@@ -308,6 +318,7 @@ class Engine:
                 continue
             assert isinstance(action, FailTask | ScheduleRetry)
             decided.append((task, action, m))
+        started = await store.started_deliveries(conn, [msg.task_id for msg, _ in dead]) if dead else {}
         for msg, deliveries in dead:
             task = tasks.get(msg.task_id)
             metrics.DEAD_LETTERS.inc()
@@ -319,12 +330,19 @@ class Engine:
                 metrics.RESULTS_IGNORED.labels("duplicate_or_gone").inc()
                 continue
             seen.add((msg.task_id, msg.attempt))
-            failure = Failure(
-                ErrorClass.poison,
-                f"the task message was delivered {deliveries} times and crashed or was rejected by an "
-                "executor each time; it was dead-lettered",
-                {"deliveries": deliveries},
-            )
+            verdict = judge_dead_letter(deliveries, started.get(msg.task_id), msg.redrives)
+            if isinstance(verdict, Redrive):
+                metrics.REDRIVES.inc()
+                log.warning(
+                    "a task message was dead-lettered before an executor started its last delivery; it is sent again",
+                    workflow_id=str(task.workflow_id),
+                    task_id=msg.task_id,
+                    attempt=msg.attempt,
+                    redrives=verdict.redrives,
+                )
+                out.redriven.append(msg.model_copy(update={"redrives": verdict.redrives}))
+                continue
+            failure = verdict
             workflow = workflows[task.workflow_id]
             if self._correcting(workflow):
                 await self._correct(conn, workflow, task, failure, None, now, events, out, budget)

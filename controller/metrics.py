@@ -43,7 +43,11 @@ FINISH_TO_DISPATCH = Histogram(
 )
 QUEUE_DEPTH = Gauge("dagsmith_queue_depth", "Messages ready in a RabbitMQ queue.", ["queue"])
 LEASES_EXPIRED = Counter("dagsmith_leases_expired_total", "Running tasks whose executor stopped reporting.")
-DEAD_LETTERS = Counter("dagsmith_dead_letters_total", "Task messages dead-lettered after repeated crashes.")
+DEAD_LETTERS = Counter("dagsmith_dead_letters_total", "Task messages dead-lettered at the delivery limit.")
+REDRIVES = Counter(
+    "dagsmith_task_redrives_total",
+    "Dead-lettered task messages sent again because no executor had started their last delivery.",
+)
 BUNDLES_SPLIT = Counter(
     "dagsmith_bundles_split_total", "Dead-lettered task bundles sent again as one message per task."
 )

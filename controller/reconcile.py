@@ -202,6 +202,47 @@ QUEUE_TIMEOUT = Failure(
 LEASE_EXPIRED = Failure(ErrorClass.lost, "the executor stopped reporting while running this task (lease expired)")
 
 
+# A dead-lettered message whose last delivery no executor started is sent again at most this often.
+MAX_REDRIVES = 2
+
+
+@dataclass(frozen=True)
+class Redrive:
+    """Send the attempt's message again, with a fresh delivery count."""
+
+    redrives: int  # how often it will then have been sent again
+
+
+def judge_dead_letter(deliveries: int, started_delivery: int | None, redrives: int) -> Redrive | Failure:
+    """What a dead-lettered task message means.
+
+    The broker counts every return of a message towards its delivery limit: a crash of the
+    executor holding it, and also a dropped connection or a broker restart, which return every
+    message an executor had prefetched. Executors report the start of a redelivered message
+    before they run it, with its delivery count (``started_delivery``). If the last delivery
+    (count ``deliveries - 1``) started and then neither finished nor came back with a result, the
+    message killed its executor: poison. If it never started, the returns were churn, and the
+    message goes out again, up to :data:`MAX_REDRIVES` times.
+    """
+    last = deliveries - 1
+    if started_delivery is not None and started_delivery >= last:
+        return Failure(
+            ErrorClass.poison,
+            f"the task message was delivered {deliveries} times and crashed or was rejected by an "
+            "executor each time; it was dead-lettered",
+            {"deliveries": deliveries, "redrives": redrives},
+        )
+    if redrives < MAX_REDRIVES:
+        return Redrive(redrives + 1)
+    return Failure(
+        ErrorClass.poison,
+        f"the task message was dead-lettered {redrives + 1} times ({deliveries} deliveries each) without an "
+        "executor starting its last delivery; it was given up (executors that reject or crash on it before "
+        "they start it, or a broker that keeps dropping connections)",
+        {"deliveries": deliveries, "redrives": redrives},
+    )
+
+
 def _waiting(task: TaskView, now: float) -> bool:
     return task.not_before is not None and task.not_before > now
 

@@ -93,6 +93,10 @@ tasks = sa.Table(
     _ts("lease_expires_at"),
     _ts("queue_deadline"),  # queued and not started by then: the attempt fails (spec queueTimeout)
     sa.Column("executor_id", sa.Text),
+    # The broker's delivery count of the message the running attempt started from: a dead-lettered
+    # message whose last delivery started is poison; one whose last delivery never did was only
+    # returned by dropped connections (see controller.reconcile.judge_dead_letter).
+    sa.Column("started_delivery", sa.Integer),
     sa.Column("output", JSONB),
     sa.Column("error", JSONB),
     sa.Column("reward", sa.Float),

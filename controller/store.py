@@ -322,7 +322,7 @@ class RoundState:
 async def open_round(
     conn: AsyncConnection,
     workflow_ids: Iterable[uuid.UUID],
-    started: Sequence[tuple[int, uuid.UUID, int, str, float]],
+    started: Sequence[tuple[int, uuid.UUID, int, str, float, int]],
     passed: Sequence[Passed],
     failed_ids: Iterable[int],
     *,
@@ -332,7 +332,7 @@ async def open_round(
     grace: float,
 ) -> RoundState:
     """The common round in one round trip, in this order: lock the workflows (in id order), record
-    start reports (task_id, attempt, executor_id, started_at), apply passed results (succeed
+    start reports (task_id, workflow_id, attempt, executor_id, started_at, delivery), apply passed results (succeed
     tasks, release children, add reward and task-seconds), read the tasks of failed results, and
     read fresh counters and the tasks that may need action. Each statement sees what the previous
     ones did (they run one after another). Start reports and results for finished workflows, stale
@@ -346,8 +346,8 @@ async def open_round(
                 _MARK_RUNNING,
                 {
                     "rows": rows_json(
-                        {"id": i, "workflow_id": w, "attempt": a, "executor_id": e, "started_at": at}
-                        for i, w, a, e, at in started
+                        {"id": i, "workflow_id": w, "attempt": a, "executor_id": e, "started_at": at, "delivery": d}
+                        for i, w, a, e, at, d in started
                     ),
                     "ttl": lease_ttl,
                     "grace": grace,
@@ -458,6 +458,14 @@ async def start_workflows(conn: AsyncConnection, ids: Sequence[uuid.UUID], now: 
         events.add(Event(wid, "running", from_status="pending", reason="started", at=now))
 
 
+async def started_deliveries(conn: AsyncConnection, task_ids: Sequence[int]) -> dict[int, int | None]:
+    """The delivery count each task's running attempt was last reported started from."""
+    rows = await conn.execute(
+        sa.text("SELECT id, started_delivery FROM tasks WHERE id = ANY(:ids)"), {"ids": list(task_ids)}
+    )
+    return {r.id: r.started_delivery for r in rows}
+
+
 # A workflow that has not finished (start reports and results for finished ones change nothing).
 _LIVE = f"w.status NOT IN ({', '.join(repr(str(s)) for s in sorted(TERMINAL_WORKFLOW))})"
 
@@ -465,11 +473,12 @@ _MARK_RUNNING = _psycopg_sql(
     f"""
     UPDATE tasks t
     SET status = 'running', started_at = to_timestamp(v.started_at), executor_id = v.executor_id,
+        started_delivery = v.delivery,
         lease_expires_at = LEAST(
             COALESCE(to_timestamp(v.started_at) + make_interval(secs => t.timeout_s + :grace), 'infinity'),
             now() + make_interval(secs => :ttl))
     FROM jsonb_to_recordset(CAST(:rows AS jsonb))
-         AS v(id bigint, workflow_id uuid, attempt int, executor_id text, started_at float8)
+         AS v(id bigint, workflow_id uuid, attempt int, executor_id text, started_at float8, delivery int)
          JOIN tasks o ON o.id = v.id  -- the row as it was, for the event's "from"
          JOIN workflows w ON w.id = o.workflow_id
     WHERE t.id = v.id AND t.attempt = v.attempt AND t.status IN ('queued', 'running') AND {_LIVE}
@@ -775,7 +784,8 @@ async def insert_events(
             WITH queued AS (
                 UPDATE tasks t SET status = 'queued', attempt = q.attempt, queued_at = to_timestamp(:now),
                     not_before = NULL, resolved_params = COALESCE(q.resolved, t.resolved_params),
-                    started_at = NULL, executor_id = NULL, queue_deadline = to_timestamp(q.deadline)
+                    started_at = NULL, executor_id = NULL, started_delivery = NULL,
+                    queue_deadline = to_timestamp(q.deadline)
                 FROM jsonb_to_recordset(CAST(:queued AS jsonb))
                      AS q(id bigint, attempt int, resolved jsonb, deadline float8)
                 WHERE t.id = q.id

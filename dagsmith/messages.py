@@ -43,6 +43,7 @@ class TaskRef(_Message):
 class TaskMessage(TaskRef):
     params: dict[str, Any] = Field(default_factory=dict)
     secrets: list[str] = Field(default_factory=list)
+    redrives: int = 0  # times the controller sent this attempt again after the broker dead-lettered it
 
 
 class TaskBundle(_Message):
@@ -128,6 +129,10 @@ class StartedMessage(_Message):
     executor_id: str
     started_at: float
     dispatched_at: float = 0.0
+    # The broker's count of earlier deliveries of the task's message (0 for the first): reported
+    # at once, before the task runs, when it is above 0, so a message that crashes executors is
+    # told apart from one returned by dropped connections.
+    delivery: int = 0
 
 
 class Capability(_Message):

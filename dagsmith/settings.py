@@ -89,9 +89,9 @@ class Settings(BaseSettings):
         DEFAULT_MAX_DELIVERIES,
         ge=1,
         description="Deliveries of one task message: a message that crashes (or is rejected by) executors this "
-        "many times is dead-lettered and its task failed as poison. Connection drops count too (a broker "
-        "restart can count two), hence 4 rather than 3. Fixed per queue when the queue is made (an "
-        "existing queue keeps its own, with a warning).",
+        "many times is dead-lettered and its task failed as poison. Connection drops count too; a message "
+        "whose last delivery no executor started is sent again instead (at most twice). Fixed per queue "
+        "when the queue is made (an existing queue keeps its own, with a warning).",
     )
     bundle_max: int = Field(
         32,

@@ -53,6 +53,7 @@ from executors.registry import ExecutorOptions, ExecutorSpec, TaskContext, TaskF
 log = structlog.get_logger(__name__)
 
 DEFAULT_METRICS_PORT = 9103
+START_REPORT_TIMEOUT = 5.0  # seconds a start report waits for the broker's confirm
 TASKS_RUN = Counter("dagsmith_executor_tasks_total", "Task attempts run by this executor.", ["type", "outcome"])
 TASK_SECONDS = Histogram("dagsmith_executor_task_seconds", "Handler run time.", ["type"])
 RUNNING = Gauge("dagsmith_executor_running", "Task attempts running now.")
@@ -310,12 +311,13 @@ class ExecutorRuntime:
             return
         if not self.caught_up.is_set() and any(0 < t.dispatched_at < self.started_at for t in tasks):
             await self._catch_up()
+        delivery = int(str((message.headers or {}).get("x-delivery-count") or 0))
         try:
             # A bundle's members run side by side, each in its own slot; the message is acked
             # once every member's result is confirmed.
             await asyncio.gather(
                 *(
-                    self._run(task, spec)
+                    self._run(task, spec, delivery)
                     for task, spec in zip(tasks, specs, strict=True)
                     if spec is not None and task.workflow_id not in self.cancelled
                 )
@@ -328,16 +330,25 @@ class ExecutorRuntime:
         else:
             self.acks.finished(message)
 
-    async def _run(self, task: TaskMessage, spec: ExecutorSpec) -> None:
+    async def _run(self, task: TaskMessage, spec: ExecutorSpec, delivery: int) -> None:
         async with self.slots:
-            await self._attempt(task, spec)
+            await self._attempt(task, spec, delivery)
 
-    async def _attempt(self, task: TaskMessage, spec: ExecutorSpec) -> None:
+    async def _attempt(self, task: TaskMessage, spec: ExecutorSpec, delivery: int) -> None:
         started_at = time.time()
-        reporter = asyncio.get_running_loop().call_later(
-            self.settings.start_report_after,
-            lambda: asyncio.ensure_future(self._report_started(task, started_at)),
-        )
+        if delivery > 0:
+            # A redelivery is reported before it runs (and confirmed by the broker): if it then
+            # crashes this process, the controller knows the message was started, and fails it as
+            # poison at the delivery limit instead of taking the returns for dropped connections.
+            await self._report_started(task, started_at, delivery)
+            reporter = None
+        else:
+            # First deliveries report only if they run a while: most tasks finish sooner, and the
+            # result then says when they started.
+            reporter = asyncio.get_running_loop().call_later(
+                self.settings.start_report_after,
+                lambda: asyncio.ensure_future(self._report_started(task, started_at, delivery)),
+            )
         key = (task.task_id, task.attempt)
         runner = asyncio.ensure_future(self._execute(spec, task))
         self.running[key] = (task.workflow_id, runner)
@@ -352,7 +363,8 @@ class ExecutorRuntime:
                 raise
             ok, output, error = False, None, TaskError(error_class=ErrorClass.cancelled, message="cancelled")
         finally:
-            reporter.cancel()
+            if reporter is not None:
+                reporter.cancel()
             self.running.pop(key, None)
             RUNNING.dec()
             has_lease = key in self.reported
@@ -385,7 +397,7 @@ class ExecutorRuntime:
             self.handed_off[key] = time.monotonic()
         self.completed += 1
 
-    async def _report_started(self, task: TaskMessage, started_at: float) -> None:
+    async def _report_started(self, task: TaskMessage, started_at: float, delivery: int) -> None:
         self.reported.add((task.task_id, task.attempt))
         event = StartedMessage(
             task_id=task.task_id,
@@ -395,9 +407,14 @@ class ExecutorRuntime:
             executor_id=self.id,
             started_at=started_at,
             dispatched_at=task.dispatched_at,
+            delivery=delivery,
         )
+        # Bounded: a broker that blocks publishers (a resource alarm) must not hold the task back.
         with contextlib.suppress(Exception):
-            await self._publish(self.channel, self.names.events, EventEnvelope(event=event).model_dump_json().encode())
+            async with asyncio.timeout(START_REPORT_TIMEOUT):
+                await self._publish(
+                    self.channel, self.names.events, EventEnvelope(event=event).model_dump_json().encode()
+                )
 
     async def _execute(self, spec: ExecutorSpec, task: TaskMessage) -> tuple[bool, Any, TaskError | None]:
         # Runs as a task of its own, in its own copy of the context: the ids bound here are on every

@@ -112,6 +112,60 @@ def test_poison_message_is_failed_after_max_deliveries(stack: Stack, client: Cli
     assert task["error"]["details"]["deliveries"] == settings.max_deliveries
 
 
+def test_a_message_returned_by_dropped_connections_is_sent_again_not_failed_as_poison(
+    stack: Stack, client: Client, settings: Settings
+) -> None:
+    """Connection drops and broker restarts count towards the delivery limit too. A message that
+    reaches the limit without an executor ever starting its last delivery is sent again by the
+    controller (with a fresh count), and its task then runs and succeeds."""
+    import aio_pika
+
+    from dagsmith.messages import TaskMessage
+
+    wid = submit(client, workflow("churned", {"name": "t", "type": "chaos.crash", "params": {"spare": True}}))
+    wait_until(lambda: client.tasks(wid)["items"][0]["status"] == "queued", timeout=20, what="the task to be queued")
+    queue_name = f"{settings.amqp_prefix}.task.chaos.crash"
+
+    async def churn() -> None:
+        """Take the message and lose it, as a dropped connection does, until it is dead-lettered."""
+        connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+        try:
+            for _ in range(settings.max_deliveries):
+                channel = await connection.channel()
+                queue = await channel.declare_queue(queue_name, passive=True)
+                message = await queue.get(timeout=10)
+                assert TaskMessage.model_validate_json(message.body).redrives == 0
+                await channel.close()  # unacked: the broker takes it back and counts a delivery
+        finally:
+            await connection.close()
+
+    async def peek() -> TaskMessage | None:
+        connection = await aio_pika.connect(settings.amqp_url.get_secret_value())
+        try:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(queue_name, passive=True)
+            message = await queue.get(fail=False)
+            if message is None:
+                return None
+            await message.reject(requeue=True)
+            return TaskMessage.model_validate_json(message.body)
+        finally:
+            await connection.close()
+
+    asyncio.run(churn())
+    again = wait_until(lambda: asyncio.run(peek()), timeout=20, what="the message to come back", interval=0.2)
+    assert again.task_id == client.tasks(wid)["items"][0]["id"] and again.redrives == 1
+    assert client.tasks(wid)["items"][0]["status"] == "queued"  # not failed as poison
+    stack.start("taker", "executor", "--types", "chaos.crash", "--allow-crash")
+    try:
+        wf = wait_finished(client, wid, timeout=30)
+    finally:
+        stack.stop("taker")
+    assert wf["status"] == "succeeded", wf
+    (task,) = client.tasks(wid)["items"]
+    assert task["attempt"] == 1  # the same attempt, sent again
+
+
 def test_executor_killed_mid_task_is_redelivered(stack: Stack, client: Client) -> None:
     stack.start("victim", "executor", "--types", "sleep")
     try:

@@ -82,7 +82,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         )
         terminalreporter.write_line(
             f"{row['test']}: {row['workflows']} workflows, {row['tasks']} tasks, lost {row['lost']}, "
-            f"duplicated {row['duplicated']}, extra attempts {row['extra_attempts']}, {faults}"
+            f"duplicated {row['duplicated']}, extra attempts {row['extra_attempts']}, "
+            f"messages sent again {row.get('redriven', '-')}, {faults}"
         )
     path = os.environ.get("DAGSMITH_FAULTS_REPORT")
     if path:

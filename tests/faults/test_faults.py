@@ -22,6 +22,7 @@ Make = Callable[..., Installation]
 Report = Callable[..., None]
 AFTER_FAULT = 10  # workflows of the batch submitted once the fault is over
 IGNORED = "dagsmith_results_ignored_total"
+REDRIVES = "dagsmith_task_redrives_total"
 
 
 def begin(inst: Installation, seed: int) -> tuple[list[workload.Planned], float]:
@@ -39,6 +40,7 @@ def finish(inst: Installation, rest: list[workload.Planned], began: float, repor
     assert not died, "\n".join(f"{name} died:\n{inst.stack.procs[name].tail()}" for name in died)
     verdict = inst.check()
     extra.setdefault("results_ignored", inst.controller_metric(IGNORED))
+    extra.setdefault("redriven", inst.controller_metric(REDRIVES))
     report(inst, verdict, time.monotonic() - began, **extra)
     assert verdict.ok, "\n".join(verdict.problems)
     assert (verdict.workflows, verdict.tasks) == (50, 2000)

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controller.reconcile import (
+    MAX_REDRIVES,
     CancelWorkflow,
     Counts,
     Dispatch,
@@ -22,6 +23,7 @@ from controller.reconcile import (
     Failure,
     FinishWorkflow,
     Ignore,
+    Redrive,
     ScheduleRetry,
     StartWorkflow,
     Succeed,
@@ -29,6 +31,7 @@ from controller.reconcile import (
     WorkflowView,
     backoff_ends,
     finish_status,
+    judge_dead_letter,
     on_failure,
     on_result,
     plan,
@@ -90,6 +93,19 @@ def test_retry_policy() -> None:
     assert isinstance(on_failure(replace(t, retries=2), Failure(ErrorClass.transient, "x"), 0), FailTask)
     permanent = on_failure(t, Failure(ErrorClass.permanent, "x"), 0)
     assert isinstance(permanent, FailTask) and permanent.failure.details == {"retryable": False}
+
+
+def test_a_dead_letter_is_poison_only_if_its_last_delivery_started() -> None:
+    # Four deliveries (counts 0..3): the last one started and never finished, so it crashed.
+    poison = judge_dead_letter(4, started_delivery=3, redrives=0)
+    assert isinstance(poison, Failure) and poison.error_class == ErrorClass.poison
+    assert poison.details == {"deliveries": 4, "redrives": 0}
+    # The last delivery never started (returned by dropped connections): sent again, a bounded number of times.
+    assert judge_dead_letter(4, started_delivery=None, redrives=0) == Redrive(1)
+    assert judge_dead_letter(4, started_delivery=2, redrives=1) == Redrive(2)
+    given_up = judge_dead_letter(4, started_delivery=None, redrives=MAX_REDRIVES)
+    assert isinstance(given_up, Failure) and given_up.error_class == ErrorClass.poison
+    assert "given up" in given_up.message and given_up.details["redrives"] == MAX_REDRIVES
 
 
 def test_cancel_and_finish() -> None:
