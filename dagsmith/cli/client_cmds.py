@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,10 @@ from dagsmith.client import Client, ClientError
 
 # Messages on stderr are never wrapped: an error is one line, whatever the terminal (or none).
 console = Console(stderr=True, soft_wrap=True)
-out = Console()
+# Output piped to a file or another program keeps whole rows: rich would fit tables to 80 columns
+# and cut IDs and names short. A terminal's width (or COLUMNS) applies when there is one.
+PIPED_WIDTH = 400
+out = Console() if sys.stdout.isatty() or "COLUMNS" in os.environ else Console(width=PIPED_WIDTH)
 
 ApiOption = Annotated[
     str | None,

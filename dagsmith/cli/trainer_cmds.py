@@ -147,10 +147,10 @@ def evaluate_cmd(
     On held-out simulator episodes.
     """
     _require_torch()
-    from rich.console import Console
     from rich.table import Table
 
     from controller.correction.learned import LearnedPolicy
+    from dagsmith.cli.client_cmds import out
     from trainer.baselines import Oracle, always_retry, exponential_backoff, rules, tune_table
     from trainer.evaluate import bootstrap_ci, evaluate, normalised
     from trainer.simulator import STREAM_TEST, STREAM_TRAIN, Simulator
@@ -185,7 +185,7 @@ def evaluate_cmd(
             f"{e.mean('task_seconds'):.1f}",
             fallback,
         )
-    Console().print(view)
+    out.print(view)
 
 
 @app.command("benchmark")

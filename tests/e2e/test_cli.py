@@ -22,12 +22,12 @@ def cli(
     stdin: bytes | None = None,
     url: str | None = None,
     token: str | None = None,
-    columns: int = 200,
+    columns: int | None = 200,  # None: no COLUMNS, as when the output is piped
 ) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSMITH_")}
-    env.update(
-        {"DAGSMITH_API": url or stack.url, "COLUMNS": str(columns), "DAGSMITH_TOKEN": token or stack.token or ""}
-    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSMITH_") and k != "COLUMNS"}
+    env.update({"DAGSMITH_API": url or stack.url, "DAGSMITH_TOKEN": token or stack.token or ""})
+    if columns is not None:
+        env["COLUMNS"] = str(columns)
     return subprocess.run(
         [sys.executable, "-m", "dagsmith", *args],
         input=stdin.decode() if stdin else None,
@@ -103,6 +103,8 @@ def test_status_result_dag_and_not_found(stack: Stack) -> None:
     assert dag.stdout.startswith("flowchart TD")
     listing = cli(stack, "list", columns=60)
     assert wid in listing.stdout  # whole, even in a narrow terminal
+    piped = cli(stack, "list", columns=None)  # piped: rows whole, not fitted to 80 columns
+    assert any(wid in line and "hello" in line and "succeeded" in line for line in piped.stdout.splitlines())
     found = json.loads(cli(stack, "list", "--name", "hello", "--json").stdout)
     assert wid in [w["id"] for w in found["items"]] and {w["name"] for w in found["items"]} == {"hello"}
     bad_label = cli(stack, "list", "--label", "team")
