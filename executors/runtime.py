@@ -19,7 +19,6 @@ import time
 import traceback
 import uuid
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
@@ -49,6 +48,7 @@ from dagsmith.metrics_http import serve_metrics
 from dagsmith.settings import Settings
 from executors.acks import Acker
 from executors.registry import ExecutorOptions, ExecutorSpec, TaskContext, TaskFailed
+from executors.threads import THREADS
 
 log = structlog.get_logger(__name__)
 
@@ -179,7 +179,7 @@ async def _execute(
         if spec.is_async:
             call = spec.handler(params, ctx)
         else:
-            call = asyncio.to_thread(spec.handler, params, ctx)
+            call = THREADS.run(spec.handler, params, ctx)
         # asyncio.timeout runs the handler in this task; wait_for would wrap it in a new one, a
         # cost every no-op task paid once each has a timeout (the default applies to all).
         async with asyncio.timeout(limit):
@@ -489,13 +489,6 @@ class ExecutorRuntime:
                 return
 
     async def run(self, stop: asyncio.Event) -> None:
-        # Synchronous handlers run in threads: at least one per slot, so they never queue behind
-        # each other (the default pool has as few as 5 threads). A handler that outlives its
-        # timeout keeps its thread (a thread cannot be stopped) but not its task: the attempt has
-        # failed as a timeout, and if every thread is stuck, later sync tasks time out too.
-        asyncio.get_running_loop().set_default_executor(
-            ThreadPoolExecutor(max_workers=self.concurrency + 4, thread_name_prefix="dagsmith-task")
-        )
         started = await start_plugins(list(self.specs.values()))
         try:
             await self._serve(stop)

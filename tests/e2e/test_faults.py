@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -164,6 +165,54 @@ def test_a_message_returned_by_dropped_connections_is_sent_again_not_failed_as_p
     assert wf["status"] == "succeeded", wf
     (task,) = client.tasks(wid)["items"]
     assert task["attempt"] == 1  # the same attempt, sent again
+
+
+STUCK_PLUGIN = """
+import time
+
+from executors.registry import executor
+
+
+@executor("t.stuck", description="Blocks its thread for an hour, whatever its timeout.")
+def stuck(params, ctx):
+    time.sleep(3600)
+    return {}
+
+
+@executor("t.quick", description="A quick synchronous task.")
+def quick(params, ctx):
+    return {"ok": True}
+"""
+
+
+def test_a_stuck_sync_handler_holds_up_neither_later_tasks_nor_a_shutdown(
+    stack: Stack, client: Client, tmp_path: Path
+) -> None:
+    """A synchronous handler past its timeout keeps its thread (threads cannot be stopped). More
+    of them than a thread pool would hold must not starve later tasks, and the executor must
+    still exit when told to stop instead of waiting on those threads for ever."""
+    (tmp_path / "stuck_plugin.py").write_text(STUCK_PLUGIN)
+    stack.start(
+        "stuck",
+        "executor",
+        "--module",
+        "stuck_plugin",
+        "--types",
+        "t.*",
+        "--concurrency",
+        "1",
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    try:
+        hung = [{"name": f"s{i}", "type": "t.stuck", "timeout": "300ms"} for i in range(8)]
+        first = wait_finished(client, submit(client, workflow("stuck", *hung, correction={"mode": "off"})), timeout=60)
+        assert first["status"] == "failed" and first["progress"]["failed"] == 8
+        later = submit(client, workflow("after-stuck", {"name": "q", "type": "t.quick", "timeout": "10s"}))
+        assert wait_finished(client, later, timeout=30)["status"] == "succeeded"
+        assert "still running after its attempt ended" in stack.procs["stuck"].tail(200)
+    finally:
+        code = stack.stop("stuck", timeout=15)
+    assert code == 0, f"the executor did not exit on SIGTERM (code {code}):\n{stack.procs['stuck'].tail()}"
 
 
 def test_executor_killed_mid_task_is_redelivered(stack: Stack, client: Client) -> None:
