@@ -41,7 +41,8 @@ class Client:
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            raise ClientError(0, "unreachable", f"cannot reach the API at {self.base_url}: {exc}") from exc
+            message = f"cannot reach the API at {self.base_url}: {exc} (set --api or DAGSMITH_API)"
+            raise ClientError(0, "unreachable", message) from exc
         if response.status_code >= 400:
             try:
                 error = response.json()["error"]
@@ -64,7 +65,7 @@ class Client:
         return self._request("GET", f"/v1/workflows/{workflow_id}").json()
 
     def workflows(self, **params: Any) -> dict[str, Any]:
-        return self._request("GET", "/v1/workflows", params={k: v for k, v in params.items() if v}).json()
+        return self._request("GET", "/v1/workflows", params={k: v for k, v in params.items() if v is not None}).json()
 
     def tasks(self, workflow_id: str, **params: Any) -> dict[str, Any]:
         return self._request("GET", f"/v1/workflows/{workflow_id}/tasks", params=params).json()

@@ -218,7 +218,8 @@ async def _execute(
             None,
             TaskError(
                 error_class=ErrorClass.invalid_input,
-                message=f"invalid params for {message.type}",
+                message=f"invalid params for {message.type}: {problems[0]['path']}: {problems[0]['message']}"
+                + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
                 details={"problems": problems},
             ),
         )

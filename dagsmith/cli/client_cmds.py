@@ -26,11 +26,13 @@ out = Console() if sys.stdout.isatty() or "COLUMNS" in os.environ else Console(w
 ApiOption = Annotated[
     str | None,
     typer.Option(
-        "--api", help="API base URL [default: DAGSMITH_API from the environment or .env, else http://127.0.0.1:8000]"
+        "--api",
+        # Not in [brackets]: the help is rich markup, which would drop them as a tag.
+        help="API base URL (default: DAGSMITH_API from the environment or .env, else http://127.0.0.1:8000)",
     ),
 ]
 TokenOption = Annotated[
-    str | None, typer.Option("--token", help="API token [default: DAGSMITH_TOKEN from the environment or .env]")
+    str | None, typer.Option("--token", help="API token (default: DAGSMITH_TOKEN from the environment or .env)")
 ]
 
 
@@ -44,6 +46,7 @@ def connect(api: str | None, token: str | None) -> Client:
 
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+ERROR_WIDTH = 100  # characters of a task's error in a table (--json shows it all)
 
 
 def fail(message: str, code: int) -> NoReturn:
@@ -117,6 +120,17 @@ def _wait(client: Client, wid: str) -> str:
         delay = min(delay * 1.5, 2.0)
 
 
+# One reading of a workflow's progress for every command: "done" is succeeded or skipped (what
+# the workflow's output can use); every other state is named with its count, queued apart from
+# running (a task nobody takes stays queued).
+def _done(p: dict[str, int]) -> int:
+    return p["succeeded"] + p["skipped"]
+
+
+def _states(p: dict[str, int]) -> list[str]:
+    return [f"{p[state]} {state}" for state in ("running", "queued", "pending", "failed", "cancelled") if p.get(state)]
+
+
 def _watch(client: Client, wid: str) -> str:
     wf = client.workflow(wid)
     total = wf["progress"]["total"]
@@ -127,17 +141,25 @@ def _watch(client: Client, wid: str) -> str:
         TextColumn("{task.fields[detail]}"),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as progress:
+    # Without a terminal (CI logs, a pipe) a live bar would show only at the end: print a line
+    # each time the counts change instead.
+    live = console.is_terminal
+    shown = ""
+    with Progress(*columns, console=console, transient=False, disable=not live) as progress:
         bar = progress.add_task(wf["name"], total=total, detail="")
         last = 0.0
         status = wf["status"]
 
         def refresh() -> str:
+            nonlocal shown
             w = client.workflow(wid)
             p = w["progress"]
-            done = p["succeeded"] + p["failed"] + p["skipped"] + p["cancelled"]
-            detail = f"running {p['running'] + p['queued']} · failed {p['failed']} · reward {w['total_reward']:.2f}"
-            progress.update(bar, completed=done, total=p["total"], detail=detail)
+            detail = " · ".join([*_states(p), f"reward {w['total_reward']:.2f}"])
+            progress.update(bar, completed=_done(p), total=p["total"], detail=detail)
+            line = f"{w['name']}: {_done(p)}/{p['total']} done · {detail}"
+            if not live and line != shown:
+                console.print(line, highlight=False)
+                shown = line
             return str(w["status"])
 
         try:
@@ -187,8 +209,7 @@ def status(workflow_id: str, api: ApiOption = None, token: TokenOption = None) -
     table.add_row("status", wf["status"])
     table.add_row(
         "progress",
-        f"{p['succeeded'] + p['skipped']}/{p['total']} done · {p['running'] + p['queued']} running · "
-        f"{p['pending']} pending · {p['failed']} failed · {p['cancelled']} cancelled",
+        " · ".join([f"{_done(p)}/{p['total']} done", *_states(p)]),
     )
     table.add_row("reward", f"{wf['total_reward']:.3f}")
     table.add_row("created", str(wf["created_at"]))
@@ -263,18 +284,21 @@ def list_(
     name: Annotated[str | None, typer.Option("--name", help="Only workflows with this name")] = None,
     namespace: Annotated[str | None, typer.Option("--namespace", "-n", help="Only this namespace")] = None,
     label: Annotated[list[str] | None, typer.Option("--label", "-l", help="key=value")] = None,
-    limit: Annotated[int, typer.Option(help="How many")] = 20,
+    limit: Annotated[int, typer.Option(help="How many", min=1, max=500)] = 20,
+    cursor: Annotated[str | None, typer.Option(help="Where the previous page ended (it prints this)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON instead of a table")] = False,
     api: ApiOption = None,
     token: TokenOption = None,
 ) -> None:
-    """List recent workflows."""
+    """List recent workflows, newest first."""
     for item in label or []:
         if "=" not in item:
             fail(f"--label {item!r}: write it as key=value", 2)
     with connect(api, token) as client:
         try:
-            page = client.workflows(status=status_, name=name, namespace=namespace, label=label, limit=limit)
+            page = client.workflows(
+                status=status_, name=name, namespace=namespace, label=label or None, limit=limit, cursor=cursor
+            )
         except ClientError as exc:
             handle(exc)
     if as_json:
@@ -291,37 +315,60 @@ def list_(
             wf["name"],
             wf["namespace"],
             wf["status"],
-            f"{p['succeeded'] + p['skipped']}/{p['total']}",
+            f"{_done(p)}/{p['total']}",
             f"{wf['total_reward']:.2f}",
             str(wf["created_at"])[:19],
         )
     out.print(table)
+    if page.get("next_cursor"):
+        console.print(f"more: add --cursor {page['next_cursor']} for the next page", highlight=False)
 
 
 def tasks(
     workflow_id: str,
     status_: Annotated[str | None, typer.Option("--status", help="Only this status")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print every task as JSON (errors in full)")] = False,
     api: ApiOption = None,
     token: TokenOption = None,
 ) -> None:
-    """List a workflow's tasks."""
+    """List a workflow's tasks (all of them, page after page)."""
+    items: list[dict[str, Any]] = []
+    after: int | None = None
     with connect(api, token) as client:
         try:
-            page = client.tasks(workflow_id, **({"status": status_} if status_ else {}))
+            while True:
+                page = client.tasks(
+                    workflow_id,
+                    **({"status": status_} if status_ else {}),
+                    **({"after": after} if after is not None else {}),
+                )
+                items += page["items"]
+                after = page.get("next_after")
+                if after is None:
+                    break
         except ClientError as exc:
             handle(exc)
+    if as_json:
+        _json({"items": items})
+        return
     table = Table("NAME", "TYPE", "STATUS", "ATTEMPT", "REWARD", "ERROR")
-    for t in page["items"]:
+    shortened = False
+    for t in items:
         err = t.get("error") or {}
+        text = f"{err.get('class')}: {err.get('message', '')}" if err else ""
+        if len(text) > ERROR_WIDTH:
+            text, shortened = text[: ERROR_WIDTH - 1] + "…", True
         table.add_row(
             t["name"],
             t["type"],
             t["status"],
             str(t["attempt"]),
             "" if t["reward"] is None else f"{t['reward']:.2f}",
-            f"{err.get('class')}: {err.get('message', '')}"[:80] if err else "",
+            text,
         )
     out.print(table)
+    if shortened:
+        console.print("errors are shortened: --json shows them in full", highlight=False)
 
 
 def executors(api: ApiOption = None, token: TokenOption = None) -> None:

@@ -6,7 +6,6 @@ from typing import Annotated, Any
 
 import orjson
 import typer
-import yaml
 from rich.table import Table
 
 from dagsmith.cli.client_cmds import ApiOption, TokenOption, connect, console, fail, handle, out
@@ -27,9 +26,17 @@ def _params(pairs: list[str], raw: str | None) -> dict[str, Any] | None:
         params.update(loaded)
     for pair in pairs:
         key, sep, value = pair.partition("=")
+        typed = key.endswith(":")
+        key = key.removesuffix(":")
         if not sep or not key:
-            fail(f"--param {pair!r} must look like key=value", 2)
-        params[key] = yaml.safe_load(value) if value else ""  # 3 -> 3, true -> True, text -> "text"
+            fail(f"--param {pair!r} must look like key=value (text) or key:=value (JSON)", 2)
+        if typed:  # key:=3, key:=true, key:='{"a": [1]}' (the convention of HTTPie)
+            try:
+                params[key] = orjson.loads(value)
+            except orjson.JSONDecodeError as exc:
+                fail(f"--param {key}:= takes a JSON value: {exc} (for text, write {key}=...)", 2)
+        else:  # text, as written: templates, colons and brackets stay as they are
+            params[key] = value
     return params or None
 
 
@@ -37,7 +44,10 @@ def surgery(
     workflow_id: Annotated[str, typer.Argument(help="Workflow id")],
     operation: Annotated[str, typer.Argument(help="retry | replace | insert | skip")],
     task: Annotated[str, typer.Argument(help="The task to operate on")],
-    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="key=value (repeatable)")] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option("--param", "-p", help="key=text or key:=JSON, e.g. seconds:=2 (repeatable)"),
+    ] = None,
     params: Annotated[str | None, typer.Option("--params", help="params as a JSON object")] = None,
     task_type: Annotated[str | None, typer.Option("--type", "-t", help="replace: new type; insert: its type")] = None,
     name: Annotated[str | None, typer.Option("--name", help="insert: the new task's name")] = None,

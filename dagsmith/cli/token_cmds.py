@@ -16,9 +16,11 @@ app = typer.Typer(help="Create, list and revoke API tokens (with an admin token)
 @app.command()
 def create(
     name: Annotated[str, typer.Argument(help="A unique name, e.g. ci-bot")],
-    scope: Annotated[list[str] | None, typer.Option("--scope", "-s", help="read, write or admin [read]")] = None,
+    scope: Annotated[
+        list[str] | None, typer.Option("--scope", "-s", help="read, write or admin (default: read)")
+    ] = None,
     namespace: Annotated[
-        list[str] | None, typer.Option("--namespace", "-n", help="Namespace it sees ('*': all) [default]")
+        list[str] | None, typer.Option("--namespace", "-n", help="Namespace it sees ('*': all; default: default)")
     ] = None,
     expires_in: Annotated[str | None, typer.Option("--expires-in", help="e.g. 30d")] = None,
     api: ApiOption = None,

@@ -58,7 +58,7 @@ def load_params(params_file: Path | None, records_file: Path | None) -> Simulato
 def train_cmd(
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Training seeds (0 .. N-1)")] = 5,
     out: Annotated[
-        Path | None, typer.Option("--out", help="Directory for policies and diagnostics [default: trainer-out]")
+        Path | None, typer.Option("--out", help="Directory for policies and diagnostics (default: trainer-out)")
     ] = None,
     timesteps: Annotated[int | None, typer.Option("--timesteps", help="Decisions per seed")] = None,
     params_file: ParamsOption = None,

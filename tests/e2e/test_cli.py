@@ -171,3 +171,57 @@ def test_client_commands_read_the_api_and_token_from_dotenv(stack: Stack, tmp_pa
         [*run, "--api", f"http://127.0.0.1:{free_port()}"], capture_output=True, text=True, env=env, cwd=tmp_path
     )
     assert elsewhere.returncode == 3 and "cannot reach the API" in elsewhere.stderr
+
+
+def _submitted(stack: Stack, path: Path) -> str:
+    done = cli(stack, "submit", str(path))
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_surgery_params_are_text_unless_given_as_json(stack: Stack, tmp_path: Path) -> None:
+    """Re-run a failed step with a new template (text as written) and a typed value (key:=JSON)."""
+    spec = tmp_path / "broken.yaml"
+    spec.write_text(
+        "apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {name: broken-template}\n"
+        "spec:\n  correction: {mode: 'off'}\n  tasks:\n"
+        "    - {name: greet, type: text.template, params: {template: 'hi there'}}\n"
+        "    - {name: shout, type: echo, dependsOn: [greet], params: {text: '{{ tasks.greet.output.txt }}'}}\n"
+        "  output: {text: '{{ tasks.shout.output.text }}', n: '{{ tasks.shout.output.n }}'}\n"
+    )
+    wid = _submitted(stack, spec)
+    assert cli(stack, "watch", wid).returncode == 1  # the template names a key greet's output lacks
+    fixed = cli(
+        stack, "surgery", wid, "retry", "shout", "--param", "text={{ tasks.greet.output.text }}: ok", "-p", "n:=3"
+    )
+    assert fixed.returncode == 0, fixed.stderr
+    done = cli(stack, "watch", wid)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"text": "hi there: ok", "n": 3}
+    bad = cli(stack, "surgery", wid, "retry", "shout", "-p", "n:=[unclosed")
+    assert bad.returncode == 2 and "takes a JSON value" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_tasks_lists_every_page_and_list_says_where_the_next_starts(stack: Stack, tmp_path: Path) -> None:
+    tasks = [{"name": f"n{i}", "type": "noop"} for i in range(1001)]
+    spec = tmp_path / "wide.json"
+    spec.write_text(
+        json.dumps(
+            {
+                "apiVersion": "dagsmith.io/v1",
+                "kind": "Workflow",
+                "metadata": {"name": "paged"},
+                "spec": {"tasks": tasks},
+            }
+        )
+    )
+    wid = _submitted(stack, spec)
+    assert cli(stack, "watch", wid).returncode == 0
+    listed = json.loads(cli(stack, "tasks", wid, "--json").stdout)["items"]
+    assert len(listed) == 1001  # past the API's page of 1,000
+    first = cli(stack, "list", "--limit", "1")
+    assert wid in first.stdout and "more: add --cursor" in first.stderr
+    cursor = first.stderr.split("--cursor ")[1].split()[0]
+    second = cli(stack, "list", "--limit", "1", "--cursor", cursor)
+    assert second.returncode == 0 and wid not in second.stdout
+    assert cli(stack, "list", "--limit", "0").returncode == 2

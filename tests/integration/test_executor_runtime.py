@@ -155,6 +155,7 @@ async def test_builtin_params_are_validated() -> None:
     assert not ok and error is not None
     assert error.error_class == ErrorClass.invalid_input
     assert error.details["problems"][0]["path"] == "params.text"
+    assert error.message.startswith("invalid params for text.upper: params.text: ")  # the reason, not only the fact
 
 
 @pytest.fixture
