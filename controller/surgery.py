@@ -45,9 +45,12 @@ class Operation(StrEnum):
 
 
 # A task in these states can be operated on. Policy decisions happen while the failing attempt is
-# still in flight; users operate on failed, cancelled or not-yet-started tasks.
+# still in flight; users operate on failed, cancelled or not-yet-started tasks — queued ones too,
+# so that a task no executor takes (a type nobody runs) can be rerouted or retried without
+# cancelling the workflow. Its message stays in its queue: an executor that takes it later runs
+# an attempt that is no longer current, and its result is ignored.
 OPERABLE = {"pending", "queued", "running", "failed", "cancelled"}
-MANUAL_OPERABLE = {"pending", "failed", "cancelled"}
+MANUAL_OPERABLE = {"pending", "queued", "failed", "cancelled"}
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,6 @@ def _check_operable(task: TaskSnapshot, manual: bool) -> None:
     allowed = MANUAL_OPERABLE if manual else OPERABLE
     if task.status not in allowed:
         hints = {
-            "queued": " (wait for it to finish, or cancel the workflow)",
             "running": " (wait for it to finish, or cancel the workflow)",
             "succeeded": " (its output may already be in use downstream: to run it again, submit the workflow again)",
             "skipped": " (it was skipped with its default output, which tasks after it may have used)",

@@ -10,6 +10,7 @@ from dagsmith.client import Client, ClientError
 from dagsmith.settings import Settings
 from tests.e2e.conftest import pg, submit, wait_finished, workflow
 from tests.support.stack import Stack
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -105,6 +106,30 @@ def test_replace_with_params_and_a_type_no_executor_has(client: Client) -> None:
         "no executor has declared task type 'no.such.type' yet; the task waits until one does"
     ]
     client.cancel(other)
+
+
+def test_a_task_no_executor_takes_can_be_rerouted_while_queued(client: Client) -> None:
+    """A type nobody runs leaves its task queued for good: replacing it there saves the workflow
+    (and what already ran) instead of cancelling it."""
+    doc = workflow(
+        "stuck-queued",
+        {"name": "a", "type": "echo", "params": {"v": 1}},
+        {"name": "b", "type": "no.such.runner", "dependsOn": ["a"], "params": {"v": "{{ tasks.a.output.v }}"}},
+        correction=OFF,
+        output="{{ tasks.b.output.v }}",
+    )
+    wid = submit(client, doc)
+    wait_until(
+        lambda: {t["name"]: t["status"] for t in client.tasks(wid)["items"]}.get("b") == "queued",
+        timeout=30,
+        what="b to be queued",
+    )
+    done = client.surgery(wid, {"op": "replace", "task": "b", "type": "echo", "reason": "typo in the type"})
+    assert done["revision"] == 1
+    wf = wait_finished(client, wid)
+    assert wf["status"] == "succeeded" and client.result(wid)["output"] == 1
+    tasks = {t["name"]: t for t in client.tasks(wid)["items"]}
+    assert tasks["a"]["attempt"] == 1 and tasks["b"]["attempt"] == 2  # a did not run again
 
 
 def test_skip_an_optional_task_gives_its_default(client: Client) -> None:
