@@ -46,7 +46,7 @@ from dagsmith.durations import parse_duration
 from dagsmith.errors import ErrorClass, TemplateError
 from dagsmith.messages import EvaluatedMessage, StartedMessage, TaskMessage
 from dagsmith.settings import Settings
-from dagsmith.spec import CorrectionMode
+from dagsmith.spec import MAX_DEFAULT_OUTPUT_SINKS, CorrectionMode
 from dagsmith.templating import render
 
 log = structlog.get_logger(__name__)
@@ -485,7 +485,8 @@ class Engine:
         if status == WorkflowStatus.succeeded:
             template, outputs = await store.output_context(conn, workflow.id)
             if template is None:
-                output = {name: value["output"] for name, value in outputs.items()} if len(outputs) <= 100 else None
+                wide = len(outputs) > MAX_DEFAULT_OUTPUT_SINKS
+                output = None if wide else {name: value["output"] for name, value in outputs.items()}
             else:
                 try:
                     output = render(

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from controller.db import CHANNEL_EVENTS
 from controller.reconcile import Counts, TaskView, WorkflowView
 from controller.states import TERMINAL_WORKFLOW, TaskStatus, WorkflowStatus
-from dagsmith.spec import Backoff, CorrectionSpec
+from dagsmith.spec import MAX_DEFAULT_OUTPUT_SINKS, Backoff, CorrectionSpec
 
 
 def rows_json(rows: Iterable[dict[str, Any]]) -> str:
@@ -759,9 +759,9 @@ async def output_context(conn: AsyncConnection, workflow_id: uuid.UUID) -> tuple
     sinks = await conn.execute(
         sa.text(
             "SELECT name, output, status FROM tasks WHERE workflow_id = :w AND cardinality(children) = 0 "
-            "ORDER BY id LIMIT 101"
+            "ORDER BY id LIMIT :n"
         ),
-        {"w": workflow_id},
+        {"w": workflow_id, "n": MAX_DEFAULT_OUTPUT_SINKS + 1},  # one more: enough to know there are too many
     )
     return None, {r.name: {"output": r.output, "status": r.status} for r in sinks}
 

@@ -130,6 +130,11 @@ class CorrectionSpec(_Model):
         return CorrectionMode.off if value is False else value
 
 
+# Without spec.output, a workflow's result is its sink tasks' outputs by name — up to this many
+# sinks; a wider workflow's result is null (validation warns), and its tasks list every output.
+MAX_DEFAULT_OUTPUT_SINKS = 100
+
+
 class WorkflowBody(_Model):
     params: dict[str, Any] = Field(default_factory=dict)
     tasks: list[TaskSpec] = Field(min_length=1)

@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from dagsmith.errors import SpecError, TemplateError
-from dagsmith.spec import TaskSpec, WorkflowDocument
+from dagsmith.spec import MAX_DEFAULT_OUTPUT_SINKS, TaskSpec, WorkflowDocument
 from dagsmith.templating import iter_templates, references
 
 Problem = dict[str, Any]
@@ -146,6 +146,19 @@ def _validate(raw: Any, limits: Limits, known_types: Iterable[str] | None) -> Va
                     f"spec.tasks[{where[0]}].type",
                     f"no executor has declared task type {task_type!r} yet; the task waits until one does{more}",
                     "unknown_type",
+                )
+            )
+    if doc.spec.output is None:
+        sinks = sum(1 for names in children.values() if not names)
+        if sinks > MAX_DEFAULT_OUTPUT_SINKS:
+            warnings.append(
+                _problem(
+                    "spec.output",
+                    f"no spec.output and {sinks} sink tasks: the default result gathers at most "
+                    f"{MAX_DEFAULT_OUTPUT_SINKS} sinks' outputs, so this workflow's result will be null; set "
+                    "spec.output to choose what it returns (every task's output stays readable at "
+                    "/v1/workflows/{id}/tasks)",
+                    "output_too_wide",
                 )
             )
     return ValidatedWorkflow(doc, order, refs, children, warnings)

@@ -174,6 +174,16 @@ def test_unknown_type_is_a_warning_not_an_error() -> None:
     ]
 
 
+def test_more_sinks_than_the_default_result_holds_is_a_warning() -> None:
+    wide = [{"name": f"t{i}", "type": "noop"} for i in range(101)]
+    (warning,) = validate(doc(*wide)).warnings
+    assert warning["path"] == "spec.output" and warning["code"] == "output_too_wide"
+    assert "101 sink tasks" in warning["message"] and "null" in warning["message"]
+    assert validate(doc(*wide[:100])).warnings == []  # 100 sinks: the result holds them all
+    joined = doc(*wide, {"name": "join", "type": "noop", "dependsOn": [t["name"] for t in wide]})
+    assert validate(joined).warnings == []
+
+
 def test_load_document_yaml_json_and_garbage() -> None:
     assert load_document(b"a: 1") == {"a": 1}
     assert load_document(b'{"a": 1}', "application/json") == {"a": 1}
