@@ -31,6 +31,15 @@ TASK_TYPE_PATTERN = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$"
 # Workflow names follow Kubernetes object names so the same file works as a custom resource.
 WORKFLOW_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d))+$"
+NAMESPACE_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+# What each pattern asks for, in words, for error messages (the pattern itself follows them).
+PATTERN_MEANINGS = {
+    TASK_NAME_PATTERN: "letters, digits and '_', not starting with a digit, at most 63 characters",
+    TASK_TYPE_PATTERN: "dotted lowercase words of letters, digits and '_', e.g. text.upper",
+    WORKFLOW_NAME_PATTERN: "lowercase letters, digits, '-' and '.', starting and ending with a letter or digit",
+    NAMESPACE_PATTERN: "lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63",
+    DURATION_PATTERN: "a duration such as 500ms, 10s, 5m, 1h30m or 2d",
+}
 
 Duration = Annotated[
     float,
@@ -149,7 +158,7 @@ class Metadata(_Model):
     model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
 
     name: str = Field(pattern=WORKFLOW_NAME_PATTERN, max_length=253)
-    namespace: str | None = Field(None, pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+    namespace: str | None = Field(None, pattern=NAMESPACE_PATTERN)
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
 

@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from dagsmith.errors import SpecError, TemplateError
-from dagsmith.spec import MAX_DEFAULT_OUTPUT_SINKS, TaskSpec, WorkflowDocument
+from dagsmith.spec import MAX_DEFAULT_OUTPUT_SINKS, PATTERN_MEANINGS, TaskSpec, WorkflowDocument
 from dagsmith.templating import iter_templates, references
 
 Problem = dict[str, Any]
@@ -281,7 +281,9 @@ def _pydantic_problems(exc: ValidationError) -> list[Problem]:
         elif err["type"] == "missing":
             message = f"required field {str(loc[-1])!r} is missing"
         elif err["type"] == "string_pattern_mismatch":
-            message = f"{err['input']!r} does not match {err['ctx']['pattern']}"
+            pattern = err["ctx"]["pattern"]
+            meaning = PATTERN_MEANINGS.get(pattern)
+            message = f"{err['input']!r} does not match {pattern}" + (f" ({meaning})" if meaning else "")
         elif err["type"] == "literal_error":
             message = f"{err['input']!r} is not allowed here: {message}"
         problems.append(_problem(path, message, str(err["type"])))
