@@ -206,6 +206,34 @@ class ClientSettings(BaseSettings):
     token: SecretStr | None = Field(None, description="The CLI's API token.")
 
 
+def effective(settings: Settings) -> list[tuple[str, str, bool]]:
+    """Every setting as (variable, value in effect, whether it differs from the default), with
+    secrets masked: a URL keeps all but its password, anything else shows as ***."""
+    rows = []
+    for name, info in Settings.model_fields.items():
+        env = info.alias or f"DAGSMITH_{name.upper()}"
+        value = getattr(settings, name)
+        default = info.get_default(call_default_factory=True)
+        changed = value != default
+        if isinstance(value, SecretStr):
+            shown = _masked(value.get_secret_value())
+        else:
+            shown = str(value)
+        rows.append((env, shown, changed))
+    return rows
+
+
+def _masked(secret: str) -> str:
+    if not secret:
+        return ""
+    scheme, sep, rest = secret.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if sep and at:
+        user = userinfo.partition(":")[0]
+        return f"{scheme}://{user}{':***' if ':' in userinfo else ''}@{host}"
+    return "***"
+
+
 def settings_table() -> str:
     """A markdown table of every setting, for the README."""
     rows = ["| Variable | Default | Description |", "|---|---|---|"]

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from dagsmith.settings import get_settings, settings_table
+from dagsmith.settings import effective, get_settings, settings_table
 
 
 def run_service(name: str, make: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
@@ -173,12 +173,34 @@ def executor(
         raise typer.Exit(2) from exc
 
 
-def config() -> None:
-    """Print every setting as a table.
+def config(
+    defaults: Annotated[
+        bool, typer.Option("--defaults", help="Print each setting's default and meaning (markdown) instead")
+    ] = False,
+) -> None:
+    """Print every setting and the value in effect here (secrets masked).
 
-    Each row: the environment variable, its default and what it means (markdown).
+    Values come from DAGSMITH_* variables, DAGSMITH_*_FILE files and .env; a * marks those that
+    differ from the default. --defaults prints the documented table.
     """
-    typer.echo(settings_table())
+    if defaults:
+        typer.echo(settings_table())
+        return
+    from pydantic import ValidationError
+    from rich.table import Column, Table
+
+    from dagsmith.cli.client_cmds import out
+
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"DAGSMITH_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors())
+        typer.echo(f"error: the settings are not valid: {problems}", err=True)
+        raise typer.Exit(2) from None
+    table = Table("VARIABLE", Column("VALUE", overflow="fold"), "", box=None)
+    for env, value, changed in effective(settings):
+        table.add_row(env, value, "*" if changed else "")
+    out.print(table, highlight=False)
 
 
 def dev(

@@ -28,3 +28,17 @@ def test_a_missing_secret_file_is_a_clear_error(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("DAGSMITH_AMQP_URL_FILE", str(tmp_path / "nope"))
     with pytest.raises(ValidationError, match=r"DAGSMITH_AMQP_URL_FILE=.*nope"):
         Settings()
+
+
+def test_config_shows_values_in_effect_with_secrets_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dagsmith.settings import effective
+
+    monkeypatch.setenv("DAGSMITH_AMQP_URL", "amqp://bob:hunter2@rabbit:5672/")
+    monkeypatch.setenv("DAGSMITH_ADMIN_TOKEN", "dgs_secret")
+    monkeypatch.setenv("DAGSMITH_API_PORT", "9999")
+    rows = {env: (value, changed) for env, value, changed in effective(Settings())}
+    assert rows["DAGSMITH_AMQP_URL"] == ("amqp://bob:***@rabbit:5672/", True)
+    assert rows["DAGSMITH_ADMIN_TOKEN"] == ("***", True)
+    assert rows["DAGSMITH_API_PORT"] == ("9999", True)
+    assert rows["DAGSMITH_LEASE_TTL"][1] is False
+    assert not any("hunter2" in value or "dgs_secret" in value for value, _ in rows.values())
