@@ -56,7 +56,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = [
-            {"path": ".".join(str(p) for p in e["loc"]), "message": e["msg"], "code": e["type"]} for e in exc.errors()
+            # "Value error, " is how pydantic introduces a validator's own message: not news to a user.
+            {
+                "path": ".".join(str(p) for p in e["loc"]),
+                "message": e["msg"].removeprefix("Value error, "),
+                "code": e["type"],
+            }
+            for e in exc.errors()
         ]
         first = problems[0] if problems else None
         message = f"the request is invalid: {first['path']}: {first['message']}" if first else "the request is invalid"

@@ -186,13 +186,13 @@ class _Environment(ImmutableSandboxedEnvironment):
                 return obj[attribute]
             return self.undefined(obj=obj, name=attribute)
         value = super().getattr(obj, attribute)
-        if isinstance(obj, str) and callable(value):
+        if isinstance(obj, str) and _is_method(value):
             return _guarded_method(obj, attribute, value)
         return value
 
     def getitem(self, obj: Any, argument: Any) -> Any:
         value = super().getitem(obj, argument)
-        if isinstance(obj, str) and isinstance(argument, str) and callable(value):
+        if isinstance(obj, str) and isinstance(argument, str) and _is_method(value):
             return _guarded_method(obj, argument, value)
         return value
 
@@ -217,6 +217,12 @@ class _Environment(ImmutableSandboxedEnvironment):
                 _refuse_large(len(seq) * n, "a sequence")
                 _refuse_large(_weight(seq) * n, "a sequence")
         return operator.mul(left, right)
+
+
+def _is_method(value: Any) -> bool:
+    # An Undefined is callable too (calling it raises): it must stay undefined, so that a missing
+    # attribute of a string is reported as missing, not rendered as a function.
+    return callable(value) and not isinstance(value, jinja2.Undefined)
 
 
 def _guarded_method(text: str, name: str, method: Any) -> Any:
@@ -313,6 +319,50 @@ def value_references(value: Any) -> frozenset[str]:
     return frozenset(found)
 
 
+def _missing(template: str, context: dict[str, Any]) -> str | None:
+    """What a template looks up that is not there, said in the template's own terms (jinja2
+    would say "'dict object' has no attribute 'txt'"), with the keys that are there."""
+    for node in _parse(template).find_all((nodes.Getattr, nodes.Getitem)):
+        chain: list[Any] = []
+        current: Any = node
+        while isinstance(current, nodes.Getattr | nodes.Getitem):
+            if isinstance(current, nodes.Getattr):
+                chain.append(current.attr)
+            elif isinstance(current.arg, nodes.Const):
+                chain.append(current.arg.value)
+            else:
+                break
+            current = current.node
+        else:
+            if not isinstance(current, nodes.Name):
+                continue
+            chain.append(current.name)
+            found = _first_missing(list(reversed(chain)), context)
+            if found:
+                return found
+    return None
+
+
+def _first_missing(path: list[Any], context: dict[str, Any]) -> str | None:
+    value: Any = context
+    for depth, key in enumerate(path):
+        where = ".".join(str(k) for k in path[:depth])
+        if isinstance(value, dict):
+            if key not in value:
+                if depth == 0:
+                    return f"{key!r} is not defined (templates see params.<name> and tasks.<name>.output)"
+                keys = ", ".join(sorted(map(str, value))[:20]) or "none"
+                return f"{where} has no key {key!r} (its keys: {keys})"
+            value = value[key]
+        elif isinstance(value, list) and isinstance(key, int):
+            if not -len(value) <= key < len(value):
+                return f"{where} has no item {key} (it has {len(value)})"
+            value = value[key]
+        else:
+            return None  # not something a path walks through: leave the message to jinja2
+    return None
+
+
 @lru_cache(maxsize=4096)
 def _compile(template: str) -> jinja2.Template:
     env = environment()
@@ -344,6 +394,8 @@ def _render(value: Any, context: dict[str, Any], budget: _Budget, path: str) -> 
             result = _compile(value).render(context)
         except TemplateError as exc:
             raise TemplateError(f"{where}: {exc}") from exc
+        except jinja2.UndefinedError as exc:
+            raise TemplateError(f"{where}: {_missing(value, context) or exc}") from exc
         except jinja2.TemplateError as exc:
             raise TemplateError(f"{where}: {exc}") from exc
         except (TypeError, ValueError, ArithmeticError, LookupError) as exc:

@@ -57,15 +57,22 @@ def fail(message: str, code: int) -> NoReturn:
 def handle(exc: ClientError) -> NoReturn:
     if exc.status == 422 and exc.details.get("problems"):
         console.print(f"[red]error:[/red] {exc.message}", highlight=False)
-        for p in exc.details["problems"]:
-            console.print(f"  [bold]{p.get('path') or '(document)'}[/bold]: {p['message']}", highlight=False)
+        problems = exc.details["problems"]
+        if len(problems) > 1:  # the message names the first; list them all
+            for p in problems:
+                console.print(f"  [bold]{p.get('path') or '(document)'}[/bold]: {p['message']}", highlight=False)
         raise typer.Exit(2)
     code = {0: 3, 404: 4, 422: 2, 413: 2, 415: 2, 401: 5, 403: 5, 409: 6}.get(exc.status, 3)
     fail(exc.message, code)
 
 
-def _json(value: Any) -> None:
+def print_json(value: Any) -> None:
     out.print_json(orjson.dumps(value, default=str).decode())
+
+
+def short(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters, the cut marked."""
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def submit(
@@ -192,7 +199,7 @@ def _print_result(client: Client, wid: str) -> None:
     if result.get("error"):
         console.print(f"[red]{result['error'].get('message')}[/red]", highlight=False)
     if result.get("output") is not None or result["status"] == "succeeded":
-        _json(result.get("output"))
+        print_json(result.get("output"))
 
 
 def status(workflow_id: str, api: ApiOption = None, token: TokenOption = None) -> None:
@@ -245,7 +252,7 @@ def result(workflow_id: str, api: ApiOption = None, token: TokenOption = None) -
     if res["status"] != "succeeded":
         console.print(f"[red]{res['status']}[/red]: {(res.get('error') or {}).get('message', '')}", highlight=False)
         raise typer.Exit(1)
-    _json(res["output"])
+    print_json(res["output"])
 
 
 def dag(
@@ -264,7 +271,7 @@ def dag(
         except ClientError as exc:
             handle(exc)
     if fmt == "json":
-        _json(graph)
+        print_json(graph)
     else:
         sys.stdout.write(graph)
 
@@ -302,7 +309,7 @@ def list_(
         except ClientError as exc:
             handle(exc)
     if as_json:
-        _json(page)
+        print_json(page)
         return
     # Ids are what the other commands take: never shortened, whatever the width.
     table = Table(
@@ -349,7 +356,7 @@ def tasks(
         except ClientError as exc:
             handle(exc)
     if as_json:
-        _json({"items": items})
+        print_json({"items": items})
         return
     table = Table("NAME", "TYPE", "STATUS", "ATTEMPT", "REWARD", "ERROR")
     shortened = False
@@ -357,7 +364,7 @@ def tasks(
         err = t.get("error") or {}
         text = f"{err.get('class')}: {err.get('message', '')}" if err else ""
         if len(text) > ERROR_WIDTH:
-            text, shortened = text[: ERROR_WIDTH - 1] + "…", True
+            text, shortened = short(text, ERROR_WIDTH), True
         table.add_row(
             t["name"],
             t["type"],

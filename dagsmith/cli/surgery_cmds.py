@@ -8,7 +8,7 @@ import orjson
 import typer
 from rich.table import Table
 
-from dagsmith.cli.client_cmds import ApiOption, TokenOption, connect, console, fail, handle, out
+from dagsmith.cli.client_cmds import ApiOption, TokenOption, connect, console, fail, handle, out, print_json, short
 from dagsmith.client import ClientError
 
 OPERATIONS = ("retry", "replace", "insert", "skip")
@@ -94,17 +94,23 @@ def surgery(
 
 def _describe(change: dict[str, Any]) -> str:
     if change["op"] == "set":
-        return f"{change['task']}.{change['field']}: {change['old']!r} → {change['new']!r}"
+        return f"{change['task']}.{change['field']}: {_js(change['old'])} → {_js(change['new'])}"
     if change["op"] == "add":
         t = change["task"]
         return f"+ {t['name']} ({t['type']}) before {change.get('before')}"
     if change["op"] == "status":
         return f"{change['task']} → {change['to']}"
-    return str(change)
+    return _js(change)
+
+
+def _js(value: Any) -> str:
+    """Values as JSON, as users write them in specs (not as Python would print them)."""
+    return orjson.dumps(value, default=str).decode()
 
 
 def history(
     workflow_id: Annotated[str, typer.Argument(help="Workflow id")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the revisions as JSON (in full)")] = False,
     api: ApiOption = None,
     token: TokenOption = None,
 ) -> None:
@@ -117,6 +123,9 @@ def history(
             items = client.revisions(workflow_id)
         except ClientError as exc:
             handle(exc)
+    if as_json:
+        print_json(items)
+        return
     if not items:
         console.print("no surgery yet: the DAG is as submitted (revision 0)")
         return
@@ -129,8 +138,8 @@ def history(
             r["actor"],
             r["operation"],
             r["task"],
-            str(why)[:40],
-            "; ".join(_describe(c) for c in r["diff"])[:80],
+            short(str(why), 60),
+            short("; ".join(_describe(c) for c in r["diff"]), 120),
         )
     out.print(table)
 

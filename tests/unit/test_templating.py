@@ -51,6 +51,23 @@ def test_unknown_reference_names_the_path() -> None:
         render({"x": "{{ tasks.nope.output }}"}, CTX, max_bytes=1000, path="params")
 
 
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{{ tasks.a.output.txt }}", "tasks.a.output has no key 'txt' (its keys: items, text)"),
+        ("{{ tasks.b.output }}", "tasks has no key 'b' (its keys: a)"),
+        ("{{ params.whom }}", "params has no key 'whom' (its keys: n, who)"),
+        ("{{ tasks.a.output['items'][3] }}", "tasks.a.output.items has no item 3 (it has 1)"),
+        ("{{ nothing.here }}", "'nothing' is not defined"),
+        ("{{ params.who.nope }}", "'str object' has no attribute 'nope'"),  # not rendered as a function
+    ],
+)
+def test_a_missing_key_is_named_with_the_keys_that_are_there(template: str, message: str) -> None:
+    with pytest.raises(TemplateError) as raised:
+        r(template)
+    assert message in str(raised.value)
+
+
 def test_output_size_limit() -> None:
     with pytest.raises(TemplateError, match="over the limit"):
         render("{{ params.who * 100 }}", CTX, max_bytes=50)
