@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -15,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column, Table
 
 from dagsmith.client import Client, ClientError
+from dagsmith.durations import parse_duration
 
 # Messages on stderr are never wrapped: an error is one line, whatever the terminal (or none).
 console = Console(stderr=True, soft_wrap=True)
@@ -46,6 +50,44 @@ def connect(api: str | None, token: str | None) -> Client:
 
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+TimeoutOption = Annotated[
+    str | None,
+    typer.Option(
+        "--timeout", help="Stop waiting after this long, e.g. 10m (exit 7; the workflow goes on)", show_default=False
+    ),
+]
+
+
+class _TimedOut(Exception):
+    pass
+
+
+@contextmanager
+def _deadline(timeout: str | None, wid: str) -> Iterator[None]:
+    """Give up waiting for a workflow after ``timeout``. A timer signal interrupts whatever the
+    wait is doing (reading the event stream, polling), so no wait can outlast it."""
+    if timeout is None:
+        yield
+        return
+    try:
+        seconds = parse_duration(timeout)
+    except ValueError as exc:
+        fail(f"--timeout: {exc}", 2)
+
+    def expire(signum: int, frame: Any) -> None:
+        raise _TimedOut
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
+    try:
+        yield
+    except _TimedOut:
+        fail(f"workflow {wid} did not finish within {timeout}; it goes on (dagsmith watch {wid} follows it)", 7)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 ERROR_WIDTH = 100  # characters of a task's error in a table (--json shows it all)
 
 
@@ -80,6 +122,7 @@ def submit(
     wait: Annotated[bool, typer.Option("--wait", help="Wait until it finishes; print the result")] = False,
     watch: Annotated[bool, typer.Option("--watch", help="Show live progress until it finishes")] = False,
     idempotency_key: Annotated[str | None, typer.Option("--idempotency-key", help="Same key → same workflow")] = None,
+    timeout: TimeoutOption = None,
     api: ApiOption = None,
     token: TokenOption = None,
 ) -> None:
@@ -87,6 +130,8 @@ def submit(
 
     With --wait or --watch, print its result once it finishes (exit 1 unless it succeeded).
     """
+    if timeout is not None and not (wait or watch):
+        fail("--timeout goes with --wait or --watch", 2)
     try:
         body = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
     except OSError as exc:
@@ -105,7 +150,8 @@ def submit(
         if not (wait or watch):
             out.print(wid)
             return
-        status = _watch(client, wid) if watch else _wait(client, wid)
+        with _deadline(timeout, wid):
+            status = _watch(client, wid) if watch else _wait(client, wid)
         _print_result(client, wid)
         if status != "succeeded":
             raise typer.Exit(1)
@@ -227,14 +273,15 @@ def status(workflow_id: str, api: ApiOption = None, token: TokenOption = None) -
     out.print(table)
 
 
-def watch(workflow_id: str, api: ApiOption = None, token: TokenOption = None) -> None:
+def watch(workflow_id: str, timeout: TimeoutOption = None, api: ApiOption = None, token: TokenOption = None) -> None:
     """Follow a workflow live, then print its result.
 
     Shows progress until it finishes; exits 1 unless it succeeded.
     """
     with connect(api, token) as client:
         try:
-            final = _watch(client, workflow_id)
+            with _deadline(timeout, workflow_id):
+                final = _watch(client, workflow_id)
         except ClientError as exc:
             handle(exc)
         _print_result(client, workflow_id)

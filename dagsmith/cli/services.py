@@ -248,6 +248,8 @@ def dev(
         prefix = typer.style(f"{label:>12} │ ", fg=colors[i % len(colors)])
         threading.Thread(target=_pump, args=(child, prefix), daemon=True).start()
     typer.echo(f"API on http://127.0.0.1:{api_port}  (Ctrl-C stops everything)", err=True)
+    if api_port != 8000:  # the client commands' default
+        typer.echo(f"client commands in another shell: export DAGSMITH_API=http://127.0.0.1:{api_port}", err=True)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         while all(c.poll() is None for c in children):

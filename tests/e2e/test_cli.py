@@ -225,3 +225,25 @@ def test_tasks_lists_every_page_and_list_says_where_the_next_starts(stack: Stack
     second = cli(stack, "list", "--limit", "1", "--cursor", cursor)
     assert second.returncode == 0 and wid not in second.stdout
     assert cli(stack, "list", "--limit", "0").returncode == 2
+
+
+def test_waiting_gives_up_at_the_timeout_and_the_workflow_goes_on(stack: Stack, tmp_path: Path) -> None:
+    spec = tmp_path / "slow.yaml"
+    spec.write_text(
+        "apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {name: slow}\n"
+        "spec:\n  tasks:\n    - {name: s, type: sleep, params: {seconds: 60}}\n"
+    )
+    ids = []
+    for command in (["submit", str(spec), "--wait"], ["submit", str(spec), "--watch"]):
+        done = cli(stack, *command, "--timeout", "1s")
+        assert done.returncode == 7, done.stderr
+        assert "did not finish within 1s; it goes on" in done.stderr
+        ids.append(done.stderr.split("dagsmith watch ")[1].split(" ")[0].rstrip(")"))
+    wid = ids[-1]
+    followed = cli(stack, "watch", wid, "--timeout", "500ms")
+    assert followed.returncode == 7 and "it goes on" in followed.stderr
+    assert cli(stack, "status", wid).returncode == 0  # still there, still running
+    assert "running" in cli(stack, "status", wid).stdout
+    assert cli(stack, "submit", str(spec), "--timeout", "1s").returncode == 2  # only with --wait or --watch
+    for each in ids:
+        assert cli(stack, "cancel", each).returncode == 0
