@@ -215,10 +215,12 @@ OVERVIEW = (
                 "Lost and poisoned tasks",
                 (
                     Q(f"sum(rate(dagsmith_leases_expired_total[{RATE}]))", "leases expired (executor lost)"),
-                    Q(f"sum(rate(dagsmith_dead_letters_total[{RATE}]))", "dead-lettered (poison)"),
+                    Q(f"sum(rate(dagsmith_dead_letters_total[{RATE}]))", "dead-lettered"),
+                    Q(f"sum(rate(dagsmith_task_redrives_total[{RATE}]))", "sent again (last delivery never started)"),
                 ),
                 unit="ops",
-                description="Running tasks whose executor stopped heartbeating, and messages that crashed executors.",
+                description="Running tasks whose executor stopped heartbeating; task messages dead-lettered at the "
+                "delivery limit (poison when their last delivery started), and those sent again because it never did.",
             ),
             Panel(
                 "Services up",
