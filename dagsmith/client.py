@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -9,6 +10,10 @@ import httpx
 import orjson
 
 from dagsmith.errors import DagsmithError
+
+
+class WaitTimeout(Exception):
+    """A wait for a workflow passed its deadline (the workflow itself goes on)."""
 
 
 class ClientError(DagsmithError):
@@ -113,17 +118,26 @@ class Client:
     def revoke_token(self, name_or_id: str) -> dict[str, Any]:
         return self._request("DELETE", f"/v1/tokens/{name_or_id}").json()
 
-    def events(self, workflow_id: str, after: int = 0) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Yield (event, data) from the workflow's event stream until it ends."""
+    def events(
+        self, workflow_id: str, after: int = 0, deadline: float | None = None
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield (event, data) from the workflow's event stream until it ends.
+
+        With a ``deadline`` (``time.monotonic()``), raise WaitTimeout once it has passed: checked
+        at every line the stream sends (the server pings every 15 s), and no read waits longer
+        than the time that was left when the stream opened."""
+        timeout = None if deadline is None else httpx.Timeout(10.0, read=max(deadline - time.monotonic(), 0.01))
         try:
             with self.http.stream(
-                "GET", f"/v1/workflows/{workflow_id}/events", params={"after": after}, timeout=None
+                "GET", f"/v1/workflows/{workflow_id}/events", params={"after": after}, timeout=timeout
             ) as response:
                 if response.status_code >= 400:
                     response.read()
                     self._raise_for(response)
                 event, data = "message", ""
                 for line in response.iter_lines():
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise WaitTimeout
                     if line.startswith("event:"):
                         event = line[6:].strip()
                     elif line.startswith("data:"):
@@ -133,6 +147,10 @@ class Client:
                         if event == "end":
                             return
                         event, data = "message", ""
+        except httpx.ReadTimeout as exc:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout from None
+            raise ClientError(0, "unreachable", f"event stream from {self.base_url} broke: {exc}") from exc
         except httpx.HTTPError as exc:
             raise ClientError(0, "unreachable", f"event stream from {self.base_url} broke: {exc}") from exc
 

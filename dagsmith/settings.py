@@ -10,6 +10,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -224,14 +225,21 @@ def effective(settings: Settings) -> list[tuple[str, str, bool]]:
 
 
 def _masked(secret: str) -> str:
+    """A URL shows its scheme, user, host, port and path, never a password or a query value
+    (``?password=…``, ``sslpassword=…``); anything else is ***."""
     if not secret:
         return ""
-    scheme, sep, rest = secret.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if sep and at:
-        user = userinfo.partition(":")[0]
-        return f"{scheme}://{user}{':***' if ':' in userinfo else ''}@{host}"
-    return "***"
+    try:
+        url = urlsplit(secret)
+        host, port = url.hostname, url.port
+    except ValueError:
+        return "***"
+    if not url.scheme or not url.netloc:
+        return "***"
+    user = f"{url.username}{':***' if url.password is not None else ''}@" if url.username else ""
+    netloc = f"{user}{host or ''}{f':{port}' if port else ''}"
+    query = "&".join(f"{key}=***" for key, _ in parse_qsl(url.query, keep_blank_values=True))
+    return urlunsplit((url.scheme, netloc, url.path, query, ""))
 
 
 def settings_table() -> str:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -17,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
-from dagsmith.client import Client, ClientError
+from dagsmith.client import Client, ClientError, WaitTimeout
 from dagsmith.durations import parse_duration
 
 # Messages on stderr are never wrapped: an error is one line, whatever the terminal (or none).
@@ -58,34 +55,18 @@ TimeoutOption = Annotated[
 ]
 
 
-class _TimedOut(Exception):
-    pass
-
-
-@contextmanager
-def _deadline(timeout: str | None, wid: str) -> Iterator[None]:
-    """Give up waiting for a workflow after ``timeout``. A timer signal interrupts whatever the
-    wait is doing (reading the event stream, polling), so no wait can outlast it."""
+def _deadline(timeout: str | None) -> float | None:
+    """--timeout as a ``time.monotonic()`` deadline; checked before anything is submitted."""
     if timeout is None:
-        yield
-        return
+        return None
     try:
-        seconds = parse_duration(timeout)
+        return time.monotonic() + parse_duration(timeout)
     except ValueError as exc:
         fail(f"--timeout: {exc}", 2)
 
-    def expire(signum: int, frame: Any) -> None:
-        raise _TimedOut
 
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
-    try:
-        yield
-    except _TimedOut:
-        fail(f"workflow {wid} did not finish within {timeout}; it goes on (dagsmith watch {wid} follows it)", 7)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+def _gave_up(wid: str, timeout: str | None) -> NoReturn:
+    fail(f"workflow {wid} did not finish within {timeout}; it goes on (dagsmith watch {wid} follows it)", 7)
 
 
 ERROR_WIDTH = 100  # characters of a task's error in a table (--json shows it all)
@@ -132,6 +113,7 @@ def submit(
     """
     if timeout is not None and not (wait or watch):
         fail("--timeout goes with --wait or --watch", 2)
+    deadline = _deadline(timeout)
     try:
         body = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
     except OSError as exc:
@@ -150,16 +132,19 @@ def submit(
         if not (wait or watch):
             out.print(wid)
             return
-        with _deadline(timeout, wid):
-            status = _watch(client, wid) if watch else _wait(client, wid)
+        try:
+            status = _watch(client, wid, deadline) if watch else _wait(client, wid, deadline)
+        except WaitTimeout:
+            _gave_up(wid, timeout)
         _print_result(client, wid)
         if status != "succeeded":
             raise typer.Exit(1)
 
 
-def _wait(client: Client, wid: str) -> str:
+def _wait(client: Client, wid: str, deadline: float | None = None) -> str:
+    """The workflow's final status. Raises WaitTimeout past ``deadline``."""
     try:
-        for event, data in client.events(wid):
+        for event, data in client.events(wid, deadline=deadline):
             if event == "end":
                 return str(data["status"])
     except ClientError:
@@ -169,6 +154,11 @@ def _wait(client: Client, wid: str) -> str:
         status = str(client.workflow(wid)["status"])
         if status in TERMINAL:
             return status
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WaitTimeout
+            delay = min(delay, left)
         time.sleep(delay)
         delay = min(delay * 1.5, 2.0)
 
@@ -184,7 +174,7 @@ def _states(p: dict[str, int]) -> list[str]:
     return [f"{p[state]} {state}" for state in ("running", "queued", "pending", "failed", "cancelled") if p.get(state)]
 
 
-def _watch(client: Client, wid: str) -> str:
+def _watch(client: Client, wid: str, deadline: float | None = None) -> str:
     wf = client.workflow(wid)
     total = wf["progress"]["total"]
     columns = (
@@ -216,7 +206,7 @@ def _watch(client: Client, wid: str) -> str:
             return str(w["status"])
 
         try:
-            for event, data in client.events(wid):
+            for event, data in client.events(wid, deadline=deadline):
                 if event == "transition" and data["to"] in ("failed",) and data.get("task"):
                     err = (data.get("data") or {}).get("error") or {}
                     where = f"{data['task']} (attempt {data['attempt']})"
@@ -231,7 +221,7 @@ def _watch(client: Client, wid: str) -> str:
                 if event == "end":
                     break
         except ClientError:
-            status = _wait(client, wid)
+            status = _wait(client, wid, deadline)
         return refresh() if status not in TERMINAL else status
 
 
@@ -278,12 +268,14 @@ def watch(workflow_id: str, timeout: TimeoutOption = None, api: ApiOption = None
 
     Shows progress until it finishes; exits 1 unless it succeeded.
     """
+    deadline = _deadline(timeout)
     with connect(api, token) as client:
         try:
-            with _deadline(timeout, workflow_id):
-                final = _watch(client, workflow_id)
+            final = _watch(client, workflow_id, deadline)
         except ClientError as exc:
             handle(exc)
+        except WaitTimeout:
+            _gave_up(workflow_id, timeout)
         _print_result(client, workflow_id)
     if final != "succeeded":
         raise typer.Exit(1)

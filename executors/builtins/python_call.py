@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import importlib
 import inspect
 from typing import Any
@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from executors.registry import TaskContext, TaskFailed, executor
+from executors.threads import THREADS
 
 
 class CallParams(BaseModel):  # type: ignore[no-redef]  # pydantic-mypy: the alias "kwargs" clashes
@@ -38,5 +39,6 @@ async def call(params: CallParams, ctx: TaskContext) -> dict[str, Any]:
     if inspect.iscoroutinefunction(fn):
         result = await fn(*params.args, **params.keyword_args)
     else:
-        result = await asyncio.to_thread(fn, *params.args, **params.keyword_args)
+        # A daemon thread of its own, as every sync handler gets (executors/threads.py).
+        result = await THREADS.run(functools.partial(fn, *params.args, **params.keyword_args))
     return {"result": result}

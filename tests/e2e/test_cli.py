@@ -245,5 +245,9 @@ def test_waiting_gives_up_at_the_timeout_and_the_workflow_goes_on(stack: Stack, 
     assert cli(stack, "status", wid).returncode == 0  # still there, still running
     assert "running" in cli(stack, "status", wid).stdout
     assert cli(stack, "submit", str(spec), "--timeout", "1s").returncode == 2  # only with --wait or --watch
+    before = len(json.loads(cli(stack, "list", "--name", "slow", "--json").stdout)["items"])
+    typo = cli(stack, "submit", str(spec), "--wait", "--timeout", "10x")
+    assert typo.returncode == 2 and "--timeout" in typo.stderr
+    assert len(json.loads(cli(stack, "list", "--name", "slow", "--json").stdout)["items"]) == before  # nothing sent
     for each in ids:
         assert cli(stack, "cancel", each).returncode == 0

@@ -42,3 +42,22 @@ def test_config_shows_values_in_effect_with_secrets_masked(monkeypatch: pytest.M
     assert rows["DAGSMITH_API_PORT"] == ("9999", True)
     assert rows["DAGSMITH_LEASE_TTL"][1] is False
     assert not any("hunter2" in value or "dgs_secret" in value for value, _ in rows.values())
+
+
+@pytest.mark.parametrize(
+    ("secret", "shown"),
+    [
+        ("postgresql+psycopg://app@db/dagsmith?password=s3cret", "postgresql+psycopg://app@db/dagsmith?password=***"),
+        (
+            "postgresql+psycopg://app:pw@db:5432/d?sslpassword=k",
+            "postgresql+psycopg://app:***@db:5432/d?sslpassword=***",
+        ),
+        ("postgresql+psycopg://db/d?user=app@corp&password=s3cret", "postgresql+psycopg://db/d?user=***&password=***"),
+        ("dgs_a-token", "***"),
+        ("http://[::1:80", "***"),
+    ],
+)
+def test_secrets_are_masked_wherever_they_sit_in_a_url(secret: str, shown: str) -> None:
+    from dagsmith.settings import _masked
+
+    assert _masked(secret) == shown
