@@ -113,7 +113,7 @@ class Engine:
             conn,
             touched,
             [
-                (m.task_id, uuid.UUID(m.workflow_id), m.attempt, m.executor_id, m.started_at, m.delivery)
+                (m.task_id, uuid.UUID(m.workflow_id), m.attempt, m.executor_id, m.started_at, m.delivery, m.series)
                 for m in inbound.started
             ],
             [_passed(m, now) for m in passed],
@@ -330,7 +330,8 @@ class Engine:
                 metrics.RESULTS_IGNORED.labels("duplicate_or_gone").inc()
                 continue
             seen.add((msg.task_id, msg.attempt))
-            verdict = judge_dead_letter(deliveries, started.get(msg.task_id), msg.redrives)
+            series, delivery = started.get(msg.task_id, (None, None))
+            verdict = judge_dead_letter(deliveries, delivery if series == msg.series else None, msg.redrives)
             if isinstance(verdict, Redrive):
                 metrics.REDRIVES.inc()
                 log.warning(
@@ -340,7 +341,7 @@ class Engine:
                     attempt=msg.attempt,
                     redrives=verdict.redrives,
                 )
-                out.redriven.append(msg.model_copy(update={"redrives": verdict.redrives}))
+                out.redriven.append(msg.model_copy(update={"redrives": verdict.redrives, "series": msg.series + 1}))
                 continue
             failure = verdict
             workflow = workflows[task.workflow_id]
@@ -349,6 +350,8 @@ class Engine:
                 corrected += 1
                 continue
             decided.append((task, on_failure(task.view(), failure, now), None))
+        if out.redriven:
+            await store.requeue(conn, [(m.task_id, m.attempt) for m in out.redriven])
         await store.add_totals(conn, {w: (r, sec) for w, (r, sec) in totals.items()})
         await self._apply_failures(conn, decided, now, events)
         return len(decided) + corrected

@@ -27,6 +27,19 @@ class Applied:
     inserted_id: int | None = None
 
 
+async def _served(conn: AsyncConnection, task_type: str, alive_window: float) -> bool:
+    """Whether a live executor declares ``task_type``."""
+    found = await conn.execute(
+        sa.text(
+            "SELECT EXISTS (SELECT 1 FROM executors WHERE NOT stopping "
+            "AND last_heartbeat > now() - make_interval(secs => :window) "
+            "AND capabilities @> jsonb_build_array(jsonb_build_object('type', CAST(:type AS text))))"
+        ),
+        {"window": alive_window, "type": task_type},
+    )
+    return bool(found.scalar())
+
+
 async def snapshot(conn: AsyncConnection, workflow_id: uuid.UUID, name: str) -> TaskSnapshot:
     row = (
         await conn.execute(
@@ -321,10 +334,15 @@ async def manual(
     delay: float = 0.0,
     message: str = "",
     max_tasks: int | None = None,
+    alive_window: float = 15.0,
 ) -> Applied:
     """A surgery a user asked for. Manual surgeries are recorded (and counted) like the policy's,
     but the correction budgets do not block them: a person decided. ``max_tasks`` still bounds
-    the workflow's size, as at submission."""
+    the workflow's size, as at submission.
+
+    A queued task can be operated on only while no live executor (one that heartbeated within
+    ``alive_window`` seconds) runs its type: its message stays in the queue, and an executor
+    there could take it at any moment and run the old attempt beside the new one."""
     from controller import store
     from controller.db import CHANNEL_WORKFLOWS
     from controller.queries import get_workflow
@@ -333,6 +351,11 @@ async def manual(
     await get_workflow(conn, workflow_id, namespaces)  # 404 for workflows the caller cannot see
     await store.lock_workflows(conn, [workflow_id])
     task = await snapshot(conn, workflow_id, task_name)
+    if task.status == "queued" and await _served(conn, task.type, alive_window):
+        raise SurgeryConflict(
+            f"task {task.name!r} is queued and a live executor runs {task.type!r}, so it may start at any moment: "
+            "wait for it to finish, or cancel the workflow"
+        )
     if operation in ("retry", "replace", "insert"):
         await _check_upstream_can_finish(conn, workflow_id, task)
     if operation == "retry":

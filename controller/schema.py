@@ -97,6 +97,7 @@ tasks = sa.Table(
     # message whose last delivery started is poison; one whose last delivery never did was only
     # returned by dropped connections (see controller.reconcile.judge_dead_letter).
     sa.Column("started_delivery", sa.Integer),
+    sa.Column("started_series", sa.Integer),  # the message series that delivery count belongs to
     sa.Column("output", JSONB),
     sa.Column("error", JSONB),
     sa.Column("reward", sa.Float),

@@ -132,7 +132,8 @@ class Controller:
             await message.reject()
             return
         try:
-            await self.publisher.publish_singles(bundle.tasks)
+            # A new series each: the members' start reports in the bundle are not theirs alone.
+            await self.publisher.publish_singles([t.model_copy(update={"series": t.series + 1}) for t in bundle.tasks])
         except BROKER_ERRORS as exc:
             log.warning("could not split a dead-lettered bundle; it is retried", error=str(exc)[:200])
             await _settle(message, requeue=True)

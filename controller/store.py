@@ -322,7 +322,7 @@ class RoundState:
 async def open_round(
     conn: AsyncConnection,
     workflow_ids: Iterable[uuid.UUID],
-    started: Sequence[tuple[int, uuid.UUID, int, str, float, int]],
+    started: Sequence[tuple[int, uuid.UUID, int, str, float, int, int]],
     passed: Sequence[Passed],
     failed_ids: Iterable[int],
     *,
@@ -332,11 +332,11 @@ async def open_round(
     grace: float,
 ) -> RoundState:
     """The common round in one round trip, in this order: lock the workflows (in id order), record
-    start reports (task_id, workflow_id, attempt, executor_id, started_at, delivery), apply passed results (succeed
-    tasks, release children, add reward and task-seconds), read the tasks of failed results, and
-    read fresh counters and the tasks that may need action. Each statement sees what the previous
-    ones did (they run one after another). Start reports and results for finished workflows, stale
-    attempts and duplicates change nothing."""
+    start reports (task_id, workflow_id, attempt, executor_id, started_at, delivery, series), apply
+    passed results (succeed tasks, release children, add reward and task-seconds), read the tasks
+    of failed results, and read fresh counters and the tasks that may need action. Each statement
+    sees what the previous ones did (they run one after another). Start reports and results for
+    finished workflows, stale attempts and duplicates change nothing."""
     ids = sorted(set(workflow_ids))
     wanted = sorted(set(failed_ids))
     statements: list[tuple[str, dict[str, Any]]] = [(_LOCK_WORKFLOWS, {"ids": ids})]
@@ -346,8 +346,16 @@ async def open_round(
                 _MARK_RUNNING,
                 {
                     "rows": rows_json(
-                        {"id": i, "workflow_id": w, "attempt": a, "executor_id": e, "started_at": at, "delivery": d}
-                        for i, w, a, e, at, d in started
+                        {
+                            "id": i,
+                            "workflow_id": w,
+                            "attempt": a,
+                            "executor_id": e,
+                            "started_at": at,
+                            "delivery": d,
+                            "series": n,
+                        }
+                        for i, w, a, e, at, d, n in started
                     ),
                     "ttl": lease_ttl,
                     "grace": grace,
@@ -458,12 +466,32 @@ async def start_workflows(conn: AsyncConnection, ids: Sequence[uuid.UUID], now: 
         events.add(Event(wid, "running", from_status="pending", reason="started", at=now))
 
 
-async def started_deliveries(conn: AsyncConnection, task_ids: Sequence[int]) -> dict[int, int | None]:
-    """The delivery count each task's running attempt was last reported started from."""
+async def started_deliveries(conn: AsyncConnection, task_ids: Sequence[int]) -> dict[int, tuple[int, int]]:
+    """(series, highest delivery count) each task's current attempt was reported started from."""
     rows = await conn.execute(
-        sa.text("SELECT id, started_delivery FROM tasks WHERE id = ANY(:ids)"), {"ids": list(task_ids)}
+        sa.text(
+            "SELECT id, started_series, started_delivery FROM tasks "
+            "WHERE id = ANY(:ids) AND started_delivery IS NOT NULL"
+        ),
+        {"ids": list(task_ids)},
     )
-    return {r.id: r.started_delivery for r in rows}
+    return {r.id: (r.started_series, r.started_delivery) for r in rows}
+
+
+async def requeue(conn: AsyncConnection, attempts: Sequence[tuple[int, int]]) -> None:
+    """Attempts whose message is back in its queue (sent again after a dead letter): queued, with no
+    lease, so that the lease of an executor that no longer holds them cannot expire them as lost.
+    No event: the attempt did not change, and its next start report records it running again."""
+    await conn.execute(
+        sa.text(
+            """
+            UPDATE tasks t SET status = 'queued', lease_expires_at = NULL, executor_id = NULL, started_at = NULL
+            FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[])) AS a(id, attempt)
+            WHERE t.id = a.id AND t.attempt = a.attempt AND t.status IN ('queued', 'running')
+            """
+        ),
+        {"ids": [i for i, _ in attempts], "attempts": [a for _, a in attempts]},
+    )
 
 
 # A workflow that has not finished (start reports and results for finished ones change nothing).
@@ -473,12 +501,19 @@ _MARK_RUNNING = _psycopg_sql(
     f"""
     UPDATE tasks t
     SET status = 'running', started_at = to_timestamp(v.started_at), executor_id = v.executor_id,
-        started_delivery = v.delivery,
+        -- The highest delivery reported started in the newest series (reports may arrive out
+        -- of order, through two controllers).
+        started_delivery = CASE
+            WHEN t.started_series IS NULL OR v.series > t.started_series THEN v.delivery
+            WHEN v.series = t.started_series THEN GREATEST(t.started_delivery, v.delivery)
+            ELSE t.started_delivery END,
+        started_series = GREATEST(COALESCE(t.started_series, v.series), v.series),
         lease_expires_at = LEAST(
             COALESCE(to_timestamp(v.started_at) + make_interval(secs => t.timeout_s + :grace), 'infinity'),
             now() + make_interval(secs => :ttl))
     FROM jsonb_to_recordset(CAST(:rows AS jsonb))
-         AS v(id bigint, workflow_id uuid, attempt int, executor_id text, started_at float8, delivery int)
+         AS v(id bigint, workflow_id uuid, attempt int, executor_id text, started_at float8, delivery int,
+              series int)
          JOIN tasks o ON o.id = v.id  -- the row as it was, for the event's "from"
          JOIN workflows w ON w.id = o.workflow_id
     WHERE t.id = v.id AND t.attempt = v.attempt AND t.status IN ('queued', 'running') AND {_LIVE}
@@ -785,7 +820,7 @@ async def insert_events(
                 UPDATE tasks t SET status = 'queued', attempt = q.attempt, queued_at = to_timestamp(:now),
                     not_before = NULL, resolved_params = COALESCE(q.resolved, t.resolved_params),
                     started_at = NULL, executor_id = NULL, started_delivery = NULL,
-                    queue_deadline = to_timestamp(q.deadline)
+                    started_series = NULL, queue_deadline = to_timestamp(q.deadline)
                 FROM jsonb_to_recordset(CAST(:queued AS jsonb))
                      AS q(id bigint, attempt int, resolved jsonb, deadline float8)
                 WHERE t.id = q.id

@@ -47,8 +47,9 @@ class Operation(StrEnum):
 # A task in these states can be operated on. Policy decisions happen while the failing attempt is
 # still in flight; users operate on failed, cancelled or not-yet-started tasks — queued ones too,
 # so that a task no executor takes (a type nobody runs) can be rerouted or retried without
-# cancelling the workflow. Its message stays in its queue: an executor that takes it later runs
-# an attempt that is no longer current, and its result is ignored.
+# cancelling the workflow. revisions.manual refuses a queued task whose type a live executor runs
+# (it may start at any moment). Its message stays in its queue: an executor for the old type that
+# comes later runs an attempt that is no longer current, and its result is ignored.
 OPERABLE = {"pending", "queued", "running", "failed", "cancelled"}
 MANUAL_OPERABLE = {"pending", "queued", "failed", "cancelled"}
 

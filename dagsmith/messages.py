@@ -43,7 +43,11 @@ class TaskRef(_Message):
 class TaskMessage(TaskRef):
     params: dict[str, Any] = Field(default_factory=dict)
     secrets: list[str] = Field(default_factory=list)
-    redrives: int = 0  # times the controller sent this attempt again after the broker dead-lettered it
+    # A message sent again with a fresh delivery count (a dead-lettered bundle's member, or a
+    # dead-lettered message whose last delivery never started) starts a new series: start reports
+    # name it, so delivery counts of an earlier series are not taken for this one's.
+    series: int = 0
+    redrives: int = 0  # of those, the times it was sent again after its last delivery never started
 
 
 class TaskBundle(_Message):
@@ -133,6 +137,7 @@ class StartedMessage(_Message):
     # at once, before the task runs, when it is above 0, so a message that crashes executors is
     # told apart from one returned by dropped connections.
     delivery: int = 0
+    series: int = 0  # the message's series (TaskMessage.series)
 
 
 class Capability(_Message):

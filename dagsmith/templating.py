@@ -235,7 +235,7 @@ def _guarded_method(text: str, name: str, method: Any) -> Any:
 
 @lru_cache(maxsize=1)
 def environment() -> _Environment:
-    env = _Environment(undefined=jinja2.StrictUndefined, autoescape=False)
+    env = _Environment(undefined=_Undefined, autoescape=False)
     # Only what templates need: no lipsum (it writes paragraphs by the thousand), cycler, joiner
     # or namespace (templates hold no state).
     env.globals = {"range": env.globals["range"], "dict": env.globals["dict"]}
@@ -319,10 +319,35 @@ def value_references(value: Any) -> frozenset[str]:
     return frozenset(found)
 
 
-def _missing(template: str, context: dict[str, Any]) -> str | None:
-    """What a template looks up that is not there, said in the template's own terms (jinja2
-    would say "'dict object' has no attribute 'txt'"), with the keys that are there."""
-    for node in _parse(template).find_all((nodes.Getattr, nodes.Getitem)):
+class _Undefined(jinja2.StrictUndefined):
+    """StrictUndefined whose error records which lookup failed (the object and the missing
+    name), so the message can name it in the template's own terms."""
+
+    __slots__ = ()
+
+    def _fail_with_undefined_error(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super()._fail_with_undefined_error(*args, **kwargs)
+        except jinja2.UndefinedError as exc:
+            exc.dagsmith_missing = (self._undefined_obj, self._undefined_name)  # type: ignore[attr-defined]
+            raise
+
+
+# Undefined's operators are class-level aliases of the base method: point them at ours.
+_BASE_FAIL = vars(jinja2.Undefined)["_fail_with_undefined_error"]
+for _name, _value in {**vars(jinja2.Undefined), **vars(jinja2.StrictUndefined)}.items():
+    if _value is _BASE_FAIL and _name != "_fail_with_undefined_error":
+        setattr(_Undefined, _name, _Undefined._fail_with_undefined_error)
+
+
+def _missing(template: str, context: dict[str, Any], exc: jinja2.UndefinedError) -> str | None:
+    """The failed lookup said in the template's terms (jinja2 would say "'dict object' has no
+    attribute 'txt'"), with the keys that are there; None when it cannot be placed exactly."""
+    failed = getattr(exc, "dagsmith_missing", None)
+    if failed is None:
+        return None
+    obj, name = failed
+    for node in _parse(template).find_all((nodes.Getattr, nodes.Getitem, nodes.Name)):
         chain: list[Any] = []
         current: Any = node
         while isinstance(current, nodes.Getattr | nodes.Getitem):
@@ -337,30 +362,36 @@ def _missing(template: str, context: dict[str, Any]) -> str | None:
             if not isinstance(current, nodes.Name):
                 continue
             chain.append(current.name)
-            found = _first_missing(list(reversed(chain)), context)
+            found = _describe_missing(list(reversed(chain)), context, obj, name)
             if found:
                 return found
     return None
 
 
-def _first_missing(path: list[Any], context: dict[str, Any]) -> str | None:
+def _describe_missing(path: list[Any], context: dict[str, Any], obj: Any, name: Any) -> str | None:
+    """Walk ``path`` through the context; describe the step that looks ``name`` up in ``obj``."""
+    if path[0] == name and path[0] not in context and obj is jinja2.utils.missing:
+        return f"{name!r} is not defined (templates see params.<name> and tasks.<name>.output)"
     value: Any = context
     for depth, key in enumerate(path):
-        where = ".".join(str(k) for k in path[:depth])
-        if isinstance(value, dict):
-            if key not in value:
-                if depth == 0:
-                    return f"{key!r} is not defined (templates see params.<name> and tasks.<name>.output)"
+        if depth and value is obj and key == name:
+            where = ".".join(str(k) for k in path[:depth])
+            if isinstance(value, dict):
                 keys = ", ".join(sorted(map(str, value))[:20]) or "none"
                 return f"{where} has no key {key!r} (its keys: {keys})"
-            value = value[key]
-        elif isinstance(value, list) and isinstance(key, int):
-            if not -len(value) <= key < len(value):
+            if isinstance(value, list):
                 return f"{where} has no item {key} (it has {len(value)})"
-            value = value[key]
-        else:
-            return None  # not something a path walks through: leave the message to jinja2
+            return None
+        if not _holds(value, key):
+            return None
+        value = value[key]
     return None
+
+
+def _holds(value: Any, key: Any) -> bool:
+    if isinstance(value, dict):
+        return key in value
+    return isinstance(value, list) and isinstance(key, int) and -len(value) <= key < len(value)
 
 
 @lru_cache(maxsize=4096)
@@ -395,7 +426,7 @@ def _render(value: Any, context: dict[str, Any], budget: _Budget, path: str) -> 
         except TemplateError as exc:
             raise TemplateError(f"{where}: {exc}") from exc
         except jinja2.UndefinedError as exc:
-            raise TemplateError(f"{where}: {_missing(value, context) or exc}") from exc
+            raise TemplateError(f"{where}: {_missing(value, context, exc) or exc}") from exc
         except jinja2.TemplateError as exc:
             raise TemplateError(f"{where}: {exc}") from exc
         except (TypeError, ValueError, ArithmeticError, LookupError) as exc:

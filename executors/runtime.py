@@ -253,6 +253,14 @@ def _unexpected(exc: Exception) -> TaskError:
     )
 
 
+def _delivery_count(message: AbstractIncomingMessage) -> int:
+    """The broker's count of earlier deliveries (quorum queues set it; 0 when absent or odd)."""
+    try:
+        return max(int(str((message.headers or {}).get("x-delivery-count") or 0)), 0)
+    except ValueError:
+        return 0
+
+
 class ExecutorRuntime:
     def __init__(
         self,
@@ -312,7 +320,7 @@ class ExecutorRuntime:
             return
         if not self.caught_up.is_set() and any(0 < t.dispatched_at < self.started_at for t in tasks):
             await self._catch_up()
-        delivery = int(str((message.headers or {}).get("x-delivery-count") or 0))
+        delivery = _delivery_count(message)
         try:
             # A bundle's members run side by side, each in its own slot; the message is acked
             # once every member's result is confirmed.
@@ -353,6 +361,8 @@ class ExecutorRuntime:
         key = (task.task_id, task.attempt)
         runner = asyncio.ensure_future(self._execute(spec, task))
         self.running[key] = (task.workflow_id, runner)
+        if task.workflow_id in self.cancelled:  # cancelled while its start report was on its way
+            runner.cancel()
         RUNNING.inc()
         try:
             ok, output, error = await runner
@@ -409,6 +419,7 @@ class ExecutorRuntime:
             started_at=started_at,
             dispatched_at=task.dispatched_at,
             delivery=delivery,
+            series=task.series,
         )
         # Bounded: a broker that blocks publishers (a resource alarm) must not hold the task back.
         with contextlib.suppress(Exception):

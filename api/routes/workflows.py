@@ -308,6 +308,7 @@ async def surgery(workflow_id: str, body: SurgeryRequest, state: State, principa
             delay=delay,
             message=body.reason,
             max_tasks=state.settings.max_tasks,
+            alive_window=state.settings.heartbeat_interval * 3,  # as GET /v1/executors judges it
         )
     warnings = []
     if body.type is not None:

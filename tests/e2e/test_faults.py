@@ -155,7 +155,7 @@ def test_a_message_returned_by_dropped_connections_is_sent_again_not_failed_as_p
 
     asyncio.run(churn())
     again = wait_until(lambda: asyncio.run(peek()), timeout=20, what="the message to come back", interval=0.2)
-    assert again.task_id == client.tasks(wid)["items"][0]["id"] and again.redrives == 1
+    assert again.task_id == client.tasks(wid)["items"][0]["id"] and (again.redrives, again.series) == (1, 1)
     assert client.tasks(wid)["items"][0]["status"] == "queued"  # not failed as poison
     stack.start("taker", "executor", "--types", "chaos.crash", "--allow-crash")
     try:

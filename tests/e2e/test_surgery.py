@@ -131,6 +131,20 @@ def test_a_task_no_executor_takes_can_be_rerouted_while_queued(client: Client) -
     tasks = {t["name"]: t for t in client.tasks(wid)["items"]}
     assert tasks["a"]["attempt"] == 1 and tasks["b"]["attempt"] == 2  # a did not run again
 
+    # A queued task whose type a live executor runs may start at any moment: refused.
+    busy = submit(
+        client, workflow("busy", *({"name": f"s{i}", "type": "sleep", "params": {"seconds": 5}} for i in range(60)))
+    )
+    queued = wait_until(
+        lambda: next((t["name"] for t in client.tasks(busy)["items"] if t["status"] == "queued"), None),
+        timeout=30,
+        what="a sleep task waiting in its queue",
+    )
+    with pytest.raises(ClientError) as refused:
+        client.surgery(busy, {"op": "retry", "task": queued})
+    assert refused.value.status == 409 and "a live executor runs 'sleep'" in refused.value.message
+    client.cancel(busy)
+
 
 def test_skip_an_optional_task_gives_its_default(client: Client) -> None:
     doc = workflow(

@@ -110,3 +110,71 @@ async def test_recently_ended_lists_cancelled_and_failed_workflows_newest_first(
             )
             ids[name] = wid
         assert await recently_ended(conn, 86_400) == [ids["f"], ids["c"]]
+
+
+async def test_a_dead_letter_is_poison_only_when_the_same_series_last_delivery_started(
+    engine: tuple[Engine, Any],
+) -> None:
+    """Start reports count per message series: one reported in a dead-lettered bundle (series 0)
+    says nothing about the single message it was split into (series 1). That one, dead-lettered
+    without its last delivery starting, is sent again (series 2) and its task put back to queued,
+    so the lease the old start report set cannot expire it as lost. When the last delivery of
+    series 2 is reported started — even before an earlier one, through another controller — the
+    next dead letter fails the task as poison."""
+    from dagsmith.messages import StartedMessage
+
+    eng, db = engine
+    doc = {
+        "apiVersion": "dagsmith.io/v1",
+        "kind": "Workflow",
+        "metadata": {"name": "series"},
+        "spec": {"tasks": [{"name": "t", "type": "noop"}], "correction": {"mode": "off"}},
+    }
+    async with db.begin() as conn:
+        wid = (await submit(conn, validate(doc), namespace="default")).id
+    await eng.run_round(Inbound(dirty={wid}))
+    async with db.connect() as conn:
+        (task_id,) = (await conn.exec_driver_sql(f"SELECT id FROM tasks WHERE workflow_id = '{wid}'")).one()
+
+    def started(delivery: int, series: int) -> StartedMessage:
+        return StartedMessage(
+            task_id=task_id,
+            attempt=1,
+            workflow_id=str(wid),
+            type="noop",
+            executor_id="e1",
+            started_at=time.time(),
+            delivery=delivery,
+            series=series,
+        )
+
+    async def row() -> tuple[Any, ...]:
+        async with db.connect() as conn:
+            return tuple(
+                (
+                    await conn.exec_driver_sql(
+                        "SELECT status, lease_expires_at IS NOT NULL, started_series, started_delivery, error "
+                        f"FROM tasks WHERE id = {task_id}"
+                    )
+                ).one()
+            )
+
+    def dead(series: int, redrives: int) -> TaskMessage:
+        return TaskMessage(
+            task_id=task_id, attempt=1, workflow_id=str(wid), name="t", type="noop", series=series, redrives=redrives
+        )
+
+    await eng.run_round(Inbound(started=[started(3, 0)]))  # started in its bundle's last delivery
+    assert (await row())[:4] == ("running", True, 0, 3)
+    out = await eng.run_round(Inbound(dead=[(dead(1, 0), 4)]))  # the single, returned 4 times unstarted
+    assert [(m.series, m.redrives) for m in out.redriven] == [(2, 1)]
+    status, leased, *_, error = await row()
+    assert (status, leased, error) == ("queued", False, None)
+
+    await eng.run_round(Inbound(started=[started(3, 2)]))
+    await eng.run_round(Inbound(started=[started(1, 2)]))  # a late report of an earlier delivery
+    assert (await row())[2:4] == (2, 3)
+    out = await eng.run_round(Inbound(dead=[(dead(2, 1), 4)]))
+    assert out.redriven == []
+    status, _, _, _, error = await row()
+    assert status == "failed" and error["class"] == "poison" and error["details"]["deliveries"] == 4

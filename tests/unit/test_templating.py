@@ -60,6 +60,10 @@ def test_unknown_reference_names_the_path() -> None:
         ("{{ tasks.a.output['items'][3] }}", "tasks.a.output.items has no item 3 (it has 1)"),
         ("{{ nothing.here }}", "'nothing' is not defined"),
         ("{{ params.who.nope }}", "'str object' has no attribute 'nope'"),  # not rendered as a function
+        # The lookup that failed, not another one the template guards or defaults.
+        ('{{ params.opt | default("d") }}-{{ tasks.a.output.txt }}', "tasks.a.output has no key 'txt'"),
+        ("{{ params.who if params.who is defined else tasks.a.output.no }}{{ tasks.a.output.txt }}", "key 'txt'"),
+        ("{{ tasks.a.output.txt + 1 }}", "tasks.a.output has no key 'txt'"),
     ],
 )
 def test_a_missing_key_is_named_with_the_keys_that_are_there(template: str, message: str) -> None:

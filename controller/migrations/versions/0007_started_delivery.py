@@ -15,7 +15,9 @@ depends_on = None
 
 def upgrade() -> None:
     op.add_column("tasks", sa.Column("started_delivery", sa.Integer(), nullable=True))
+    op.add_column("tasks", sa.Column("started_series", sa.Integer(), nullable=True))
 
 
 def downgrade() -> None:
+    op.drop_column("tasks", "started_series")
     op.drop_column("tasks", "started_delivery")
