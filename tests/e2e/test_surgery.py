@@ -135,13 +135,17 @@ def test_a_task_no_executor_takes_can_be_rerouted_while_queued(client: Client) -
     busy = submit(
         client, workflow("busy", *({"name": f"s{i}", "type": "sleep", "params": {"seconds": 5}} for i in range(60)))
     )
-    queued = wait_until(
-        lambda: next((t["name"] for t in client.tasks(busy)["items"] if t["status"] == "queued"), None),
+    # The last of 60 waits behind the executor's slots (and its prefetch) for 5 s at least.
+    wait_until(
+        lambda: (
+            {t["name"]: t["status"] for t in client.tasks(busy)["items"]}.get("s59") == "queued"
+            and client.workflow(busy)["progress"]["running"] > 0
+        ),
         timeout=30,
-        what="a sleep task waiting in its queue",
+        what="the executor busy and s59 waiting in its queue",
     )
     with pytest.raises(ClientError) as refused:
-        client.surgery(busy, {"op": "retry", "task": queued})
+        client.surgery(busy, {"op": "retry", "task": "s59"})
     assert refused.value.status == 409 and "a live executor runs 'sleep'" in refused.value.message
     client.cancel(busy)
 
