@@ -104,15 +104,19 @@ class StoreMirror:
         self._refreshed = now
         if not ids:
             return
-        async with self.engine.connect() as conn:
-            rows = list(await conn.execute(_ROWS, {"ids": ids}))
-            changed = {row.id: row for row in rows if self._prints.get(row.id) != _fingerprint(row)}
-            if not changed:
-                return
-            tasks: dict[uuid.UUID, list[Any]] = {wid: [] for wid in changed}
-            params = {"ids": [str(w) for w in changed], "limit": self.max_tasks}
-            for t in await conn.execute(_TASKS, params):
-                tasks[t.workflow_id].append(t)
+        # One snapshot for both reads: counters read before a task changed and its line read after
+        # would disagree, and the Events derived from them would count the failure twice.
+        async with self.engine.connect() as plain:
+            conn = await plain.execution_options(isolation_level="REPEATABLE READ")
+            async with conn.begin():
+                rows = list(await conn.execute(_ROWS, {"ids": ids}))
+                changed = {row.id: row for row in rows if self._prints.get(row.id) != _fingerprint(row)}
+                if not changed:
+                    return
+                tasks: dict[uuid.UUID, list[Any]] = {wid: [] for wid in changed}
+                params = {"ids": [str(w) for w in changed], "limit": self.max_tasks}
+                for t in await conn.execute(_TASKS, params):
+                    tasks[t.workflow_id].append(t)
         for wid, row in changed.items():
             self._views[wid] = view_of(row, tasks[wid])
             self._prints[wid] = _fingerprint(row)
