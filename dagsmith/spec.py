@@ -15,6 +15,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
 )
@@ -41,9 +42,21 @@ PATTERN_MEANINGS = {
     DURATION_PATTERN: "a duration such as 500ms, 10s, 5m, 1h30m or 2d",
 }
 
+
+def _duration(value: Any, info: ValidationInfo) -> float:
+    # A submitted document writes durations as strings, as its published schema (and the CRD,
+    # which the API server enforces) says; specs already stored are read leniently (numbers of
+    # seconds were accepted before).
+    if (info.context or {}).get(SUBMISSION) and not isinstance(value, str):
+        raise ValueError(f"a duration is a string with a unit, e.g. '10s', '500ms' or '1m30s' (got {value!r})")
+    return parse_duration(value)
+
+
+SUBMISSION = "submission"  # validation context key: the document is being submitted
+
 Duration = Annotated[
     float,
-    BeforeValidator(parse_duration),
+    BeforeValidator(_duration),
     PlainSerializer(format_duration, return_type=str),
     WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN, "example": "10s"}),
 ]

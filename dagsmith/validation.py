@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from dagsmith.errors import SpecError, TemplateError
-from dagsmith.spec import MAX_DEFAULT_OUTPUT_SINKS, PATTERN_MEANINGS, TaskSpec, WorkflowDocument
+from dagsmith.spec import MAX_DEFAULT_OUTPUT_SINKS, PATTERN_MEANINGS, SUBMISSION, TaskSpec, WorkflowDocument
 from dagsmith.templating import iter_templates, references
 
 Problem = dict[str, Any]
@@ -118,7 +118,7 @@ def _validate(raw: Any, limits: Limits, known_types: Iterable[str] | None) -> Va
             ]
         )
     try:
-        doc = WorkflowDocument.model_validate(raw)
+        doc = WorkflowDocument.model_validate(raw, context={SUBMISSION: True})
     except ValidationError as exc:
         raise SpecError(_pydantic_problems(exc)) from None
     problems = _graph_problems(doc, limits)

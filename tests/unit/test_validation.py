@@ -212,10 +212,21 @@ def test_an_unquoted_yaml_off_is_the_off_mode() -> None:
 
 
 def test_zero_timeouts_are_problems() -> None:
-    found = problems(doc({"name": "a", "type": "noop", "timeout": "0s", "queueTimeout": 0}))
+    found = problems(doc({"name": "a", "type": "noop", "timeout": "0s", "queueTimeout": "0ms"}))
     by_path = {p["path"]: p["message"] for p in found}
     assert "must be longer than 0" in by_path["spec.tasks[0].timeout"]
     assert "must be longer than 0" in by_path["spec.tasks[0].queueTimeout"]
+
+
+def test_durations_are_strings_as_the_schema_says() -> None:
+    found = problems(doc({"name": "a", "type": "noop", "queueTimeout": 1.5, "retry": {"backoff": {"initial": 1}}}))
+    by_path = {p["path"]: p["message"] for p in found}
+    assert "a duration is a string with a unit" in by_path["spec.tasks[0].queueTimeout"]
+    assert "a duration is a string with a unit" in by_path["spec.tasks[0].retry.backoff.initial"]
+    # A spec stored before (numbers of seconds were taken then) still reads.
+    from dagsmith.spec import TaskSpec
+
+    assert TaskSpec.model_validate({"name": "a", "type": "noop", "queueTimeout": 1.5}).queue_timeout == 1.5
 
 
 def test_undefined_params_in_the_output_and_oversized_workflow_params_are_problems() -> None:
