@@ -43,6 +43,9 @@ PATTERN_MEANINGS = {
 }
 
 
+SUBMISSION = "submission"  # validation context key: the document is being submitted
+
+
 def _duration(value: Any, info: ValidationInfo) -> float:
     # A submitted document writes durations as strings, as its published schema (and the CRD,
     # which the API server enforces) says; specs already stored are read leniently (numbers of
@@ -51,8 +54,6 @@ def _duration(value: Any, info: ValidationInfo) -> float:
         raise ValueError(f"a duration is a string with a unit, e.g. '10s', '500ms' or '1m30s' (got {value!r})")
     return parse_duration(value)
 
-
-SUBMISSION = "submission"  # validation context key: the document is being submitted
 
 Duration = Annotated[
     float,

@@ -47,6 +47,7 @@ def connect(api: str | None, token: str | None) -> Client:
 
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+ERROR_WIDTH = 100  # characters of a task's error in a table (--json shows it all)
 TimeoutOption = Annotated[
     str | None,
     typer.Option(
@@ -67,9 +68,6 @@ def _deadline(timeout: str | None) -> float | None:
 
 def _gave_up(wid: str, timeout: str | None) -> NoReturn:
     fail(f"workflow {wid} did not finish within {timeout}; it goes on (dagsmith watch {wid} follows it)", 7)
-
-
-ERROR_WIDTH = 100  # characters of a task's error in a table (--json shows it all)
 
 
 def fail(message: str, code: int) -> NoReturn:
