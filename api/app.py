@@ -16,7 +16,8 @@ import dagsmith
 from api import errors
 from api.deps import AppState
 from api.events_hub import EventsHub
-from api.middleware import Observe, RequestGuard
+from api.middleware import MAX_TARGET_BYTES, Observe, RequestGuard
+from api.models import ErrorResponse
 from api.routes import policies, system, tokens, workflows
 from controller.db import create_engine
 from dagsmith.settings import Settings, get_settings
@@ -80,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=dagsmith.__version__,
         description="Submit workflow DAGs, watch them run, fetch their results.",
         lifespan=lifespan,
+        responses={414: {"model": ErrorResponse, "description": f"Path and query over {MAX_TARGET_BYTES} bytes."}},
     )
     errors.install(app)
     app.include_router(workflows.router)

@@ -8,6 +8,7 @@ import httpx
 import orjson
 import pytest
 
+from api.middleware import MAX_TARGET_BYTES
 from dagsmith.client import Client
 from dagsmith.settings import Settings
 from tests.e2e.conftest import auth, pg, submit, wait_finished, workflow
@@ -101,6 +102,18 @@ def test_oversized_body_is_413(stack: Stack, settings: Settings) -> None:
     )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "too_large"
+
+
+def test_overlong_url_is_414_with_error_shape(stack: Stack) -> None:
+    filters = "&".join(f"label=k{i}=v" for i in range(MAX_TARGET_BYTES // 10))
+    response = httpx.get(f"{stack.url}/v1/workflows?{filters}", headers=auth(stack))
+    assert response.status_code == 414
+    assert response.json()["error"]["code"] == "too_long"
+    assert f"the limit is {MAX_TARGET_BYTES}" in response.json()["error"]["message"]
+    # Just under the limit, the same filters reach the route.
+    fits = "&".join(f"label=k{i}=v" for i in range(MAX_TARGET_BYTES // 16))
+    assert len(fits) < MAX_TARGET_BYTES - len("/v1/workflows?")
+    assert httpx.get(f"{stack.url}/v1/workflows?{fits}", headers=auth(stack)).status_code == 200
 
 
 def test_unknown_ids_are_404_with_error_shape(stack: Stack) -> None:
