@@ -67,6 +67,9 @@ class Inbound:
 class RoundResult:
     again: set[uuid.UUID] = field(default_factory=set)  # workflows with more to do right away
     cancelled: set[uuid.UUID] = field(default_factory=set)  # tell executors to stop these
+    # When the round held its workflows' locks: whatever of them was dispatched before, by this
+    # controller or another, is stopped by a cancellation; what a later surgery dispatches is not.
+    at: float = 0.0
     due: dict[uuid.UUID, float] = field(default_factory=dict)  # workflows to look at again then (backoffs)
     dispatched: int = 0
     applied: int = 0
@@ -114,7 +117,7 @@ class Engine:
             touched,
             [
                 (m.task_id, uuid.UUID(m.workflow_id), m.attempt, m.executor_id, m.started_at, m.delivery, m.series)
-                for m in inbound.started
+                for m in _latest_starts(inbound.started)
             ],
             [_passed(m, now) for m in passed],
             [m.result.task.task_id for m in failed] + [m.task_id for m, _ in inbound.dead],
@@ -123,6 +126,7 @@ class Engine:
             lease_ttl=self.settings.lease_ttl,
             grace=self.settings.lease_grace,
         )
+        out.at = time.time()
         live = set(state.fresh)
         self._record_started(inbound.started, state.started, events)
         ready_since = await self._record_successes(conn, passed, state.applied, events)
@@ -140,11 +144,14 @@ class Engine:
         to_dispatch: list[Prepared] = []
         failures: list[tuple[TaskRow, ScheduleRetry | FailTask, EvaluatedMessage | None]] = []
         corrections: list[tuple[WorkflowRow, TaskRow, Failure]] = []
+        ready = [t for t in candidates if t.status == "pending" and (t.not_before is None or t.not_before <= now)]
+        if len(ready) >= limit:
+            # The round took as many ready tasks as it may; more may be ready, in any of its
+            # workflows (the limit is shared): all of them get another round at once.
+            out.again |= live
         for wid in sorted(live):
             workflow = workflows[wid]
             tasks = by_workflow.get(wid, [])
-            if len(tasks) >= self.settings.controller_batch_size * 4:
-                out.again.add(wid)
             rows = {t.id: t for t in tasks}
             views = [t.view() for t in tasks]
             due = backoff_ends(views)
@@ -183,6 +190,11 @@ class Engine:
         await store.start_workflows(conn, to_start, now, events)
         for workflow, task, failure in corrections:
             await self._correct(conn, workflow, task, failure, None, now, events, out, budget)
+        if out.cancelled:
+            # A correction above aborted its workflow, which cancelled every task of it: nothing
+            # planned for it before the abort still happens.
+            to_dispatch = [p for p in to_dispatch if p.task.workflow_id not in out.cancelled]
+            failures = [f for f in failures if f[0].workflow_id not in out.cancelled]
         if failures:
             await self._apply_failures(conn, failures, now, events)
         for p in to_dispatch:
@@ -351,7 +363,9 @@ class Engine:
                 continue
             decided.append((task, on_failure(task.view(), failure, now), None))
         if out.redriven:
-            await store.requeue(conn, [(m.task_id, m.attempt) for m in out.redriven])
+            await store.requeue(
+                conn, [(m.task_id, m.attempt, _queue_deadline(tasks[m.task_id], now)) for m in out.redriven]
+            )
         await store.add_totals(conn, {w: (r, sec) for w, (r, sec) in totals.items()})
         await self._apply_failures(conn, decided, now, events)
         return len(decided) + corrected
@@ -372,6 +386,12 @@ class Engine:
         budget: RoundBudget,
     ) -> None:
         assert self.corrector is not None
+        if workflow.id in out.cancelled:
+            # An earlier correction of this round aborted the workflow (``workflow`` is the row as
+            # the round found it, still running): this failure changes nothing, and a surgery now
+            # would bring the failed workflow back.
+            metrics.RESULTS_IGNORED.labels("duplicate_or_gone").inc()
+            return
         outcome = _outcome(task.id, m, _error_json(failure), now)
         result = await self.corrector.correct(conn, workflow, task, failure, outcome, now, events, budget)
         out.again.add(workflow.id)  # dispatch what the surgery made ready, in the next round
@@ -531,6 +551,18 @@ class Engine:
         )
         metrics.WORKFLOWS_FINISHED.labels(status.value).inc()
         log.info("workflow finished", workflow_id=str(workflow.id), status=status.value)
+
+
+def _latest_starts(reports: list[StartedMessage]) -> list[StartedMessage]:
+    """One start report per attempt, the latest delivery's (newest series first): one UPDATE
+    takes one row per task, and the delivery count is what judges a dead letter."""
+    latest: dict[tuple[int, int], StartedMessage] = {}
+    for m in reports:
+        key = (m.task_id, m.attempt)
+        seen = latest.get(key)
+        if seen is None or (m.series, m.delivery) > (seen.series, seen.delivery):
+            latest[key] = m
+    return list(latest.values())
 
 
 def _queue_deadline(task: TaskRow, now: float) -> float | None:

@@ -270,7 +270,9 @@ async def _insert_before(
             INSERT INTO tasks (id, workflow_id, name, type, spec, params, depends_on, children, refs, waiting_on,
                                inserted_by_revision)
             SELECT :id, :w, :name, :type, CAST(:spec AS jsonb), CAST(:params AS jsonb), CAST(:deps AS text[]),
-                   ARRAY[CAST(:child AS bigint)], '{}',
+                   -- The failed task's references: the inserted task takes its params (templates
+                   -- too, if it never got as far as resolving them) and has the same dependencies.
+                   ARRAY[CAST(:child AS bigint)], (SELECT refs FROM tasks WHERE id = :child),
                    (SELECT count(*) FROM tasks p WHERE p.workflow_id = :w AND p.name = ANY(CAST(:deps AS text[]))
                     AND p.status NOT IN ('succeeded', 'skipped')),
                    :rev
@@ -300,22 +302,47 @@ async def _insert_before(
 
 
 async def _revive_downstream(conn: AsyncConnection, task_id: int) -> None:
-    """A finished task runs again: tasks cancelled downstream of it become pending again."""
+    """A finished task runs again (or is skipped): the tasks cancelled downstream of it become
+    pending again — those that can run (:func:`controller.surgery.revivable`)."""
+    from controller.surgery import revivable
+
+    rows = (
+        await conn.execute(
+            sa.text(
+                """
+                WITH RECURSIVE down(id) AS (
+                    SELECT unnest(children) FROM tasks WHERE id = :id
+                    UNION
+                    SELECT unnest(t.children) FROM tasks t JOIN down d ON t.id = d.id
+                )
+                SELECT t.id, t.name, t.depends_on FROM tasks t WHERE t.id IN (SELECT id FROM down)
+                AND t.status = 'cancelled'
+                """
+            ),
+            {"id": task_id},
+        )
+    ).all()
+    if not rows:
+        return
+    root = (await conn.execute(sa.text("SELECT workflow_id, name FROM tasks WHERE id = :id"), {"id": task_id})).one()
+    cancelled = {r.name: list(r.depends_on) for r in rows}
+    deps = sorted({d for ds in cancelled.values() for d in ds} - cancelled.keys() - {root.name})
+    found = await conn.execute(
+        sa.text("SELECT name, status FROM tasks WHERE workflow_id = :w AND name = ANY(:names)"),
+        {"w": root.workflow_id, "names": deps},
+    )
+    status: dict[str, str] = {r.name: r.status for r in found}
+    back = revivable(root.name, cancelled, status)
     await conn.execute(
         sa.text(
             """
-            WITH RECURSIVE down(id) AS (
-                SELECT unnest(children) FROM tasks WHERE id = :id
-                UNION
-                SELECT unnest(t.children) FROM tasks t JOIN down d ON t.id = d.id
-            )
             UPDATE tasks t SET status = 'pending', finished_at = NULL,
                 waiting_on = (SELECT count(*) FROM tasks p WHERE p.workflow_id = t.workflow_id
                               AND p.name = ANY(t.depends_on) AND p.status NOT IN ('succeeded', 'skipped'))
-            WHERE t.id IN (SELECT id FROM down) AND t.status = 'cancelled'
+            WHERE t.workflow_id = :w AND t.name = ANY(:names) AND t.status = 'cancelled'
             """
         ),
-        {"id": task_id},
+        {"w": root.workflow_id, "names": sorted(back)},
     )
 
 

@@ -36,6 +36,7 @@ from dagsmith.messages import (
     HeartbeatMessage,
     TaskBundle,
     TaskMessage,
+    TaskRef,
 )
 from dagsmith.metrics_http import serve_metrics
 from dagsmith.settings import Settings
@@ -217,7 +218,7 @@ class Controller:
             self._wake_at(workflow_id, at)
         if result.cancelled:
             try:
-                await self._broadcast_cancel(result.cancelled)
+                await self._broadcast_cancel(result.cancelled, result.at)
             except BROKER_ERRORS as exc:  # executors' results for those workflows are ignored anyway
                 log.warning("could not broadcast cancellations", error=str(exc)[:200])
 
@@ -263,10 +264,13 @@ class Controller:
         if RabbitMQ went away meanwhile (what was left goes back, for later)."""
         singles: list[tuple[Inbound, AbstractIncomingMessage | None]] = []
         for kind, item, message in batch:
-            inbound = Inbound()
             if kind == "evaluated":
-                inbound.evaluated.extend(item)
-            elif kind == "started":
+                # A batch of results, one at a time; the message is settled after its last.
+                for index, evaluated in enumerate(item):
+                    singles.append((Inbound(evaluated=[evaluated]), message if index == len(item) - 1 else None))
+                continue
+            inbound = Inbound()
+            if kind == "started":
                 inbound.started.append(item)
             else:
                 inbound.dead.append(item)
@@ -285,8 +289,10 @@ class Controller:
                 return False
             except Exception:
                 metrics.ROUNDS_FAILED.inc()
-                if message is not None:
-                    log.exception("message could not be applied; dropping it (a lease or a resync recovers the task)")
+                lost = [m.result.task for m in inbound.evaluated] + [m for m, _ in inbound.dead]
+                if lost:
+                    log.exception("a result could not be applied; dropping it, and its attempt is taken for lost")
+                    await self._lose(engine, lost)
                 for workflow_id in inbound.dirty:
                     delay = self.held.failed(workflow_id, time.time())
                     log.exception("workflow round failed; held back", workflow_id=str(workflow_id), retry_in=delay)
@@ -296,6 +302,18 @@ class Controller:
             if message is not None:
                 await _settle(message)
         return True
+
+    async def _lose(self, engine: Engine, attempts: list[TaskRef]) -> None:
+        """End the leases of attempts whose result was dropped, so that a round soon retries or
+        fails them (:func:`store.expire_leases`). Should even that fail, the error is logged."""
+        try:
+            async with engine.db.begin() as conn:
+                await store.expire_leases(conn, [(a.task_id, a.attempt) for a in attempts])
+        except Exception:
+            keys = [a.idempotency_key for a in attempts[:20]]
+            log.exception("could not end the leases of attempts whose result was dropped", attempts=keys)
+            return
+        self.dirty |= {uuid.UUID(a.workflow_id) for a in attempts}
 
     async def _heartbeat_loop(self, db: Any) -> None:
         while True:
@@ -429,15 +447,17 @@ class Controller:
         connected (or reconnected) and may hold their task messages, having missed the broadcasts."""
         try:
             async with db.connect() as conn:
-                ids = await store.recently_ended(conn, CANCELLATION_MEMORY)
-            body = CancelMessage(workflow_ids=[str(w) for w in ids], snapshot=True).model_dump_json().encode()
+                ended = await store.recently_ended(conn, CANCELLATION_MEMORY)
+            cancel = CancelMessage(workflow_ids=[str(w) for w, _ in ended], at=[at for _, at in ended], snapshot=True)
+            body = cancel.model_dump_json().encode()
             await self.topology.channel.default_exchange.publish(persistent(body), routing_key=control_queue)
         except Exception as exc:  # the executor runs its old messages after a short wait, as before
             log.warning("could not send the recent cancellations to an executor", error=str(exc)[:200])
 
-    async def _broadcast_cancel(self, workflow_ids: set[uuid.UUID]) -> None:
+    async def _broadcast_cancel(self, workflow_ids: set[uuid.UUID], at: float) -> None:
         exchange = await self.topology.control_exchange()
-        body = CancelMessage(workflow_ids=[str(w) for w in workflow_ids]).model_dump_json().encode()
+        ids = [str(w) for w in workflow_ids]
+        body = CancelMessage(workflow_ids=ids, at=[at] * len(ids)).model_dump_json().encode()
         await exchange.publish(persistent(body), routing_key="")
 
     # --- lifecycle -------------------------------------------------------------------------

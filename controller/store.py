@@ -259,7 +259,9 @@ _REFRESH = _psycopg_sql(
     UNION ALL
     SELECT 't', to_jsonb(c) FROM (
         (SELECT {_TASK_JSON_COLUMNS} FROM tasks
-         WHERE workflow_id = ANY(:ids) AND status = 'pending' AND waiting_on = 0 ORDER BY id LIMIT :limit)
+         WHERE workflow_id = ANY(:ids) AND status = 'pending' AND waiting_on = 0
+         -- Ready ones first: retries waiting out a backoff must not crowd them out of the limit.
+         ORDER BY (not_before IS NOT NULL AND not_before > :now), id LIMIT :limit)
         UNION ALL
         (SELECT {_TASK_JSON_COLUMNS} FROM tasks
          WHERE status = 'running' AND lease_expires_at <= :now AND workflow_id = ANY(:ids))
@@ -478,14 +480,38 @@ async def started_deliveries(conn: AsyncConnection, task_ids: Sequence[int]) -> 
     return {r.id: (r.started_series, r.started_delivery) for r in rows}
 
 
-async def requeue(conn: AsyncConnection, attempts: Sequence[tuple[int, int]]) -> None:
+async def requeue(conn: AsyncConnection, attempts: Sequence[tuple[int, int, float | None]]) -> None:
     """Attempts whose message is back in its queue (sent again after a dead letter): queued, with no
-    lease, so that the lease of an executor that no longer holds them cannot expire them as lost.
-    No event: the attempt did not change, and its next start report records it running again."""
+    lease, so that the lease of an executor that no longer holds them cannot expire them as lost,
+    and with a new queue deadline (task_id, attempt, deadline or None), the message's wait starting
+    again. No event: the attempt did not change, and its next start report records it running again."""
     await conn.execute(
         sa.text(
             """
-            UPDATE tasks t SET status = 'queued', lease_expires_at = NULL, executor_id = NULL, started_at = NULL
+            UPDATE tasks t SET status = 'queued', lease_expires_at = NULL, executor_id = NULL, started_at = NULL,
+                queue_deadline = to_timestamp(a.deadline)
+            FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[]), CAST(:deadlines AS float8[]))
+                AS a(id, attempt, deadline)
+            WHERE t.id = a.id AND t.attempt = a.attempt AND t.status IN ('queued', 'running')
+            """
+        ),
+        {
+            "ids": [i for i, _, _ in attempts],
+            "attempts": [a for _, a, _ in attempts],
+            "deadlines": [d for _, _, d in attempts],
+        },
+    )
+
+
+async def expire_leases(conn: AsyncConnection, attempts: Sequence[tuple[int, int]]) -> None:
+    """Attempts whose result or dead letter could not be applied (the controller dropped it):
+    running, with a lease that has already ended, so the next round takes them for lost and
+    retries or fails them as their workflow's policy says, instead of leaving them waiting for a
+    result that will never come. A finished attempt, or an older one, is left alone."""
+    await conn.execute(
+        sa.text(
+            """
+            UPDATE tasks t SET status = 'running', lease_expires_at = now()
             FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[])) AS a(id, attempt)
             WHERE t.id = a.id AND t.attempt = a.attempt AND t.status IN ('queued', 'running')
             """
@@ -823,7 +849,9 @@ async def insert_events(
                     started_series = NULL, queue_deadline = to_timestamp(q.deadline)
                 FROM jsonb_to_recordset(CAST(:queued AS jsonb))
                      AS q(id bigint, attempt int, resolved jsonb, deadline float8)
-                WHERE t.id = q.id
+                -- Only what the round planned from: a task something else in the round changed
+                -- (cancelled with its workflow) stays as it is, and its message is a stale attempt.
+                WHERE t.id = q.id AND t.status = 'pending' AND t.attempt = q.attempt - 1
             ),
             inserted AS (
                 INSERT INTO task_events (workflow_id, task_id, task_name, attempt, from_status, to_status,
@@ -904,20 +932,20 @@ async def next_timer(conn: AsyncConnection) -> float | None:
     return epoch(row)
 
 
-async def recently_ended(conn: AsyncConnection, seconds: float, limit: int = 10_000) -> list[uuid.UUID]:
-    """Workflows cancelled or failed in the last ``seconds`` (newest first): those whose task
-    messages may still wait in a queue, of no use to anyone."""
+async def recently_ended(conn: AsyncConnection, seconds: float, limit: int = 10_000) -> list[tuple[uuid.UUID, float]]:
+    """Workflows cancelled or failed in the last ``seconds`` (newest first), with when: those whose
+    task messages may still wait in a queue, of no use to anyone."""
     rows = await conn.execute(
         sa.text(
             """
-            SELECT id FROM workflows
+            SELECT id, extract(epoch FROM finished_at) AS at FROM workflows
             WHERE status IN ('cancelled', 'failed') AND finished_at > now() - make_interval(secs => :seconds)
             ORDER BY finished_at DESC LIMIT :limit
             """
         ),
         {"seconds": seconds, "limit": limit},
     )
-    return [r.id for r in rows]
+    return [(r.id, float(r.at)) for r in rows]
 
 
 async def silent_executors(conn: AsyncConnection, heartbeat_interval: float, window: float = 900.0) -> int:

@@ -202,6 +202,39 @@ def abort(task: TaskSnapshot) -> Plan:
     return Plan(Operation.abort, task.name, diff=[{"op": "abort", "task": task.name}])
 
 
+# Statuses of a dependency that will not stop a revived task from running.
+_NOT_BLOCKING = frozenset({"succeeded", "skipped", "pending", "queued", "running"})
+
+
+def revivable(root: str, cancelled: dict[str, list[str]], status: dict[str, str]) -> set[str]:
+    """Which of the tasks cancelled downstream of ``root`` (name → its dependencies) run again when
+    ``root`` does (retried, or skipped): those whose every dependency is ``root``, a task that can
+    still finish (``status`` gives each one's), or another of them that runs again. A task that also
+    depends on a failed task, or on one cancelled for another reason, stays cancelled; operating on
+    that one brings it back in turn. Linear in the tasks and edges given."""
+    inner: dict[str, list[str]] = {name: [] for name in cancelled}  # edges within the cancelled set
+    waiting = dict.fromkeys(cancelled, 0)
+    for name, deps in cancelled.items():
+        for dep in deps:
+            if dep in cancelled:
+                inner[dep].append(name)
+                waiting[name] += 1
+    ready = [name for name, count in waiting.items() if count == 0]
+    back: set[str] = set()
+    while ready:  # Kahn's order: a task is judged after all of its cancelled dependencies
+        name = ready.pop()
+        if all(
+            dep == root or dep in back or (dep not in cancelled and status.get(dep) in _NOT_BLOCKING)
+            for dep in cancelled[name]
+        ):
+            back.add(name)
+        for child in inner[name]:
+            waiting[child] -= 1
+            if waiting[child] == 0:
+                ready.append(child)
+    return back
+
+
 def _apply_rule(value: float, rule: str) -> float | None:
     match = re.fullmatch(r"\s*([x*/+-])\s*([0-9.]+)\s*", rule)
     if not match:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dagsmith.errors import ErrorClass
 
@@ -69,10 +69,26 @@ def encode_bundle(bodies: list[bytes]) -> bytes:
     return b'{"tasks":[' + b",".join(bodies) + b"]}"
 
 
+def without_nul(value: Any) -> Any:
+    """``value`` with every NUL character replaced by U+FFFD, keys included: Postgres can store
+    NUL in neither text nor jsonb, and an error quotes whatever its handler saw."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {without_nul(k): without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_nul(v) for v in value]
+    return value
+
+
 class TaskError(_Message):
     error_class: ErrorClass = Field(alias="class")
     message: str
     details: dict[str, Any] = Field(default_factory=dict)
+
+    # Errors are the one thing executors report that nothing else checks for NUL (outputs with
+    # one are refused): cleaning them here covers every executor, ours or not, and the evaluator.
+    _storable = field_validator("message", "details")(without_nul)
 
     def as_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)
@@ -178,8 +194,17 @@ class EventEnvelope(_Message):
 
 
 class CancelMessage(_Message):
+    """Workflows that were cancelled or failed, each with when (``at``, epoch seconds, in the same
+    order): executors stop their tasks dispatched until then. A task dispatched later belongs to
+    the workflow brought back by a surgery, and runs."""
+
     workflow_ids: list[str]
+    at: list[float] = Field(default_factory=list)
     snapshot: bool = False  # the recent cancellations, sent to one executor that just connected
+
+    def times(self) -> dict[str, float]:
+        """Each workflow's time; one without (from an older controller) stops everything of it."""
+        return {wid: self.at[i] if i < len(self.at) else float("inf") for i, wid in enumerate(self.workflow_ids)}
 
 
 class DeadLetter(_Message):

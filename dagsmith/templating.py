@@ -25,6 +25,7 @@ from jinja2.nativetypes import NativeCodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from dagsmith.errors import TemplateError
+from dagsmith.messages import without_nul
 
 # What one expression may build, checked before it is built. A template is short, but nested
 # powers, padding, replacements and repeated references grow exponentially with its length, so
@@ -431,10 +432,17 @@ def _render(value: Any, context: dict[str, Any], budget: _Budget, path: str) -> 
             raise TemplateError(f"{where}: {exc}") from exc
         except (TypeError, ValueError, ArithmeticError, LookupError) as exc:
             raise TemplateError(f"{where}: {type(exc).__name__}: {exc}") from exc
-        try:
-            size = len(result) if isinstance(result, str) else len(orjson.dumps(result))
-        except TypeError:
-            raise TemplateError(f"{where}: renders to a {type(result).__name__}, which is not JSON data") from None
+        if isinstance(result, str):
+            size, nul = len(result), "\x00" in result
+        else:
+            try:
+                encoded = orjson.dumps(result)
+            except TypeError:
+                raise TemplateError(f"{where}: renders to a {type(result).__name__}, which is not JSON data") from None
+            size, nul = len(encoded), b"\\u0000" in encoded and without_nul(result) != result
+        if nul:
+            # Postgres stores no NUL, and the rendered params are kept with the attempt.
+            raise TemplateError(f"{where}: renders a NUL character (\\u0000), which cannot be stored")
         budget.used += size
         if budget.used > budget.limit:
             raise TemplateError(

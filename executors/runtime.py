@@ -284,8 +284,9 @@ class ExecutorRuntime:
         self.id = executor_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.names = Names(settings.amqp_prefix)
         self.slots = asyncio.Semaphore(self.concurrency)
-        self.running: dict[tuple[int, int], tuple[str, asyncio.Task[Any]]] = {}  # -> (workflow, runner)
-        self.cancelled: OrderedDict[str, None] = OrderedDict()  # recently cancelled workflow ids
+        self.running: dict[tuple[int, int], tuple[TaskMessage, asyncio.Task[Any]]] = {}  # -> (task, runner)
+        # Recently cancelled (or failed) workflows, with when: their tasks dispatched until then stop.
+        self.cancelled: OrderedDict[str, float] = OrderedDict()
         # Attempts that reported their start (the controller gave them a lease), and those whose
         # result the broker has since confirmed, with when: heartbeats list the latter for one
         # lease lifetime, so a lease set again by a late start report is ended again.
@@ -328,7 +329,7 @@ class ExecutorRuntime:
                 *(
                     self._run(task, spec, delivery)
                     for task, spec in zip(tasks, specs, strict=True)
-                    if spec is not None and task.workflow_id not in self.cancelled
+                    if spec is not None and not self._is_cancelled(task)
                 )
             )
         except Exception:
@@ -338,6 +339,12 @@ class ExecutorRuntime:
             await self.acks.reject(message, requeue=True)
         else:
             self.acks.finished(message)
+
+    def _is_cancelled(self, task: TaskMessage) -> bool:
+        """Whether ``task`` was dispatched before its workflow was cancelled (a later dispatch is a
+        surgery's, on the workflow brought back)."""
+        at = self.cancelled.get(task.workflow_id)
+        return at is not None and task.dispatched_at <= at
 
     async def _run(self, task: TaskMessage, spec: ExecutorSpec, delivery: int) -> None:
         async with self.slots:
@@ -360,14 +367,14 @@ class ExecutorRuntime:
             )
         key = (task.task_id, task.attempt)
         runner = asyncio.ensure_future(self._execute(spec, task))
-        self.running[key] = (task.workflow_id, runner)
-        if task.workflow_id in self.cancelled:  # cancelled while its start report was on its way
+        self.running[key] = (task, runner)
+        if self._is_cancelled(task):  # cancelled while its start report was on its way
             runner.cancel()
         RUNNING.inc()
         try:
             ok, output, error = await runner
         except asyncio.CancelledError:
-            if task.workflow_id not in self.cancelled:
+            if not self._is_cancelled(task):
                 # Not a cancelled workflow: shutting down, or the broker connection dropped. Leave the
                 # message unacked so the attempt runs again (here or elsewhere) instead of reporting
                 # a non-retryable "cancelled" for a task nobody cancelled.
@@ -462,13 +469,13 @@ class ExecutorRuntime:
             cancel = CancelMessage.model_validate_json(message.body)
             if cancel.snapshot:
                 self.caught_up.set()
-            for wid in cancel.workflow_ids:
-                self.cancelled[wid] = None
+            for wid, at in cancel.times().items():
+                self.cancelled[wid] = max(at, self.cancelled.get(wid, at))
+                self.cancelled.move_to_end(wid)
                 while len(self.cancelled) > 10_000:
                     self.cancelled.popitem(last=False)
-            stop = set(cancel.workflow_ids)
-            for workflow_id, runner in list(self.running.values()):
-                if workflow_id in stop and not runner.done():
+            for task, runner in list(self.running.values()):
+                if self._is_cancelled(task) and not runner.done():
                     runner.cancel()
         await message.ack()
 

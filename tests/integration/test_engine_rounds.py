@@ -109,7 +109,9 @@ async def test_recently_ended_lists_cancelled_and_failed_workflows_newest_first(
                 f"WHERE id = '{wid}'"
             )
             ids[name] = wid
-        assert await recently_ended(conn, 86_400) == [ids["f"], ids["c"]]
+        ended = await recently_ended(conn, 86_400)
+        assert [wid for wid, _ in ended] == [ids["f"], ids["c"]]
+        assert ended[0][1] > ended[1][1]  # with when each ended
 
 
 async def test_a_dead_letter_is_poison_only_when_the_same_series_last_delivery_started(

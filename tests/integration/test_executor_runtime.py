@@ -287,21 +287,24 @@ async def test_a_bundle_runs_every_member_and_is_acked_once_all_are_confirmed(
 async def test_messages_of_a_cancelled_workflow_are_dropped_unrun(
     broker: tuple[aio_pika.abc.AbstractChannel, Names, Settings],
 ) -> None:
-    """After the controller's cancel broadcast, a queued task of that workflow is acked without
-    running (no result), and the next task, of another workflow, runs as usual."""
+    """After the controller's cancel broadcast, a queued task of that workflow dispatched before
+    the cancellation is acked without running (no result); one dispatched after it (the workflow
+    was brought back by a surgery) runs, and so does the next task, of another workflow."""
     channel, names, s = broker
     topology = Topology(channel, names)
     results = await topology.queue(names.results)
+    at = time.time()
     async with running_executor(s, "test.echo", concurrency=1) as runtime:
         control = await topology.control_exchange()
-        cancel = aio_pika.Message(CancelMessage(workflow_ids=["w-gone"]).model_dump_json().encode())
+        cancel = aio_pika.Message(CancelMessage(workflow_ids=["w-gone"], at=[at]).model_dump_json().encode())
         async with asyncio.timeout(20):
             while "w-gone" not in runtime.cancelled:  # sent again until the executor's queue is bound
                 await control.publish(cancel, routing_key="")
                 await asyncio.sleep(0.1)
-        gone = msg("test.echo").model_copy(update={"workflow_id": "w-gone", "task_id": 8})
-        await send(topology, gone, msg("test.echo"))
-        assert await collect_task_ids(results, 1) == [7]
+        gone = msg("test.echo").model_copy(update={"workflow_id": "w-gone", "task_id": 8, "dispatched_at": at - 1})
+        revived = msg("test.echo").model_copy(update={"workflow_id": "w-gone", "task_id": 9, "dispatched_at": at + 1})
+        await send(topology, gone, revived, msg("test.echo"))
+        assert sorted(await collect_task_ids(results, 2)) == [7, 9]
         queue = await channel.declare_queue(names.task_queue("test.echo"), passive=True)
         assert queue.declaration_result.message_count == 0  # the cancelled one was acked, not requeued
         results_left = await channel.declare_queue(names.results, passive=True)

@@ -8,6 +8,7 @@ from typing import Any
 
 import aio_pika
 
+from controller.correct import Corrector
 from controller.db import create_engine
 from controller.dispatch import Publisher
 from controller.engine import Engine
@@ -17,14 +18,17 @@ from tests.conftest import AMQP
 
 
 @contextlib.asynccontextmanager
-async def round_engine(url: str, settings: Settings, name: str) -> AsyncIterator[tuple[Engine, Any]]:
-    """The engine and its database engine; the installation's queues are deleted afterwards."""
+async def round_engine(
+    url: str, settings: Settings, name: str, corrector: Corrector | None = None
+) -> AsyncIterator[tuple[Engine, Any]]:
+    """The engine (with ``corrector``, in Correction Mode) and its database engine; the
+    installation's queues are deleted afterwards."""
     db = create_engine(url, pool_size=1, name=name)
     connection = await aio_pika.connect(AMQP)
     channel = await connection.channel(publisher_confirms=True)
     topology = Topology(channel, Names(settings.amqp_prefix))
     try:
-        yield Engine(db, Publisher(channel, topology), settings), db
+        yield Engine(db, Publisher(channel, topology), settings, corrector), db
     finally:
         await connection.close()
         await db.dispose()

@@ -17,6 +17,7 @@ from controller.surgery import (
     replay,
     reroute,
     retry,
+    revivable,
     skip,
     tune,
 )
@@ -130,3 +131,20 @@ def test_a_refused_surgery_says_what_to_do_instead() -> None:
         retry(snap(status="succeeded"), manual=True)
     with pytest.raises(SurgeryConflict, match="wait for it to finish, or cancel the workflow"):
         retry(snap(status="running"), manual=True)
+
+
+def test_revivable_brings_back_only_what_can_run_again() -> None:
+    # a is retried. c needs a and b: b failed, so c (and e, below it) stay cancelled; d needs a
+    # and the succeeded s, f needs d: both run again.
+    cancelled = {"c": ["a", "b"], "d": ["a", "s"], "e": ["c", "d"], "f": ["d"]}
+    status = {"b": "failed", "s": "succeeded"}
+    assert revivable("a", cancelled, status) == {"d", "f"}
+    # With b running again (retried before), everything comes back.
+    assert revivable("a", cancelled, {"b": "pending", "s": "succeeded"}) == {"c", "d", "e", "f"}
+    # A dependency cancelled for another reason (not downstream of a) blocks too.
+    assert revivable("a", {"c": ["a", "x"]}, {"x": "cancelled"}) == set()
+
+
+def test_revivable_is_linear_on_a_long_chain() -> None:
+    chain = {f"t{i}": [f"t{i - 1}"] for i in range(1, 50_001)}
+    assert len(revivable("t0", chain, {})) == 50_000

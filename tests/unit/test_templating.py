@@ -82,3 +82,22 @@ def test_references() -> None:
     assert refs.tasks == {"a", "b"}
     assert refs.params == {"z"}
     assert value_references({"k": ["{{ tasks.c.output }}", 1]}) == {"c"}
+
+
+@pytest.mark.parametrize("template", ['{{ "%c" % 0 }}', '{{ "a\\x00b" }}', '{{ ["%c" % 0] }}'])
+def test_a_template_that_renders_a_nul_fails_clearly(template: str) -> None:
+    with pytest.raises(TemplateError, match="renders a NUL character"):
+        render({"x": template}, {}, max_bytes=1000)
+
+
+def test_a_backslash_u0000_text_is_not_a_nul() -> None:
+    assert render({"x": '{{ "\\\\u0000" }}'}, {}, max_bytes=1000) == {"x": "\\u0000"}
+
+
+def test_an_error_reported_with_nul_characters_is_stored_with_replacements() -> None:
+    from dagsmith.messages import TaskError
+
+    error = TaskError.model_validate_json(
+        b'{"class": "permanent", "message": "a\\u0000b", "details": {"k\\u0000": ["\\u0000"]}}'
+    )
+    assert error.message == "a\ufffdb" and error.details == {"k\ufffd": ["\ufffd"]}
