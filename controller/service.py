@@ -475,7 +475,10 @@ class Controller:
             await db.dispose()
             return
         connection = await connect(
-            settings.amqp_url.get_secret_value(), name="dagsmith-controller", heartbeat=settings.amqp_heartbeat
+            settings.amqp_url.get_secret_value(),
+            name="dagsmith-controller",
+            heartbeat=settings.amqp_heartbeat,
+            stop=stop,
         )
         publish_channel = await connection.channel(publisher_confirms=True)
         self.topology = Topology(publish_channel, self.names, settings.max_deliveries)

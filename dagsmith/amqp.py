@@ -28,7 +28,8 @@ from aio_pika.abc import (
 )
 from aiormq.abc import ArgumentsType
 
-from dagsmith.settings import DEFAULT_MAX_DELIVERIES
+from dagsmith.errors import DagsmithError
+from dagsmith.settings import DEFAULT_MAX_DELIVERIES, masked
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,11 +74,23 @@ class Names:
         return f"{self.prefix}.control"
 
 
-async def connect(url: str, *, name: str, heartbeat: int = 15, attempts: int = 60) -> AbstractRobustConnection:
+class StoppedWaiting(Exception):
+    """The service was told to stop while it waited for the broker."""
+
+
+class BrokerUnreachable(DagsmithError):
+    """RabbitMQ did not answer within the time a service waits for it at start."""
+
+
+async def connect(
+    url: str, *, name: str, heartbeat: int = 15, attempts: int = 60, stop: asyncio.Event | None = None
+) -> AbstractRobustConnection:
     """A robust connection (it reconnects and restores channels and consumers after a broker restart).
 
-    The first connection is retried for about ``attempts`` seconds so services can start before
-    the broker is ready. ``heartbeat`` is ``DAGSMITH_AMQP_HEARTBEAT``.
+    The first connection is retried for about ``attempts`` × 2 seconds so services can start
+    before the broker is ready; then BrokerUnreachable. ``stop`` being set ends the wait with
+    StoppedWaiting (a service told to stop while RabbitMQ is down stops at once). ``heartbeat`` is
+    ``DAGSMITH_AMQP_HEARTBEAT``.
     """
     delay = 0.2
     for attempt in range(1, attempts + 1):
@@ -87,9 +100,17 @@ async def connect(url: str, *, name: str, heartbeat: int = 15, attempts: int = 6
             )
         except (OSError, aio_pika.exceptions.AMQPError) as exc:
             if attempt == attempts:
-                raise
+                raise BrokerUnreachable(
+                    f"RabbitMQ at {masked(url)} did not answer in {attempts} attempts: {exc}"
+                ) from None
             log.warning("rabbitmq not reachable (%s); retrying in %.1fs", exc, delay)
-            await asyncio.sleep(delay)
+            if stop is None:
+                await asyncio.sleep(delay)
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                if stop.is_set():
+                    raise StoppedWaiting from None
             delay = min(delay * 2, 2.0)
     raise RuntimeError("unreachable")
 

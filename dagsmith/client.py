@@ -123,36 +123,47 @@ class Client:
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield (event, data) from the workflow's event stream until it ends.
 
-        With a ``deadline`` (``time.monotonic()``), raise WaitTimeout once it has passed: checked
-        at every line the stream sends (the server pings every 15 s), and no read waits longer
-        than the time that was left when the stream opened."""
-        timeout = None if deadline is None else httpx.Timeout(10.0, read=max(deadline - time.monotonic(), 0.01))
-        try:
-            with self.http.stream(
-                "GET", f"/v1/workflows/{workflow_id}/events", params={"after": after}, timeout=timeout
-            ) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    self._raise_for(response)
-                event, data = "message", ""
-                for line in response.iter_lines():
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise WaitTimeout
-                    if line.startswith("event:"):
-                        event = line[6:].strip()
-                    elif line.startswith("data:"):
-                        data += line[5:].strip()
-                    elif not line and data:
-                        yield event, orjson.loads(data)
-                        if event == "end":
-                            return
-                        event, data = "message", ""
-        except httpx.ReadTimeout as exc:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeout from None
-            raise ClientError(0, "unreachable", f"event stream from {self.base_url} broke: {exc}") from exc
-        except httpx.HTTPError as exc:
-            raise ClientError(0, "unreachable", f"event stream from {self.base_url} broke: {exc}") from exc
+        With a ``deadline`` (``time.monotonic()``), raise WaitTimeout once it has passed. A read
+        waits at most the time that was left when the stream opened; the server's pings (every
+        15 s) would start that wait again, so after a ping that leaves the wait longer than what
+        is left, the stream is opened again, after the last event seen, with the shorter wait."""
+        while True:
+            opened = time.monotonic()
+            left = None if deadline is None else max(deadline - opened, 0.01)
+            timeout = None if left is None else httpx.Timeout(10.0, read=left)
+            try:
+                with self.http.stream(
+                    "GET", f"/v1/workflows/{workflow_id}/events", params={"after": after}, timeout=timeout
+                ) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        self._raise_for(response)
+                    event, data, last = "message", "", after
+                    for line in response.iter_lines():
+                        now = time.monotonic()
+                        if deadline is not None and now >= deadline:
+                            raise WaitTimeout
+                        if line.startswith("id:"):
+                            last = int(line[3:].strip() or last)
+                        elif line.startswith("event:"):
+                            event = line[6:].strip()
+                        elif line.startswith("data:"):
+                            data += line[5:].strip()
+                        elif not line and data:
+                            yield event, orjson.loads(data)
+                            if event == "end":
+                                return
+                            event, data, after = "message", "", last
+                        elif line.startswith(":") and left is not None and now - opened > 1.0:
+                            break  # a ping: open again, with a read wait no longer than what is left
+                    else:
+                        return
+            except httpx.ReadTimeout as exc:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise WaitTimeout from None
+                raise ClientError(0, "unreachable", f"event stream from {self.base_url} broke: {exc}") from exc
+            except httpx.HTTPError as exc:
+                raise ClientError(0, "unreachable", f"event stream from {self.base_url} broke: {exc}") from exc
 
     def _raise_for(self, response: httpx.Response) -> None:
         try:

@@ -217,14 +217,14 @@ def effective(settings: Settings) -> list[tuple[str, str, bool]]:
         default = info.get_default(call_default_factory=True)
         changed = value != default
         if isinstance(value, SecretStr):
-            shown = _masked(value.get_secret_value())
+            shown = masked(value.get_secret_value())
         else:
             shown = str(value)
         rows.append((env, shown, changed))
     return rows
 
 
-def _masked(secret: str) -> str:
+def masked(secret: str) -> str:
     """A URL shows its scheme, user, host, port and path, never a password or a query value
     (``?password=…``, ``sslpassword=…``); anything else is ***."""
     if not secret:

@@ -54,7 +54,10 @@ class Evaluator:
     async def run(self, stop: asyncio.Event) -> None:
         serve_metrics(self.settings.metrics_port, DEFAULT_METRICS_PORT, "evaluator")
         connection = await connect(
-            self.settings.amqp_url.get_secret_value(), name="dagsmith-evaluator", heartbeat=self.settings.amqp_heartbeat
+            self.settings.amqp_url.get_secret_value(),
+            name="dagsmith-evaluator",
+            heartbeat=self.settings.amqp_heartbeat,
+            stop=stop,
         )
         channel: AbstractChannel = await connection.channel(publisher_confirms=True)
         self.publisher: BatchPublisher[EvaluatedMessage] = BatchPublisher(

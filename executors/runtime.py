@@ -520,6 +520,7 @@ class ExecutorRuntime:
             self.settings.amqp_url.get_secret_value(),
             name=f"dagsmith-executor-{self.id}",
             heartbeat=self.settings.amqp_heartbeat,
+            stop=stop,
         )
         self.channel = await connection.channel(publisher_confirms=True)
         self.results: BatchPublisher[ResultMessage] = BatchPublisher(

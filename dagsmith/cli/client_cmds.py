@@ -11,6 +11,7 @@ from typing import Annotated, Any, NoReturn
 import orjson
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
@@ -71,17 +72,18 @@ def _gave_up(wid: str, timeout: str | None) -> NoReturn:
 
 
 def fail(message: str, code: int) -> NoReturn:
-    console.print(f"[red]error:[/red] {message}", highlight=False)
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
 def handle(exc: ClientError) -> NoReturn:
     if exc.status == 422 and exc.details.get("problems"):
-        console.print(f"[red]error:[/red] {exc.message}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(exc.message)}", highlight=False)
         problems = exc.details["problems"]
         if len(problems) > 1:  # the message names the first; list them all
             for p in problems:
-                console.print(f"  [bold]{p.get('path') or '(document)'}[/bold]: {p['message']}", highlight=False)
+                where = escape(p.get("path") or "(document)")
+                console.print(f"  [bold]{where}[/bold]: {escape(p['message'])}", highlight=False)
         raise typer.Exit(2)
     code = {0: 3, 404: 4, 422: 2, 413: 2, 415: 2, 401: 5, 403: 5, 409: 6}.get(exc.status, 3)
     fail(exc.message, code)
@@ -123,7 +125,9 @@ def submit(
         except ClientError as exc:
             handle(exc)
         for warning in submitted.get("warnings", []):
-            console.print(f"[yellow]warning:[/yellow] {warning['path']}: {warning['message']}", highlight=False)
+            console.print(
+                f"[yellow]warning:[/yellow] {escape(warning['path'])}: {escape(warning['message'])}", highlight=False
+            )
         wid = submitted["id"]
         verb = "submitted" if submitted.get("created", True) else "already submitted"
         console.print(f"{verb} workflow [bold]{submitted['name']}[/bold] {wid}", highlight=False)
@@ -209,10 +213,11 @@ def _watch(client: Client, wid: str, deadline: float | None = None) -> str:
                     err = (data.get("data") or {}).get("error") or {}
                     where = f"{data['task']} (attempt {data['attempt']})"
                     progress.console.print(
-                        f"[red]✗[/red] {where}: {err.get('class')}: {err.get('message')}", highlight=False
+                        f"[red]✗[/red] {where}: {err.get('class')}: {escape(str(err.get('message')))}", highlight=False
                     )
                 if event == "transition" and data["to"] == "pending" and data.get("task") and data.get("reason"):
-                    progress.console.print(f"[yellow]↻[/yellow] {data['task']}: {data['reason']}", highlight=False)
+                    reason = escape(str(data["reason"]))
+                    progress.console.print(f"[yellow]↻[/yellow] {data['task']}: {reason}", highlight=False)
                 if time.monotonic() - last > 0.25 or event == "end":
                     status = refresh()
                     last = time.monotonic()
@@ -231,7 +236,7 @@ def _print_result(client: Client, wid: str) -> None:
     color = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(result["status"], "white")
     console.print(f"[{color}]{result['status']}[/{color}] · reward {result['total_reward']:.3f}", highlight=False)
     if result.get("error"):
-        console.print(f"[red]{result['error'].get('message')}[/red]", highlight=False)
+        console.print(f"[red]{escape(str(result['error'].get('message')))}[/red]", highlight=False)
     if result.get("output") is not None or result["status"] == "succeeded":
         print_json(result.get("output"))
 
@@ -257,7 +262,7 @@ def status(workflow_id: str, api: ApiOption = None, token: TokenOption = None) -
     if wf.get("finished_at"):
         table.add_row("finished", str(wf["finished_at"]))
     if wf.get("error"):
-        table.add_row("error", wf["error"].get("message", ""))
+        table.add_row("error", escape(wf["error"].get("message", "")))
     out.print(table)
 
 
@@ -287,7 +292,8 @@ def result(workflow_id: str, api: ApiOption = None, token: TokenOption = None) -
         except ClientError as exc:
             handle(exc)
     if res["status"] != "succeeded":
-        console.print(f"[red]{res['status']}[/red]: {(res.get('error') or {}).get('message', '')}", highlight=False)
+        message = escape((res.get("error") or {}).get("message", ""))
+        console.print(f"[red]{res['status']}[/red]: {message}", highlight=False)
         raise typer.Exit(1)
     print_json(res["output"])
 
@@ -408,7 +414,7 @@ def tasks(
             t["status"],
             str(t["attempt"]),
             "" if t["reward"] is None else f"{t['reward']:.2f}",
-            text,
+            escape(text),
         )
     out.print(table)
     if shortened:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from dagsmith.cli.client_cmds import ApiOption, TokenOption, connect, console, handle, out
@@ -30,7 +31,7 @@ def list_(api: ApiOption = None, token: TokenOption = None) -> None:
             "passed" if gate.get("passed") else "failed",
             str((p["training"] or {}).get("records", "")),
             str(p["created_at"])[:19],
-            str(gate.get("reason", ""))[:70],
+            escape(str(gate.get("reason", ""))[:70]),
         )
     out.print(table)
 

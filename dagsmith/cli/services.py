@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -37,8 +38,16 @@ def run_service(name: str, make: Callable[[asyncio.Event], Coroutine[Any, Any, N
         factory: Any = uvloop.new_event_loop
     except ImportError:
         factory = None
+    from dagsmith.amqp import BrokerUnreachable, StoppedWaiting
+
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main())
+        try:
+            runner.run(main())
+        except StoppedWaiting:
+            logging.getLogger("dagsmith").info("stopped while waiting for RabbitMQ")
+        except BrokerUnreachable as exc:
+            logging.getLogger("dagsmith").error("%s", exc)
+            raise typer.Exit(1) from None
 
 
 def migrate(

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import orjson
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from dagsmith.cli.client_cmds import ApiOption, TokenOption, connect, console, fail, handle, out, print_json, short
@@ -87,9 +88,9 @@ def surgery(
             handle(exc)
     console.print(f"revision {done['revision']}: {done['operation']} {done['task']}", highlight=False)
     for change in done["diff"]:
-        console.print(f"  {_describe(change)}", highlight=False)
+        console.print(f"  {escape(_describe(change))}", highlight=False)
     for warning in done.get("warnings", []):
-        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+        console.print(f"[yellow]warning:[/yellow] {escape(str(warning))}", highlight=False)
 
 
 def _describe(change: dict[str, Any]) -> str:
@@ -138,8 +139,8 @@ def history(
             r["actor"],
             r["operation"],
             r["task"],
-            short(str(why), 60),
-            short("; ".join(_describe(c) for c in r["diff"]), 120),
+            escape(short(str(why), 60)),
+            escape(short("; ".join(_describe(c) for c in r["diff"]), 120)),
         )
     out.print(table)
 

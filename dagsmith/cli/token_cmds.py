@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
@@ -51,9 +52,16 @@ def list_(api: ApiOption = None, token: TokenOption = None) -> None:
             items = client.tokens()
         except ClientError as exc:
             handle(exc)
-    table = Table("NAME", "PREFIX", "SCOPES", "NAMESPACES", "CREATED", "LAST USED", "STATE")
+    table = Table("NAME", "PREFIX", "SCOPES", "NAMESPACES", "CREATED", "LAST USED", "EXPIRES", "STATE")
+    now = datetime.now(UTC)
     for t in items:
-        state = "revoked" if t["revoked_at"] else "live"
+        expires = datetime.fromisoformat(t["expires_at"]) if t.get("expires_at") else None
+        if t["revoked_at"]:
+            state = "revoked"
+        elif expires is not None and expires <= now:
+            state = "expired"
+        else:
+            state = "live"
         table.add_row(
             t["name"],
             t["prefix"] + "…",
@@ -61,6 +69,7 @@ def list_(api: ApiOption = None, token: TokenOption = None) -> None:
             ",".join(t["namespaces"]),
             str(t["created_at"])[:19],
             str(t["last_used_at"] or "")[:19],
+            str(t.get("expires_at") or "never")[:19],
             state,
         )
     out.print(table)

@@ -6,6 +6,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 
 import httpx
 import orjson
@@ -178,6 +179,16 @@ def test_cli_tokens(stack: Stack) -> None:
     listed = run("tokens", "list")
     assert "cli-bot" in listed.stdout and token not in listed.stdout
     assert run("tokens", "revoke", "cli-bot").returncode == 0
+    assert run("tokens", "create", "brief", "--scope", "read", "--namespace", "ci", "--expires-in", "1s").returncode == 0
+
+    def state(name: str) -> str:
+        row = next(line for line in run("tokens", "list").stdout.splitlines() if f" {name} " in line)
+        return row.split()[-2]  # the STATE column, before the table's right border
+
+    assert state("cli-bot") == "revoked"
+    deadline = time.monotonic() + 30
+    while state("brief") != "expired":
+        assert time.monotonic() < deadline, "the expired token is still listed as live"
     denied = subprocess.run(
         [sys.executable, "-m", "dagsmith", "list"],
         capture_output=True,

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,10 @@ def test_invalid_spec_exits_2_listing_problems(stack: Stack) -> None:
     assert done.returncode == 2
     assert "spec.tasks[0].dependsOn[0]" in done.stderr
     assert done.stderr.count("no task is named 'zz'") == 1  # named once, not repeated under the header
+    # What the server says is printed as it is: brackets in it are not taken for terminal markup.
+    bad_type = body.replace(b"type: noop", b"type: 'Text Upper'")
+    done = cli(stack, "submit", "-", stdin=bad_type)
+    assert done.returncode == 2 and "[a-z]" in done.stderr, done.stderr
 
 
 def test_unreachable_api_exits_3(stack: Stack) -> None:
@@ -156,6 +161,35 @@ def test_executor_whose_plugin_cannot_start_exits_2_naming_it(tmp_path: Path) ->
     )
     assert done.returncode == 2, done.stderr
     assert "error: task type 't.broken' failed to start: ConnectionError: model server unreachable" in done.stderr
+
+
+def test_a_service_waiting_for_rabbitmq_stops_when_told_to() -> None:
+    """SIGTERM (docker stop, a pod's deletion) ends a service still waiting for the broker at once,
+    without a traceback; it does not wait out its connection attempts first."""
+    import signal
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSMITH_")}
+    env.update({"DAGSMITH_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{free_port()}/", "DAGSMITH_METRICS_PORT": "-1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dagsmith", "evaluator"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        seen = []
+        for line in proc.stdout:  # its first retry says it is waiting
+            seen.append(line)
+            if "rabbitmq not reachable" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, "".join(seen) + rest
+    assert "Traceback" not in rest and "stopped while waiting for RabbitMQ" in rest
 
 
 def test_client_commands_read_the_api_and_token_from_dotenv(stack: Stack, tmp_path: Path) -> None:
@@ -242,6 +276,10 @@ def test_waiting_gives_up_at_the_timeout_and_the_workflow_goes_on(stack: Stack, 
     wid = ids[-1]
     followed = cli(stack, "watch", wid, "--timeout", "500ms")
     assert followed.returncode == 7 and "it goes on" in followed.stderr
+    # Past the stream's first keep-alive ping (15 s), which must not restart the wait.
+    began = time.monotonic()
+    followed = cli(stack, "watch", wid, "--timeout", "16s")
+    assert followed.returncode == 7 and time.monotonic() - began < 16 + 5, time.monotonic() - began
     assert cli(stack, "status", wid).returncode == 0  # still there, still running
     assert "running" in cli(stack, "status", wid).stdout
     assert cli(stack, "submit", str(spec), "--timeout", "1s").returncode == 2  # only with --wait or --watch

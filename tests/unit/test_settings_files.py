@@ -58,6 +58,6 @@ def test_config_shows_values_in_effect_with_secrets_masked(monkeypatch: pytest.M
     ],
 )
 def test_secrets_are_masked_wherever_they_sit_in_a_url(secret: str, shown: str) -> None:
-    from dagsmith.settings import _masked
+    from dagsmith.settings import masked
 
-    assert _masked(secret) == shown
+    assert masked(secret) == shown
