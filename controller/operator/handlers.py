@@ -266,9 +266,18 @@ async def on_delete(
 ) -> None:
     ctx = _ctx(memo)
     ctx.reported.pop(uid, None)
-    if not status.get("workflowId"):
-        return
-    workflow_id = uuid.UUID(status["workflowId"])
+    if status.get("workflowId"):
+        workflow_id = uuid.UUID(status["workflowId"])
+    else:
+        # Stored, but its status never said so (the status patch failed): found by its uid.
+        async with ctx.engine.connect() as conn:
+            query = sa.select(workflows.c.id).where(
+                workflows.c.idempotency_key == uid, workflows.c.namespace == (namespace or "default")
+            )
+            found = (await conn.execute(query)).scalar()
+        if found is None:
+            return  # never stored: nothing to cancel
+        workflow_id = found
     ctx.mirror.forget(workflow_id)
     try:
         ns = namespace or "default"

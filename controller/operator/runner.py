@@ -9,6 +9,7 @@ once, and the new one resumes).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import kopf
+import orjson
 
 from controller.db import create_engine
 from controller.operator.handlers import OperatorContext, build_registry
@@ -24,6 +26,28 @@ from controller.operator.mirror import StoreMirror
 from dagsmith.settings import Settings
 
 FINALIZER = "dagsmith.io/cancel-on-delete"
+
+
+class SpecDigestStorage(kopf.AnnotationsDiffBaseStorage):
+    """kopf keeps what it last handled of each object in an annotation, to tell what changed. A
+    whole spec there puts a Workflow of a few thousand tasks over the API server's limit on
+    annotations (256 KiB in all), and every later patch of the object — its status, the removal of
+    its finalizer — is refused. So only a digest of the spec is kept, with ``spec.cancel`` as it
+    is: a changed digest is all the update handler needs, since it compares the spec with the
+    store's copy, not with kopf's."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
+        essence = super().build(body=body, extra_fields=extra_fields)
+        spec = essence.get("spec")
+        if isinstance(spec, dict):
+            rest = {k: v for k, v in spec.items() if k != "cancel"}
+            digest: dict[str, Any] = {
+                "sha256": hashlib.sha256(orjson.dumps(rest, option=orjson.OPT_SORT_KEYS)).hexdigest()
+            }
+            if "cancel" in spec:
+                digest["cancel"] = spec["cancel"]
+            essence["spec"] = digest
+        return essence
 
 
 def started_priority(now: float | None = None) -> int:
@@ -51,9 +75,7 @@ def kopf_settings(options: OperatorOptions) -> kopf.OperatorSettings:
     # Our own names on the objects instead of kopf's defaults; nothing under .status but ours.
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="dagsmith.io")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="dagsmith.io", key="last-handled-configuration"
-    )
+    settings.persistence.diffbase_storage = SpecDigestStorage(prefix="dagsmith.io", key="last-handled-configuration")
     settings.posting.reporting_component = "dagsmith-operator"
     settings.posting.reporting_instance = options.identity or os.environ.get("POD_ID") or socket.gethostname()
     settings.posting.event_name_prefix = "dagsmith-"

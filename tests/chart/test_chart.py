@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from controller.operator import crd
+from dagsmith.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "dagsmith"
@@ -135,12 +136,11 @@ def test_the_chart_lints(name: str) -> None:
     assert report["total_charts_linted"] == 1 and problems == []
 
 
-@pytest.mark.parametrize("name", sorted(VALUES))
-def test_every_manifest_validates_against_the_kubernetes_schemas(name: str) -> None:
+def validate(docs: list[dict[str, Any]]) -> None:
+    """Every manifest against the Kubernetes schemas (custom resources: their CRDs or OTHER_SCHEMAS)."""
     crd_schemas = {
         c["spec"]["names"]["kind"]: c["spec"]["versions"][0]["schema"]["openAPIV3Schema"] for c in chart_crds()
     }
-    docs = render(VALUES[name])
     assert docs
     for doc in docs:
         kind = doc["kind"]
@@ -150,6 +150,11 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(name: str) -> N
             jsonschema.validate(doc, OTHER_SCHEMAS[kind])
         else:
             kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("name", sorted(VALUES))
+def test_every_manifest_validates_against_the_kubernetes_schemas(name: str) -> None:
+    validate(render(VALUES[name]))
 
 
 def test_the_crds_validate_and_the_workflow_crd_is_current() -> None:
@@ -387,3 +392,137 @@ def test_the_chart_ships_the_rules_compose_loads() -> None:
     }
     assert "DagsmithServiceDown" in {r.get("alert") for r in rules}
     assert of_kind(render(VALUES["demo-values"]), "PrometheusRule") == []  # off by default
+
+
+def test_settings_keep_their_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Helm reads every YAML number as a float64: rendered with toString, 33554432 became
+    "3.3554432e+07", which the settings (pydantic) refuse as an int, and every pod crashed."""
+    settings = {
+        "DAGSMITH_MAX_BODY_BYTES": 33554432,
+        "DAGSMITH_LEASE_GRACE": 7.5,
+        "DAGSMITH_AUTH": False,
+        "DAGSMITH_MAX_TASKS": "100000",  # a string stays as written
+        "DAGSMITH_LOG_LEVEL": "DEBUG",
+    }
+    docs = render({**VALUES["external-values"], "settings": settings})
+    [config] = [c for c in of_kind(docs, "ConfigMap") if c["metadata"]["name"] == "dagsmith-settings"]
+    assert config["data"] == {
+        "DAGSMITH_LOG_FORMAT": "json",  # values.yaml's, beside the ones given
+        "DAGSMITH_AMQP_PREFIX": "dagsmith",
+        "DAGSMITH_MAX_BODY_BYTES": "33554432",
+        "DAGSMITH_LEASE_GRACE": "7.5",
+        "DAGSMITH_AUTH": "false",
+        "DAGSMITH_MAX_TASKS": "100000",
+        "DAGSMITH_LOG_LEVEL": "DEBUG",
+    }
+    for key, value in config["data"].items():
+        monkeypatch.setenv(key, value)
+    parsed = Settings(_env_file=None)
+    assert (parsed.max_body_bytes, parsed.lease_grace, parsed.auth, parsed.max_tasks) == (33554432, 7.5, False, 100000)
+
+
+DEFAULT_POOL = yaml.safe_load((CHART / "values.yaml").read_text())["executors"]["pools"][0]
+
+
+def test_a_pool_needs_only_a_name_and_task_types() -> None:
+    """What a pool leaves out takes the default pool's values (values.yaml), KEDA's settings too;
+    an explicit 0 is kept."""
+    external = {k: v for k, v in VALUES["external-values"].items() if k != "executors"}
+    minimal = {"name": DEFAULT_POOL["name"], "types": DEFAULT_POOL["types"]}
+    assert DEFAULT_POOL.keys() > minimal.keys()
+    docs = render({**external, "executors": {"pools": [minimal]}})
+    validate(docs)
+    assert docs == render(external)  # the same as values.yaml's default pool, spelt out
+
+    keda = DEFAULT_POOL["keda"]
+    pools = [
+        {"name": "scaled", "types": "text.*", "keda": {"enabled": True, "queues": ["text.upper"]}},
+        {"name": "idle", "types": "http.request", "replicas": 0},
+    ]
+    values = {**external, "executors": {"pools": pools}}
+    lint = helm.lint(CHART, values, strict=True, kube_version=f"v{KUBE_VERSION}")
+    assert [m for m in lint["messages"] if m["severity"] >= 2] + lint["errors"] == []
+    docs = render(values)
+    validate(docs)
+    [scaled] = of_kind(docs, "ScaledObject")
+    assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (
+        keda["minReplicas"],
+        keda["maxReplicas"],
+    )
+    [trigger] = scaled["spec"]["triggers"]
+    assert trigger["metadata"]["value"] == str(keda["queueLength"])
+    assert trigger["metadata"]["hostFromEnv"] == keda["hostFromEnv"]
+    deployments = {d["metadata"]["name"]: d["spec"] for d in of_kind(docs, "Deployment")}
+    assert "replicas" not in deployments["dagsmith-executor-scaled"]
+    assert deployments["dagsmith-executor-idle"]["replicas"] == 0
+    for name in ("dagsmith-executor-scaled", "dagsmith-executor-idle"):
+        [executor] = deployments[name]["template"]["spec"]["containers"]
+        assert f"--concurrency={DEFAULT_POOL['concurrency']}" in executor["args"]
+        assert executor["resources"] == DEFAULT_POOL["resources"]
+
+
+def test_global_values_are_accepted(tmp_path: Path) -> None:
+    """Helm hands `global` to every chart, a subchart's too: the values schema must allow it."""
+    values = {**VALUES["external-values"], "global": {"imageRegistry": "registry.example.com"}}
+    assert render(values) == render(VALUES["external-values"])
+    parent = tmp_path / "platform"
+    (parent / "templates").mkdir(parents=True)
+    (parent / "Chart.yaml").write_text(
+        "apiVersion: v2\nname: platform\nversion: 1.0.0\ndependencies:\n  - name: dagsmith\n    version: 0.1.0\n"
+    )
+    shutil.copytree(CHART, parent / "charts" / "dagsmith")
+    docs = render({"global": {"imageRegistry": "registry.example.com"}, "dagsmith": VALUES["external-values"]}, parent)
+    assert "dagsmith-api" in {d["metadata"]["name"] for d in of_kind(docs, "Deployment")}
+
+
+DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+
+
+def test_names_fit_kubernetes_limits_with_the_longest_release_name() -> None:
+    """Helm allows 53-character release names. Service names are DNS labels (63 characters at
+    most), and so, in effect, are a ScaledObject's and a Job's (copied into label values); a
+    StatefulSet's must leave 11 characters for its pods' controller-revision-hash label."""
+    release, namespace = "r" * 53, "n" * 63
+    pool = {"name": "p" * 32, "types": "text.*", "keda": {"enabled": True, "queues": ["text.upper"]}}
+    values: dict[str, Any] = {**VALUES["demo-values"], "executors": {"pools": [DEFAULT_POOL, pool]}}
+    docs = render(values, name=release, namespace=namespace)
+    validate(docs)
+    for doc in docs:
+        name = doc["metadata"]["name"]
+        if doc["kind"] in {"Service", "ScaledObject", "Job"}:
+            assert len(name) <= 63 and DNS_LABEL.fullmatch(name), f"{doc['kind']} {name}"
+        elif doc["kind"] == "StatefulSet":
+            assert len(name) <= 52, name
+        else:
+            assert len(name) <= 253, name
+        labels = doc["metadata"].get("labels", {})
+        assert all(len(value) <= 63 for value in labels.values()), name
+    assert len(of_kind(docs, "Service")) == len({s["metadata"]["name"] for s in of_kind(docs, "Service")})
+    # The names still point at each other.
+    services = {s["metadata"]["name"]: s for s in of_kind(docs, "Service")}
+    workloads = of_kind(docs, "Deployment") + of_kind(docs, "StatefulSet")
+    for service in services.values():
+        selector = service["spec"]["selector"].items()
+        assert [w for w in workloads if selector <= w["spec"]["template"]["metadata"]["labels"].items()]
+    for statefulset in of_kind(docs, "StatefulSet"):
+        assert statefulset["spec"]["serviceName"] == statefulset["metadata"]["name"] in services
+    [scaled] = of_kind(docs, "ScaledObject")
+    assert scaled["spec"]["scaleTargetRef"]["name"] in {d["metadata"]["name"] for d in of_kind(docs, "Deployment")}
+    [connections] = [s for s in of_kind(docs, "Secret") if s["metadata"]["name"].endswith("-connections")]
+    for url in connections["stringData"].values():
+        assert re.search(r"@([^:/]+):", url)[1] in services  # type: ignore[index]
+
+
+def test_dagsmith_pods_meet_the_restricted_pod_security_standard() -> None:
+    docs = render(VALUES["external-values"])
+    pods = [d["spec"]["template"]["spec"] for d in of_kind(docs, "Deployment") + of_kind(docs, "Job")]
+    assert len(pods) == 7
+    for pod in pods:
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert {next(iter(v)) for v in pod["volumes"] if v != {"name": v["name"]}} <= {"name", "emptyDir"}
+        for container in pod["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False
+            assert context["capabilities"]["drop"] == ["ALL"]
+            assert context.get("seccompProfile", {}).get("type", "RuntimeDefault") in {"RuntimeDefault", "Localhost"}

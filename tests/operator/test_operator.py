@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -11,6 +12,7 @@ import yaml
 
 from dagsmith.settings import Settings
 from tests.operator.conftest import EXAMPLES, OperatorThread, replica
+from tests.support.kube import MAX_ANNOTATIONS_BYTES
 from tests.support.wait import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -141,6 +143,28 @@ def test_deleting_the_resource_cancels_the_workflow_and_lets_go(
     wait_until(
         lambda: store(engine_settings, "SELECT status FROM workflows WHERE id = %s", workflow_id)[0][0] == "cancelled",
         timeout=30,
+        what="the workflow to be cancelled in the store",
+    )
+
+
+def test_a_workflow_of_thousands_of_tasks_gets_its_status_and_can_be_deleted(
+    operator: OperatorThread, kube_api: Kube, engine_settings: Settings
+) -> None:
+    """A spec larger than the API server allows annotations to be (256 KiB; the emulator refuses
+    such a patch as the API server does): kopf's record of the last handled spec is a digest, so
+    the status, the finalizer and its removal still go through."""
+    tasks = [{"name": f"t{i:04}_{'x' * 55}", "type": "sleep", "params": {"seconds": 60}} for i in range(3000)]
+    doc = workflow("big", *tasks)
+    assert len(json.dumps(doc)) > MAX_ANNOTATIONS_BYTES
+    kube_api.create(doc)
+    obj = kube_api.wait_status("big", lambda s: s.get("phase") == "Running", "phase Running")
+    assert obj["status"]["total"] == 3000 and obj["metadata"]["finalizers"] == ["dagsmith.io/cancel-on-delete"]
+    workflow_id = obj["status"]["workflowId"]
+    kube_api.delete("big")
+    wait_until(lambda: kube_api.get("big") is None, timeout=60, what="the finalizer to be released")
+    wait_until(
+        lambda: store(engine_settings, "SELECT status FROM workflows WHERE id = %s", workflow_id)[0][0] == "cancelled",
+        timeout=60,
         what="the workflow to be cancelled in the store",
     )
 

@@ -49,6 +49,9 @@ import yaml
 
 _NAMESPACES_PATH = re.compile(r"/api/v1/namespaces(?:/(?P<name>[^/]+))?")
 
+# The API server's limit on an object's annotations, keys and values together.
+MAX_ANNOTATIONS_BYTES = 256 * 1024
+
 
 def _merge(target: Any, patch: Any) -> Any:
     """RFC 7386 JSON merge patch."""
@@ -176,6 +179,14 @@ class KubeEmulator(kmock.KubernetesEmulator):
             after = _merge(current, data)
         else:
             raise kmock.KubernetesError(status=415, reason="UnsupportedMediaType", message="unsupported patch")
+        annotations = after.get("metadata", {}).get("annotations") or {}
+        size = sum(len(k) + len(v) for k, v in annotations.items() if isinstance(v, str))
+        if size > MAX_ANNOTATIONS_BYTES:  # as the API server refuses it
+            raise kmock.KubernetesError(
+                status=422,
+                reason="Invalid",
+                message=f"metadata.annotations: Too long: must have at most {MAX_ANNOTATIONS_BYTES} bytes",
+            )
         generation = current["metadata"].get("generation", 1) + (after.get("spec") != current.get("spec"))
         stamp = {"resourceVersion": self._next_version(), "generation": generation}
         if isinstance(data, list):

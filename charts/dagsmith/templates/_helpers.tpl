@@ -7,6 +7,18 @@
 {{- end -}}
 {{- end -}}
 
+{{/* "<fullname>-<suffix>" within a length limit, the fullname shortened (never the suffix) to fit:
+Service names, and the names KEDA or the Job controller copy into label values, must be at most 63
+characters; a StatefulSet's at most 52 (its pods' controller-revision-hash label adds 11).
+(dict "ctx" $ "suffix" "controller-metrics") or (dict "ctx" $ "suffix" "postgres" "max" 52) */}}
+{{- define "dagsmith.name" -}}
+{{- $room := sub (.max | default 63) (add1 (len .suffix)) | int -}}
+{{- if lt $room 1 -}}
+{{- fail (printf "the name suffix %q leaves no room for the release name" .suffix) -}}
+{{- end -}}
+{{- printf "%s-%s" (include "dagsmith.fullname" .ctx | trunc $room | trimSuffix "-") .suffix -}}
+{{- end -}}
+
 {{- define "dagsmith.selectorLabels" -}}
 app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
