@@ -265,10 +265,15 @@ def iter_templates(value: Any, path: str) -> Iterator[tuple[str, str]]:
             yield from iter_templates(item, f"{path}[{i}]")
 
 
+# What a template can read (controller.dispatch.template_context), besides the globals.
+CONTEXT_NAMES = ("params", "tasks", "workflow", "task")
+
+
 @dataclass(frozen=True)
 class References:
     tasks: frozenset[str]
     params: frozenset[str]
+    unknown: frozenset[str] = frozenset()  # names that are neither in the context nor globals
 
 
 def _parse(template: str) -> nodes.Template:
@@ -309,7 +314,9 @@ def references(template: str) -> References:
             tasks.add(str(key))
         elif base.name == "params":
             params.add(str(key))
-    return References(frozenset(tasks), frozenset(params))
+    known = {*CONTEXT_NAMES, *environment().globals}
+    unknown = {n.name for n in tree.find_all(nodes.Name) if n.ctx == "load" and n.name not in known}
+    return References(frozenset(tasks), frozenset(params), frozenset(unknown))
 
 
 def value_references(value: Any) -> frozenset[str]:

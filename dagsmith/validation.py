@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from dagsmith.errors import SpecError, TemplateError
 from dagsmith.spec import MAX_DEFAULT_OUTPUT_SINKS, PATTERN_MEANINGS, SUBMISSION, TaskSpec, WorkflowDocument
-from dagsmith.templating import iter_templates, references
+from dagsmith.templating import CONTEXT_NAMES, iter_templates, references
 
 Problem = dict[str, Any]
 
@@ -431,6 +431,7 @@ def _reference_problems(
                     indirect.append((ref, task.name, path))
                 else:
                     found.add(ref)
+            problems += _unknown_names(path, found_here.unknown)
             for param in sorted(found_here.params):
                 if param not in doc.spec.params:
                     problems.append(
@@ -461,6 +462,7 @@ def _reference_problems(
         except TemplateError as exc:
             problems.append(_problem(path, str(exc), "template"))
             continue
+        problems += _unknown_names(path, found_here.unknown)
         for ref in sorted(found_here.tasks - names):
             problems.append(_problem(path, f"refers to tasks.{ref}, but no task is named {ref!r}", "unknown_task"))
         for param in sorted(found_here.params - set(doc.spec.params)):
@@ -468,6 +470,22 @@ def _reference_problems(
                 _problem(path, f"refers to params.{param}, which spec.params does not define", "unknown_param")
             )
     return refs, problems
+
+
+def _unknown_names(path: str, names: frozenset[str]) -> list[Problem]:
+    """A name a template reads that it could never find (``param.x`` for ``params.x``)."""
+    problems = []
+    for name in sorted(names):
+        close = difflib.get_close_matches(name, CONTEXT_NAMES, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        problems.append(
+            _problem(
+                path,
+                f"refers to {name!r}, which templates cannot read (they read {', '.join(CONTEXT_NAMES)}){hint}",
+                "unknown_name",
+            )
+        )
+    return problems
 
 
 def _descendants(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -78,15 +79,22 @@ def fail(message: str, code: int) -> NoReturn:
 
 def handle(exc: ClientError) -> NoReturn:
     if exc.status == 422 and exc.details.get("problems"):
-        console.print(f"[red]error:[/red] {escape(exc.message)}", highlight=False)
         problems = exc.details["problems"]
-        if len(problems) > 1:  # the message names the first; list them all
-            for p in problems:
+        if len(problems) == 1:
+            console.print(f"[red]error:[/red] {escape(exc.message)}", highlight=False)
+        else:  # the message names the first; list them all instead, in document order, under its head
+            console.print(f"[red]error:[/red] {escape(exc.message.split(': ', 1)[0])}:", highlight=False)
+            for p in sorted(problems, key=lambda p: _natural(p.get("path") or "")):
                 where = escape(p.get("path") or "(document)")
                 console.print(f"  [bold]{where}[/bold]: {escape(p['message'])}", highlight=False)
         raise typer.Exit(2)
     code = {0: 3, 404: 4, 422: 2, 413: 2, 415: 2, 401: 5, 403: 5, 409: 6}.get(exc.status, 3)
     fail(exc.message, code)
+
+
+def _natural(path: str) -> list[Any]:
+    """A sort key that puts tasks[2] before tasks[10]."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path)]
 
 
 def print_json(value: Any) -> None:
@@ -353,6 +361,9 @@ def list_(
             handle(exc)
     if as_json:
         print_json(page)
+        return
+    if not page["items"]:
+        console.print("no workflows" + (" match" if status_ or name or namespace or label else ""), highlight=False)
         return
     # Ids are what the other commands take: never shortened, whatever the width.
     table = Table(

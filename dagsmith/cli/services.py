@@ -66,8 +66,13 @@ def migrate(
         raise typer.Exit(2)
     revision = revision or "head"
     url = get_settings().database_url.get_secret_value()
+    from alembic.util import CommandError
+
     try:
         (downgrade if down else upgrade)(url, revision)
+    except CommandError as exc:  # no such revision: the argument is wrong, not the database
+        typer.echo(f"error: {exc} (revisions are ids such as 0004, head, or base with --down)", err=True)
+        raise typer.Exit(2) from None
     except Exception as exc:
         typer.echo(f"error: migration failed: {exc}", err=True)
         raise typer.Exit(3) from exc
@@ -219,6 +224,9 @@ def dev(
     """Run the whole system locally.
 
     Migrations first, then the API, controller, evaluator and executors, their logs interleaved.
+    Postgres and RabbitMQ are DAGSMITH_DATABASE_URL and DAGSMITH_AMQP_URL (`dagsmith config`
+    shows the values in effect); /metrics ports count up from DAGSMITH_METRICS_PORT (9101 when
+    unset; -1: none).
     """
     settings = get_settings()
     typer.secho(
@@ -233,17 +241,26 @@ def dev(
         raise typer.Exit(3)
     env = {
         **os.environ,
-        "DAGSMITH_LOG_FORMAT": os.environ.get("DAGSMITH_LOG_FORMAT", "console"),
+        # The children's output comes through this process: colours only if it goes to a terminal.
+        "DAGSMITH_LOG_FORMAT": os.environ.get("DAGSMITH_LOG_FORMAT", "console" if sys.stdout.isatty() else "json"),
         "DAGSMITH_AUTH": "false",
     }
     api_port = str(port or settings.api_port)
+
+    def metrics(offset: int) -> dict[str, str]:
+        """Each service its own metrics port, counting up from DAGSMITH_METRICS_PORT (9101 when
+        unset; negative: none at all)."""
+        if settings.metrics_port < 0:
+            return {"DAGSMITH_METRICS_PORT": "-1"}
+        return {"DAGSMITH_METRICS_PORT": str((settings.metrics_port or 9101) + offset)}
+
     procs: list[tuple[str, list[str], dict[str, str]]] = [
         ("api", ["api", "--port", api_port], {}),
-        ("controller", ["controller"], {"DAGSMITH_METRICS_PORT": "9101"}),
-        ("evaluator", ["evaluator"], {"DAGSMITH_METRICS_PORT": "9102"}),
+        ("controller", ["controller"], metrics(0)),
+        ("evaluator", ["evaluator"], metrics(1)),
     ]
     for i in range(executors):
-        procs.append((f"executor-{i + 1}", ["executor"], {"DAGSMITH_METRICS_PORT": str(9103 + i)}))
+        procs.append((f"executor-{i + 1}", ["executor"], metrics(2 + i)))
     children: list[subprocess.Popen[bytes]] = []
     colors = ["cyan", "magenta", "green", "yellow", "blue"]
     for i, (label, args, extra) in enumerate(procs):

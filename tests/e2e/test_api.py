@@ -127,6 +127,9 @@ def test_unknown_ids_are_404_with_error_shape(stack: Stack) -> None:
         response = httpx.get(stack.url + path, headers=auth(stack))
         assert response.status_code == 404, path
         assert set(response.json()["error"]) == {"code", "message", "details"}
+    # A path no route serves is named (a wrong base URL, such as one ending in /v1, shows at once).
+    missing = httpx.get(stack.url + "/v1/v1/workflows", headers=auth(stack)).json()["error"]["message"]
+    assert missing.startswith("no route GET /v1/v1/workflows"), missing
 
 
 def test_list_filters_and_cursor(client: Client) -> None:

@@ -84,6 +84,20 @@ def test_invalid_spec_exits_2_listing_problems(stack: Stack) -> None:
     assert done.returncode == 2
     assert "spec.tasks[0].dependsOn[0]" in done.stderr
     assert done.stderr.count("no task is named 'zz'") == 1  # named once, not repeated under the header
+    # Several problems: a head, then each once, in document order.
+    three = (
+        b"apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {name: x}\n"
+        b"spec:\n  tasks:\n    - {name: a, type: noop, dependsOn: [zz]}\n"
+        b"    - {name: b, type: noop, dependsOn: [ww]}\n    - {name: c, type: noop, dependsOn: [yy]}\n"
+    )
+    done = cli(stack, "submit", "-", stdin=three)
+    lines = done.stderr.splitlines()
+    assert lines[0] == "error: the workflow document has 3 problems:", done.stderr
+    assert [line.split(":")[0].strip() for line in lines[1:4]] == [
+        "spec.tasks[0].dependsOn[0]",
+        "spec.tasks[1].dependsOn[0]",
+        "spec.tasks[2].dependsOn[0]",
+    ], done.stderr
     # What the server says is printed as it is: brackets in it are not taken for terminal markup.
     bad_type = body.replace(b"type: noop", b"type: 'Text Upper'")
     done = cli(stack, "submit", "-", stdin=bad_type)

@@ -117,6 +117,16 @@ def test_reference_to_unknown_task_and_param() -> None:
     assert any("params.nope" in m for m in messages)
 
 
+def test_a_name_templates_cannot_read_is_a_problem_at_submission() -> None:
+    template = "{{ param.who }} {{ range(2) | list }} {{ workflow.name }} {{ task.attempt }}"
+    found = problems(doc({"name": "a", "type": "echo", "params": {"x": template}}, output={"y": "{{ nothing }}"}))
+    assert [(p["path"], p["code"]) for p in found] == [
+        ("spec.tasks[0].params.x", "unknown_name"),
+        ("spec.output.y", "unknown_name"),
+    ]
+    assert "refers to 'param'" in found[0]["message"] and "did you mean 'params'?" in found[0]["message"]
+
+
 def test_bad_duration() -> None:
     found = problems(doc({"name": "a", "type": "noop", "timeout": "10 parsecs"}))
     assert found[0]["path"] == "spec.tasks[0].timeout"
