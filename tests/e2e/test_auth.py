@@ -179,7 +179,8 @@ def test_cli_tokens(stack: Stack) -> None:
     listed = run("tokens", "list")
     assert "cli-bot" in listed.stdout and token not in listed.stdout
     assert run("tokens", "revoke", "cli-bot").returncode == 0
-    assert run("tokens", "create", "brief", "--scope", "read", "--namespace", "ci", "--expires-in", "1s").returncode == 0
+    brief = run("tokens", "create", "brief", "--scope", "read", "--namespace", "ci", "--expires-in", "1s")
+    assert brief.returncode == 0, brief.stderr
 
     def state(name: str) -> str:
         row = next(line for line in run("tokens", "list").stdout.splitlines() if f" {name} " in line)
