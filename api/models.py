@@ -200,8 +200,8 @@ class SurgeryRequest(BaseModel):
         given = [f for f in ("params", "type", "name", "delay") if getattr(self, f) is not None]
         wrong = [f for f in given if f not in allowed]
         if wrong:
-            takes = ", ".join(allowed) if allowed else "none of params, type, name, delay"
-            raise ValueError(f"{self.op} does not take {', '.join(wrong)} (it takes {takes})")
+            takes = f"it takes only {', '.join(allowed)}" if allowed else "it takes no options"
+            raise ValueError(f"{self.op} does not take {', '.join(wrong)} ({takes})")
         if self.op in ("replace", "insert") and self.type is None:
             raise ValueError(f"{self.op} needs the type of the task to run (type)")
         return self

@@ -184,8 +184,11 @@ class Corrector:
         aborted = plan.operation == "abort"
         if aborted:
             limits = limits_reached(ctx)
-            ruled_out = f" (ruled out by the correction budget: {'; '.join(limits)})" if limits else ""
-            message = stop or f"{choice.actor} found no corrective action worth trying, and aborted{ruled_out}"
+            if limits:  # what else it might have done is out of the budget
+                reason_text = f"{choice.actor} aborted: the correction budget is spent ({'; '.join(limits)})"
+            else:
+                reason_text = f"{choice.actor} found no corrective action worth trying, and aborted"
+            message = stop or reason_text
             for row in await store.abort_workflow(conn, workflow.id, now, task.name, message, failure):
                 events.add(
                     Event(

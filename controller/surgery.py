@@ -105,7 +105,8 @@ def _check_operable(task: TaskSnapshot, manual: bool) -> None:
             "skipped": " (it was skipped with its default output, which tasks after it may have used)",
         }
         hint = hints.get(task.status, "")
-        raise SurgeryConflict(f"task {task.name!r} is {task.status}: it cannot be operated on now{hint}")
+        state = {"succeeded": "has succeeded", "skipped": "was skipped"}.get(task.status, f"is {task.status}")
+        raise SurgeryConflict(f"task {task.name!r} {state}: it cannot be operated on now{hint}")
 
 
 def retry(

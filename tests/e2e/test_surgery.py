@@ -186,7 +186,7 @@ def test_refusals_are_clear(client: Client, stack: Stack) -> None:
         # An option the operation does not use is refused, not ignored.
         ({"op": "skip", "task": "t", "params": {"x": 1}}, 422, "skip does not take params"),
         ({"op": "replace", "task": "t", "type": "echo", "delay": "5s"}, 422, "replace does not take delay"),
-        ({"op": "retry", "task": "t", "type": "echo"}, 422, "retry does not take type (it takes params, delay)"),
+        ({"op": "retry", "task": "t", "type": "echo"}, 422, "retry does not take type (it takes only params, delay)"),
         # Params given to a surgery are held to a submitted task's rules and limits.
         ({"op": "retry", "task": "t", "params": {"text": "a\u0000b"}}, 422, "params.text: contains a NUL"),
         ({"op": "insert", "task": "t", "type": "noop", "params": {"x": "y" * 70_000}}, 422, "over the limit"),
