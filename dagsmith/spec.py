@@ -6,6 +6,7 @@ whole graph (duplicates, cycles, references) live in :mod:`dagsmith.validation`.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -53,6 +54,33 @@ def _duration(value: Any, info: ValidationInfo) -> float:
     if (info.context or {}).get(SUBMISSION) and not isinstance(value, str):
         raise ValueError(f"a duration is a string with a unit, e.g. '10s', '500ms' or '1m30s' (got {value!r})")
     return parse_duration(value)
+
+
+def _boolean(value: Any, info: ValidationInfo) -> Any:
+    # true or false, as the CRD's boolean says; pydantic would also take "yes", "on" or 1.
+    if (info.context or {}).get(SUBMISSION) and not isinstance(value, bool):
+        raise ValueError(f"write true or false (got {value!r})")
+    return value
+
+
+Boolean = Annotated[bool, BeforeValidator(_boolean)]
+
+# Kubernetes label keys and values, so the document is also a valid custom resource.
+LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9]$")
+LABEL_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+LABEL_RULE = "at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+
+
+def label_problem(key: str, value: str) -> str | None:
+    """What makes ``key: value`` an invalid Kubernetes label, or None."""
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not LABEL_PREFIX.match(prefix)):
+        return f"label key {key!r}: the prefix before '/' must be a DNS subdomain (e.g. example.com)"
+    if not LABEL_NAME.match(name):
+        return f"label key {key!r}: the name must be {LABEL_RULE}"
+    if value and not LABEL_NAME.match(value):
+        return f"label {key!r}: the value {value!r} must be empty or {LABEL_RULE}"
+    return None
 
 
 Duration = Annotated[
@@ -103,7 +131,7 @@ class TaskSpec(_Model):
     fallback: list[Annotated[str, Field(pattern=TASK_TYPE_PATTERN, max_length=100)]] = Field(
         default_factory=list, description="Capabilities to reroute to."
     )
-    optional: bool = False
+    optional: Boolean = False
     default: Any = None
     secrets: list[str] = Field(
         default_factory=list,
@@ -163,7 +191,7 @@ class WorkflowBody(_Model):
     tasks: list[TaskSpec] = Field(min_length=1)
     output: Any = Field(None, description="Template(s) over task outputs that form the result.")
     correction: CorrectionSpec = Field(default_factory=CorrectionSpec)
-    cancel: bool = Field(False, description="Set to true to cancel a running workflow.")
+    cancel: Boolean = Field(False, description="Set to true to cancel a running workflow.")
 
 
 class Metadata(_Model):
@@ -175,6 +203,16 @@ class Metadata(_Model):
     namespace: str | None = Field(None, pattern=NAMESPACE_PATTERN)
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("labels")
+    @classmethod
+    def _kubernetes_labels(cls, labels: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        if (info.context or {}).get(SUBMISSION):
+            for key, value in labels.items():
+                problem = label_problem(key, value)
+                if problem:
+                    raise ValueError(problem)
+        return labels
 
 
 class WorkflowDocument(_Model):

@@ -251,3 +251,24 @@ def test_yaml_errors_are_one_line_and_an_unpathed_problem_has_no_stray_colon() -
         load_document(b"spec: [unclosed", "application/yaml")
     assert "\n" not in info.value.problems[0]["message"] and "line 1" in info.value.problems[0]["message"]
     assert not str(info.value).startswith(":")
+
+
+def test_a_key_given_twice_in_yaml_is_refused_with_its_line() -> None:
+    from dagsmith.validation import load_document
+
+    with pytest.raises(SpecError) as info:
+        load_document("kind: Workflow\nspec:\n  tasks:\n    - {name: a, timeout: 10s, timeout: 20s}\n")
+    assert "line 4" in str(info.value) and "found the key 'timeout' twice" in str(info.value)
+    # A merge key's values may be given again: that overrides them, as YAML means.
+    assert load_document("a: &x {k: 1}\nb: {<<: *x, k: 2}\n") == {"a": {"k": 1}, "b": {"k": 2}}
+
+
+def test_labels_and_booleans_are_what_kubernetes_would_take() -> None:
+    bad = doc({"name": "a", "type": "noop", "optional": "yes"})
+    bad["metadata"]["labels"] = {"bad key!": "x"}
+    assert sorted(p["path"] for p in problems(bad)) == ["metadata.labels", "spec.tasks[0].optional"]
+    good = doc({"name": "a", "type": "noop", "optional": True})
+    good["metadata"]["labels"] = {"app.kubernetes.io/name": "demo", "team": "", "tier": "a.b-c_d"}
+    validate(good)
+    bad["metadata"]["labels"] = {"team": "x y"}
+    assert "the value 'x y' must be empty or" in problems(bad)[0]["message"]
