@@ -417,6 +417,8 @@ def tasks(
     for t in items:
         err = t.get("error") or {}
         text = f"{err.get('class')}: {err.get('message', '')}" if err else ""
+        if text and t["status"] in ("pending", "queued", "running"):
+            text = f"(an earlier attempt) {text}"  # the task is not finished: its error is from before
         if len(text) > ERROR_WIDTH:
             text, shortened = short(text, ERROR_WIDTH), True
         table.add_row(

@@ -250,6 +250,26 @@ def test_surgery_params_are_text_unless_given_as_json(stack: Stack, tmp_path: Pa
     assert bad.returncode == 2 and "takes a JSON value" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_tasks_marks_the_error_of_an_earlier_attempt(stack: Stack, tmp_path: Path) -> None:
+    from tests.support.wait import wait_until
+
+    spec = tmp_path / "retrying.yaml"
+    spec.write_text(
+        "apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {name: retrying}\n"
+        "spec:\n  correction: {mode: 'off'}\n  tasks:\n"
+        "    - {name: f, type: chaos.fail, params: {class: transient}, retry: {limit: 2, backoff: {initial: 1h}}}\n"
+    )
+    wid = cli(stack, "submit", str(spec)).stdout.split()[-1]
+
+    def waiting() -> bool:
+        [task] = json.loads(cli(stack, "tasks", wid, "--json").stdout)["items"]
+        return task["status"] == "pending" and task["error"] is not None
+
+    wait_until(waiting, timeout=30, what="the first attempt to fail and the retry to wait")
+    assert "(an earlier attempt) transient" in cli(stack, "tasks", wid).stdout
+    cli(stack, "cancel", wid)
+
+
 def test_tasks_lists_every_page_and_list_says_where_the_next_starts(stack: Stack, tmp_path: Path) -> None:
     tasks = [{"name": f"n{i}", "type": "noop"} for i in range(1001)]
     spec = tmp_path / "wide.json"
