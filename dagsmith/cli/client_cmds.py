@@ -6,6 +6,7 @@ import os
 import re
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -249,13 +250,21 @@ def _print_result(client: Client, wid: str) -> None:
         print_json(result.get("output"))
 
 
-def status(workflow_id: str, api: ApiOption = None, token: TokenOption = None) -> None:
+def status(
+    workflow_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON instead of a table")] = False,
+    api: ApiOption = None,
+    token: TokenOption = None,
+) -> None:
     """Show a workflow's status, progress and reward."""
     with connect(api, token) as client:
         try:
             wf = client.workflow(workflow_id)
         except ClientError as exc:
             handle(exc)
+    if as_json:
+        print_json(wf)
+        return
     p = wf["progress"]
     table = Table(show_header=False, box=None)
     table.add_row("workflow", f"{wf['name']} ({wf['id']})")
@@ -434,13 +443,27 @@ def tasks(
         console.print("errors are shortened: --json shows them in full", highlight=False)
 
 
-def executors(api: ApiOption = None, token: TokenOption = None) -> None:
-    """List registered executors and their task types."""
+def executors(
+    show_all: Annotated[bool, typer.Option("--all", help="Also executors that stopped more than an hour ago")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON instead of a table")] = False,
+    api: ApiOption = None,
+    token: TokenOption = None,
+) -> None:
+    """List registered executors, their task types and liveness (live ones first)."""
     with connect(api, token) as client:
         try:
             items = client.executors()
         except ClientError as exc:
             handle(exc)
+    if not show_all:
+        hour_ago = datetime.now(UTC) - timedelta(hours=1)
+        items = [e for e in items if e["alive"] or datetime.fromisoformat(e["last_heartbeat"]) > hour_ago]
+    if as_json:
+        print_json(items)
+        return
+    if not items:
+        console.print("no executors" + ("" if show_all else " heard from in the last hour (--all shows all)"))
+        return
     table = Table("ID", "ALIVE", "RUNNING", "TYPES")
     for e in items:
         table.add_row(

@@ -116,6 +116,9 @@ def test_status_result_dag_and_not_found(stack: Stack) -> None:
     wid = next(line.split()[-1] for line in submitted.stderr.splitlines() if line.startswith("submitted workflow"))
     status = cli(stack, "status", wid)
     assert status.returncode == 0 and "succeeded" in status.stdout
+    assert json.loads(cli(stack, "status", wid, "--json").stdout)["status"] == "succeeded"
+    live = json.loads(cli(stack, "executors", "--json").stdout)
+    assert live and all(e["alive"] for e in live[:1])
     result = cli(stack, "result", wid)
     assert result.returncode == 0 and "HELLO WORLD" in result.stdout
     dag = cli(stack, "dag", wid, "--format", "mermaid")
