@@ -37,8 +37,9 @@ def ensure_database(database_url: str) -> bool:
     return True
 
 
-def upgrade(database_url: str, revision: str = "head") -> None:
-    ensure_database(database_url)
+def upgrade(database_url: str, revision: str = "head") -> bool:
+    """Bring the schema to ``revision``; True if the database itself had to be created first."""
+    created = ensure_database(database_url)
     engine = create_engine(database_url, poolclass=pool.NullPool)
     with engine.begin() as conn:
         # One migrator at a time: several services may start together and all run migrations.
@@ -46,6 +47,7 @@ def upgrade(database_url: str, revision: str = "head") -> None:
         config = alembic_config(database_url)
         config.attributes["connection"] = conn
         command.upgrade(config, revision)
+    return created
 
 
 def downgrade(database_url: str, revision: str) -> None:

@@ -67,9 +67,14 @@ def migrate(
     revision = revision or "head"
     url = get_settings().database_url.get_secret_value()
     from alembic.util import CommandError
+    from sqlalchemy.engine import make_url
 
     try:
-        (downgrade if down else upgrade)(url, revision)
+        if down:
+            downgrade(url, revision)
+        elif upgrade(url, revision):
+            # Said, not silent: a mistyped database name would otherwise give an empty database.
+            typer.echo(f"created the database {make_url(url).database!r}, which did not exist", err=True)
     except CommandError as exc:  # no such revision: the argument is wrong, not the database
         typer.echo(f"error: {exc} (revisions are ids such as 0004, head, or base with --down)", err=True)
         raise typer.Exit(2) from None

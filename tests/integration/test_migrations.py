@@ -20,7 +20,7 @@ def test_up_down_up() -> None:
     name = f"dagsmith_mig_{uuid.uuid4().hex[:8]}"
     url = create_database(name)
     try:
-        upgrade(url)
+        assert upgrade(url) is False  # the database was there
         assert current(url) is not None
         assert {"workflows", "tasks", "task_events", "executors", "task_types"} <= tables(url)
         downgrade(url, "base")
@@ -44,3 +44,27 @@ def test_migrations_match_the_schema_module(database: str) -> None:
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
     engine.dispose()
+
+
+def test_migrate_creates_a_missing_database_and_says_so() -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import PG
+
+    name = f"dagsmith_mig_{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSMITH_")}
+    env["DAGSMITH_DATABASE_URL"] = f"postgresql+psycopg://{PG.split('://', 1)[1]}/{name}"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "dagsmith", "migrate"], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        assert f"created the database '{name}', which did not exist" in done.stderr
+        again = subprocess.run(
+            [sys.executable, "-m", "dagsmith", "migrate"], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert again.returncode == 0 and "created" not in again.stderr
+    finally:
+        drop_database(name)
