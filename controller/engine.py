@@ -126,7 +126,9 @@ class Engine:
             lease_ttl=self.settings.lease_ttl,
             grace=self.settings.lease_grace,
         )
-        out.at = time.time()
+        # The round's time from here on is taken with the locks held: what it finishes or cancels
+        # is stamped after anything another controller dispatched before it got them.
+        out.at = now = time.time()
         live = set(state.fresh)
         self._record_started(inbound.started, state.started, events)
         ready_since = await self._record_successes(conn, passed, state.applied, events)
@@ -295,7 +297,12 @@ class Engine:
         for m in failed:
             ref = m.result.task
             task = tasks.get(ref.task_id)
-            if task is None or task.workflow_id not in live or (ref.task_id, ref.attempt) in seen:
+            if (
+                task is None
+                or task.workflow_id not in live
+                or task.workflow_id in out.cancelled  # aborted by a correction earlier in this loop
+                or (ref.task_id, ref.attempt) in seen
+            ):
                 metrics.RESULTS_IGNORED.labels("duplicate_or_gone").inc()
                 continue
             seen.add((ref.task_id, ref.attempt))
@@ -334,7 +341,12 @@ class Engine:
         for msg, deliveries in dead:
             task = tasks.get(msg.task_id)
             metrics.DEAD_LETTERS.inc()
-            if task is None or task.workflow_id not in live or accepts_result(task.view(), msg.attempt) is not None:
+            if (
+                task is None
+                or task.workflow_id not in live
+                or task.workflow_id in out.cancelled  # aborted earlier in this round: not sent again
+                or accepts_result(task.view(), msg.attempt) is not None
+            ):
                 continue
             if (msg.task_id, msg.attempt) in seen:
                 # This round already applied a result of the same attempt (the message was

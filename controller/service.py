@@ -268,6 +268,8 @@ class Controller:
                 # A batch of results, one at a time; the message is settled after its last.
                 for index, evaluated in enumerate(item):
                     singles.append((Inbound(evaluated=[evaluated]), message if index == len(item) - 1 else None))
+                if not item:  # nothing in it, but its message is still to be settled
+                    singles.append((Inbound(), message))
                 continue
             inbound = Inbound()
             if kind == "started":
@@ -305,15 +307,23 @@ class Controller:
 
     async def _lose(self, engine: Engine, attempts: list[TaskRef]) -> None:
         """End the leases of attempts whose result was dropped, so that a round soon retries or
-        fails them (:func:`store.expire_leases`). Should even that fail, the error is logged."""
+        fails them (:func:`store.expire_leases`). Should even that fail, the error is logged; a
+        message naming no valid workflow is only dropped."""
+        keys = []
+        for a in attempts:
+            try:
+                keys.append((a.task_id, a.attempt, uuid.UUID(a.workflow_id)))
+            except ValueError:
+                log.error("dropped a result naming no valid workflow", workflow_id=a.workflow_id[:100])
+        if not keys:
+            return
         try:
             async with engine.db.begin() as conn:
-                await store.expire_leases(conn, [(a.task_id, a.attempt) for a in attempts])
+                await store.expire_leases(conn, keys)
         except Exception:
-            keys = [a.idempotency_key for a in attempts[:20]]
-            log.exception("could not end the leases of attempts whose result was dropped", attempts=keys)
+            log.exception("could not end the leases of attempts whose result was dropped", attempts=keys[:20])
             return
-        self.dirty |= {uuid.UUID(a.workflow_id) for a in attempts}
+        self.dirty |= {workflow_id for _, _, workflow_id in keys}
 
     async def _heartbeat_loop(self, db: Any) -> None:
         while True:

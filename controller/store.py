@@ -219,8 +219,8 @@ _TASK_COLUMNS = """id, workflow_id, name, type, status, attempt, waiting_on, ret
     params, refs, timeout_s, not_before, lease_expires_at"""
 # Applying a result needs much less than dispatching: not the params or the whole spec.
 _RESULT_COLUMNS = """id, workflow_id, name, type, status, attempt, waiting_on, retries, max_retries,
-    jsonb_build_object('retry', spec->'retry') AS spec, '{}'::jsonb AS params, refs, timeout_s, not_before,
-    lease_expires_at"""
+    jsonb_build_object('retry', spec->'retry', 'queueTimeout', spec->'queueTimeout') AS spec,
+    '{}'::jsonb AS params, refs, timeout_s, not_before, lease_expires_at"""
 
 
 def _task_row(r: Any) -> TaskRow:
@@ -261,7 +261,8 @@ _REFRESH = _psycopg_sql(
         (SELECT {_TASK_JSON_COLUMNS} FROM tasks
          WHERE workflow_id = ANY(:ids) AND status = 'pending' AND waiting_on = 0
          -- Ready ones first: retries waiting out a backoff must not crowd them out of the limit.
-         ORDER BY (not_before IS NOT NULL AND not_before > :now), id LIMIT :limit)
+         -- Then the earliest backoffs, so the round's timer is set for the first of them.
+         ORDER BY (not_before IS NOT NULL AND not_before > :now), not_before NULLS FIRST, id LIMIT :limit)
         UNION ALL
         (SELECT {_TASK_JSON_COLUMNS} FROM tasks
          WHERE status = 'running' AND lease_expires_at <= :now AND workflow_id = ANY(:ids))
@@ -503,20 +504,27 @@ async def requeue(conn: AsyncConnection, attempts: Sequence[tuple[int, int, floa
     )
 
 
-async def expire_leases(conn: AsyncConnection, attempts: Sequence[tuple[int, int]]) -> None:
-    """Attempts whose result or dead letter could not be applied (the controller dropped it):
-    running, with a lease that has already ended, so the next round takes them for lost and
-    retries or fails them as their workflow's policy says, instead of leaving them waiting for a
-    result that will never come. A finished attempt, or an older one, is left alone."""
+async def expire_leases(conn: AsyncConnection, attempts: Sequence[tuple[int, int, uuid.UUID]]) -> None:
+    """Attempts (task id, attempt, the workflow the message named) whose result or dead letter
+    could not be applied (the controller dropped it): running, with a lease that has already
+    ended, so the next round takes them for lost and retries or fails them as their workflow's
+    policy says, instead of leaving them waiting for a result that will never come. A finished
+    attempt, an older one, or one of another workflow than the message said, is left alone."""
     await conn.execute(
         sa.text(
             """
             UPDATE tasks t SET status = 'running', lease_expires_at = now()
-            FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[])) AS a(id, attempt)
-            WHERE t.id = a.id AND t.attempt = a.attempt AND t.status IN ('queued', 'running')
+            FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS int[]), CAST(:workflows AS uuid[]))
+                AS a(id, attempt, workflow_id)
+            WHERE t.id = a.id AND t.attempt = a.attempt AND t.workflow_id = a.workflow_id
+              AND t.status IN ('queued', 'running')
             """
         ),
-        {"ids": [i for i, _ in attempts], "attempts": [a for _, a in attempts]},
+        {
+            "ids": [i for i, _, _ in attempts],
+            "attempts": [a for _, a, _ in attempts],
+            "workflows": [w for _, _, w in attempts],
+        },
     )
 
 

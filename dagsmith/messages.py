@@ -202,9 +202,10 @@ class CancelMessage(_Message):
     at: list[float] = Field(default_factory=list)
     snapshot: bool = False  # the recent cancellations, sent to one executor that just connected
 
-    def times(self) -> dict[str, float]:
-        """Each workflow's time; one without (from an older controller) stops everything of it."""
-        return {wid: self.at[i] if i < len(self.at) else float("inf") for i, wid in enumerate(self.workflow_ids)}
+    def times(self, received: float) -> dict[str, float]:
+        """Each workflow's time; one without (from an older controller) counts as ``received``,
+        when it reached the executor, so what was dispatched before stops and a later revival runs."""
+        return {wid: self.at[i] if i < len(self.at) else received for i, wid in enumerate(self.workflow_ids)}
 
 
 class DeadLetter(_Message):

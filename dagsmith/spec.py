@@ -73,12 +73,12 @@ LABEL_RULE = "at most 63 letters, digits, '-', '_' or '.', starting and ending w
 
 def label_problem(key: str, value: str) -> str | None:
     """What makes ``key: value`` an invalid Kubernetes label, or None."""
-    prefix, _, name = key.rpartition("/")
-    if prefix and (len(prefix) > 253 or not LABEL_PREFIX.match(prefix)):
+    prefix, slash, name = key.rpartition("/")
+    if slash and (len(prefix) > 253 or not LABEL_PREFIX.fullmatch(prefix)):
         return f"label key {key!r}: the prefix before '/' must be a DNS subdomain (e.g. example.com)"
-    if not LABEL_NAME.match(name):
+    if not LABEL_NAME.fullmatch(name):
         return f"label key {key!r}: the name must be {LABEL_RULE}"
-    if value and not LABEL_NAME.match(value):
+    if value and not LABEL_NAME.fullmatch(value):
         return f"label {key!r}: the value {value!r} must be empty or {LABEL_RULE}"
     return None
 

@@ -70,7 +70,9 @@ class _Loader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue  # `<<: *anchor`: its keys may be given again here, which overrides them
             key = self.construct_object(key_node, deep=True)
-            if isinstance(key, str | int | float | bool) and key in seen:
+            if not isinstance(key, str | int | float | bool):
+                continue  # a complex key: the safe loader itself refuses it (not hashable)
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"found the key {key!r} twice in one mapping", key_node.start_mark
                 )

@@ -469,7 +469,8 @@ class ExecutorRuntime:
             cancel = CancelMessage.model_validate_json(message.body)
             if cancel.snapshot:
                 self.caught_up.set()
-            for wid, at in cancel.times().items():
+            # A snapshot lists the newest first: the oldest go in first, so they are the first evicted.
+            for wid, at in reversed(cancel.times(time.time()).items()):
                 self.cancelled[wid] = max(at, self.cancelled.get(wid, at))
                 self.cancelled.move_to_end(wid)
                 while len(self.cancelled) > 10_000:

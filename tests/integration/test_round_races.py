@@ -18,7 +18,15 @@ from controller.migrate import upgrade
 from controller.policies import PolicyBox
 from controller.submit import submit
 from dagsmith.errors import ErrorClass
-from dagsmith.messages import EvaluatedMessage, Evaluation, ResultMessage, StartedMessage, TaskError, TaskRef
+from dagsmith.messages import (
+    EvaluatedMessage,
+    Evaluation,
+    ResultMessage,
+    StartedMessage,
+    TaskError,
+    TaskMessage,
+    TaskRef,
+)
 from dagsmith.validation import validate
 from tests.conftest import create_database, drop_database, make_settings
 from tests.support.engine import round_engine
@@ -219,7 +227,7 @@ async def test_an_attempt_whose_result_cannot_be_applied_is_taken_for_lost(engin
     await eng.run_round(Inbound(dirty={wid}))
     task_id = (await _tasks(db, wid))["t"][0]
     async with db.begin() as conn:
-        await store.expire_leases(conn, [(task_id, 1), (task_id, 0)])  # the stale attempt 0 is ignored
+        await store.expire_leases(conn, [(task_id, 1, wid), (task_id, 0, wid)])  # the stale attempt 0 is ignored
     await eng.run_round(Inbound(dirty={wid}))
     async with db.connect() as conn:
         row = (
@@ -284,3 +292,58 @@ async def test_start_reports_of_one_attempt_in_one_round_keep_the_latest_deliver
     async with db.connect() as conn:
         row = (await conn.exec_driver_sql(f"SELECT status, started_delivery FROM tasks WHERE id = {task_id}")).one()
     assert (row.status, row.started_delivery) == ("running", 3)
+
+
+async def test_a_dead_letter_of_a_workflow_aborted_in_its_round_is_not_sent_again(engine: tuple[Engine, Any]) -> None:
+    eng, db = engine
+    wid = await _submit(db, [{"name": "a", "type": "noop"}, {"name": "b", "type": "noop"}])
+    await eng.run_round(Inbound(dirty={wid}))
+    t = await _tasks(db, wid)
+    dead = TaskMessage(task_id=t["b"][0], attempt=1, workflow_id=str(wid), name="b", type="noop")
+    out = await eng.run_round(Inbound(evaluated=[_result(t["a"][0], wid, "a", ErrorClass.permanent)], dead=[(dead, 4)]))
+    assert out.cancelled == {wid} and out.redriven == []
+
+
+async def test_a_message_sent_again_waits_a_new_queue_timeout(engine: tuple[Engine, Any]) -> None:
+    """A dead-lettered message no executor started is sent again; its wait in the queue starts
+    again too, still bounded by the task's queueTimeout."""
+    eng, db = engine
+    wid = await _submit(db, [{"name": "q", "type": "noop", "queueTimeout": "30s"}], mode="off")
+    await eng.run_round(Inbound(dirty={wid}))
+    task_id = (await _tasks(db, wid))["q"][0]
+    dead = TaskMessage(task_id=task_id, attempt=1, workflow_id=str(wid), name="q", type="noop")
+    before = time.time()
+    out = await eng.run_round(Inbound(dead=[(dead, 4)]))
+    assert [m.task_id for m in out.redriven] == [task_id]
+    async with db.connect() as conn:
+        status, deadline = (
+            await conn.exec_driver_sql(
+                f"SELECT status, extract(epoch FROM queue_deadline) FROM tasks WHERE id = {task_id}"
+            )
+        ).one()
+    assert status == "queued" and deadline is not None and float(deadline) >= before + 29
+
+
+async def test_a_cancellation_is_stamped_after_the_rounds_locks(engine: tuple[Engine, Any]) -> None:
+    """What executors learn of a cancellation (the broadcast's time, and the workflow's finish time
+    sent to executors that connect later) is the same moment, taken with the workflow locked."""
+    eng, db = engine
+    wid = await _submit(db, [{"name": "a", "type": "noop"}], mode="off")
+    await eng.run_round(Inbound(dirty={wid}))
+    async with db.begin() as conn:
+        await conn.exec_driver_sql(f"UPDATE workflows SET cancel_requested = true WHERE id = '{wid}'")
+    out = await eng.run_round(Inbound(dirty={wid}))
+    assert out.cancelled == {wid}
+    async with db.connect() as conn:
+        [(_, finished)] = await store.recently_ended(conn, 3600)
+    assert abs(finished - out.at) < 0.001
+
+
+async def test_a_dropped_result_naming_another_workflow_ends_no_lease(engine: tuple[Engine, Any]) -> None:
+    eng, db = engine
+    wid = await _submit(db, [{"name": "t", "type": "noop"}], mode="off")
+    await eng.run_round(Inbound(dirty={wid}))
+    task_id = (await _tasks(db, wid))["t"][0]
+    async with db.begin() as conn:
+        await store.expire_leases(conn, [(task_id, 1, uuid.uuid4())])
+    assert (await _tasks(db, wid))["t"][1] == "queued"

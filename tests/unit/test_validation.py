@@ -259,6 +259,9 @@ def test_a_key_given_twice_in_yaml_is_refused_with_its_line() -> None:
     with pytest.raises(SpecError) as info:
         load_document("kind: Workflow\nspec:\n  tasks:\n    - {name: a, timeout: 10s, timeout: 20s}\n")
     assert "line 4" in str(info.value) and "found the key 'timeout' twice" in str(info.value)
+    # A complex key is refused as before, with a parse error, not a crash.
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_document("? [a, b]\n: 1\n")
     # A merge key's values may be given again: that overrides them, as YAML means.
     assert load_document("a: &x {k: 1}\nb: {<<: *x, k: 2}\n") == {"a": {"k": 1}, "b": {"k": 2}}
 
@@ -272,3 +275,12 @@ def test_labels_and_booleans_are_what_kubernetes_would_take() -> None:
     validate(good)
     bad["metadata"]["labels"] = {"team": "x y"}
     assert "the value 'x y' must be empty or" in problems(bad)[0]["message"]
+    for labels in ({"team": "web\n"}, {"app\n": "x"}, {"/app": "x"}):  # what Kubernetes refuses too
+        bad["metadata"]["labels"] = labels
+        assert problems(bad)[0]["path"] == "metadata.labels", labels
+
+
+def test_a_cancellation_from_an_older_controller_counts_from_when_it_arrived() -> None:
+    from dagsmith.messages import CancelMessage
+
+    assert CancelMessage(workflow_ids=["a", "b"], at=[5.0]).times(received=9.0) == {"a": 5.0, "b": 9.0}
