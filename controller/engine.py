@@ -146,8 +146,8 @@ class Engine:
         to_dispatch: list[Prepared] = []
         failures: list[tuple[TaskRow, ScheduleRetry | FailTask, EvaluatedMessage | None]] = []
         corrections: list[tuple[WorkflowRow, TaskRow, Failure]] = []
-        ready = [t for t in candidates if t.status == "pending" and (t.not_before is None or t.not_before <= now)]
-        if len(ready) >= limit:
+        ready = sum(1 for t in candidates if t.status == "pending" and (t.not_before is None or t.not_before <= now))
+        if ready >= limit:
             # The round took as many ready tasks as it may; more may be ready, in any of its
             # workflows (the limit is shared): all of them get another round at once.
             out.again |= live

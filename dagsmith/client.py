@@ -125,8 +125,8 @@ class Client:
 
         With a ``deadline`` (``time.monotonic()``), raise WaitTimeout once it has passed. A read
         waits at most the time that was left when the stream opened; the server's pings (every
-        15 s) would start that wait again, so after a ping that leaves the wait longer than what
-        is left, the stream is opened again, after the last event seen, with the shorter wait."""
+        15 s) would start that wait again, so after a ping the stream is opened again, after the
+        last event seen, with a read wait no longer than what is left now."""
         while True:
             opened = time.monotonic()
             left = None if deadline is None else max(deadline - opened, 0.01)

@@ -262,7 +262,7 @@ def test_tasks_marks_the_error_of_an_earlier_attempt(stack: Stack, tmp_path: Pat
         "spec:\n  correction: {mode: 'off'}\n  tasks:\n"
         "    - {name: f, type: chaos.fail, params: {class: transient}, retry: {limit: 2, backoff: {initial: 1h}}}\n"
     )
-    wid = cli(stack, "submit", str(spec)).stdout.split()[-1]
+    wid = _submitted(stack, spec)
 
     def waiting() -> bool:
         [task] = json.loads(cli(stack, "tasks", wid, "--json").stdout)["items"]

@@ -138,11 +138,16 @@ def test_deleting_the_resource_cancels_the_workflow_and_lets_go(
     obj = kube_api.wait_status("napping", lambda s: s.get("phase") == "Running", "phase Running")
     workflow_id = obj["status"]["workflowId"]
 
-    kube_api.delete("napping")
-    wait_until(lambda: kube_api.get("napping") is None, timeout=30, what="the finalizer to be released")
+    delete_and_see_cancelled(kube_api, engine_settings, "napping", workflow_id, timeout=30)
+
+
+def delete_and_see_cancelled(kube_api: Kube, settings: Settings, name: str, workflow_id: str, timeout: float) -> None:
+    """Delete the resource: the finalizer lets go, and the workflow is cancelled in the store."""
+    kube_api.delete(name)
+    wait_until(lambda: kube_api.get(name) is None, timeout=timeout, what="the finalizer to be released")
     wait_until(
-        lambda: store(engine_settings, "SELECT status FROM workflows WHERE id = %s", workflow_id)[0][0] == "cancelled",
-        timeout=30,
+        lambda: store(settings, "SELECT status FROM workflows WHERE id = %s", workflow_id)[0][0] == "cancelled",
+        timeout=timeout,
         what="the workflow to be cancelled in the store",
     )
 
@@ -160,13 +165,7 @@ def test_a_workflow_of_thousands_of_tasks_gets_its_status_and_can_be_deleted(
     obj = kube_api.wait_status("big", lambda s: s.get("phase") == "Running", "phase Running")
     assert obj["status"]["total"] == 3000 and obj["metadata"]["finalizers"] == ["dagsmith.io/cancel-on-delete"]
     workflow_id = obj["status"]["workflowId"]
-    kube_api.delete("big")
-    wait_until(lambda: kube_api.get("big") is None, timeout=60, what="the finalizer to be released")
-    wait_until(
-        lambda: store(engine_settings, "SELECT status FROM workflows WHERE id = %s", workflow_id)[0][0] == "cancelled",
-        timeout=60,
-        what="the workflow to be cancelled in the store",
-    )
+    delete_and_see_cancelled(kube_api, engine_settings, "big", workflow_id, timeout=60)
 
 
 def test_a_redelivered_create_creates_nothing_twice(
