@@ -16,6 +16,9 @@ RESULTS_IGNORED = Counter(
     "dagsmith_results_ignored_total", "Results that changed nothing (duplicates, stale attempts).", ["reason"]
 )
 WORKFLOWS_FINISHED = Counter("dagsmith_workflows_finished_total", "Workflows that reached a final status.", ["status"])
+WORKFLOWS_PRUNED = Counter(
+    "dagsmith_workflows_pruned_total", "Finished workflows deleted by the controller's retention (DAGSMITH_RETENTION)."
+)
 WORKFLOWS = Gauge("dagsmith_workflows", "Workflows by status (refreshed periodically).", ["status"])
 RECONCILE_SECONDS = Histogram(
     "dagsmith_reconcile_duration_seconds",

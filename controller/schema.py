@@ -67,6 +67,11 @@ workflows = sa.Table(
         postgresql_where=sa.text("status IN ('pending', 'running')"),
     ),
     sa.Index("ix_workflows_labels", "labels", postgresql_using="gin"),
+    sa.Index(
+        "ix_workflows_finished",
+        "finished_at",
+        postgresql_where=sa.text("status IN ('succeeded', 'failed', 'cancelled')"),
+    ),
 )
 
 tasks = sa.Table(
@@ -200,7 +205,8 @@ correction_decisions = sa.Table(
     "correction_decisions",
     metadata,
     sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
-    sa.Column("workflow_id", UUID(as_uuid=True), sa.ForeignKey("workflows.id", ondelete="CASCADE"), nullable=False),
+    # NULL once its workflow is deleted (retention): the decision stays as training data.
+    sa.Column("workflow_id", UUID(as_uuid=True), sa.ForeignKey("workflows.id", ondelete="SET NULL"), index=True),
     sa.Column("task_id", sa.BigInteger, nullable=False),
     sa.Column("task_name", sa.Text, nullable=False),
     sa.Column("task_type", sa.Text, nullable=False),

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -20,7 +21,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
-from controller import metrics, store
+from controller import metrics, retention, store
 from controller.correct import ACTIVE_VERSION, Corrector
 from controller.db import CHANNEL_WORKFLOWS, create_engine, in_transaction, wait_for_database
 from controller.dispatch import Publisher
@@ -45,6 +46,7 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_METRICS_PORT = 9101
 CANCELLATION_MEMORY = 86_400.0  # seconds of cancelled and failed workflows an executor is told about
+RETENTION_INTERVAL = 300.0  # seconds between the controller's passes over workflows past retention
 
 # RabbitMQ is unreachable or the channel is gone; the robust connection restores both.
 BROKER_ERRORS = (
@@ -452,6 +454,32 @@ class Controller:
             if self.policies.version:
                 ACTIVE_VERSION.labels(self.policies.version).set(1)
 
+    async def _retention_loop(self, db: Any, stop: asyncio.Event, keep: float) -> None:
+        """Delete workflows finished more than ``keep`` seconds ago: a batch per transaction, so
+        rounds are never held up for long, then wait for the next pass."""
+        while not stop.is_set():
+            cutoff = retention.cutoff_for(keep, datetime.now(UTC))
+            deleted = 0
+            try:
+                while not stop.is_set():
+
+                    async def one(conn: Any, cutoff: datetime = cutoff) -> retention.Pruned:
+                        return await retention.prune_batch(conn, cutoff)
+
+                    pruned = await in_transaction(db, one, what="retention", attempts=3)
+                    deleted += pruned.workflows
+                    metrics.WORKFLOWS_PRUNED.inc(pruned.workflows)
+                    if pruned.workflows < retention.DEFAULT_BATCH:
+                        break
+            except Exception as exc:
+                log.warning("retention pass failed; trying again at the next", error=str(exc)[:200])
+            if deleted:
+                log.info(
+                    "deleted finished workflows past retention", workflows=deleted, finished_before=cutoff.isoformat()
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=RETENTION_INTERVAL)
+
     async def _send_cancellations(self, db: Any, control_queue: str) -> None:
         """The workflows cancelled or failed in the last day, to an executor that asks: it has just
         connected (or reconnected) and may hold their task messages, having missed the broadcasts."""
@@ -517,6 +545,8 @@ class Controller:
             asyncio.create_task(self._gauges_loop(db, connection, stop)),
             asyncio.create_task(self._policy_loop(db, stop)),
         ]
+        if settings.retention is not None:
+            background.append(asyncio.create_task(self._retention_loop(db, stop, settings.retention)))
         try:
             await self._rounds(engine, stop)
         finally:

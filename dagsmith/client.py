@@ -88,6 +88,9 @@ class Client:
     def cancel(self, workflow_id: str) -> dict[str, Any]:
         return self._request("POST", f"/v1/workflows/{workflow_id}/cancel").json()
 
+    def delete(self, workflow_id: str) -> None:
+        self._request("DELETE", f"/v1/workflows/{workflow_id}")
+
     def executors(self) -> list[dict[str, Any]]:
         return self._request("GET", "/v1/executors").json()
 

@@ -12,7 +12,7 @@ _WHOLE = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+$")
 MAX_SECONDS = 7 * 86400.0
 
 
-def parse_duration(value: str | int | float) -> float:
+def parse_duration(value: str | int | float, maximum: float = MAX_SECONDS) -> float:
     """Return the duration in seconds. Raises ``ValueError`` with a message a user can act on."""
     if isinstance(value, bool):
         raise ValueError("a duration must be a string like '10s' or a number of seconds, not a boolean")
@@ -29,8 +29,8 @@ def parse_duration(value: str | int | float) -> float:
         raise ValueError(f"a duration must be a string like '10s' or a number of seconds, not {value!r}")
     if seconds < 0:
         raise ValueError(f"a duration cannot be negative ({value!r})")
-    if seconds > MAX_SECONDS:
-        raise ValueError(f"duration {value!r} is longer than the limit of 7d")
+    if seconds > maximum:
+        raise ValueError(f"duration {value!r} is longer than the limit of {format_duration(maximum)}")
     return seconds
 
 

@@ -15,10 +15,15 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from dagsmith.durations import parse_duration
 from dagsmith.validation import Limits
 
 SECRET_FIELDS = ("database_url", "amqp_url", "admin_token")
 DEFAULT_MAX_DELIVERIES = 4  # see the setting's description
+# Retention bounds. Shorter than an hour would delete workflows users are still looking at (and
+# that executors may still hold stale messages of); ten years is "for ever" with a typo guard.
+MIN_RETENTION = 3600.0
+MAX_RETENTION = 3650 * 86400.0
 
 
 class Settings(BaseSettings):
@@ -108,6 +113,13 @@ class Settings(BaseSettings):
         "shorter than this many seconds on average.",
     )
 
+    retention: float | None = Field(
+        None,
+        description="Delete finished workflows (with their tasks and events; correction decisions stay) "
+        "this long after they finish, e.g. '30d'. The controller checks every few minutes. Unset: keep "
+        "them until `dagsmith prune` or DELETE /v1/workflows/{id}. At least 1h, at most 3650d.",
+    )
+
     # Executors
     executor_concurrency: int = Field(16, ge=1, description="Tasks one executor process runs at once.")
     default_task_timeout: float = Field(
@@ -167,6 +179,16 @@ class Settings(BaseSettings):
                 except OSError as exc:
                     raise ValueError(f"DAGSMITH_{name.upper()}_FILE={path}: {exc.strerror}") from None
         return values
+
+    @field_validator("retention", mode="before")
+    @classmethod
+    def _retention(cls, value: object) -> object:
+        if value in ("", None):
+            return None
+        seconds = parse_duration(value, maximum=MAX_RETENTION)  # type: ignore[arg-type]
+        if seconds < MIN_RETENTION:
+            raise ValueError(f"{value!r} is shorter than the minimum of 1h")
+        return seconds
 
     @field_validator("admin_token", mode="before")
     @classmethod

@@ -1,4 +1,4 @@
-"""/v1/workflows: submit, list, inspect, watch, cancel."""
+"""/v1/workflows: submit, list, inspect, watch, cancel, delete."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from api.models import (
     Workflow,
     WorkflowList,
 )
-from controller import queries, revisions
+from controller import queries, retention, revisions
 from controller.store import known_task_types
 from controller.submit import submit
 from dagsmith.durations import parse_duration
@@ -382,6 +382,23 @@ async def _events(request: Request, state: AppState, wid: Any, after: int) -> As
                 pass
     finally:
         state.hub.unwatch(str(wid), wake)
+
+
+@router.delete(
+    "/{workflow_id}",
+    status_code=204,
+    response_class=Response,
+    responses={
+        **_ERRORS,
+        409: {"model": ErrorResponse, "description": "Not finished yet, or owned by a Kubernetes Workflow resource."},
+    },
+    summary="Delete a finished workflow with its tasks, events and revisions (its correction decisions stay)",
+)
+async def delete_workflow(workflow_id: str, state: State, principal: Writer) -> Response:
+    wid = queries.parse_id(workflow_id)
+    async with state.db.begin() as tx:
+        await retention.delete_workflow(tx, wid, principal.namespace_filter)
+    return Response(status_code=204)
 
 
 @router.post(

@@ -13,6 +13,7 @@ from dagsmith.cli import (
     client_cmds,
     operator_cmds,
     policy_cmds,
+    prune_cmds,
     services,
     surgery_cmds,
     token_cmds,
@@ -31,6 +32,7 @@ client_cmds.register(app)
 operator_cmds.register(app)
 token_cmds.register(app)
 surgery_cmds.register(app)
+prune_cmds.register(app)
 app.add_typer(trainer_cmds.app, name="trainer", rich_help_panel="Learning")
 app.add_typer(policy_cmds.app, name="policy", rich_help_panel="Learning")
 

@@ -346,6 +346,16 @@ def cancel(workflow_id: str, api: ApiOption = None, token: TokenOption = None) -
     console.print(f"cancelling {workflow_id}", highlight=False)
 
 
+def delete(workflow_id: str, api: ApiOption = None, token: TokenOption = None) -> None:
+    """Delete a finished workflow with its tasks, events and revisions (cancel a running one first)."""
+    with connect(api, token) as client:
+        try:
+            client.delete(workflow_id)
+        except ClientError as exc:
+            handle(exc)
+    console.print(f"deleted {workflow_id}", highlight=False)
+
+
 def list_(
     status_: Annotated[str | None, typer.Option("--status", help="Only this status")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Only workflows with this name")] = None,
@@ -476,6 +486,6 @@ def executors(
 
 
 def register(app: typer.Typer) -> None:
-    for fn in (submit, watch, status, result, dag, cancel, tasks, executors):
+    for fn in (submit, watch, status, result, dag, cancel, delete, tasks, executors):
         app.command(rich_help_panel="Client")(fn)
     app.command("list", rich_help_panel="Client")(list_)

@@ -55,9 +55,10 @@ def test_scopes(stack: Stack, client: Client) -> None:
         with pytest.raises(ClientError) as info:
             submit(as_reader, workflow("nope", {"name": "a", "type": "noop"}))
         assert info.value.status == 403
-        with pytest.raises(ClientError) as info:
-            as_reader.cancel(wid)
-        assert info.value.status == 403
+        for write in (as_reader.cancel, as_reader.delete):
+            with pytest.raises(ClientError) as info:
+                write(wid)
+            assert info.value.status == 403, write
     with stack.client(writer) as as_writer:
         assert wait_finished(as_writer, submit(as_writer, workflow("w", {"name": "a", "type": "noop"})))
         with pytest.raises(ClientError) as info:
@@ -80,6 +81,7 @@ def test_namespaces_are_invisible_to_other_tokens(stack: Stack, client: Client) 
             as_team.result,
             as_team.dag,
             as_team.cancel,
+            as_team.delete,
             as_team.revisions,
             lambda w: list(as_team.events(w)),
             lambda w: as_team.surgery(w, {"op": "retry", "task": "a"}),

@@ -24,9 +24,11 @@ def cli(
     url: str | None = None,
     token: str | None = None,
     columns: int | None = 200,  # None: no COLUMNS, as when the output is piped
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    extra = env or {}
     env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSMITH_") and k != "COLUMNS"}
-    env.update({"DAGSMITH_API": url or stack.url, "DAGSMITH_TOKEN": token or stack.token or ""})
+    env.update({"DAGSMITH_API": url or stack.url, "DAGSMITH_TOKEN": token or stack.token or "", **extra})
     if columns is not None:
         env["COLUMNS"] = str(columns)
     return subprocess.run(
@@ -153,6 +155,42 @@ def test_cancel(stack: Stack, tmp_path: Path) -> None:
         wait_until(lambda: client.workflow(wid)["status"] == "cancelled", timeout=20, what="the cancel")
     again = cli(stack, "cancel", wid)
     assert again.returncode == 6 and len(again.stderr.strip().splitlines()) == 1, again.stderr  # 409: finished
+
+
+def test_delete_and_prune(stack: Stack, tmp_path: Path) -> None:
+    from dagsmith.client import Client
+    from tests.support.wait import wait_until
+
+    namespace = f"prune-{os.urandom(4).hex()}"
+    spec = tmp_path / "long.yaml"
+    spec.write_text(
+        f"apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {{name: long, namespace: {namespace}}}\n"
+        "spec:\n  tasks: [{name: s, type: sleep, params: {seconds: 60}}]\n"
+    )
+    first, second = _submitted(stack, spec), _submitted(stack, spec)
+    running = cli(stack, "delete", first)
+    assert running.returncode == 6 and "cancel it first" in running.stderr, running.stderr
+    with Client(stack.url, token=stack.token) as client:
+        for wid in (first, second):
+            client.cancel(wid)
+            wait_until(lambda wid=wid: client.workflow(wid)["status"] == "cancelled", timeout=20, what="the cancel")
+    done = cli(stack, "delete", first)
+    assert done.returncode == 0 and f"deleted {first}" in done.stderr, done.stderr
+    assert cli(stack, "status", first).returncode == 4
+
+    db = {"DAGSMITH_DATABASE_URL": stack.settings.database_url.get_secret_value()}
+    dry = cli(stack, "prune", "--older-than", "0s", "--namespace", namespace, "--dry-run", env=db)
+    assert dry.returncode == 0, dry.stderr
+    assert f"1 workflow in namespace {namespace} finished before" in dry.stderr
+    assert "UTC, with 1 task (dry run: nothing deleted)" in dry.stderr
+    unasked = cli(stack, "prune", "--older-than", "0s", "--namespace", namespace, env=db)
+    assert unasked.returncode == 2 and "pass --yes" in unasked.stderr, unasked.stderr
+    assert cli(stack, "status", second).returncode == 0  # neither the dry run nor the refusal deleted it
+    pruned = cli(stack, "prune", "--older-than", "0s", "--namespace", namespace, "--yes", env=db)
+    assert pruned.returncode == 0 and "deleted 1/1 workflow, 1 task" in pruned.stderr, pruned.stderr
+    assert cli(stack, "status", second).returncode == 4
+    bad = cli(stack, "prune", "--older-than", "soon", env=db)
+    assert bad.returncode == 2 and "--older-than: invalid duration 'soon'" in bad.stderr, bad.stderr
 
 
 def test_executor_whose_plugin_cannot_start_exits_2_naming_it(tmp_path: Path) -> None:

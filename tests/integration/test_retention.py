@@ -1,0 +1,220 @@
+"""Against Postgres: deleting finished workflows, by hand, by age and on the controller's schedule.
+
+Each test works in a namespace of its own, since the session database is shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from controller import retention
+from controller.submit import submit
+from dagsmith.errors import Conflict, NotFound
+from dagsmith.validation import validate
+
+HOUR = timedelta(hours=1)
+
+
+def _doc(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "dagsmith.io/v1",
+        "kind": "Workflow",
+        "metadata": {"name": name},
+        # No executor serves this type: the tasks stay pending if a controller is about.
+        "spec": {
+            "tasks": [{"name": "a", "type": "test.nobody"}, {"name": "b", "type": "test.nobody", "dependsOn": ["a"]}]
+        },
+    }
+
+
+async def _workflow(
+    db: AsyncEngine,
+    namespace: str,
+    status: str = "succeeded",
+    finished_ago: timedelta | None = None,
+    *,
+    source: str = "api",
+    key: str | None = None,
+) -> uuid.UUID:
+    """A workflow in ``status``, finished ``finished_ago`` before now, with an event, a revision
+    and a correction decision, as a finished workflow has."""
+    async with db.begin() as conn:
+        wid = (await submit(conn, validate(_doc("w")), namespace=namespace, idempotency_key=key, source=source)).id
+        if status in ("succeeded", "failed", "cancelled"):
+            task_status = "succeeded" if status == "succeeded" else "cancelled"
+            await conn.execute(
+                sa.text("UPDATE tasks SET status = :s WHERE workflow_id = :w"), {"s": task_status, "w": wid}
+            )
+            await conn.execute(
+                sa.text("UPDATE workflows SET status = :s, finished_at = now() - :ago WHERE id = :w"),
+                {"s": status, "ago": finished_ago or timedelta(0), "w": wid},
+            )
+        else:
+            await conn.execute(sa.text("UPDATE workflows SET status = :s WHERE id = :w"), {"s": status, "w": wid})
+        await conn.execute(
+            sa.text("INSERT INTO task_events (workflow_id, to_status, reason) VALUES (:w, 'queued', 'test')"),
+            {"w": wid},
+        )
+        await conn.execute(
+            sa.text(
+                "INSERT INTO dag_revisions (workflow_id, revision, parent_revision, actor, operation, task_name, "
+                "reason, diff) VALUES (:w, 1, 0, 'rules', 'retry', 'a', '{}', '{}')"
+            ),
+            {"w": wid},
+        )
+        await conn.execute(
+            sa.text(
+                "INSERT INTO correction_decisions (workflow_id, task_id, task_name, task_type, attempt, error_class, "
+                "mode, policy_version, feature_schema_version, features, observation, mask, action, probability, "
+                "probabilities, outcome) VALUES (:w, 1, 'a', 'test.nobody', 1, 'transient', 'rules', 'rules', 1, "
+                "'{}', '{0.5}', '{true}', 'retry_now', 1.0, '{1.0}', '{\"fixed\": true}')"
+            ),
+            {"w": wid},
+        )
+    return wid
+
+
+async def _count(db: AsyncEngine, table: str, wid: uuid.UUID) -> int:
+    column = "id" if table == "workflows" else "workflow_id"
+    async with db.connect() as conn:
+        return int(
+            (await conn.execute(sa.text(f"SELECT count(*) FROM {table} WHERE {column} = :w"), {"w": wid})).scalar()
+        )
+
+
+async def test_prune_deletes_only_finished_workflows_past_the_cutoff_and_keeps_their_decisions(db: AsyncEngine) -> None:
+    ns = f"prune-{uuid.uuid4().hex[:8]}"
+    old = [await _workflow(db, ns, s, 3 * HOUR) for s in ("succeeded", "failed", "cancelled")]
+    recent = await _workflow(db, ns, "succeeded", timedelta(minutes=10))
+    running = await _workflow(db, ns, "running")
+    elsewhere = await _workflow(db, f"{ns}-other", "succeeded", 3 * HOUR)
+    async with db.connect() as conn:
+        decisions_before = int(
+            (
+                await conn.execute(sa.text("SELECT count(*) FROM correction_decisions WHERE workflow_id IS NULL"))
+            ).scalar()
+        )
+    cutoff = datetime.now(UTC) - HOUR
+
+    async with db.connect() as conn:
+        found = await retention.count_prunable(conn, cutoff, namespaces=[ns])
+    assert (found.workflows, found.tasks) == (3, 6)
+    async with db.begin() as conn:
+        pruned = await retention.prune_batch(conn, cutoff, namespaces=[ns])
+    assert (pruned.workflows, pruned.tasks) == (3, 6)
+    assert pruned.oldest is not None and pruned.oldest < cutoff
+
+    for wid in old:
+        for table in ("workflows", "tasks", "task_events", "dag_revisions"):
+            assert await _count(db, table, wid) == 0, (table, wid)
+    for wid in (recent, running, elsewhere):
+        assert await _count(db, "workflows", wid) == 1
+        assert await _count(db, "tasks", wid) == 2
+        assert await _count(db, "correction_decisions", wid) == 1
+    async with db.connect() as conn:
+        decisions_after = int(
+            (
+                await conn.execute(sa.text("SELECT count(*) FROM correction_decisions WHERE workflow_id IS NULL"))
+            ).scalar()
+        )
+    assert decisions_after - decisions_before == 3  # unlinked, not deleted: still training data
+    async with db.begin() as conn:
+        again = await retention.prune_batch(conn, cutoff, namespaces=[ns])
+    assert again.workflows == 0
+
+
+async def test_prune_goes_in_batches_oldest_first_and_can_keep_a_status(db: AsyncEngine) -> None:
+    ns = f"prune-{uuid.uuid4().hex[:8]}"
+    succeeded = [await _workflow(db, ns, "succeeded", (5 - i) * HOUR) for i in range(3)]
+    failed = await _workflow(db, ns, "failed", 9 * HOUR)
+    cutoff = datetime.now(UTC) - HOUR
+    async with db.begin() as conn:
+        first = await retention.prune_batch(conn, cutoff, namespaces=[ns], statuses=("succeeded",), batch=2)
+    assert first.workflows == 2
+    assert [await _count(db, "workflows", w) for w in succeeded] == [0, 0, 1]  # the two oldest
+    async with db.begin() as conn:
+        second = await retention.prune_batch(conn, cutoff, namespaces=[ns], statuses=("succeeded",), batch=2)
+    assert second.workflows == 1
+    assert await _count(db, "workflows", failed) == 1  # a status not asked for stays
+    with pytest.raises(ValueError, match="only finished workflows"):
+        async with db.begin() as conn:
+            await retention.prune_batch(conn, cutoff, namespaces=[ns], statuses=("running",))
+
+
+async def test_prune_passes_over_workflows_another_transaction_holds(db: AsyncEngine) -> None:
+    ns = f"prune-{uuid.uuid4().hex[:8]}"
+    held, free = await _workflow(db, ns, "succeeded", 2 * HOUR), await _workflow(db, ns, "succeeded", 2 * HOUR)
+    cutoff = datetime.now(UTC) - HOUR
+    async with db.begin() as holder:
+        await holder.execute(sa.text("SELECT 1 FROM workflows WHERE id = :w FOR UPDATE"), {"w": held})
+        async with db.begin() as conn:
+            pruned = await asyncio.wait_for(retention.prune_batch(conn, cutoff, namespaces=[ns]), 10)
+        assert pruned.workflows == 1
+    assert await _count(db, "workflows", held) == 1
+    assert await _count(db, "workflows", free) == 0
+
+
+async def test_deleting_one_workflow(db: AsyncEngine) -> None:
+    ns = f"del-{uuid.uuid4().hex[:8]}"
+    done = await _workflow(db, ns, "failed", key="build-42")
+    running = await _workflow(db, ns, "running")
+    mirrored = await _workflow(db, ns, "succeeded", source="kubernetes")
+
+    with pytest.raises(NotFound):  # another namespace's workflow does not exist for this caller
+        async with db.begin() as conn:
+            await retention.delete_workflow(conn, done, [f"{ns}-other"])
+    with pytest.raises(Conflict, match="is running: cancel it first"):
+        async with db.begin() as conn:
+            await retention.delete_workflow(conn, running, [ns])
+    with pytest.raises(Conflict, match="delete that with kubectl"):
+        async with db.begin() as conn:
+            await retention.delete_workflow(conn, mirrored, None)
+
+    async with db.begin() as conn:
+        await retention.delete_workflow(conn, done, [ns])
+    assert await _count(db, "workflows", done) == 0
+    assert await _count(db, "tasks", done) == 0
+    # Its idempotency key is free again: the same key makes a new workflow.
+    async with db.begin() as conn:
+        again = await submit(conn, validate(_doc("w")), namespace=ns, idempotency_key="build-42", source="api")
+    assert again.created and again.id != done
+
+
+async def test_the_controller_prunes_on_its_schedule() -> None:
+    from controller.db import create_engine
+    from controller.migrate import upgrade
+    from controller.service import Controller
+    from dagsmith.amqp import delete_topology
+    from tests.conftest import AMQP, create_database, drop_database, make_settings
+
+    name = f"dagsmith_retention_{uuid.uuid4().hex[:8]}"
+    url = create_database(name)
+    prefix = f"ret{uuid.uuid4().hex[:6]}"
+    upgrade(url)
+    db = create_engine(url, pool_size=1, name="retention-test")
+    stop = asyncio.Event()
+    running = None
+    try:
+        old = await _workflow(db, "default", "succeeded", 2 * HOUR)
+        young = await _workflow(db, "default", "succeeded", timedelta(minutes=30))
+        controller = Controller(make_settings(url, prefix, retention="1h"))
+        running = asyncio.create_task(controller.run(stop))
+        async with asyncio.timeout(20):
+            while await _count(db, "workflows", old):
+                assert not running.done(), running
+                await asyncio.sleep(0.05)
+        assert await _count(db, "workflows", young) == 1
+    finally:
+        stop.set()
+        if running is not None:
+            await asyncio.wait_for(running, 10)
+        await db.dispose()
+        await delete_topology(AMQP, prefix, [])
+        drop_database(name)
