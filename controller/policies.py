@@ -64,8 +64,8 @@ class PolicyBox:
 
     def __init__(self) -> None:
         self.rules = RulesPolicy()
-        self.learned: Policy | None = None
-        self.version: str | None = None
+        self.learned: Policy | None = None  # None: the rules decide
+        self.version: str | None = None  # the registry's active version, loaded or not
         self.checked_at = 0.0
 
     async def refresh(self, db: AsyncEngine, *, force: bool = False) -> None:
@@ -93,18 +93,20 @@ class PolicyBox:
             return
         try:
             self.learned = load_learned_policy(bytes(row.weights), row.version)
-            self.version = row.version
             log.info("active policy loaded", version=row.version)
         except Exception:
+            # Not the version before it either: that one was retired. A version's weights never
+            # change, so it is not tried again until another version is activated.
+            self.learned = None
             log.exception("could not load the active policy; deciding with the rules", version=row.version)
+        self.version = row.version
 
     def choose(self, mode: CorrectionMode, ctx: FailureContext) -> Choice:
         if mode == CorrectionMode.learned:
             if self.learned is None:
                 return Choice(self.rules.decide(ctx, fallback_reason="no_active_policy"), None, mode)
             decision = self.learned.decide(ctx)
-            sampled = bool(getattr(self.learned, "sample", False)) and decision.fallback_reason is None
-            return Choice(decision, None, mode, decision.chosen_probability if sampled else 1.0)
+            return Choice(decision, None, mode, decision.probability_of(decision.action))
         decision = self.rules.decide(ctx)
         shadow = None
         if mode == CorrectionMode.shadow and self.learned is not None:
@@ -173,11 +175,31 @@ async def weights_of(conn: AsyncConnection, version: str) -> bytes:
     return bytes(row.weights)
 
 
-async def activate(conn: AsyncConnection, version: str, *, force: bool = False) -> dict[str, Any]:
-    """Make ``version`` the active policy. Only versions whose gate passed, unless ``force``."""
+_UNCHECKED = object()
+
+
+async def activate(
+    conn: AsyncConnection, version: str, *, force: bool = False, replacing: object = _UNCHECKED
+) -> dict[str, Any]:
+    """Make ``version`` the active policy. Only versions whose gate passed, unless ``force``.
+
+    ``replacing``: the version the gate compared it with (None: the rules). If another is active
+    by now (someone activated or rolled back meanwhile), nothing changes: the gate never compared
+    the two, and a person's later decision must not be undone by an older training run."""
     row = (await conn.execute(sa.select(policies).where(policies.c.version == version).with_for_update())).first()
     if row is None:
         raise NotFound(f"no policy version {version!r}")
+    if replacing is not _UNCHECKED:
+        # The lock on the active row (or, with none active, on the new version's row, taken
+        # above) orders this against a concurrent activation or rollback.
+        current = (
+            await conn.execute(sa.select(policies.c.version).where(policies.c.status == "active").with_for_update())
+        ).scalar()
+        if current != replacing:
+            raise Conflict(
+                f"the active policy changed to {current or 'the rules'} while {version} was compared with "
+                f"{replacing or 'the rules'}; it stays a candidate (activate it by hand if wanted)"
+            )
     gate = (row.evaluation or {}).get("gate", {})
     if not force and not gate.get("passed"):
         raise Conflict(

@@ -451,7 +451,7 @@ class Controller:
             except Exception as exc:
                 log.warning("policy refresh failed", error=str(exc)[:200])
             ACTIVE_VERSION.clear()
-            if self.policies.version:
+            if self.policies.learned is not None and self.policies.version:
                 ACTIVE_VERSION.labels(self.policies.version).set(1)
 
     async def _retention_loop(self, db: Any, stop: asyncio.Event, keep: float) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from controller.correction import ACTIONS, FEATURE_SCHEMA_VERSION, FailureContext, RulesPolicy
+from controller.correction import FEATURE_SCHEMA_VERSION, FailureContext, RulesPolicy
 from controller.correction.policy import Policy
 from trainer.evaluate import evaluate, paired_difference_ci
 from trainer.fit import feature_drift
@@ -126,8 +126,9 @@ def decision_reward(record: dict[str, Any], weights: RewardWeights = RewardWeigh
 
 
 def _policy_prob(policy: Policy, ctx: FailureContext, action: str) -> float:
-    decision = policy.decide(ctx)  # with its fallback: what would really be done
-    return float(decision.probabilities[[str(a) for a in ACTIONS].index(action)])
+    """How likely ``policy``, as deployed (with its fallback, argmax unless it samples), is to take
+    ``action`` — not its network's distribution, which an argmax policy never acts on."""
+    return float(policy.decide(ctx).probability_of(action))
 
 
 def off_policy(records: list[dict[str, Any]], candidate: Policy, active: Policy, config: GateConfig) -> dict[str, Any]:
@@ -147,16 +148,25 @@ def off_policy(records: list[dict[str, Any]], candidate: Policy, active: Policy,
     if len(r) < config.min_decisions:
         out["reason"] = f"only {len(r)} logged decisions with outcomes (needs {config.min_decisions})"
         return out
-    ess = float(wc.sum() ** 2 / max((wc**2).sum(), 1e-12))
-    out["effective_sample_size"] = ess
-    if ess < config.min_ess:
-        out["reason"] = f"the candidate rarely chooses what was logged (effective sample size {ess:.1f})"
-        return out
+    # Both estimates need support: a policy that rarely does what was logged has an estimate
+    # made of a handful of decisions (or of none: NaN), which must not pass for "no worse".
+    for name, w in (("candidate", wc), ("active policy", wa)):
+        ess = float(w.sum() ** 2 / max((w**2).sum(), 1e-12))
+        out[f"effective_sample_size_{name.split()[0]}"] = ess
+        if ess < config.min_ess:
+            out["reason"] = f"the {name} rarely chooses what was logged (effective sample size {ess:.1f})"
+            return out
+    out["effective_sample_size"] = out["effective_sample_size_candidate"]
     rng = np.random.default_rng(0)
     diffs = []
     for _ in range(config.n_boot):
         i = rng.integers(0, len(r), len(r))
-        diffs.append(_snips(r[i], wc[i]) - _snips(r[i], wa[i]))
+        diff = _snips(r[i], wc[i]) - _snips(r[i], wa[i])
+        if np.isfinite(diff):  # a resample with no support for one policy says nothing
+            diffs.append(diff)
+    if len(diffs) < config.n_boot * 0.95:
+        out["reason"] = f"{config.n_boot - len(diffs)} of {config.n_boot} bootstrap resamples had no support"
+        return out
     out.update(
         candidate=_snips(r, wc),
         active=_snips(r, wa),
@@ -238,6 +248,7 @@ def train_and_gate(
     from controller.db import create_engine as create_async
     from controller.policies import activate as activate_version
     from controller.policies import register
+    from dagsmith.errors import Conflict
     from evaluator.reward import REWARD_VERSION
     from trainer.ppo import PPOConfig, train
 
@@ -300,8 +311,12 @@ def train_and_gate(
                     evaluation=evaluation,
                 )
             if activate and report.passed:
-                async with db.begin() as conn:
-                    await activate_version(conn, version)
+                try:
+                    async with db.begin() as conn:
+                        await activate_version(conn, version, replacing=active_row.version if active_row else None)
+                except Conflict as exc:
+                    log(f"not activated: {exc}")
+                    return False
                 return True
             return False
         finally:

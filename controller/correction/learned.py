@@ -204,4 +204,4 @@ class LearnedPolicy:
             index = int(torch.multinomial(torch.tensor(probs), 1, generator=self._generator).item())
         else:
             index = best
-        return Decision(ACTIONS[index], probs, probs[index], valid, self.version, None)
+        return Decision(ACTIONS[index], probs, probs[index], valid, self.version, None, sampled=self.sample)

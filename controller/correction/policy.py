@@ -19,11 +19,12 @@ from controller.correction.rules import RULES_VERSION, rules_action
 class Decision:
     """One corrective decision.
 
-    ``probabilities`` is the full distribution the action was drawn from (in ``ACTIONS`` order,
-    zero where masked); ``chosen_probability`` is the entry of the chosen action. A deterministic
-    choice (rules, argmax) has probability 1. ``policy_version`` names who actually decided: when
-    the learned policy defers to the rules, it is the rules' version and ``fallback_reason`` says
-    why.
+    ``probabilities`` is the policy's full distribution (in ``ACTIONS`` order, zero where masked);
+    ``chosen_probability`` is the entry of the chosen action. ``sampled`` says whether the action
+    was drawn from that distribution; if not (rules, argmax), the action was taken with
+    certainty, whatever the distribution says (see :meth:`probability_of`). ``policy_version``
+    names who actually decided: when the learned policy defers to the rules, it is the rules'
+    version and ``fallback_reason`` says why.
     """
 
     action: CorrectiveAction
@@ -32,6 +33,14 @@ class Decision:
     mask: tuple[bool, ...]
     policy_version: str
     fallback_reason: str | None = None
+    sampled: bool = False
+
+    def probability_of(self, action: CorrectiveAction | str) -> float:
+        """How likely this decision was to take ``action``: the propensity an off-policy estimate
+        divides by (for the logged action) and weighs with (for a policy being evaluated)."""
+        if self.sampled:
+            return self.probabilities[[str(a) for a in ACTIONS].index(str(action))]
+        return 1.0 if str(action) == str(self.action) else 0.0
 
     def __post_init__(self) -> None:
         if len(self.probabilities) != N_ACTIONS or len(self.mask) != N_ACTIONS:

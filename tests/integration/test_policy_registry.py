@@ -74,3 +74,53 @@ async def test_activation_refuses_a_version_that_failed_the_gate_unless_forced(d
     assert (await _statuses(db, bad))[bad] == "candidate"
     assert await _activate(db, bad, force=True) == bad
     assert await _rollback(db) is None
+
+
+async def test_a_trained_version_does_not_replace_one_activated_while_it_trained(db: AsyncEngine, run_id: str) -> None:
+    """The trainer compared its candidate with `old`; someone activated `chosen` meanwhile."""
+    old, chosen, trained = (f"race-{run_id}-{n}" for n in ("old", "chosen", "trained"))
+    for version in (old, chosen, trained):
+        await _register(db, version)
+    await _activate(db, old)
+    await _activate(db, chosen)
+    with pytest.raises(
+        Conflict, match=f"the active policy changed to {chosen} while {trained} was compared with {old}"
+    ):
+        await _activate(db, trained, replacing=old)
+    assert (await _statuses(db, chosen, trained)) == {chosen: "active", trained: "candidate"}
+    assert await _activate(db, trained, replacing=chosen) == trained  # compared with what is active: fine
+    assert await _rollback(db) == chosen
+    assert await _rollback(db) == old
+    assert await _rollback(db) is None
+    with pytest.raises(Conflict, match=f"changed to the rules while {trained} was compared with {old}"):
+        await _activate(db, trained, replacing=old)
+
+
+async def test_a_policy_that_cannot_be_loaded_leaves_the_rules_deciding(db: AsyncEngine, run_id: str) -> None:
+    """Not the version active before it, which was retired."""
+    from controller.correction import FailureContext
+    from controller.policies import PolicyBox
+    from dagsmith.spec import CorrectionMode
+
+    broken = f"broken-{run_id}"
+    await _register(db, broken)  # its weights are not a checkpoint
+    box = PolicyBox()
+    box.learned = _Stub()  # as if an earlier version were loaded
+    box.version = f"earlier-{run_id}"
+    await _activate(db, broken)
+    try:
+        await box.refresh(db, force=True)
+        assert box.learned is None and box.version == broken
+        ctx = FailureContext(error_class="transient", task_type="x", max_retries=2, max_surgeries=3)
+        choice = box.choose(CorrectionMode.learned, ctx)
+        assert choice.decision.policy_version.startswith("rules")
+        assert choice.decision.fallback_reason == "no_active_policy"
+    finally:
+        assert await _rollback(db) is None
+
+
+class _Stub:
+    version = "stub"
+
+    def decide(self, ctx: Any) -> Any:
+        raise AssertionError("the retired policy decided")

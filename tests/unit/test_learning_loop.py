@@ -101,3 +101,50 @@ def test_the_gate_refuses_a_candidate_worse_than_the_rules_on_held_out_episodes(
     assert not report.passed
     assert "does not beat rules" in report.reason
     assert report.simulator["vs_rules"]["high"] < 0  # aborting at once is clearly worse
+
+
+def test_off_policy_scores_an_argmax_policy_as_it_acts_not_by_its_distribution() -> None:
+    """Deployed deterministically, a policy whose network gives retry_now 0.6 and reroute 0.4
+    always retries: on logs where retrying never fixed anything, its value is 0 — not the 0.4
+    its distribution's share of the reroutes would credit it with."""
+    import math
+
+    import torch
+
+    from controller.correction.actions import N_ACTIONS, CorrectiveAction
+    from controller.correction.learned import ActorCritic, LearnedPolicy, checkpoint_bytes
+
+    net = ActorCritic()
+    logits = [-30.0] * N_ACTIONS
+    logits[CorrectiveAction.retry_now.ordinal] = math.log(0.6)
+    logits[CorrectiveAction.reroute.ordinal] = math.log(0.4)
+    with torch.no_grad():
+        net.actor[-1].weight.zero_()
+        net.actor[-1].bias.copy_(torch.tensor(logits))
+    candidate = LearnedPolicy(checkpoint_bytes(net, ["transient"]), "argmax")
+    ctx = FailureContext(error_class="transient", task_type="x", max_retries=2, max_surgeries=3, has_fallback=True)
+    decision = candidate.decide(ctx)
+    assert decision.action is CorrectiveAction.retry_now and decision.fallback_reason is None
+    assert decision.probabilities[CorrectiveAction.reroute.ordinal] == pytest.approx(0.4, abs=0.01)
+    records = [{**record("retry_now", False, seconds=0.0), "features": ctx.to_dict()} for _ in range(50)] + [
+        {**record("reroute", True, seconds=0.0), "features": ctx.to_dict()} for _ in range(50)
+    ]
+    ope = off_policy(records, candidate, Always("reroute"), GateConfig(n_boot=200))
+    assert ope["candidate"] == pytest.approx(0.0, abs=1e-6)
+    assert ope["active"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_off_policy_refuses_when_the_active_policy_has_no_support() -> None:
+    """An active policy that agrees with 2 of 200 logged decisions has no estimate to compare
+    with (in many resamples none at all): that is a refusal, not a pass."""
+    records = [record("retry_now", False) for _ in range(198)] + [record("retry_backoff", True) for _ in range(2)]
+    ope = off_policy(records, Always("retry_now"), Always("retry_backoff"), GateConfig(n_boot=200))
+    assert "the active policy rarely chooses what was logged" in ope["reason"]
+
+
+def test_a_decision_taken_by_argmax_was_certain_and_a_sampled_one_was_not() -> None:
+    probs = (0.7, 0.3, 0.0, 0.0, 0.0, 0.0, 0.0)
+    argmax = Decision(ACTIONS[0], probs, 0.7, (True,) * 7, "v")
+    assert argmax.probability_of(ACTIONS[0]) == 1.0 and argmax.probability_of(str(ACTIONS[1])) == 0.0
+    sampled = Decision(ACTIONS[0], probs, 0.7, (True,) * 7, "v", sampled=True)
+    assert sampled.probability_of(ACTIONS[0]) == 0.7 and sampled.probability_of(ACTIONS[1]) == 0.3
