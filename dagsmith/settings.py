@@ -32,6 +32,8 @@ class Settings(BaseSettings):
         env_file=".env",
         extra="ignore",
         secrets_dir=None,
+        # A bad value must not print the others: they include URLs with passwords and the token.
+        hide_input_in_errors=True,
     )
 
     # Connections

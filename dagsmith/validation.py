@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import gc
+import re
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -203,12 +204,28 @@ def _params_size_problem(params: dict[str, Any], limits: Limits, path: str) -> P
     return None
 
 
+# What Postgres's JSONB cannot hold: NUL, and UTF-16 surrogates (a YAML "\ud800" escape yields one
+# alone, which is not Unicode text at all).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _text_problem(text: str) -> str | None:
+    found = _UNSTORABLE.search(text)
+    if found is None:
+        return None
+    if found.group() == "\x00":
+        return "a NUL character (\\u0000), which cannot be stored"
+    return f"an unpaired surrogate (\\u{ord(found.group()):04x}), which is not valid Unicode text"
+
+
 def _scalar_problem(value: Any, path: str) -> Problem | None:
     if isinstance(value, str):
-        if "\x00" in value:
-            return _problem(path, "contains a NUL character (\\u0000), which cannot be stored", "type")
+        problem = _text_problem(value)
+        if problem is not None:
+            return _problem(path, f"contains {problem}", "type")
     elif isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
-        return _problem(path, f"the integer {value} does not fit in 64 bits", "type")
+        # The value is not repeated: it may be a secret (a long PIN or account number).
+        return _problem(path, "an integer that does not fit in 64 bits (write it as a string)", "type")
     return None
 
 
@@ -232,8 +249,9 @@ def _shape_problem(raw: Any, limits: Limits) -> Problem | None:
         if seen > limits.max_nodes:
             return _problem("", f"the document has more than {limits.max_nodes} values", "limit")
         for key, child in items:
-            if isinstance(key, str) and "\x00" in key:
-                return _problem(path, "a key contains a NUL character (\\u0000), which cannot be stored", "type")
+            key_problem = _text_problem(key) if isinstance(key, str) else None
+            if key_problem is not None:
+                return _problem(path, f"a key contains {key_problem}", "type")
             if isinstance(child, dict | list):
                 stack.append(
                     (

@@ -104,13 +104,18 @@ async def execute(
     max_output_bytes: int,
     default_timeout: float | None = None,
 ) -> tuple[bool, Any, TaskError | None]:
-    """Run one attempt of a task. Never raises (except CancelledError): failures become TaskErrors,
-    with the values of the task's secret params masked wherever the error repeats them. A task
-    whose spec sets no timeout gets ``default_timeout``."""
+    """Run one attempt of a task. Never raises (except CancelledError): failures become TaskErrors.
+    The values of the task's secret params are masked wherever its output or error repeats them.
+    A task whose spec sets no timeout gets ``default_timeout``."""
     timeout = message.timeout if message.timeout is not None else (default_timeout or None)
     ok, output, error = await _execute(spec, message, options, max_output_bytes, limit=timeout)
-    if error is not None and message.secrets:
-        error = scrub_error(error, message.params, message.secrets)
+    if message.secrets:
+        # The output too: any read token sees it, and a task that repeats its secret (an echo,
+        # or a type a surgery swapped in) must not reveal it.
+        hidden = secret_values(message.params, message.secrets)
+        if hidden:
+            output = scrub(output, hidden)
+            error = None if error is None else scrub_error(error, hidden)
     if error is not None:
         error = bound_error(error)
     return ok, output, error
@@ -134,30 +139,42 @@ def bound_error(error: TaskError) -> TaskError:
     return error.model_copy(update={"message": message, "details": details})
 
 
-def scrub_error(error: TaskError, params: dict[str, Any], secrets: list[str]) -> TaskError:
-    """``error`` with every secret param's value (4 characters or more) replaced by ``***``: a
-    handler's message may quote what it was given (a URL with a token in it), and errors are
-    stored, shown by the API and logged."""
-    values = sorted(
-        {str(params[k]) for k in secrets if isinstance(params.get(k), str | int | float) and len(str(params[k])) >= 4},
-        key=len,
-        reverse=True,  # longest first, so a value containing another is masked whole
-    )
-    if not values:
-        return error
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, str):
-            for secret in values:
-                value = value.replace(secret, "***")
-            return value
+def secret_values(params: dict[str, Any], secrets: list[str]) -> list[str]:
+    """The texts a secret param holds (4 characters or more; a dict's or list's every leaf, as
+    in HTTP headers), longest first so a value containing another is masked whole."""
+    found: set[str] = set()
+    stack = [params[k] for k in secrets if k in params]
+    while stack:
+        value = stack.pop()
         if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [clean(v) for v in value]
-        return value
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str | int | float) and not isinstance(value, bool) and len(str(value)) >= 4:
+            found.add(str(value))
+    return sorted(found, key=len, reverse=True)
 
-    return error.model_copy(update={"message": clean(error.message), "details": clean(error.details)})
+
+def scrub(value: Any, secrets: list[str]) -> Any:
+    """``value`` with every occurrence of each secret text replaced by ``***``."""
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, "***")
+        return value
+    if isinstance(value, dict):
+        return {k: scrub(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v, secrets) for v in value]
+    return value
+
+
+def scrub_error(error: TaskError, secrets: list[str]) -> TaskError:
+    """``error`` with the secret texts masked: a handler's message may quote what it was given (a
+    URL with a token in it, a response echoing the request's headers), and errors are stored,
+    shown by the API and logged."""
+    if not secrets:
+        return error
+    return error.model_copy(update={"message": scrub(error.message, secrets), "details": scrub(error.details, secrets)})
 
 
 async def _execute(

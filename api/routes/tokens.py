@@ -15,13 +15,14 @@ from controller import tokens
 from dagsmith.durations import parse_duration
 
 router = APIRouter(prefix="/v1/tokens", tags=["tokens"])
+MAX_TOKEN_LIFETIME = 3650 * 86400.0  # ten years: longer is a typo (and "never" is no expiry at all)
 
 
 class TokenRequest(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     scopes: list[Literal["read", "write", "admin"]] = Field(min_length=1)
     namespaces: list[str] = Field(min_length=1, max_length=100, description="Namespaces the token sees; ['*'] for all.")
-    expires_in: str | None = Field(None, description="A duration (e.g. '30d'), or none for no expiry.")
+    expires_in: str | None = Field(None, description="A duration (e.g. '30d', at most 3650d), or none for no expiry.")
 
 
 class Token(BaseModel):
@@ -70,7 +71,7 @@ async def create_token(body: TokenRequest, state: State, principal: Admin) -> Cr
             f"not for {body.namespaces}",
         )
     try:
-        expires = parse_duration(body.expires_in) if body.expires_in else None
+        expires = parse_duration(body.expires_in, maximum=MAX_TOKEN_LIFETIME) if body.expires_in else None
     except ValueError as exc:
         raise APIError(422, "invalid_request", f"expires_in: {exc}") from exc
     async with state.db.begin() as tx:

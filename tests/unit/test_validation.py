@@ -284,3 +284,26 @@ def test_a_cancellation_from_an_older_controller_counts_from_when_it_arrived() -
     from dagsmith.messages import CancelMessage
 
     assert CancelMessage(workflow_ids=["a", "b"], at=[5.0]).times(received=9.0) == {"a": 5.0, "b": 9.0}
+
+
+@pytest.mark.parametrize(
+    ("yaml_params", "path", "fragment"),
+    [
+        ('{v: "\\ud800"}', "spec.tasks[0].params.v", "an unpaired surrogate (\\ud800)"),
+        ('{"\\udfff": 1}', "spec.tasks[0].params", "a key contains an unpaired surrogate (\\udfff)"),
+        ('{v: "a\\0b"}', "spec.tasks[0].params.v", "a NUL character"),
+        ("{pin: 123456789012345678901234567890}", "spec.tasks[0].params.pin", "does not fit in 64 bits"),
+    ],
+)
+def test_text_and_numbers_postgres_cannot_store_are_problems_not_crashes(
+    yaml_params: str, path: str, fragment: str
+) -> None:
+    body = (
+        "apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {name: x}\n"
+        f"spec:\n  tasks: [{{name: a, type: noop, params: {yaml_params}}}]\n"
+    ).encode()
+    with pytest.raises(SpecError) as info:
+        validate(load_document(body, "application/yaml"))
+    [problem] = info.value.problems
+    assert problem["path"] == path and fragment in problem["message"], problem
+    assert "123456789012345678901234567890" not in problem["message"]  # the value may be a secret
