@@ -153,6 +153,9 @@ class Client:
                         elif line.startswith("data:"):
                             data += line[5:].strip()
                         elif not line and data:
+                            if event == "error":  # the server ended the stream (the token was revoked)
+                                err = orjson.loads(data).get("error", {})
+                                raise ClientError(401, err.get("code", "error"), err.get("message", data))
                             yield event, orjson.loads(data)
                             if event == "end":
                                 return

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from prometheus_client import Counter
 from sse_starlette.sse import EventSourceResponse
 
-from api.auth import Principal, Reader, Writer
+from api.auth import Principal, Reader, Writer, authenticate, bearer
 from api.dag_render import nodes_and_edges, structure_at, to_dot, to_mermaid
 from api.deps import AppState, Conn, State
-from api.errors import APIError
+from api.errors import APIError, error_body
 from api.models import (
     Cancelled,
     Dag,
@@ -42,6 +43,7 @@ DOCUMENT_TYPES = frozenset(
 )
 router = APIRouter(prefix="/v1/workflows", tags=["workflows"])
 
+STREAM_REAUTH_SECONDS = 15.0  # how soon an open event stream notices its token was revoked or expired
 SUBMITTED = Counter("dagsmith_api_workflows_submitted_total", "Workflows accepted by the API.", ["source"])
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "The body could not be read (not JSON, not UTF-8)."},
@@ -337,6 +339,7 @@ async def stream_events(
     state: State,
     conn: Conn,
     principal: Reader,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     after: Annotated[int, Query(ge=0, le=2**62, description="Only events with a larger id")] = 0,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> EventSourceResponse:
@@ -351,13 +354,32 @@ async def stream_events(
         )
     if last_event_id and last_event_id.isdigit():
         after = max(after, int(last_event_id))
-    return EventSourceResponse(_events(request, state, wid, after), ping=15)
+
+    async def still_allowed() -> bool:
+        try:
+            await authenticate(state, credentials)
+        except APIError:
+            return False
+        return True
+
+    return EventSourceResponse(_events(request, state, wid, after, still_allowed), ping=15)
 
 
-async def _events(request: Request, state: AppState, wid: Any, after: int) -> AsyncIterator[dict[str, Any]]:
+async def _events(
+    request: Request, state: AppState, wid: Any, after: int, still_allowed: Callable[[], Awaitable[bool]]
+) -> AsyncIterator[dict[str, Any]]:
     wake = state.hub.watch(str(wid))
+    checked = time.monotonic()
     try:
         while True:
+            # A stream may last as long as its workflow (days): the token that opened it is
+            # checked again now and then, so revoking it (or its expiry) ends the stream too.
+            if time.monotonic() - checked >= STREAM_REAUTH_SECONDS:
+                checked = time.monotonic()
+                if not await still_allowed():
+                    message = "the API token was revoked or has expired; the stream ends"
+                    yield {"event": "error", "data": orjson.dumps(error_body("unauthorized", message)).decode()}
+                    return
             wake.clear()
             async with state.db.connect() as conn:
                 rows = await queries.events_after(conn, wid, after)

@@ -173,12 +173,19 @@ def _mirroring(status: kopf.Status, **_: Any) -> bool:
 
 
 async def mirror_status(
-    body: kopf.Body, meta: kopf.Meta, uid: str, status: kopf.Status, patch: kopf.Patch, memo: Any, **_: Any
+    body: kopf.Body,
+    meta: kopf.Meta,
+    uid: str,
+    namespace: str | None,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    memo: Any,
+    **_: Any,
 ) -> None:
     ctx = _ctx(memo)
     if meta.get("generation") != status.get("observedGeneration", meta.get("generation")):
         return  # a spec edit is being handled; its decision must land in .status first
-    view = await ctx.mirror.view(uuid.UUID(status["workflowId"]))
+    view = await ctx.mirror.view(uuid.UUID(status["workflowId"]), namespace or "default")
     if view is None:
         return
     current = dict(status)
@@ -192,10 +199,11 @@ async def mirror_status(
     ctx.reported[uid] = new
 
 
-async def _stored(ctx: OperatorContext, workflow_id: uuid.UUID) -> Any:
+async def _stored(ctx: OperatorContext, workflow_id: uuid.UUID, namespace: str) -> Any:
     async with ctx.engine.connect() as conn:
         query = sa.select(workflows.c.spec, workflows.c.status, workflows.c.cancel_requested)
-        return (await conn.execute(query.where(workflows.c.id == workflow_id))).first()
+        query = query.where(workflows.c.id == workflow_id, workflows.c.namespace == namespace)
+        return (await conn.execute(query)).first()
 
 
 def _decision(stored_spec: dict[str, Any], body: kopf.Body) -> SpecDecision:
@@ -221,7 +229,7 @@ async def on_spec_change(
         await on_create(body=body, meta=meta, namespace=namespace, status=status, patch=patch, memo=memo, **kw)
         return
     workflow_id = uuid.UUID(status["workflowId"])
-    stored = await _stored(ctx, workflow_id)
+    stored = await _stored(ctx, workflow_id, namespace or "default")
     if stored is None:
         raise kopf.PermanentError(f"workflow {workflow_id} is not in the store any more")
     decision = _decision(stored.spec.get("spec", {}), body)

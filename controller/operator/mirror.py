@@ -77,23 +77,29 @@ class StoreMirror:
         self.max_tasks = max_tasks
         self._views: dict[uuid.UUID, StoreView] = {}
         self._prints: dict[uuid.UUID, tuple[Any, ...]] = {}
+        self._namespaces: dict[uuid.UUID, str] = {}
         self._seen: dict[uuid.UUID, float] = {}  # last time a timer asked: untrack the forgotten
         self._refreshed = 0.0
         self._lock = asyncio.Lock()
 
-    async def view(self, workflow_id: uuid.UUID) -> StoreView | None:
-        """The latest known view of a workflow (None until the first refresh that found it)."""
+    async def view(self, workflow_id: uuid.UUID, namespace: str) -> StoreView | None:
+        """The latest known view of a workflow (None until the first refresh that found it, and
+        for a workflow of another namespace: a resource's status names its workflow, and whoever
+        may write that status must not read another namespace's workflow through it)."""
         now = time.monotonic()
         self._seen[workflow_id] = now
         if workflow_id not in self._views or now - self._refreshed >= self.interval:
             async with self._lock:
                 if workflow_id not in self._views or time.monotonic() - self._refreshed >= self.interval:
                     await self.refresh()
+        if self._namespaces.get(workflow_id) != namespace:
+            return None
         return self._views.get(workflow_id)
 
     def forget(self, workflow_id: uuid.UUID) -> None:
         self._views.pop(workflow_id, None)
         self._prints.pop(workflow_id, None)
+        self._namespaces.pop(workflow_id, None)
         self._seen.pop(workflow_id, None)
 
     async def refresh(self) -> None:
@@ -120,3 +126,4 @@ class StoreMirror:
         for wid, row in changed.items():
             self._views[wid] = view_of(row, tasks[wid])
             self._prints[wid] = _fingerprint(row)
+            self._namespaces[wid] = row.namespace

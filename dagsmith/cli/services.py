@@ -236,7 +236,7 @@ def dev(
     settings = get_settings()
     typer.secho(
         "dagsmith dev: local development mode. THE API RUNS WITHOUT AUTHENTICATION: anyone who can reach "
-        f"127.0.0.1:{port or settings.api_port} can submit and read workflows.",
+        f"127.0.0.1:{port or settings.api_port} on this machine can submit and read workflows.",
         fg="yellow",
         bold=True,
         err=True,
@@ -260,7 +260,9 @@ def dev(
         return {"DAGSMITH_METRICS_PORT": str((settings.metrics_port or 9101) + offset)}
 
     procs: list[tuple[str, list[str], dict[str, str]]] = [
-        ("api", ["api", "--port", api_port], {}),
+        # Loopback only, whatever DAGSMITH_API_HOST says (the image sets 0.0.0.0): without
+        # authentication, nothing beyond this machine may reach it.
+        ("api", ["api", "--host", "127.0.0.1", "--port", api_port], {}),
         ("controller", ["controller"], metrics(0)),
         ("evaluator", ["evaluator"], metrics(1)),
     ]

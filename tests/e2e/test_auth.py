@@ -130,6 +130,26 @@ def test_revoked_token_is_401_at_once(stack: Stack, client: Client) -> None:
     assert next(t for t in client.tokens() if t["name"] == "short-lived")["revoked_at"] is not None
 
 
+def test_revoking_a_token_ends_the_event_streams_it_opened(stack: Stack, client: Client) -> None:
+    from api.routes.workflows import STREAM_REAUTH_SECONDS
+
+    token = client.create_token("watcher", ["read"], ["*"])["token"]
+    wid = submit(client, workflow("watched", {"name": "s", "type": "sleep", "params": {"seconds": 120}}))
+    try:
+        with stack.client(token) as as_watcher:
+            events = as_watcher.events(wid)
+            assert next(events)[0] == "transition"  # open, and streaming
+            client.revoke_token("watcher")
+            revoked = time.monotonic()
+            with pytest.raises(ClientError) as info:
+                for _ in events:
+                    pass
+        assert info.value.status == 401 and "revoked" in info.value.message
+        assert time.monotonic() - revoked < STREAM_REAUTH_SECONDS + 16  # a check, then at most a wait
+    finally:
+        client.cancel(wid)
+
+
 def test_only_hashes_are_stored(settings: Settings, client: Client) -> None:
     created = client.create_token("hashed", ["read"], ["*"])
     token = created["token"]
