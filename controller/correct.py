@@ -388,7 +388,8 @@ def _time_used(workflow: WorkflowRow, now: float) -> float | None:
     budget = workflow.correction.time_budget
     if budget is None or workflow.started_at is None:
         return None
-    return (now - workflow.started_at) / budget
+    # Validation refuses a zero budget; one stored before it did is wholly used, not a crash.
+    return (now - workflow.started_at) / budget if budget > 0 else 1.0
 
 
 async def close_fixed(conn: AsyncConnection, fixed: list[tuple[int, float, float]]) -> None:

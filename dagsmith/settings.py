@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -23,6 +23,7 @@ DEFAULT_MAX_DELIVERIES = 4  # see the setting's description
 # Retention bounds. Shorter than an hour would delete workflows users are still looking at (and
 # that executors may still hold stale messages of); ten years is "for ever" with a typo guard.
 MIN_RETENTION = 3600.0
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MAX_RETENTION = 3650 * 86400.0
 
 
@@ -164,8 +165,10 @@ class Settings(BaseSettings):
         description="Port for /metrics of the controller, evaluator, executors and trainer (0: the service "
         "default 9101/9102/9103/9104; -1: off).",
     )
-    log_level: str = Field("INFO", description="Log level.")
-    log_format: str = Field("auto", description="'json', 'console' or 'auto' (JSON when not a TTY).")
+    log_level: str = Field("INFO", description="Log level: DEBUG, INFO, WARNING, ERROR or CRITICAL.")
+    log_format: Literal["json", "console", "auto"] = Field(
+        "auto", description="'json', 'console' or 'auto' (JSON when not a TTY)."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -191,6 +194,13 @@ class Settings(BaseSettings):
         if seconds < MIN_RETENTION:
             raise ValueError(f"{value!r} is shorter than the minimum of 1h")
         return seconds
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().upper() in LOG_LEVELS:
+            return value.strip().upper()
+        raise ValueError(f"{value!r} is not a log level: use one of {', '.join(LOG_LEVELS)}")
 
     @field_validator("admin_token", mode="before")
     @classmethod

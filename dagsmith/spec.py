@@ -19,6 +19,7 @@ from pydantic import (
     ValidationInfo,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 
 from dagsmith.durations import format_duration, parse_duration
@@ -105,6 +106,15 @@ class Backoff(_Model):
     def delay(self, retry_number: int) -> float:
         return float(min(self.initial * self.factor ** max(retry_number - 1, 0), self.max))
 
+    @model_validator(mode="after")
+    def _max_not_below_initial(self) -> Backoff:
+        if self.max < self.initial:
+            raise ValueError(
+                f"max ({format_duration(self.max)}) is shorter than initial ({format_duration(self.initial)}): "
+                "every delay would be max"
+            )
+        return self
+
 
 class RetryPolicy(_Model):
     limit: int = Field(0, ge=0, le=100, description="How many times a failed task is retried.")
@@ -173,6 +183,13 @@ class CorrectionSpec(_Model):
     max_inserted_tasks: int = Field(5, ge=0, le=1000, alias="maxInsertedTasks")
     time_budget: Duration | None = Field(None, alias="timeBudget")
     task_seconds_budget: float | None = Field(None, ge=0, alias="taskSecondsBudget")
+
+    @field_validator("time_budget")
+    @classmethod
+    def _positive(cls, value: float | None) -> float | None:
+        if value is not None and value <= 0:
+            raise ValueError("must be longer than 0 (leave it out for no time budget)")
+        return value
 
     @field_validator("mode", mode="before")
     @classmethod

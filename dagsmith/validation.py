@@ -23,7 +23,14 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from dagsmith.errors import SpecError, TemplateError
-from dagsmith.spec import MAX_DEFAULT_OUTPUT_SINKS, PATTERN_MEANINGS, SUBMISSION, TaskSpec, WorkflowDocument
+from dagsmith.spec import (
+    MAX_DEFAULT_OUTPUT_SINKS,
+    PATTERN_MEANINGS,
+    SUBMISSION,
+    CorrectionMode,
+    TaskSpec,
+    WorkflowDocument,
+)
 from dagsmith.templating import CONTEXT_NAMES, iter_templates, references
 
 Problem = dict[str, Any]
@@ -162,13 +169,18 @@ def _validate(raw: Any, limits: Limits, known_types: Iterable[str] | None) -> Va
                 unknown.setdefault(task.type, []).append(i)
         for task_type, where in unknown.items():  # one warning per type, not per task
             more = f" ({len(where)} tasks)" if len(where) > 1 else ""
+            close = difflib.get_close_matches(task_type, sorted(known), n=1, cutoff=0.75)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
             warnings.append(
                 _problem(
                     f"spec.tasks[{where[0]}].type",
-                    f"no executor has declared task type {task_type!r} yet; the task waits until one does{more}",
+                    f"no executor has declared task type {task_type!r} yet{hint}; the task waits until one does{more}",
                     "unknown_type",
                 )
             )
+    retry_warning = _policy_retries_warning(doc)
+    if retry_warning is not None:
+        warnings.append(retry_warning)
     if doc.spec.output is None:
         sinks = sum(1 for names in children.values() if not names)
         if sinks > MAX_DEFAULT_OUTPUT_SINKS:
@@ -267,6 +279,31 @@ def _shape_problem(raw: Any, limits: Limits) -> Problem | None:
                 if problem is not None:
                     return problem
     return None
+
+
+def _policy_retries_warning(doc: WorkflowDocument) -> Problem | None:
+    """A task that says ``retry.limit`` lower than ``correction.maxRetries`` may still be retried
+    that often by Correction Mode: said once, at the first such task, since a limit of 0 often
+    means "never run this twice"."""
+    correction = doc.spec.correction
+    if correction.mode == CorrectionMode.off:
+        return None
+    low = [
+        i
+        for i, task in enumerate(doc.spec.tasks)
+        if "limit" in task.retry.model_fields_set and task.retry.limit < correction.max_retries
+    ]
+    if not low:
+        return None
+    first = doc.spec.tasks[low[0]].retry.limit
+    more = f" (and {len(low) - 1} more tasks)" if len(low) > 1 else ""
+    return _problem(
+        f"spec.tasks[{low[0]}].retry.limit",
+        f"limit is {first}, but Correction Mode ({correction.mode.value}) may retry this task up to "
+        f"correction.maxRetries ({correction.max_retries}) times{more}; to hold every task to its own limit, set "
+        "spec.correction.maxRetries: 0 (or mode: off)",
+        "policy_retries",
+    )
 
 
 def _problem(path: str, message: str, code: str) -> Problem:

@@ -7,6 +7,8 @@ bad arguments); 3 the API could not be reached or answered with an error; 4 not 
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
 from dagsmith.cli import (
@@ -38,8 +40,25 @@ app.add_typer(policy_cmds.app, name="policy", rich_help_panel="Learning")
 
 
 def main() -> None:
-    app()
+    from pydantic import ValidationError
+
+    try:
+        app()
+    except ValidationError as exc:
+        if exc.title not in ("Settings", "ClientSettings"):
+            raise
+        # Settings are read by whichever command needs them: one place says what is wrong.
+        problems = "; ".join(
+            f"DAGSMITH_{'_'.join(str(p) for p in e['loc']).upper()}: {_msg(e)}" if e["loc"] else _msg(e)
+            for e in exc.errors()
+        )
+        typer.echo(f"error: the settings are not valid: {problems}", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
     main()
+
+
+def _msg(error: Any) -> str:
+    return str(error["msg"]).removeprefix("Value error, ")

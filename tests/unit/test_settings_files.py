@@ -61,3 +61,30 @@ def test_secrets_are_masked_wherever_they_sit_in_a_url(secret: str, shown: str) 
     from dagsmith.settings import masked
 
     assert masked(secret) == shown
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"DAGSMITH_LOG_LEVEL": "verbose"}, "DAGSMITH_LOG_LEVEL: 'verbose' is not a log level"),
+        ({"DAGSMITH_LOG_FORMAT": "yaml"}, "DAGSMITH_LOG_FORMAT: Input should be 'json', 'console' or 'auto'"),
+        ({"DAGSMITH_EXECUTOR_CONCURRENCY": "0"}, "DAGSMITH_EXECUTOR_CONCURRENCY: Input should be greater than"),
+        ({"DAGSMITH_RETENTION": "10m"}, "DAGSMITH_RETENTION: '10m' is shorter than the minimum of 1h"),
+    ],
+)
+def test_a_service_with_invalid_settings_says_which_in_one_line_and_exits_2(env: dict[str, str], says: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DAGSMITH_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "dagsmith", "executor", "--types", "noop"],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: the settings are not valid: ")
+    assert says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr

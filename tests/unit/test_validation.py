@@ -307,3 +307,22 @@ def test_text_and_numbers_postgres_cannot_store_are_problems_not_crashes(
     [problem] = info.value.problems
     assert problem["path"] == path and fragment in problem["message"], problem
     assert "123456789012345678901234567890" not in problem["message"]  # the value may be a secret
+
+
+def test_warnings_suggest_a_served_type_and_say_when_correction_retries_past_a_limit() -> None:
+    spec = doc({"name": "a", "type": "text.uper", "retry": {"limit": 0}}, {"name": "b", "type": "noop"})
+    warnings = {w["code"]: w for w in validate(spec, known_types=["text.upper", "noop"]).warnings}
+    assert "(did you mean 'text.upper'?)" in warnings["unknown_type"]["message"]
+    retry = warnings["policy_retries"]
+    assert retry["path"] == "spec.tasks[0].retry.limit"  # b left its limit unset: no warning for it
+    assert "up to correction.maxRetries (2) times" in retry["message"]
+    spec["spec"]["correction"] = {"maxRetries": 0}
+    assert [w["code"] for w in validate(spec, known_types=["text.upper", "noop"]).warnings] == ["unknown_type"]
+
+
+def test_budgets_and_backoffs_that_cannot_work_are_problems() -> None:
+    spec = doc({"name": "a", "type": "noop", "retry": {"limit": 1, "backoff": {"initial": "1s", "max": "1ms"}}})
+    spec["spec"]["correction"] = {"timeBudget": "0s"}
+    found = {p["path"]: p["message"] for p in problems(spec)}
+    assert "max (1ms) is shorter than initial (1s)" in found["spec.tasks[0].retry.backoff"]
+    assert "must be longer than 0" in found["spec.correction.timeBudget"]
