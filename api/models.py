@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from dagsmith.spec import TASK_NAME_PATTERN, TASK_TYPE_PATTERN
+from dagsmith.spec import SURGERY_OPTIONS, TASK_NAME_PATTERN, TASK_TYPE_PATTERN
 
 
 class Problem(BaseModel):
@@ -150,15 +150,6 @@ class Executor(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
-
-
-# What each surgery takes besides the task (and a reason).
-SURGERY_OPTIONS: dict[str, tuple[str, ...]] = {
-    "retry": ("params", "delay"),
-    "replace": ("type", "params"),
-    "insert": ("type", "params", "name"),
-    "skip": (),
-}
 
 
 class SurgeryRequest(BaseModel):

@@ -161,6 +161,16 @@ class TaskSpec(_Model):
         return [value] if isinstance(value, str) else value
 
 
+# What each manual surgery takes besides the task (and a reason): the API's SurgeryRequest
+# refuses anything else, and the CLI says so in terms of its own options first.
+SURGERY_OPTIONS: dict[str, tuple[str, ...]] = {
+    "retry": ("params", "delay"),
+    "replace": ("type", "params"),
+    "insert": ("type", "params", "name"),
+    "skip": (),
+}
+
+
 class CorrectionMode(StrEnum):
     off = "off"
     rules = "rules"

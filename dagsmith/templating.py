@@ -267,6 +267,9 @@ def iter_templates(value: Any, path: str) -> Iterator[tuple[str, str]]:
 
 # What a template can read (controller.dispatch.template_context), besides the globals.
 CONTEXT_NAMES = ("params", "tasks", "workflow", "task")
+# The fields of the context's fixed objects (template_context builds them). ``task`` is the task
+# whose params are rendered: a workflow's output has none.
+CONTEXT_FIELDS = {"workflow": ("id", "name", "namespace"), "task": ("name", "attempt")}
 
 
 @dataclass(frozen=True)
@@ -274,6 +277,8 @@ class References:
     tasks: frozenset[str]
     params: frozenset[str]
     unknown: frozenset[str] = frozenset()  # names that are neither in the context nor globals
+    names: frozenset[str] = frozenset()  # the context's names the template reads
+    fields: frozenset[tuple[str, str]] = frozenset()  # (workflow or task, field) it reads
 
 
 def _parse(template: str) -> nodes.Template:
@@ -299,6 +304,7 @@ def references(template: str) -> References:
     tree = _parse(template)
     tasks: set[str] = set()
     params: set[str] = set()
+    fields: set[tuple[str, str]] = set()
     for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
         assert isinstance(node, nodes.Getattr | nodes.Getitem)
         base = node.node
@@ -314,9 +320,17 @@ def references(template: str) -> References:
             tasks.add(str(key))
         elif base.name == "params":
             params.add(str(key))
+        elif base.name in CONTEXT_FIELDS:
+            fields.add((base.name, str(key)))
     known = {*CONTEXT_NAMES, *environment().globals}
-    unknown = {n.name for n in tree.find_all(nodes.Name) if n.ctx == "load" and n.name not in known}
-    return References(frozenset(tasks), frozenset(params), frozenset(unknown))
+    loaded = {n.name for n in tree.find_all(nodes.Name) if n.ctx == "load"}
+    return References(
+        frozenset(tasks),
+        frozenset(params),
+        frozenset(loaded - known),
+        frozenset(loaded & set(CONTEXT_NAMES)),
+        frozenset(fields),
+    )
 
 
 def value_references(value: Any) -> frozenset[str]:

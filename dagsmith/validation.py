@@ -31,7 +31,7 @@ from dagsmith.spec import (
     TaskSpec,
     WorkflowDocument,
 )
-from dagsmith.templating import CONTEXT_NAMES, iter_templates, references
+from dagsmith.templating import CONTEXT_FIELDS, CONTEXT_NAMES, iter_templates, references
 
 Problem = dict[str, Any]
 
@@ -507,6 +507,7 @@ def _reference_problems(
                 else:
                     found.add(ref)
             problems += _unknown_names(path, found_here.unknown)
+            problems += _unknown_fields(path, found_here.fields)
             for param in sorted(found_here.params):
                 if param not in doc.spec.params:
                     problems.append(
@@ -538,6 +539,15 @@ def _reference_problems(
             problems.append(_problem(path, str(exc), "template"))
             continue
         problems += _unknown_names(path, found_here.unknown)
+        if "task" in found_here.names:
+            problems.append(
+                _problem(
+                    path,
+                    "refers to 'task', which only a task's params can read (the output has no task)",
+                    "unknown_name",
+                )
+            )
+        problems += _unknown_fields(path, {f for f in found_here.fields if f[0] != "task"})
         for ref in sorted(found_here.tasks - names):
             problems.append(_problem(path, f"refers to tasks.{ref}, but no task is named {ref!r}", "unknown_task"))
         for param in sorted(found_here.params - set(doc.spec.params)):
@@ -557,6 +567,24 @@ def _unknown_names(path: str, names: frozenset[str]) -> list[Problem]:
             _problem(
                 path,
                 f"refers to {name!r}, which templates cannot read (they read {', '.join(CONTEXT_NAMES)}){hint}",
+                "unknown_name",
+            )
+        )
+    return problems
+
+
+def _unknown_fields(path: str, fields: Iterable[tuple[str, str]]) -> list[Problem]:
+    """A field of ``workflow`` or ``task`` that does not exist (``task.greet`` for ``tasks.greet``)."""
+    problems = []
+    for root, name in sorted(fields):
+        known = CONTEXT_FIELDS[root]
+        if name in known:
+            continue
+        hint = f"; did you mean tasks.{name}?" if root == "task" else ""
+        problems.append(
+            _problem(
+                path,
+                f"refers to {root}.{name}, but {root} has only {', '.join(known)}{hint}",
                 "unknown_name",
             )
         )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import shlex
 import sys
 import time
 from datetime import UTC, datetime, timedelta
@@ -17,6 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
+from controller.states import TaskStatus, WorkflowStatus
 from dagsmith.client import Client, ClientError, WaitTimeout
 from dagsmith.durations import parse_duration
 
@@ -76,6 +79,19 @@ def _gave_up(wid: str, timeout: str | None) -> NoReturn:
 def fail(message: str, code: int) -> NoReturn:
     console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(code)
+
+
+WORKFLOW_STATUSES = tuple(s.value for s in WorkflowStatus)
+TASK_STATUSES = tuple(s.value for s in TaskStatus)
+
+
+def check_choice(value: str | None, allowed: tuple[str, ...], flag: str) -> None:
+    """Refuse a value the API would refuse, naming the option (the API can only name its query)."""
+    if value is None or value in allowed:
+        return
+    close = difflib.get_close_matches(value, allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    fail(f"{flag} {value!r} is not one of {', '.join(allowed)}{hint}", 2)
 
 
 def handle(exc: ClientError) -> NoReturn:
@@ -368,6 +384,7 @@ def list_(
     token: TokenOption = None,
 ) -> None:
     """List recent workflows, newest first."""
+    check_choice(status_, WORKFLOW_STATUSES, "--status")
     for item in label or []:
         if "=" not in item:
             fail(f"--label {item!r}: write it as key=value", 2)
@@ -401,7 +418,17 @@ def list_(
         )
     out.print(table)
     if page.get("next_cursor"):
-        console.print(f"more: add --cursor {page['next_cursor']} for the next page", highlight=False)
+        # The whole command: a cursor alone, without the filters, would page through everything.
+        again = ["dagsmith", "list"]
+        for flag, value in (("--status", status_), ("--name", name), ("-n", namespace)):
+            if value:
+                again += [flag, value]
+        for item in label or []:
+            again += ["-l", item]
+        if limit != 20:
+            again += ["--limit", str(limit)]
+        again += ["--cursor", page["next_cursor"]]
+        console.print(f"more: {shlex.join(again)}", highlight=False, markup=False)
 
 
 def tasks(
@@ -412,6 +439,7 @@ def tasks(
     token: TokenOption = None,
 ) -> None:
     """List a workflow's tasks (all of them, page after page)."""
+    check_choice(status_, TASK_STATUSES, "--status")
     items: list[dict[str, Any]] = []
     after: int | None = None
     with connect(api, token) as client:

@@ -11,8 +11,10 @@ from rich.table import Table
 
 from dagsmith.cli.client_cmds import ApiOption, TokenOption, connect, console, fail, handle, out, print_json, short
 from dagsmith.client import ClientError
+from dagsmith.spec import SURGERY_OPTIONS
 
-OPERATIONS = ("retry", "replace", "insert", "skip")
+# The CLI's name for each option of a surgery request.
+FLAGS = {"params": "--param/--params", "type": "--type", "name": "--name", "delay": "--delay"}
 
 
 def _params(pairs: list[str], raw: str | None) -> dict[str, Any] | None:
@@ -69,8 +71,13 @@ def surgery(
 
     Skip an optional task: dagsmith surgery ID skip enrich
     """
-    if operation not in OPERATIONS:
-        fail(f"operation must be one of {', '.join(OPERATIONS)}", 2)
+    if operation not in SURGERY_OPTIONS:
+        fail(f"operation must be one of {', '.join(SURGERY_OPTIONS)}", 2)
+    given = {"params": param or params, "type": task_type, "name": name, "delay": delay}
+    wrong = [FLAGS[option] for option, value in given.items() if value and option not in SURGERY_OPTIONS[operation]]
+    if wrong:
+        takes = ", ".join(FLAGS[o] for o in SURGERY_OPTIONS[operation])
+        fail(f"{operation} does not take {', '.join(wrong)} ({f'it takes {takes}' if takes else 'only --reason'})", 2)
     body: dict[str, Any] = {"op": operation, "task": task, "reason": reason}
     merged = _params(param or [], params)
     if merged is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -133,6 +134,9 @@ def test_status_result_dag_and_not_found(stack: Stack) -> None:
     assert wid in [w["id"] for w in found["items"]] and {w["name"] for w in found["items"]} == {"hello"}
     bad_label = cli(stack, "list", "--label", "team")
     assert bad_label.returncode == 2 and "write it as key=value" in bad_label.stderr
+    bad_status = cli(stack, "tasks", wid, "--status", "queud")
+    assert bad_status.returncode == 2 and "--status 'queud' is not one of" in bad_status.stderr
+    assert "(did you mean 'queued'?)" in bad_status.stderr
     missing = cli(stack, "status", "00000000-0000-0000-0000-000000000000")
     assert missing.returncode == 4
 
@@ -289,6 +293,8 @@ def test_surgery_params_are_text_unless_given_as_json(stack: Stack, tmp_path: Pa
     assert json.loads(done.stdout) == {"text": "hi there: ok", "n": 3}
     bad = cli(stack, "surgery", wid, "retry", "shout", "-p", "n:=[unclosed")
     assert bad.returncode == 2 and "takes a JSON value" in bad.stderr and "Traceback" not in bad.stderr
+    wrong = cli(stack, "surgery", wid, "retry", "shout", "--type", "echo")  # named as the CLI spells it
+    assert wrong.returncode == 2 and "retry does not take --type (it takes --param/--params, --delay)" in wrong.stderr
 
 
 def test_tasks_marks_the_error_of_an_earlier_attempt(stack: Stack, tmp_path: Path) -> None:
@@ -328,11 +334,12 @@ def test_tasks_lists_every_page_and_list_says_where_the_next_starts(stack: Stack
     assert cli(stack, "watch", wid).returncode == 0
     listed = json.loads(cli(stack, "tasks", wid, "--json").stdout)["items"]
     assert len(listed) == 1001  # past the API's page of 1,000
-    first = cli(stack, "list", "--limit", "1")
-    assert wid in first.stdout and "more: add --cursor" in first.stderr
-    cursor = first.stderr.split("--cursor ")[1].split()[0]
-    second = cli(stack, "list", "--limit", "1", "--cursor", cursor)
+    first = cli(stack, "list", "--limit", "1", "--status", "succeeded")
+    assert wid in first.stdout and "more: dagsmith list --status succeeded --limit 1 --cursor " in first.stderr
+    again = shlex.split(first.stderr.split("more: ")[1].strip())[2:]  # the printed command, as given
+    second = cli(stack, "list", *again, "--json")
     assert second.returncode == 0 and wid not in second.stdout
+    assert {w["status"] for w in json.loads(second.stdout)["items"]} == {"succeeded"}  # the filter held
     assert cli(stack, "list", "--limit", "0").returncode == 2
 
 

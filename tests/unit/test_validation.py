@@ -326,3 +326,29 @@ def test_budgets_and_backoffs_that_cannot_work_are_problems() -> None:
     found = {p["path"]: p["message"] for p in problems(spec)}
     assert "max (1ms) is shorter than initial (1s)" in found["spec.tasks[0].retry.backoff"]
     assert "must be longer than 0" in found["spec.correction.timeBudget"]
+
+
+def test_fields_of_workflow_and_task_that_do_not_exist_are_problems() -> None:
+    spec = doc(
+        {"name": "greet", "type": "noop"},
+        {"name": "b", "type": "echo", "dependsOn": ["greet"], "params": {"v": "{{ task.greet }} {{ task.name }}"}},
+        output={"who": "{{ task.name }}", "id": "{{ workflow.id }}", "typo": "{{ workflow.nme }}"},
+    )
+    found = {(p["path"], p["message"]) for p in problems(spec)}
+    assert found == {
+        ("spec.tasks[1].params.v", "refers to task.greet, but task has only name, attempt; did you mean tasks.greet?"),
+        ("spec.output.who", "refers to 'task', which only a task's params can read (the output has no task)"),
+        ("spec.output.typo", "refers to workflow.nme, but workflow has only id, name, namespace"),
+    }
+
+
+def test_the_fields_validation_knows_are_the_ones_templates_get() -> None:
+    from types import SimpleNamespace
+
+    from controller.dispatch import template_context
+    from dagsmith.templating import CONTEXT_FIELDS, CONTEXT_NAMES
+
+    workflow = SimpleNamespace(params={}, id="w", name="n", namespace="ns")
+    context = template_context(workflow, SimpleNamespace(name="t"), {}, attempt=1)  # type: ignore[arg-type]
+    assert tuple(context) == CONTEXT_NAMES
+    assert {root: tuple(context[root]) for root in CONTEXT_FIELDS} == CONTEXT_FIELDS
