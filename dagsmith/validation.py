@@ -353,6 +353,14 @@ def _pydantic_problems(exc: ValidationError) -> list[Problem]:
             close = difflib.get_close_matches(key, _known_keys(loc[:-1]), n=1)
             if close:
                 message += f" (did you mean {close[0]!r}?)"
+            elif len(loc) == 1 and key in _known_keys(("spec",)):
+                message += " (it belongs under spec: check the indentation)"
+        elif err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+            message = f"should be an object (key: value pairs), not {_kind(err['input'])}"
+        elif err["type"] == "list_type":
+            message = f"should be a list, not {_kind(err['input'])}"
+            if isinstance(err["input"], str):
+                message += f" (write [{err['input']}])"
         elif err["type"] == "missing":
             message = f"required field {str(loc[-1])!r} is missing"
         elif err["type"] == "string_pattern_mismatch":
@@ -363,6 +371,21 @@ def _pydantic_problems(exc: ValidationError) -> list[Problem]:
             message = f"{err['input']!r} is not allowed here: {message}"
         problems.append(_problem(path, message, str(err["type"])))
     return problems
+
+
+def _kind(value: Any) -> str:
+    """How a user would name what they wrote."""
+    if value is None:
+        return "empty"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return f"the text {value[:40]!r}"
+    if isinstance(value, list):
+        return "a list"
+    return "an object" if isinstance(value, dict) else type(value).__name__
 
 
 def _graph_problems(doc: WorkflowDocument, limits: Limits) -> list[Problem]:

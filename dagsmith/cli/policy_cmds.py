@@ -22,6 +22,11 @@ def list_(api: ApiOption = None, token: TokenOption = None) -> None:
             items = client.policies()
         except ClientError as exc:
             handle(exc)
+    if not items:
+        console.print(
+            "no policy versions yet: the rules decide (train one with `dagsmith trainer train`)", highlight=False
+        )
+        return
     table = Table("VERSION", "STATUS", "GATE", "RECORDS", "CREATED", "WHY")
     for p in items:
         gate = (p["evaluation"] or {}).get("gate", {})

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -155,7 +156,9 @@ def executor(
     try:
         registry = load_plugins(module or [], use_entry_points=not no_entry_points)
     except ImportError as exc:
-        typer.echo(f"error: cannot import executor module: {exc}", err=True)
+        files = [m for m in module or [] if m.endswith(".py")]
+        hint = f" (a module is named without .py: --module {files[0].removesuffix('.py')})" if files else ""
+        typer.echo(f"error: cannot import executor module: {exc}{hint}", err=True)
         raise typer.Exit(2) from exc
     if no_entry_points:
         import executors.builtins  # noqa: F401  (the built-ins are always available)
@@ -221,6 +224,10 @@ def config(
 def dev(
     executors: Annotated[int, typer.Option(help="Executor processes")] = 1,
     port: Annotated[int | None, typer.Option(help="API port")] = None,
+    module: Annotated[
+        list[str] | None,
+        typer.Option("--module", "-m", help="Executors also import this module for its task types (repeatable)"),
+    ] = None,
 ) -> None:
     """Run the whole system locally.
 
@@ -237,6 +244,13 @@ def dev(
         bold=True,
         err=True,
     )
+    api_port = port or settings.api_port
+    with socket.socket() as probe:  # said now, not after every service has started and the API died
+        try:
+            probe.bind(("127.0.0.1", api_port))
+        except OSError as exc:
+            typer.echo(f"error: cannot serve the API on 127.0.0.1:{api_port}: {exc.strerror} (try --port)", err=True)
+            raise typer.Exit(2) from None
     migrate_cmd = [sys.executable, "-m", "dagsmith", "migrate"]
     if subprocess.call(migrate_cmd) != 0:
         raise typer.Exit(3)
@@ -246,7 +260,6 @@ def dev(
         "DAGSMITH_LOG_FORMAT": os.environ.get("DAGSMITH_LOG_FORMAT", "console" if sys.stdout.isatty() else "json"),
         "DAGSMITH_AUTH": "false",
     }
-    api_port = str(port or settings.api_port)
 
     def metrics(offset: int) -> dict[str, str]:
         """Each service its own metrics port, counting up from DAGSMITH_METRICS_PORT (9101 when
@@ -258,12 +271,13 @@ def dev(
     procs: list[tuple[str, list[str], dict[str, str]]] = [
         # Loopback only, whatever DAGSMITH_API_HOST says (the image sets 0.0.0.0): without
         # authentication, nothing beyond this machine may reach it.
-        ("api", ["api", "--host", "127.0.0.1", "--port", api_port], {}),
+        ("api", ["api", "--host", "127.0.0.1", "--port", str(api_port)], {}),
         ("controller", ["controller"], metrics(0)),
         ("evaluator", ["evaluator"], metrics(1)),
     ]
     for i in range(executors):
-        procs.append((f"executor-{i + 1}", ["executor"], metrics(2 + i)))
+        modules = [arg for m in module or [] for arg in ("--module", m)]
+        procs.append((f"executor-{i + 1}", ["executor", *modules], metrics(2 + i)))
     children: list[subprocess.Popen[bytes]] = []
     colors = ["cyan", "magenta", "green", "yellow", "blue"]
     for i, (label, args, extra) in enumerate(procs):

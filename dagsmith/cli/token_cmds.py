@@ -52,6 +52,12 @@ def list_(api: ApiOption = None, token: TokenOption = None) -> None:
             items = client.tokens()
         except ClientError as exc:
             handle(exc)
+    if not items:
+        console.print(
+            "no tokens (the bootstrap DAGSMITH_ADMIN_TOKEN is never listed); create one with `dagsmith tokens create`",
+            highlight=False,
+        )
+        return
     table = Table("NAME", "PREFIX", "SCOPES", "NAMESPACES", "CREATED", "LAST USED", "EXPIRES", "STATE")
     now = datetime.now(UTC)
     for t in items:

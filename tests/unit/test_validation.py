@@ -352,3 +352,18 @@ def test_the_fields_validation_knows_are_the_ones_templates_get() -> None:
     context = template_context(workflow, SimpleNamespace(name="t"), {}, attempt=1)  # type: ignore[arg-type]
     assert tuple(context) == CONTEXT_NAMES
     assert {root: tuple(context[root]) for root in CONTEXT_FIELDS} == CONTEXT_FIELDS
+
+
+def test_shape_mistakes_are_named_as_a_user_wrote_them() -> None:
+    body = (
+        b"apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {name: x}\nspec:\ntasks:\n  - {name: a, type: noop}\n"
+    )
+    with pytest.raises(SpecError) as info:
+        validate(load_document(body, "application/yaml"))
+    found = {p["path"]: p["message"] for p in info.value.problems}
+    assert found == {
+        "spec": "should be an object (key: value pairs), not empty",
+        "tasks": "unknown field 'tasks' (it belongs under spec: check the indentation)",
+    }
+    found = {p["path"]: p["message"] for p in problems(doc({"name": "a", "type": "noop", "dependsOn": "b"}))}
+    assert found["spec.tasks[0].dependsOn"] == "should be a list, not the text 'b' (write [b])"
