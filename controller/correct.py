@@ -213,7 +213,11 @@ class Corrector:
                 )
             )
         await self._log(conn, workflow, task, ctx, choice, applied.revision, plan, now, spent)
-        if aborted:  # decisions on the workflow's other tasks will never learn their outcome
+        if aborted:
+            # A repair task that ends like this failed the decision that inserted it: that is its
+            # outcome, known now (not one to leave out as censored below).
+            await close_repaired(conn, workflow.id, task.name, now, spent)
+            # Decisions on the workflow's other tasks will never learn their outcome.
             await close_unresolved(conn, "workflow_aborted", now, workflow_ids=[workflow.id])
         SURGERIES.labels(plan.operation.value if aborted else str(action), str(failure.error_class)).inc()
         DECISIONS.labels(str(action), choice.decision.policy_version, str(choice.mode)).inc()
@@ -415,6 +419,27 @@ async def close_fixed(conn: AsyncConnection, fixed: list[tuple[int, float, float
     )
 
 
+async def close_repaired(
+    conn: AsyncConnection, workflow_id: uuid.UUID, repair: str, now: float, seconds: float
+) -> None:
+    """The repair task ``repair`` failed for good: the ``insert_repair`` decisions that inserted it
+    did not fix their task (and cost the repair's last attempt and the task it inserted)."""
+    await conn.execute(
+        sa.text(
+            """
+            UPDATE correction_decisions d SET outcome = jsonb_build_object(
+                    'fixed', false, 'ended', 'repair_failed', 'task_seconds', CAST(:seconds AS float8),
+                    'latency_added', CAST(:now AS float8) - extract(epoch FROM d.created_at), 'inserted', 1),
+                outcome_at = to_timestamp(:now)
+            FROM tasks t
+            WHERE t.workflow_id = :w AND t.spec->>'repairedBy' = :repair
+              AND d.task_id = t.id AND d.action = 'insert_repair' AND d.outcome IS NULL
+            """
+        ),
+        {"w": workflow_id, "repair": repair, "now": now, "seconds": seconds},
+    )
+
+
 async def close_unresolved(
     conn: AsyncConnection,
     ended: str,
@@ -444,4 +469,12 @@ async def close_unresolved(
     )
 
 
-__all__ = ["CorrectionMode", "Corrector", "FailureRates", "RoundBudget", "close_fixed", "close_unresolved"]
+__all__ = [
+    "CorrectionMode",
+    "Corrector",
+    "FailureRates",
+    "RoundBudget",
+    "close_fixed",
+    "close_repaired",
+    "close_unresolved",
+]

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from controller.correction import (
     ACTIONS,
+    FEATURE_SCHEMA_VERSION,
     CorrectiveAction,
     FailureContext,
     RulesPolicy,
@@ -200,6 +201,12 @@ async def activate(
                 f"the active policy changed to {current or 'the rules'} while {version} was compared with "
                 f"{replacing or 'the rules'}; it stays a candidate (activate it by hand if wanted)"
             )
+    if not force and row.feature_schema_version != FEATURE_SCHEMA_VERSION:
+        raise Conflict(
+            f"policy {version} reads features of schema version {row.feature_schema_version}, these controllers "
+            f"version {FEATURE_SCHEMA_VERSION}: it would never decide (the rules would, in its name); "
+            "activate it anyway with force"
+        )
     gate = (row.evaluation or {}).get("gate", {})
     if not force and not gate.get("passed"):
         raise Conflict(

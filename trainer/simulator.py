@@ -25,6 +25,8 @@ from controller.correction.actions import ACTIONS, N_ACTIONS, TERMINAL_ACTIONS, 
 from controller.correction.features import FEATURE_DIM, FailureContext, featurize
 from trainer.params import MODES, Mode, SimulatorParams, TaskTypeProfile
 
+RERUNS = tuple(a for a in ACTIONS if a not in TERMINAL_ACTIONS)  # actions that run the task again
+
 STREAM_TRAIN, STREAM_VALID, STREAM_TEST = 0, 1, 2
 A = CorrectiveAction
 EpisodeKey = tuple[int, int, int]
@@ -199,7 +201,9 @@ class Simulator:
             error_class=cls,
             task_type=ep.task_type,
             attempt=st.step + 1,  # every non-terminal action re-ran the task once
-            retries_used=c[0] + c[1] + c[2],
+            # Every re-run counts against the retry limit, reroutes and repairs too: the
+            # controller counts them so (controller.revisions), and the mask reads this.
+            retries_used=sum(c[a.ordinal] for a in RERUNS),
             max_retries=ep.max_retries,
             surgeries_used=ep.surgeries_before + st.step,
             max_surgeries=ep.max_surgeries,

@@ -12,13 +12,15 @@ from controller import policies
 from dagsmith.errors import Conflict
 
 
-async def _register(db: AsyncEngine, version: str, *, passed: bool = True) -> None:
+async def _register(db: AsyncEngine, version: str, *, passed: bool = True, schema: int | None = None) -> None:
+    from controller.correction import FEATURE_SCHEMA_VERSION
+
     async with db.begin() as conn:
         await policies.register(
             conn,
             version=version,
             weights=b"not loaded by these tests",
-            feature_schema_version=1,
+            feature_schema_version=FEATURE_SCHEMA_VERSION if schema is None else schema,
             reward_version="test",
             training={},
             evaluation={"gate": {"passed": passed, "reason": "test gate"}},
@@ -73,6 +75,17 @@ async def test_activation_refuses_a_version_that_failed_the_gate_unless_forced(d
         await _activate(db, bad)
     assert (await _statuses(db, bad))[bad] == "candidate"
     assert await _activate(db, bad, force=True) == bad
+    assert await _rollback(db) is None
+
+
+async def test_activation_refuses_a_version_of_another_feature_schema_unless_forced(
+    db: AsyncEngine, run_id: str
+) -> None:
+    old = f"schema-{run_id}"
+    await _register(db, old, schema=-1)
+    with pytest.raises(Conflict, match="reads features of schema version -1, these controllers version"):
+        await _activate(db, old)
+    assert await _activate(db, old, force=True) == old
     assert await _rollback(db) is None
 
 

@@ -347,3 +347,35 @@ async def test_a_dropped_result_naming_another_workflow_ends_no_lease(engine: tu
     async with db.begin() as conn:
         await store.expire_leases(conn, [(task_id, 1, uuid.uuid4())])
     assert (await _tasks(db, wid))["t"][1] == "queued"
+
+
+async def test_a_repair_that_fails_for_good_is_the_outcome_of_the_decision_that_inserted_it(
+    engine: tuple[Engine, Any],
+) -> None:
+    """invalid_input → the rules insert the type's repair task; that repair fails permanently →
+    abort. The insert_repair decision did not fix its task: a failure the learner sees, not an
+    unknown outcome it leaves out."""
+    eng, db = engine
+    async with db.begin() as conn:
+        await conn.exec_driver_sql(
+            'INSERT INTO task_types (type, capability) VALUES (\'test.parse\', \'{"type": "test.parse", '
+            '"repair": "test.fix"}\') ON CONFLICT (type) DO UPDATE SET capability = EXCLUDED.capability'
+        )
+    wid = await _submit(db, [{"name": "t", "type": "test.parse"}])
+    await eng.run_round(Inbound(dirty={wid}))
+    t = await _tasks(db, wid)
+    await eng.run_round(Inbound(evaluated=[_result(t["t"][0], wid, "t", ErrorClass.invalid_input)]))
+    await eng.run_round(Inbound(dirty={wid}))
+    t = await _tasks(db, wid)
+    assert t["t_repair1"][1] == "queued"
+    await eng.run_round(Inbound(evaluated=[_result(t["t_repair1"][0], wid, "t_repair1", ErrorClass.permanent)]))
+    async with db.connect() as conn:
+        rows = await conn.exec_driver_sql(
+            f"SELECT task_name, action, outcome FROM correction_decisions WHERE workflow_id = '{wid}' ORDER BY id"
+        )
+        decisions = [(r.task_name, r.action, r.outcome) for r in rows]
+    assert [(name, action) for name, action, _ in decisions] == [("t", "insert_repair"), ("t_repair1", "abort")]
+    inserted = decisions[0][2]
+    assert inserted["fixed"] is False and inserted["ended"] == "repair_failed" and inserted["inserted"] == 1
+    assert "censored" not in inserted
+    assert (await _workflow(db, wid))[0] == "failed"

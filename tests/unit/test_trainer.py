@@ -293,3 +293,17 @@ def test_from_db_refuses_the_options_it_would_ignore(tmp_path: Path) -> None:
     records.write_text("")
     done = CliRunner().invoke(app, ["trainer", "train", "--from-db", "--records", str(records)])
     assert done.exit_code == 2 and "--from-db does not take --records" in done.output
+
+
+def test_the_simulator_counts_a_reroute_or_repair_against_the_retry_limit_as_the_controller_does() -> None:
+    """controller.revisions adds a retry for every re-run (reroute and insert_repair too): after
+    one with a limit of 1, the policy must see no retry left in training as it will in production."""
+    sim = Simulator()
+    ep = replace(next(e for e in sim.episodes(STREAM_TEST, 0, 200) if e.max_retries == 1), has_fallback=True)
+    for action in (CorrectiveAction.reroute, CorrectiveAction.insert_repair):
+        counts = [0] * len(ACTIONS)
+        counts[action.ordinal] = 1
+        ctx = sim.context(ep, EpisodeState(step=1, counts=counts))
+        assert ctx.retries_used == 1, action
+        valid = mask(replace(ctx, error_class="transient"))
+        assert not valid[CorrectiveAction.retry_now.ordinal] and not valid[CorrectiveAction.retry_tuned.ordinal]
