@@ -107,8 +107,9 @@ class Backoff(_Model):
         return float(min(self.initial * self.factor ** max(retry_number - 1, 0), self.max))
 
     @model_validator(mode="after")
-    def _max_not_below_initial(self) -> Backoff:
-        if self.max < self.initial:
+    def _max_not_below_initial(self, info: ValidationInfo) -> Backoff:
+        # At submission only: a spec stored before this rule is read as it was accepted.
+        if (info.context or {}).get(SUBMISSION) and self.max < self.initial:
             raise ValueError(
                 f"max ({format_duration(self.max)}) is shorter than initial ({format_duration(self.initial)}): "
                 "every delay would be max"
@@ -196,8 +197,9 @@ class CorrectionSpec(_Model):
 
     @field_validator("time_budget")
     @classmethod
-    def _positive(cls, value: float | None) -> float | None:
-        if value is not None and value <= 0:
+    def _positive(cls, value: float | None, info: ValidationInfo) -> float | None:
+        # At submission only: a spec stored before this rule is read as it was accepted.
+        if (info.context or {}).get(SUBMISSION) and value is not None and value <= 0:
             raise ValueError("must be longer than 0 (leave it out for no time budget)")
         return value
 

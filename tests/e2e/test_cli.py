@@ -304,7 +304,8 @@ def test_tasks_marks_the_error_of_an_earlier_attempt(stack: Stack, tmp_path: Pat
     spec.write_text(
         "apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {name: retrying}\n"
         "spec:\n  correction: {mode: 'off'}\n  tasks:\n"
-        "    - {name: f, type: chaos.fail, params: {class: transient}, retry: {limit: 2, backoff: {initial: 1h}}}\n"
+        "    - {name: f, type: chaos.fail, params: {class: transient},\n"
+        "       retry: {limit: 2, backoff: {initial: 1h, max: 1h}}}\n"
     )
     wid = _submitted(stack, spec)
 

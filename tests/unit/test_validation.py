@@ -367,3 +367,12 @@ def test_shape_mistakes_are_named_as_a_user_wrote_them() -> None:
     }
     found = {p["path"]: p["message"] for p in problems(doc({"name": "a", "type": "noop", "dependsOn": "b"}))}
     assert found["spec.tasks[0].dependsOn"] == "should be a list, not the text 'b' (write [b])"
+
+
+def test_specs_stored_before_a_rule_existed_are_still_read() -> None:
+    """The controller reads stored specs without the submission context: a rule added later must
+    not make an accepted workflow unreadable (every round of it would fail)."""
+    from dagsmith.spec import Backoff, CorrectionSpec
+
+    assert Backoff.model_validate({"initial": "1s", "max": "1ms"}).delay(3) == 0.001
+    assert CorrectionSpec.model_validate_json('{"timeBudget": 0}').time_budget == 0.0
