@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from api.auth import Admin
 from api.deps import State
@@ -20,6 +21,20 @@ MAX_TOKEN_LIFETIME = 3650 * 86400.0  # ten years: longer is a typo (and "never" 
 
 class TokenRequest(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        # The bootstrap token acts as "admin" (user:admin in revisions); a stored token of that
+        # name would be indistinguishable from it in the history. A token id in the shape of a
+        # UUID would make `revoke NAME_OR_ID` ambiguous.
+        if name.lower() == "admin":
+            raise ValueError("'admin' is the bootstrap token's name; choose another")
+        try:
+            uuid.UUID(name)
+        except ValueError:
+            return name
+        raise ValueError("a name may not look like a token id (a UUID)")
     scopes: list[Literal["read", "write", "admin"]] = Field(min_length=1)
     namespaces: list[str] = Field(min_length=1, max_length=100, description="Namespaces the token sees; ['*'] for all.")
     expires_in: str | None = Field(None, description="A duration (e.g. '30d', at most 3650d), or none for no expiry.")
