@@ -61,6 +61,11 @@ class Workflow(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     error: dict[str, Any] | None
+    waiting_for: list[str] = Field(
+        default_factory=list,
+        description="Task types of its queued tasks that no live executor declares, so they wait "
+        "(GET /v1/workflows/{id} only; empty in lists).",
+    )
 
 
 class WorkflowList(BaseModel):

@@ -205,6 +205,26 @@ async def request_cancel(conn: AsyncConnection, workflow_id: uuid.UUID, namespac
     return row
 
 
+async def unserved_types(conn: AsyncConnection, workflow_id: uuid.UUID, alive_window: float) -> list[str]:
+    """Types of the workflow's queued tasks that no live executor declares: why they wait."""
+    rows = await conn.execute(
+        sa.text(
+            """
+            WITH queued AS (SELECT DISTINCT type FROM tasks WHERE workflow_id = :w AND status = 'queued')
+            SELECT q.type FROM queued q
+            WHERE NOT EXISTS (
+                SELECT 1 FROM executors e
+                WHERE NOT e.stopping AND e.last_heartbeat > now() - make_interval(secs => :window)
+                  AND e.capabilities @> jsonb_build_array(jsonb_build_object('type', q.type))
+            )
+            ORDER BY q.type
+            """
+        ),
+        {"w": workflow_id, "window": alive_window},
+    )
+    return [r[0] for r in rows]
+
+
 async def list_executors(conn: AsyncConnection, alive_window: float) -> list[dict[str, Any]]:
     rows = await conn.execute(
         sa.select(

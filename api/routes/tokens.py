@@ -35,6 +35,7 @@ class TokenRequest(BaseModel):
         except ValueError:
             return name
         raise ValueError("a name may not look like a token id (a UUID)")
+
     scopes: list[Literal["read", "write", "admin"]] = Field(min_length=1)
     namespaces: list[str] = Field(min_length=1, max_length=100, description="Namespaces the token sees; ['*'] for all.")
     expires_in: str | None = Field(None, description="A duration (e.g. '30d', at most 3650d), or none for no expiry.")

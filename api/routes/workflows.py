@@ -176,9 +176,13 @@ async def list_workflows(
 
 
 @router.get("/{workflow_id}", response_model=Workflow, responses=_ERRORS, summary="A workflow's status and progress")
-async def get_workflow(workflow_id: str, conn: Conn, principal: Reader) -> Workflow:
+async def get_workflow(workflow_id: str, state: State, conn: Conn, principal: Reader) -> Workflow:
     row = await queries.get_workflow(conn, queries.parse_id(workflow_id), principal.namespace_filter)
-    return Workflow(**queries.workflow_summary(row))
+    waiting: list[str] = []
+    if row.status in ("pending", "running") and row.n_queued:
+        # As GET /v1/executors judges liveness.
+        waiting = await queries.unserved_types(conn, row.id, state.settings.heartbeat_interval * 3)
+    return Workflow(**queries.workflow_summary(row), waiting_for=waiting)
 
 
 @router.get("/{workflow_id}/tasks", response_model=TaskList, responses=_ERRORS, summary="A workflow's tasks")

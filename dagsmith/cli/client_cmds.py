@@ -296,6 +296,10 @@ def status(
         table.add_row("finished", str(wf["finished_at"]))
     if wf.get("error"):
         table.add_row("error", escape(wf["error"].get("message", "")))
+    for task_type in wf.get("waiting_for", []):
+        table.add_row(
+            "waiting", escape(f"no live executor runs task type {task_type!r}; its tasks stay queued until one does")
+        )
     out.print(table)
 
 

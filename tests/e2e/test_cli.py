@@ -161,6 +161,27 @@ def test_cancel(stack: Stack, tmp_path: Path) -> None:
     assert again.returncode == 6 and len(again.stderr.strip().splitlines()) == 1, again.stderr  # 409: finished
 
 
+def test_status_says_which_task_types_no_executor_runs(stack: Stack, tmp_path: Path) -> None:
+    from tests.support.wait import wait_until
+
+    spec = tmp_path / "stuck.yaml"
+    spec.write_text(
+        "apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {name: stuck}\n"
+        "spec:\n  tasks: [{name: a, type: test.nobody}, {name: b, type: noop}]\n"
+    )
+    wid = _submitted(stack, spec)
+    try:
+        wait_until(
+            lambda: json.loads(cli(stack, "status", wid, "--json").stdout)["waiting_for"] == ["test.nobody"],
+            timeout=20,
+            what="the task of a type nobody runs to be queued",
+        )
+        shown = cli(stack, "status", wid)
+        assert "no live executor runs task type 'test.nobody'" in shown.stdout, shown.stdout
+    finally:
+        cli(stack, "cancel", wid)
+
+
 def test_delete_and_prune(stack: Stack, tmp_path: Path) -> None:
     from dagsmith.client import Client
     from tests.support.wait import wait_until
@@ -331,6 +352,8 @@ def test_tasks_lists_every_page_and_list_says_where_the_next_starts(stack: Stack
             }
         )
     )
+    # Another succeeded workflow, older than the paged one: the second page of one has it.
+    assert cli(stack, "submit", str(EXAMPLES / "hello.yaml"), "--wait").returncode == 0
     wid = _submitted(stack, spec)
     assert cli(stack, "watch", wid).returncode == 0
     listed = json.loads(cli(stack, "tasks", wid, "--json").stdout)["items"]
