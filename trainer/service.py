@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 import structlog
@@ -37,20 +38,24 @@ class TrainerService:
         self.seeds = seeds
         self.timesteps = timesteps
         self.settings = get_settings()
-        self.trained_up_to = 0  # the highest decision id trained on
+        # When the last training run read the log. None: when the newest registered version was
+        # made (so a restarted service does not count old outcomes again), or ever.
+        self.trained_at: datetime | None = None
 
-    async def _new_decisions(self, db: AsyncEngine) -> tuple[int, int]:
+    async def _new_decisions(self, db: AsyncEngine) -> int:
+        """Decisions whose outcome became known since the last training: by when they closed,
+        not by id, since a decision made before a run may close after it."""
         async with db.connect() as conn:
             row = (
                 await conn.execute(
                     sa.text(
-                        "SELECT count(*), COALESCE(max(id), 0) FROM correction_decisions "
-                        f"WHERE {LEARNABLE} AND id > :after"
+                        f"SELECT count(*) FROM correction_decisions WHERE {LEARNABLE} AND outcome_at > "
+                        "COALESCE(CAST(:since AS timestamptz), (SELECT max(created_at) FROM policies), '-infinity')"
                     ),
-                    {"after": self.trained_up_to},
+                    {"since": self.trained_at},
                 )
             ).one()
-        return int(row[0]), int(row[1])
+        return int(row[0])
 
     async def run(self, stop: asyncio.Event) -> None:
         from trainer.loop import train_and_gate
@@ -61,10 +66,11 @@ class TrainerService:
         try:
             while not stop.is_set():
                 try:
-                    new, newest = await self._new_decisions(db)
+                    new = await self._new_decisions(db)
                     PENDING.set(new)
                     if new >= self.min_new:
                         log.info("training on new decisions", new=new)
+                        reading_from = datetime.now(UTC)
                         trained = await asyncio.to_thread(
                             train_and_gate,
                             self.settings.database_url.get_secret_value(),
@@ -72,7 +78,7 @@ class TrainerService:
                             timesteps=self.timesteps,
                             log=lambda line: log.info(line),
                         )
-                        self.trained_up_to = newest
+                        self.trained_at = reading_from
                         GATE.labels("passed" if trained.report.passed else "failed").inc()
                         RUNS.labels("activated" if trained.activated else "registered").inc()
                         LAST_RUN.set(time.time())
