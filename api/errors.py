@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from controller.surgery import SurgeryConflict, SurgeryError
-from dagsmith.errors import Conflict, NotFound, SpecError
+from dagsmith.errors import Conflict, Forbidden, NotFound, SpecError
 
 log = structlog.get_logger(__name__)
 
@@ -52,6 +52,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Conflict)
     async def _conflict(request: Request, exc: Conflict) -> JSONResponse:
         return JSONResponse(error_body("conflict", str(exc)), status_code=409)
+
+    @app.exception_handler(Forbidden)
+    async def _forbidden(request: Request, exc: Forbidden) -> JSONResponse:
+        return JSONResponse(error_body("forbidden", str(exc)), status_code=403)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

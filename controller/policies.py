@@ -187,15 +187,12 @@ async def activate(
     ``replacing``: the version the gate compared it with (None: the rules). If another is active
     by now (someone activated or rolled back meanwhile), nothing changes: the gate never compared
     the two, and a person's later decision must not be undone by an older training run."""
-    row = (await conn.execute(sa.select(policies).where(policies.c.version == version).with_for_update())).first()
+    await _one_change_at_a_time(conn)
+    row = (await conn.execute(sa.select(policies).where(policies.c.version == version))).first()
     if row is None:
         raise NotFound(f"no policy version {version!r}")
     if replacing is not _UNCHECKED:
-        # The lock on the active row (or, with none active, on the new version's row, taken
-        # above) orders this against a concurrent activation or rollback.
-        current = (
-            await conn.execute(sa.select(policies.c.version).where(policies.c.status == "active").with_for_update())
-        ).scalar()
+        current = (await conn.execute(sa.select(policies.c.version).where(policies.c.status == "active"))).scalar()
         if current != replacing:
             raise Conflict(
                 f"the active policy changed to {current or 'the rules'} while {version} was compared with "
@@ -222,7 +219,8 @@ async def activate(
 async def rollback(conn: AsyncConnection) -> dict[str, Any] | None:
     """Undo the latest activation still standing: the version active before it comes back (or
     none: the rules). Successive rollbacks walk back through the activations, newest first."""
-    current = (await conn.execute(sa.select(policies).where(policies.c.status == "active").with_for_update())).first()
+    await _one_change_at_a_time(conn)
+    current = (await conn.execute(sa.select(policies).where(policies.c.status == "active"))).first()
     if current is None:
         raise Conflict("no policy is active: the controllers already decide with the rules")
     standing = (
@@ -242,6 +240,16 @@ async def rollback(conn: AsyncConnection) -> dict[str, Any] | None:
     previous = rows[0].version if rows else None
     await _make_active(conn, previous)
     return await active(conn)
+
+
+POLICY_CHANGES_LOCK = 0x64616773_706F6C  # an advisory lock id of the registry's own ("dags" "pol")
+
+
+async def _one_change_at_a_time(conn: AsyncConnection) -> None:
+    """Activations and rollbacks take turns (until the transaction ends): each then judges the
+    active version as it is, and two never both find none active and both activate (the unique
+    index would refuse the second with an error instead of a reason)."""
+    await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(POLICY_CHANGES_LOCK)))
 
 
 async def _make_active(conn: AsyncConnection, version: str | None) -> None:

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from controller.store import Event, Events, Outcome, _json, ts
 from controller.surgery import Operation, Plan, SurgeryConflict, SurgeryError, TaskSnapshot
-from dagsmith.errors import NotFound
+from dagsmith.errors import Forbidden, NotFound
 
 TERMINAL_WORKFLOW = ("succeeded", "failed", "cancelled")
 
@@ -362,6 +362,7 @@ async def manual(
     message: str = "",
     max_tasks: int | None = None,
     alive_window: float = 15.0,
+    may_move_secrets: bool = True,
 ) -> Applied:
     """A surgery a user asked for. Manual surgeries are recorded (and counted) like the policy's,
     but the correction budgets do not block them: a person decided. ``max_tasks`` still bounds
@@ -382,6 +383,14 @@ async def manual(
         raise SurgeryConflict(
             f"task {task.name!r} is queued and a live executor runs {task.type!r}, so it may start at any moment: "
             "wait for it to finish, or cancel the workflow"
+        )
+    moves_secrets = operation == "replace" or (operation == "insert" and params is None)
+    if task.secrets and moves_secrets and not may_move_secrets:
+        # The new type would receive the secret params: choosing which code gets a secret is
+        # the submitter's decision, or an admin's, not any writer's.
+        raise Forbidden(
+            f"task {task.name!r} has secret params ({', '.join(task.secrets)}): giving them to another task type "
+            "needs the admin scope (an insert with its own params gives it none)"
         )
     if operation in ("retry", "replace", "insert"):
         await _check_upstream_can_finish(conn, workflow_id, task)

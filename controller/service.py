@@ -45,8 +45,10 @@ from dagsmith.settings import Settings
 log = structlog.get_logger(__name__)
 
 DEFAULT_METRICS_PORT = 9101
-CANCELLATION_MEMORY = 86_400.0  # seconds of cancelled and failed workflows an executor is told about
+# Seconds of cancelled and failed workflows an executor is told about (retention keeps them that long).
+CANCELLATION_MEMORY = retention.ENDED_MEMORY
 RETENTION_INTERVAL = 300.0  # seconds between the controller's passes over workflows past retention
+RETENTION_PAUSE = 0.5  # seconds between two of a pass's batches
 
 # RabbitMQ is unreachable or the channel is gone; the robust connection restores both.
 BROKER_ERRORS = (
@@ -469,8 +471,11 @@ class Controller:
                     pruned = await in_transaction(db, one, what="retention", attempts=3)
                     deleted += pruned.workflows
                     metrics.WORKFLOWS_PRUNED.inc(pruned.workflows)
-                    if pruned.workflows < retention.DEFAULT_BATCH:
+                    if not pruned.more:
                         break
+                    # A pause between batches: rounds share this pool and the database.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=RETENTION_PAUSE)
             except Exception as exc:
                 log.warning("retention pass failed; trying again at the next", error=str(exc)[:200])
             if deleted:

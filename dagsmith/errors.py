@@ -69,3 +69,7 @@ class NotFound(DagsmithError):
 
 class Conflict(DagsmithError):
     """The request does not fit the current state (for example, a result asked for too early)."""
+
+
+class Forbidden(DagsmithError):
+    """The caller may see this, but not do what it asked (its token lacks the scope it needs)."""

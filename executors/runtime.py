@@ -104,18 +104,15 @@ async def execute(
     max_output_bytes: int,
     default_timeout: float | None = None,
 ) -> tuple[bool, Any, TaskError | None]:
-    """Run one attempt of a task. Never raises (except CancelledError): failures become TaskErrors.
-    The values of the task's secret params are masked wherever its output or error repeats them.
-    A task whose spec sets no timeout gets ``default_timeout``."""
+    """Run one attempt of a task. Never raises (except CancelledError): failures become TaskErrors,
+    with the values of the task's secret params masked wherever the error repeats them. A task
+    whose spec sets no timeout gets ``default_timeout``."""
     timeout = message.timeout if message.timeout is not None else (default_timeout or None)
     ok, output, error = await _execute(spec, message, options, max_output_bytes, limit=timeout)
-    if message.secrets:
-        # The output too: any read token sees it, and a task that repeats its secret (an echo,
-        # or a type a surgery swapped in) must not reveal it.
-        hidden = secret_values(message.params, message.secrets)
-        if hidden:
-            output = scrub(output, hidden)
-            error = None if error is None else scrub_error(error, hidden)
+    if error is not None and message.secrets:
+        # Not the output: downstream tasks and `expect` read it as it is (a connection string a
+        # template built from a secret, say), and a substring match would corrupt unrelated text.
+        error = scrub_error(error, secret_values(message.params, message.secrets))
     if error is not None:
         error = bound_error(error)
     return ok, output, error

@@ -35,6 +35,7 @@ from controller import queries, retention, revisions
 from controller.store import known_task_types
 from controller.submit import submit
 from dagsmith.durations import parse_duration
+from dagsmith.errors import NotFound
 from dagsmith.validation import load_document, params_problems, validate
 
 # What a workflow document may be sent as (none at all is read as YAML, which JSON also is).
@@ -315,6 +316,7 @@ async def surgery(workflow_id: str, body: SurgeryRequest, state: State, principa
             message=body.reason,
             max_tasks=state.settings.max_tasks,
             alive_window=state.settings.heartbeat_interval * 3,  # as GET /v1/executors judges it
+            may_move_secrets="admin" in principal.scopes,
         )
     warnings = []
     if body.type is not None:
@@ -387,7 +389,11 @@ async def _events(
             wake.clear()
             async with state.db.connect() as conn:
                 rows = await queries.events_after(conn, wid, after)
-                status = (await queries.get_workflow(conn, wid, None)).status  # access checked before streaming
+                try:
+                    status = (await queries.get_workflow(conn, wid, None)).status  # access checked before streaming
+                except NotFound:  # deleted while watched: the stream ends as for a finished workflow
+                    yield {"event": "end", "data": orjson.dumps({"status": "deleted"}).decode()}
+                    return
             for row in rows:
                 after = row.id
                 yield {
@@ -402,8 +408,10 @@ async def _events(
                 return
             if await request.is_disconnected():
                 return
+            # At most until the next token check is due, so it comes on time.
+            until_check = STREAM_REAUTH_SECONDS - (time.monotonic() - checked)
             try:
-                await asyncio.wait_for(wake.wait(), timeout=15.0)
+                await asyncio.wait_for(wake.wait(), timeout=max(min(15.0, until_check), 0.0))
             except TimeoutError:
                 pass
     finally:

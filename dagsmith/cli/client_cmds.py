@@ -161,6 +161,8 @@ def submit(
             return
         try:
             status = _watch(client, wid, deadline) if watch else _wait(client, wid, deadline)
+        except ClientError as exc:  # the API went away, or the token was revoked, while waiting
+            handle(exc)
         except WaitTimeout:
             _gave_up(wid, timeout)
         _print_result(client, wid)
@@ -174,8 +176,10 @@ def _wait(client: Client, wid: str, deadline: float | None = None) -> str:
         for event, data in client.events(wid, deadline=deadline):
             if event == "end":
                 return str(data["status"])
-    except ClientError:
-        pass  # the stream broke: fall back to polling
+    except ClientError as exc:
+        if exc.status in (401, 403):
+            raise  # not allowed any more: polling would not be either
+        # the stream broke: fall back to polling
     delay = 0.2
     while True:
         status = str(client.workflow(wid)["status"])

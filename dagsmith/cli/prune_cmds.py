@@ -101,7 +101,7 @@ async def _prune(
                 typer.echo(
                     f"deleted {deleted}/{_count(found.workflows, 'workflow')}, {_count(tasks, 'task')}", err=True
                 )
-            if pruned.workflows < retention.DEFAULT_BATCH:
+            if not pruned.more:
                 break
     finally:
         await db.dispose()

@@ -187,18 +187,23 @@ def test_delete_and_prune(stack: Stack, tmp_path: Path) -> None:
     from tests.support.wait import wait_until
 
     namespace = f"prune-{os.urandom(4).hex()}"
-    spec = tmp_path / "long.yaml"
-    spec.write_text(
-        f"apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {{name: long, namespace: {namespace}}}\n"
-        "spec:\n  tasks: [{name: s, type: sleep, params: {seconds: 60}}]\n"
-    )
-    first, second = _submitted(stack, spec), _submitted(stack, spec)
-    running = cli(stack, "delete", first)
+    long, quick = tmp_path / "long.yaml", tmp_path / "quick.yaml"
+    head = f"apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {{name: w, namespace: {namespace}}}\n"
+    long.write_text(head + "spec:\n  tasks: [{name: s, type: sleep, params: {seconds: 60}}]\n")
+    quick.write_text(head + "spec:\n  tasks: [{name: n, type: noop}]\n")
+    sleeping = _submitted(stack, long)
+    running = cli(stack, "delete", sleeping)
     assert running.returncode == 6 and "cancel it first" in running.stderr, running.stderr
     with Client(stack.url, token=stack.token) as client:
-        for wid in (first, second):
-            client.cancel(wid)
-            wait_until(lambda wid=wid: client.workflow(wid)["status"] == "cancelled", timeout=20, what="the cancel")
+        client.cancel(sleeping)
+        wait_until(lambda: client.workflow(sleeping)["status"] == "cancelled", timeout=20, what="the cancel")
+    # Kept a day: executors that connect meanwhile must still be told it was cancelled.
+    recent = cli(stack, "delete", sleeping)
+    assert recent.returncode == 6 and "cancelled less than a day ago" in recent.stderr, recent.stderr
+
+    first, second = _submitted(stack, quick), _submitted(stack, quick)
+    for wid in (first, second):
+        assert cli(stack, "watch", wid).returncode == 0
     done = cli(stack, "delete", first)
     assert done.returncode == 0 and f"deleted {first}" in done.stderr, done.stderr
     assert cli(stack, "status", first).returncode == 4
@@ -206,7 +211,7 @@ def test_delete_and_prune(stack: Stack, tmp_path: Path) -> None:
     db = {"DAGSMITH_DATABASE_URL": stack.settings.database_url.get_secret_value()}
     dry = cli(stack, "prune", "--older-than", "0s", "--namespace", namespace, "--dry-run", env=db)
     assert dry.returncode == 0, dry.stderr
-    assert f"1 workflow in namespace {namespace} finished before" in dry.stderr
+    assert f"1 workflow in namespace {namespace} finished before" in dry.stderr  # not the cancelled one
     assert "UTC, with 1 task (dry run: nothing deleted)" in dry.stderr
     unasked = cli(stack, "prune", "--older-than", "0s", "--namespace", namespace, env=db)
     assert unasked.returncode == 2 and "pass --yes" in unasked.stderr, unasked.stderr
@@ -214,6 +219,7 @@ def test_delete_and_prune(stack: Stack, tmp_path: Path) -> None:
     pruned = cli(stack, "prune", "--older-than", "0s", "--namespace", namespace, "--yes", env=db)
     assert pruned.returncode == 0 and "deleted 1/1 workflow, 1 task" in pruned.stderr, pruned.stderr
     assert cli(stack, "status", second).returncode == 4
+    assert cli(stack, "status", sleeping).returncode == 0
     bad = cli(stack, "prune", "--older-than", "soon", env=db)
     assert bad.returncode == 2 and "--older-than: invalid duration 'soon'" in bad.stderr, bad.stderr
 

@@ -20,6 +20,7 @@ from dagsmith.errors import Conflict, NotFound
 from dagsmith.validation import validate
 
 HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
 
 
 def _doc(name: str) -> dict[str, Any]:
@@ -91,8 +92,11 @@ async def _count(db: AsyncEngine, table: str, wid: uuid.UUID) -> int:
 
 async def test_prune_deletes_only_finished_workflows_past_the_cutoff_and_keeps_their_decisions(db: AsyncEngine) -> None:
     ns = f"prune-{uuid.uuid4().hex[:8]}"
-    old = [await _workflow(db, ns, s, 3 * HOUR) for s in ("succeeded", "failed", "cancelled")]
+    old = [await _workflow(db, ns, s, 2 * DAY) for s in ("succeeded", "failed", "cancelled")]
     recent = await _workflow(db, ns, "succeeded", timedelta(minutes=10))
+    # Failed or cancelled less than a day ago: kept whatever the cutoff (executors that connect
+    # are told about it so they drop its queued tasks; a deleted one they would not be).
+    remembered = [await _workflow(db, ns, s, 3 * HOUR) for s in ("failed", "cancelled")]
     running = await _workflow(db, ns, "running")
     elsewhere = await _workflow(db, f"{ns}-other", "succeeded", 3 * HOUR)
     async with db.connect() as conn:
@@ -114,7 +118,7 @@ async def test_prune_deletes_only_finished_workflows_past_the_cutoff_and_keeps_t
     for wid in old:
         for table in ("workflows", "tasks", "task_events", "dag_revisions"):
             assert await _count(db, table, wid) == 0, (table, wid)
-    for wid in (recent, running, elsewhere):
+    for wid in (recent, running, elsewhere, *remembered):
         assert await _count(db, "workflows", wid) == 1
         assert await _count(db, "tasks", wid) == 2
         assert await _count(db, "correction_decisions", wid) == 1
@@ -148,6 +152,41 @@ async def test_prune_goes_in_batches_oldest_first_and_can_keep_a_status(db: Asyn
             await retention.prune_batch(conn, cutoff, namespaces=[ns], statuses=("running",))
 
 
+async def test_a_batch_stops_at_its_task_budget_but_takes_at_least_one_workflow(db: AsyncEngine) -> None:
+    ns = f"prune-{uuid.uuid4().hex[:8]}"
+    wids = [await _workflow(db, ns, "succeeded", (5 - i) * HOUR) for i in range(3)]  # 2 tasks each
+    cutoff = datetime.now(UTC) - HOUR
+    async with db.begin() as conn:
+        first = await retention.prune_batch(conn, cutoff, namespaces=[ns], batch_tasks=5)
+    assert (first.workflows, first.tasks, first.more) == (2, 4, True)
+    async with db.begin() as conn:
+        second = await retention.prune_batch(conn, cutoff, namespaces=[ns], batch_tasks=1)
+    assert (second.workflows, second.tasks, second.more) == (1, 2, False)  # over budget alone: still taken
+    assert [await _count(db, "workflows", w) for w in wids] == [0, 0, 0]
+
+
+async def test_a_running_workflow_is_never_deleted_even_if_it_was_revived_meanwhile(db: AsyncEngine) -> None:
+    """A retry surgery brings a failed workflow back (status running) while a DELETE of it waits
+    for the row: the DELETE must judge what it finds once it has the row."""
+    ns = f"del-{uuid.uuid4().hex[:8]}"
+    wid = await _workflow(db, ns, "failed", 2 * DAY)
+    async with db.begin() as surgery:
+        await surgery.execute(
+            sa.text("UPDATE workflows SET status = 'running', finished_at = NULL WHERE id = :w"), {"w": wid}
+        )
+
+        async def delete() -> None:
+            async with db.begin() as conn:
+                await retention.delete_workflow(conn, wid, [ns])
+
+        deleting = asyncio.create_task(delete())
+        done, _ = await asyncio.wait({deleting}, timeout=0.5)
+        assert not done  # it waits for the surgery's lock
+    with pytest.raises(Conflict, match="is running"):
+        await asyncio.wait_for(deleting, 10)
+    assert await _count(db, "workflows", wid) == 1
+
+
 async def test_prune_passes_over_workflows_another_transaction_holds(db: AsyncEngine) -> None:
     ns = f"prune-{uuid.uuid4().hex[:8]}"
     held, free = await _workflow(db, ns, "succeeded", 2 * HOUR), await _workflow(db, ns, "succeeded", 2 * HOUR)
@@ -163,7 +202,8 @@ async def test_prune_passes_over_workflows_another_transaction_holds(db: AsyncEn
 
 async def test_deleting_one_workflow(db: AsyncEngine) -> None:
     ns = f"del-{uuid.uuid4().hex[:8]}"
-    done = await _workflow(db, ns, "failed", key="build-42")
+    done = await _workflow(db, ns, "failed", 2 * DAY, key="build-42")
+    just_failed = await _workflow(db, ns, "cancelled", HOUR)
     running = await _workflow(db, ns, "running")
     mirrored = await _workflow(db, ns, "succeeded", source="kubernetes")
 
@@ -173,6 +213,9 @@ async def test_deleting_one_workflow(db: AsyncEngine) -> None:
     with pytest.raises(Conflict, match="is running: cancel it first"):
         async with db.begin() as conn:
             await retention.delete_workflow(conn, running, [ns])
+    with pytest.raises(Conflict, match="cancelled less than a day ago"):
+        async with db.begin() as conn:
+            await retention.delete_workflow(conn, just_failed, [ns])
     with pytest.raises(Conflict, match="delete that with kubectl"):
         async with db.begin() as conn:
             await retention.delete_workflow(conn, mirrored, None)

@@ -376,3 +376,9 @@ def test_specs_stored_before_a_rule_existed_are_still_read() -> None:
 
     assert Backoff.model_validate({"initial": "1s", "max": "1ms"}).delay(3) == 0.001
     assert CorrectionSpec.model_validate_json('{"timeBudget": 0}').time_budget == 0.0
+
+
+def test_a_backoff_initial_above_the_default_max_raises_the_max_it_did_not_write() -> None:
+    found = validate(doc({"name": "a", "type": "noop", "retry": {"limit": 1, "backoff": {"initial": "10m"}}}))
+    backoff = found.tasks[0].retry.backoff
+    assert (backoff.initial, backoff.max, backoff.delay(3)) == (600.0, 600.0, 600.0)
