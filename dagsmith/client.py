@@ -122,7 +122,7 @@ class Client:
         return self._request("DELETE", f"/v1/tokens/{name_or_id}").json()
 
     def events(
-        self, workflow_id: str, after: int = 0, deadline: float | None = None
+        self, workflow_id: str, after: int = 0, deadline: float | None = None, follow: bool = True
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         """Yield (event, data) from the workflow's event stream until it ends.
 
@@ -136,7 +136,10 @@ class Client:
             timeout = None if left is None else httpx.Timeout(10.0, read=left)
             try:
                 with self.http.stream(
-                    "GET", f"/v1/workflows/{workflow_id}/events", params={"after": after}, timeout=timeout
+                    "GET",
+                    f"/v1/workflows/{workflow_id}/events",
+                    params={"after": after, "follow": str(follow).lower()},
+                    timeout=timeout,
                 ) as response:
                     if response.status_code >= 400:
                         response.read()

@@ -337,7 +337,7 @@ async def surgery(workflow_id: str, body: SurgeryRequest, state: State, principa
 @router.get(
     "/{workflow_id}/events",
     responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}},
-    summary="Live task transitions as Server-Sent Events (ends when the workflow finishes)",
+    summary="Task transitions as Server-Sent Events: live until the workflow ends, or (follow=false) so far",
 )
 async def stream_events(
     workflow_id: str,
@@ -347,6 +347,9 @@ async def stream_events(
     principal: Reader,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     after: Annotated[int, Query(ge=0, le=2**62, description="Only events with a larger id")] = 0,
+    follow: Annotated[
+        bool, Query(description="Keep streaming until the workflow finishes (false: end after the history so far)")
+    ] = True,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> EventSourceResponse:
     wid = queries.parse_id(workflow_id)
@@ -368,11 +371,16 @@ async def stream_events(
             return False
         return True
 
-    return EventSourceResponse(_events(request, state, wid, after, still_allowed), ping=15)
+    return EventSourceResponse(_events(request, state, wid, after, still_allowed, follow), ping=15)
 
 
 async def _events(
-    request: Request, state: AppState, wid: Any, after: int, still_allowed: Callable[[], Awaitable[bool]]
+    request: Request,
+    state: AppState,
+    wid: Any,
+    after: int,
+    still_allowed: Callable[[], Awaitable[bool]],
+    follow: bool = True,
 ) -> AsyncIterator[dict[str, Any]]:
     wake = state.hub.watch(str(wid))
     checked = time.monotonic()
@@ -403,7 +411,7 @@ async def _events(
                 }
             if len(rows) == 1000:
                 continue
-            if status in queries.TERMINAL:
+            if status in queries.TERMINAL or not follow:
                 yield {"event": "end", "data": orjson.dumps({"status": status}).decode()}
                 return
             if await request.is_disconnected():

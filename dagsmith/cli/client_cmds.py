@@ -325,6 +325,41 @@ def watch(workflow_id: str, timeout: TimeoutOption = None, api: ApiOption = None
         raise typer.Exit(1)
 
 
+def events(
+    workflow_id: str,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the workflow finishes")] = False,
+    after: Annotated[int, typer.Option(help="Only events after this event id (it is printed first)", min=0)] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line")] = False,
+    timeout: TimeoutOption = None,
+    api: ApiOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Print a workflow's task transitions: when, which task and attempt, from and to, and why."""
+    if timeout is not None and not follow:
+        fail("--timeout goes with --follow", 2)
+    deadline = _deadline(timeout)
+    with connect(api, token) as client:
+        try:
+            for event, data in client.events(workflow_id, after=after, deadline=deadline, follow=follow):
+                if event != "transition":
+                    continue
+                if as_json:
+                    out.print(orjson.dumps(data).decode(), highlight=False, markup=False, soft_wrap=True)
+                    continue
+                who = f"{data['task']} #{data['attempt']}" if data.get("task") else "workflow"
+                why = f"  {data['reason']}" if data.get("reason") else ""
+                out.print(
+                    f"{data['id']:>8}  {str(data['at'])[:23]}  {who}  {data.get('from') or '-'} → {data['to']}{why}",
+                    highlight=False,
+                    markup=False,
+                    soft_wrap=True,
+                )
+        except ClientError as exc:
+            handle(exc)
+        except WaitTimeout:
+            _gave_up(workflow_id, timeout)
+
+
 def result(workflow_id: str, api: ApiOption = None, token: TokenOption = None) -> None:
     """Print a finished workflow's output (exit 1 if it failed)."""
     with connect(api, token) as client:
@@ -522,6 +557,6 @@ def executors(
 
 
 def register(app: typer.Typer) -> None:
-    for fn in (submit, watch, status, result, dag, cancel, delete, tasks, executors):
+    for fn in (submit, watch, status, events, result, dag, cancel, delete, tasks, executors):
         app.command(rich_help_panel="Client")(fn)
     app.command("list", rich_help_panel="Client")(list_)

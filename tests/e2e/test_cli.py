@@ -161,6 +161,36 @@ def test_cancel(stack: Stack, tmp_path: Path) -> None:
     assert again.returncode == 6 and len(again.stderr.strip().splitlines()) == 1, again.stderr  # 409: finished
 
 
+def test_events_print_the_history_and_follow_a_running_workflow(stack: Stack, tmp_path: Path) -> None:
+    done = cli(stack, "submit", str(EXAMPLES / "hello.yaml"), "--wait")
+    wid = next(line.split()[-1] for line in done.stderr.splitlines() if line.startswith("submitted workflow"))
+    shown = cli(stack, "events", wid)
+    assert shown.returncode == 0, shown.stderr
+    assert any("greet #1" in line and "→ succeeded" in line for line in shown.stdout.splitlines()), shown.stdout
+    lines = [json.loads(line) for line in cli(stack, "events", wid, "--json").stdout.splitlines()]
+    assert (
+        lines
+        and {e["workflow_id"] for e in lines} == {wid}
+        and [e["id"] for e in lines] == sorted(e["id"] for e in lines)
+    )
+    later = [
+        json.loads(line)
+        for line in cli(stack, "events", wid, "--json", "--after", str(lines[0]["id"])).stdout.splitlines()
+    ]
+    assert later == lines[1:]
+    # Without --follow, a running workflow's history so far, at once; with it, until it ends.
+    slow = tmp_path / "slow.yaml"
+    slow.write_text(
+        "apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {name: slow}\n"
+        "spec:\n  tasks: [{name: s, type: sleep, params: {seconds: 6}}]\n"
+    )
+    wid = _submitted(stack, slow)
+    so_far = cli(stack, "events", wid)
+    assert so_far.returncode == 0 and "→ succeeded" not in so_far.stdout
+    followed = cli(stack, "events", wid, "--follow", "--timeout", "60s")
+    assert followed.returncode == 0 and "s #1  running → succeeded" in followed.stdout, followed.stdout
+
+
 def test_status_says_which_task_types_no_executor_runs(stack: Stack, tmp_path: Path) -> None:
     from tests.support.wait import wait_until
 
