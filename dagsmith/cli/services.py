@@ -288,7 +288,9 @@ def dev(
             stderr=subprocess.STDOUT,
         )
         children.append(child)
-        prefix = typer.style(f"{label:>12} │ ", fg=colors[i % len(colors)])
+        prefix = f"{label:>12} │ "
+        if sys.stdout.isatty():  # colours for a person; a file or a pipe gets plain text
+            prefix = typer.style(prefix, fg=colors[i % len(colors)])
         threading.Thread(target=_pump, args=(child, prefix), daemon=True).start()
     typer.echo(f"API on http://127.0.0.1:{api_port}  (Ctrl-C stops everything)", err=True)
     if api_port != 8000:  # the client commands' default
