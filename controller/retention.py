@@ -125,8 +125,8 @@ async def delete_workflow(conn: AsyncConnection, workflow_id: uuid.UUID, namespa
         raise Conflict(f"workflow {workflow_id} is {row.status}: cancel it first, then delete it")
     if row.source == "kubernetes":
         raise Conflict(
-            f"workflow {workflow_id} belongs to the Workflow resource {row.namespace}/{row.name}: "
-            "delete that with kubectl (retention removes the stored copy later)"
+            f"workflow {workflow_id} belongs to the Workflow resource {row.namespace}/{row.name}: deleting that "
+            "(kubectl delete) cancels it; its stored copy goes with `dagsmith prune` or DAGSMITH_RETENTION"
         )
     if row.status != "succeeded" and row.finished_at > datetime.now(UTC) - timedelta(seconds=ENDED_MEMORY):
         raise Conflict(
