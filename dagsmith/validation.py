@@ -88,6 +88,18 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def split_documents(text: str) -> list[str]:
+    """The YAML documents of ``text`` (separated by ``---``), each as its own text, empty ones
+    left out, so each can be submitted as written. Text that does not parse is returned whole:
+    the server then says what is wrong with it, and where."""
+    try:
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError:
+        return [text]
+    docs = [text[n.start_mark.index : n.end_mark.index] for n in nodes if n is not None]
+    return [d for d in docs if d.strip()] or [text]
+
+
 def _load(body: bytes | str, content_type: str) -> Any:
     text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
     if "json" in content_type:

@@ -134,7 +134,9 @@ def submit(
 ) -> None:
     """Submit a workflow; print its id.
 
-    With --wait or --watch, print its result once it finishes (exit 1 unless it succeeded).
+    A YAML file may hold several workflows (documents separated by ---): each is submitted, in order.
+
+    With --wait or --watch, print the result once it finishes (exit 1 unless it succeeded).
     """
     if timeout is not None and not (wait or watch):
         fail("--timeout goes with --wait or --watch", 2)
@@ -144,29 +146,47 @@ def submit(
     except OSError as exc:
         fail(f"cannot read {file}: {exc.strerror}", 2)
     content_type = "application/json" if str(file).endswith(".json") else "application/yaml"
+    documents: list[bytes] = [body]
+    if content_type == "application/yaml":
+        from dagsmith.validation import split_documents  # here: the other commands start faster without it
+
+        parts = split_documents(body.decode("utf-8", errors="replace"))
+        if len(parts) > 1:  # one document goes as it was read, byte for byte
+            documents = [part.encode() for part in parts]
+    if idempotency_key and len(documents) > 1:
+        fail(f"--idempotency-key names one workflow, and {file} holds {len(documents)}", 2)
+    ids: list[str] = []
     with connect(api, token) as client:
-        try:
-            submitted = client.submit(body, content_type=content_type, idempotency_key=idempotency_key)
-        except ClientError as exc:
-            handle(exc)
-        for warning in submitted.get("warnings", []):
-            console.print(
-                f"[yellow]warning:[/yellow] {escape(warning['path'])}: {escape(warning['message'])}", highlight=False
-            )
-        wid = submitted["id"]
-        verb = "submitted" if submitted.get("created", True) else "already submitted"
-        console.print(f"{verb} workflow [bold]{submitted['name']}[/bold] {wid}", highlight=False)
+        for n, document in enumerate(documents, 1):
+            try:
+                submitted = client.submit(document, content_type=content_type, idempotency_key=idempotency_key)
+            except ClientError as exc:
+                if len(documents) > 1:
+                    before = f" ({n - 1} before it submitted: {', '.join(ids)})" if ids else ""
+                    console.print(f"in document {n} of {len(documents)}{before}:", highlight=False)
+                handle(exc)
+            for warning in submitted.get("warnings", []):
+                console.print(
+                    f"[yellow]warning:[/yellow] {escape(warning['path'])}: {escape(warning['message'])}",
+                    highlight=False,
+                )
+            ids.append(submitted["id"])
+            verb = "submitted" if submitted.get("created", True) else "already submitted"
+            console.print(f"{verb} workflow [bold]{submitted['name']}[/bold] {submitted['id']}", highlight=False)
         if not (wait or watch):
-            out.print(wid)
+            for wid in ids:
+                out.print(wid)
             return
-        try:
-            status = _watch(client, wid, deadline) if watch else _wait(client, wid, deadline)
-        except ClientError as exc:  # the API went away, or the token was revoked, while waiting
-            handle(exc)
-        except WaitTimeout:
-            _gave_up(wid, timeout)
-        _print_result(client, wid)
-        if status != "succeeded":
+        finals = []
+        for wid in ids:
+            try:
+                finals.append(_watch(client, wid, deadline) if watch else _wait(client, wid, deadline))
+            except ClientError as exc:  # the API went away, or the token was revoked, while waiting
+                handle(exc)
+            except WaitTimeout:
+                _gave_up(wid, timeout)
+            _print_result(client, wid)
+        if any(status != "succeeded" for status in finals):
             raise typer.Exit(1)
 
 

@@ -107,6 +107,27 @@ def test_invalid_spec_exits_2_listing_problems(stack: Stack) -> None:
     assert done.returncode == 2 and "[a-z]" in done.stderr, done.stderr
 
 
+def test_a_file_of_several_workflows_submits_each(stack: Stack, tmp_path: Path) -> None:
+    head = "apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {{name: {name}}}\n"
+    body = "spec:\n  tasks: [{name: t, type: noop}]\n"
+    both = tmp_path / "both.yaml"
+    both.write_text(head.format(name="one") + body + "---\n" + head.format(name="two") + body)
+    done = cli(stack, "submit", str(both), "--wait")
+    assert done.returncode == 0, done.stderr
+    assert "submitted workflow one" in done.stderr and "submitted workflow two" in done.stderr
+    assert done.stderr.count("succeeded") == 2
+    ids = cli(stack, "submit", str(both)).stdout.split()
+    assert len(ids) == 2 and ids[0] != ids[1]
+    keyed = cli(stack, "submit", str(both), "--idempotency-key", "k")
+    assert keyed.returncode == 2 and "holds 2" in keyed.stderr
+    # The second is invalid: the first is in, and the error says which document and what went in.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(head.format(name="fine") + body + "---\n" + head.format(name="Bad_Name") + body)
+    half = cli(stack, "submit", str(bad))
+    assert half.returncode == 2, half.stderr
+    assert "in document 2 of 2 (1 before it submitted: " in half.stderr and "metadata.name" in half.stderr
+
+
 def test_unreachable_api_exits_3(stack: Stack) -> None:
     done = cli(stack, "list", url=f"http://127.0.0.1:{free_port()}", columns=40)
     assert done.returncode == 3

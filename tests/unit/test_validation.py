@@ -382,3 +382,17 @@ def test_a_backoff_initial_above_the_default_max_raises_the_max_it_did_not_write
     found = validate(doc({"name": "a", "type": "noop", "retry": {"limit": 1, "backoff": {"initial": "10m"}}}))
     backoff = found.tasks[0].retry.backoff
     assert (backoff.initial, backoff.max, backoff.delay(3)) == (600.0, 600.0, 600.0)
+
+
+def test_a_yaml_file_splits_into_its_documents_as_written() -> None:
+    from dagsmith.validation import split_documents
+
+    first = "apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {name: a}\nspec:\n  tasks: [{name: t, type: noop}]\n"
+    second = "apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {name: b}  # b\n"
+    second += "spec:\n  tasks:\n    - {name: t, type: noop}\n"
+    text = f"# two workflows\n{first}---\n---\n{second}...\n"
+    parts = split_documents(text)
+    assert [validate(load_document(p.encode(), "application/yaml")).document.metadata.name for p in parts] == ["a", "b"]
+    assert split_documents(first) == [first]
+    broken = "a: [unclosed\n---\nb: 1\n"
+    assert split_documents(broken) == [broken]  # the server says what is wrong, and where
