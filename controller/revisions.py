@@ -384,13 +384,15 @@ async def manual(
             f"task {task.name!r} is queued and a live executor runs {task.type!r}, so it may start at any moment: "
             "wait for it to finish, or cancel the workflow"
         )
-    moves_secrets = operation == "replace" or (operation == "insert" and params is None)
-    if task.secrets and moves_secrets and not may_move_secrets:
-        # The new type would receive the secret params: choosing which code gets a secret is
-        # the submitter's decision, or an admin's, not any writer's.
+    # What a task with secret params receives them with — its type, its other params (a URL),
+    # or an inserted task's output, which becomes its params — is the submitter's decision or an
+    # admin's, not any writer's: each could send the secrets somewhere new.
+    redirects = operation in ("replace", "insert") or (operation == "retry" and bool(params))
+    if task.secrets and redirects and not may_move_secrets:
         raise Forbidden(
-            f"task {task.name!r} has secret params ({', '.join(task.secrets)}): giving them to another task type "
-            "needs the admin scope (an insert with its own params gives it none)"
+            f"task {task.name!r} has secret params ({', '.join(task.secrets)}): {operation} "
+            f"{'with new params ' if operation == 'retry' else ''}could send them elsewhere, so it needs the admin "
+            "scope (a plain retry or a skip does not)"
         )
     if operation in ("retry", "replace", "insert"):
         await _check_upstream_can_finish(conn, workflow_id, task)

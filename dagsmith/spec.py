@@ -108,9 +108,11 @@ class Backoff(_Model):
 
     @model_validator(mode="after")
     def _max_not_below_initial(self, info: ValidationInfo) -> Backoff:
-        # A max the author did not write (the default) is no mistake of theirs: it is raised.
+        # A max the author did not write (the default) is no mistake of theirs: it is raised. Set
+        # in place and left out of the fields set, so the spec dumps (and is stored, and compared
+        # by the operator) as written.
         if "max" not in self.model_fields_set and self.max < self.initial:
-            return self.model_copy(update={"max": self.initial})
+            object.__setattr__(self, "max", self.initial)
         # At submission only: a spec stored before this rule is read as it was accepted.
         if (info.context or {}).get(SUBMISSION) and self.max < self.initial:
             raise ValueError(

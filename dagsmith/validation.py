@@ -92,11 +92,15 @@ def split_documents(text: str) -> list[str]:
     """The YAML documents of ``text`` (separated by ``---``), each as its own text, empty ones
     left out, so each can be submitted as written. Text that does not parse is returned whole:
     the server then says what is wrong with it, and where."""
+    if re.search(r"^%", text, re.MULTILINE):
+        return [text]  # directives (%TAG) belong to their document: not cut apart here
     try:
         nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
     except yaml.YAMLError:
         return [text]
-    docs = [text[n.start_mark.index : n.end_mark.index] for n in nodes if n is not None]
+    # Each slice starts at the beginning of its first line, so an indented document keeps the
+    # indentation of its first line like the rest.
+    docs = [text[n.start_mark.index - n.start_mark.column : n.end_mark.index] for n in nodes if n is not None]
     return [d for d in docs if d.strip()] or [text]
 
 

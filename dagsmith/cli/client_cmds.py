@@ -369,7 +369,7 @@ def events(
                 who = f"{data['task']} #{data['attempt']}" if data.get("task") else "workflow"
                 why = f"  {data['reason']}" if data.get("reason") else ""
                 out.print(
-                    f"{data['id']:>8}  {str(data['at'])[:23]}  {who}  {data.get('from') or '-'} → {data['to']}{why}",
+                    f"{data['id']:>8}  {_when(data['at'])}  {who}  {data.get('from') or '-'} → {data['to']}{why}",
                     highlight=False,
                     markup=False,
                     soft_wrap=True,
@@ -378,6 +378,11 @@ def events(
             handle(exc)
         except WaitTimeout:
             _gave_up(workflow_id, timeout)
+
+
+def _when(at: str) -> str:
+    """An event's time to the millisecond, in UTC as the API gives it."""
+    return datetime.fromisoformat(at).strftime("%Y-%m-%d %H:%M:%S.%f")[:23]
 
 
 def result(workflow_id: str, api: ApiOption = None, token: TokenOption = None) -> None:

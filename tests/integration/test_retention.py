@@ -216,7 +216,7 @@ async def test_deleting_one_workflow(db: AsyncEngine) -> None:
     with pytest.raises(Conflict, match="cancelled less than a day ago"):
         async with db.begin() as conn:
             await retention.delete_workflow(conn, just_failed, [ns])
-    with pytest.raises(Conflict, match="delete that with kubectl"):
+    with pytest.raises(Conflict, match="kubectl delete"):
         async with db.begin() as conn:
             await retention.delete_workflow(conn, mirrored, None)
 

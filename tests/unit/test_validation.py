@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import yaml
 
 from dagsmith.errors import SpecError
 from dagsmith.validation import Limits, load_document, validate
@@ -396,3 +397,7 @@ def test_a_yaml_file_splits_into_its_documents_as_written() -> None:
     assert split_documents(first) == [first]
     broken = "a: [unclosed\n---\nb: 1\n"
     assert split_documents(broken) == [broken]  # the server says what is wrong, and where
+    indented = "---\n  name: a\n  x: 1\n---\nname: b\n"
+    assert [yaml.safe_load(p) for p in split_documents(indented)] == [{"name": "a", "x": 1}, {"name": "b"}]
+    tagged = "%TAG !e! tag:example.com,2000:\n---\na: !e!x 1\n---\nb: 2\n"
+    assert split_documents(tagged) == [tagged]
