@@ -26,5 +26,5 @@ async def test_the_mirror_reads_only_the_resources_own_namespace(db: AsyncEngine
     mirror = StoreMirror(db, interval=60.0)
     assert await mirror.view(wid, f"{ns}-other") is None
     seen = await mirror.view(wid, ns)
-    assert seen is not None and seen.status == "pending" and seen.counts["total"] == 2
+    assert seen is not None and seen.counts["total"] == 2  # (the e2e suite's controller may have started it)
     assert await mirror.view(wid, f"{ns}-other") is None  # from memory too

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -165,9 +166,27 @@ async def test_a_batch_stops_at_its_task_budget_but_takes_at_least_one_workflow(
     assert [await _count(db, "workflows", w) for w in wids] == [0, 0, 0]
 
 
-async def test_a_running_workflow_is_never_deleted_even_if_it_was_revived_meanwhile(db: AsyncEngine) -> None:
+@pytest.fixture
+async def quiet_db() -> AsyncIterator[AsyncEngine]:
+    """A database of its own: no controller (the end-to-end suite's runs on the session's) may
+    finish a workflow a test has made running."""
+    from controller.db import create_engine
+    from controller.migrate import upgrade
+    from tests.conftest import create_database, drop_database
+
+    name = f"dagsmith_retention_{uuid.uuid4().hex[:8]}"
+    url = create_database(name)
+    upgrade(url)
+    engine = create_engine(url, pool_size=2, name="retention-test")
+    yield engine
+    await engine.dispose()
+    drop_database(name)
+
+
+async def test_a_running_workflow_is_never_deleted_even_if_it_was_revived_meanwhile(quiet_db: AsyncEngine) -> None:
     """A retry surgery brings a failed workflow back (status running) while a DELETE of it waits
     for the row: the DELETE must judge what it finds once it has the row."""
+    db = quiet_db
     ns = f"del-{uuid.uuid4().hex[:8]}"
     wid = await _workflow(db, ns, "failed", 2 * DAY)
     async with db.begin() as surgery:
