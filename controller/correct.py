@@ -410,7 +410,7 @@ async def close_fixed(conn: AsyncConnection, fixed: list[tuple[int, float, float
                     'fixed', true, 'task_seconds', v.seconds,
                     'latency_added', v.finished - extract(epoch FROM d.created_at),
                     'inserted', CASE WHEN d.action = 'insert_repair' THEN 1 ELSE 0 END),
-                outcome_at = to_timestamp(v.finished)
+                outcome_at = now()  -- when it became known here, as for the others (the trainer counts by it)
             FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(id bigint, seconds float8, finished float8)
             WHERE d.task_id = v.id AND d.outcome IS NULL
             """
