@@ -244,9 +244,16 @@ def _watch(client: Client, wid: str, deadline: float | None = None) -> str:
         last = 0.0
         status = wf["status"]
 
+        warned: set[str] = set()
+
         def refresh() -> str:
             nonlocal shown
             w = client.workflow(wid)
+            for task_type in w.get("waiting_for", []):
+                if task_type not in warned:  # once per type: it is news, not progress
+                    warned.add(task_type)
+                    message = f"no live executor runs task type {task_type!r}; its tasks wait in the queue"
+                    progress.console.print(f"[yellow]…[/yellow] {escape(message)}", highlight=False)
             p = w["progress"]
             detail = " · ".join([*_states(p), f"reward {w['total_reward']:.2f}"])
             progress.update(bar, completed=_done(p), total=p["total"], detail=detail)

@@ -229,6 +229,9 @@ def test_status_says_which_task_types_no_executor_runs(stack: Stack, tmp_path: P
         )
         shown = cli(stack, "status", wid)
         assert "no live executor runs task type 'test.nobody'" in shown.stdout, shown.stdout
+        watched = cli(stack, "watch", wid, "--timeout", "3s")
+        assert watched.returncode == 7, watched.stderr
+        assert watched.stderr.count("no live executor runs task type 'test.nobody'") == 1, watched.stderr
     finally:
         cli(stack, "cancel", wid)
 
