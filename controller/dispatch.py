@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,8 +15,9 @@ from controller.bundling import plan_bundles
 from controller.store import TaskRow, WorkflowRow
 from dagsmith.amqp import Topology, persistent
 from dagsmith.errors import TemplateError
+from dagsmith.logs import secret_values
 from dagsmith.messages import BUNDLE, TaskMessage, encode_bundle
-from dagsmith.templating import is_template, iter_templates, render
+from dagsmith.templating import is_template, iter_templates, references, render
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,21 @@ def template_context(
         "workflow": {"id": str(workflow.id), "name": workflow.name, "namespace": workflow.namespace},
         "task": {"name": task.name, "attempt": attempt} if task else {},
     }
+
+
+def secret_texts(task: TaskRow, workflow: WorkflowRow) -> list[str]:
+    """What must not appear in a message about ``task``: its secret params' own texts, and the
+    workflow params their templates read (a secret rendered from ``{{ params.key }}`` is secret)."""
+    secrets = task.spec.get("secrets") or []
+    if not secrets:
+        return []
+    fed: set[str] = set()
+    for name in secrets:
+        for _, template in iter_templates(task.params.get(name), name):
+            with contextlib.suppress(TemplateError):
+                fed |= references(template).params
+    texts = set(secret_values(task.params, secrets)) | set(secret_values(workflow.params, sorted(fed)))
+    return sorted(texts, key=len, reverse=True)
 
 
 def has_templates(params: dict[str, Any]) -> bool:
@@ -118,4 +135,4 @@ class Publisher:
         )
 
 
-__all__ = ["Prepared", "Publisher", "TemplateError", "is_template", "prepare", "template_context"]
+__all__ = ["Prepared", "Publisher", "TemplateError", "is_template", "prepare", "secret_texts", "template_context"]

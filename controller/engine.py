@@ -22,7 +22,7 @@ from controller import metrics, store
 from controller.bundling import RunTimes
 from controller.correct import Corrector, RoundBudget, close_fixed, close_unresolved
 from controller.db import in_transaction
-from controller.dispatch import Prepared, Publisher, prepare, template_context
+from controller.dispatch import Prepared, Publisher, prepare, secret_texts, template_context
 from controller.reconcile import (
     CancelWorkflow,
     Dispatch,
@@ -44,6 +44,7 @@ from controller.states import WorkflowStatus
 from controller.store import Event, Events, Outcome, TaskRow, WorkflowRow
 from dagsmith.durations import parse_duration
 from dagsmith.errors import ErrorClass, TemplateError
+from dagsmith.logs import scrub
 from dagsmith.messages import EvaluatedMessage, StartedMessage, TaskMessage
 from dagsmith.settings import Settings
 from dagsmith.spec import MAX_DEFAULT_OUTPUT_SINKS, CorrectionMode
@@ -168,10 +169,13 @@ class Engine:
                         try:
                             to_dispatch.append(await self._prepare(conn, workflow, task, attempt))
                         except TemplateError as exc:
+                            # A template's error may quote a value it read (a key it did not find):
+                            # the task's secrets are masked in it, as executors mask them in theirs.
+                            message = scrub(str(exc), secret_texts(task, workflow))
                             failures.append(
                                 (
                                     task,
-                                    FailTask(task_id, attempt, Failure(ErrorClass.invalid_input, str(exc))),
+                                    FailTask(task_id, attempt, Failure(ErrorClass.invalid_input, message)),
                                     None,
                                 )
                             )

@@ -58,3 +58,32 @@ def redact(params: dict[str, Any], secrets: list[str]) -> dict[str, Any]:
     if not secrets:
         return params
     return {k: ("***" if k in secrets else v) for k, v in params.items()}
+
+
+def secret_values(params: dict[str, Any], secrets: list[str]) -> list[str]:
+    """The texts a secret param holds (4 characters or more; a dict's or list's every leaf, as
+    in HTTP headers), longest first so a value containing another is masked whole."""
+    found: set[str] = set()
+    stack = [params[k] for k in secrets if k in params]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str | int | float) and not isinstance(value, bool) and len(str(value)) >= 4:
+            found.add(str(value))
+    return sorted(found, key=len, reverse=True)
+
+
+def scrub(value: Any, secrets: list[str]) -> Any:
+    """``value`` with every occurrence of each secret text replaced by ``***``."""
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, "***")
+        return value
+    if isinstance(value, dict):
+        return {k: scrub(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v, secrets) for v in value]
+    return value

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 import dagsmith
 from dagsmith.amqp import BatchPublisher, Names, Topology, connect, persistent
 from dagsmith.errors import DagsmithError, ErrorClass
-from dagsmith.logs import redact
+from dagsmith.logs import redact, scrub, secret_values
 from dagsmith.messages import (
     BUNDLE,
     CancelMessage,
@@ -134,35 +134,6 @@ def bound_error(error: TaskError) -> TaskError:
     if message is error.message and details is error.details:
         return error
     return error.model_copy(update={"message": message, "details": details})
-
-
-def secret_values(params: dict[str, Any], secrets: list[str]) -> list[str]:
-    """The texts a secret param holds (4 characters or more; a dict's or list's every leaf, as
-    in HTTP headers), longest first so a value containing another is masked whole."""
-    found: set[str] = set()
-    stack = [params[k] for k in secrets if k in params]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, dict):
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
-        elif isinstance(value, str | int | float) and not isinstance(value, bool) and len(str(value)) >= 4:
-            found.add(str(value))
-    return sorted(found, key=len, reverse=True)
-
-
-def scrub(value: Any, secrets: list[str]) -> Any:
-    """``value`` with every occurrence of each secret text replaced by ``***``."""
-    if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, "***")
-        return value
-    if isinstance(value, dict):
-        return {k: scrub(v, secrets) for k, v in value.items()}
-    if isinstance(value, list):
-        return [scrub(v, secrets) for v in value]
-    return value
 
 
 def scrub_error(error: TaskError, secrets: list[str]) -> TaskError:

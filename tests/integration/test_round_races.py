@@ -379,3 +379,31 @@ async def test_a_repair_that_fails_for_good_is_the_outcome_of_the_decision_that_
     assert inserted["fixed"] is False and inserted["ended"] == "repair_failed" and inserted["inserted"] == 1
     assert "censored" not in inserted
     assert (await _workflow(db, wid))[0] == "failed"
+
+
+async def test_a_template_error_does_not_repeat_the_secret_it_was_rendering(engine: tuple[Engine, Any]) -> None:
+    """A secret param rendered from a workflow param: the key it did not find is that param's
+    value, and Jinja's message names it. The stored error masks it."""
+    eng, db = engine
+    doc = {
+        "apiVersion": "dagsmith.io/v1",
+        "kind": "Workflow",
+        "metadata": {"name": "secret-template"},
+        "spec": {
+            "params": {"vault": {"other": 1}, "key": "SEKRET_VALUE_1"},
+            "tasks": [
+                {"name": "t", "type": "noop", "params": {"auth": "{{ params.vault[params.key] }}"}, "secrets": ["auth"]}
+            ],
+            "correction": {"mode": "off"},
+        },
+    }
+    async with db.begin() as conn:
+        wid = (await submit(conn, validate(doc), namespace="default")).id
+    await eng.run_round(Inbound(dirty={wid}))
+    await eng.run_round(Inbound(dirty={wid}))
+    async with db.connect() as conn:
+        status, error = (
+            await conn.exec_driver_sql(f"SELECT status, error FROM tasks WHERE workflow_id = '{wid}'")
+        ).one()
+    assert status == "failed" and error["class"] == "invalid_input", error
+    assert "SEKRET_VALUE_1" not in str(error) and "***" in error["message"], error
