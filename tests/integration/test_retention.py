@@ -1,6 +1,6 @@
 """Against Postgres: deleting finished workflows, by hand, by age and on the controller's schedule.
 
-Each test works in a namespace of its own, since the session database is shared.
+Each test gets a database of its own, with no controller on it.
 """
 
 from __future__ import annotations
@@ -22,6 +22,24 @@ from dagsmith.validation import validate
 
 HOUR = timedelta(hours=1)
 DAY = timedelta(days=1)
+
+
+@pytest.fixture
+async def db() -> AsyncIterator[AsyncEngine]:
+    """A database of this module's own (it replaces the session's): the end-to-end suite's
+    controller runs on the session's, and would finish workflows these tests made running, or
+    hold a row for a moment that a prune then passes over."""
+    from controller.db import create_engine
+    from controller.migrate import upgrade
+    from tests.conftest import create_database, drop_database
+
+    name = f"dagsmith_retention_{uuid.uuid4().hex[:8]}"
+    url = create_database(name)
+    upgrade(url)
+    engine = create_engine(url, pool_size=2, name="retention-test")
+    yield engine
+    await engine.dispose()
+    drop_database(name)
 
 
 def _doc(name: str) -> dict[str, Any]:
@@ -166,27 +184,9 @@ async def test_a_batch_stops_at_its_task_budget_but_takes_at_least_one_workflow(
     assert [await _count(db, "workflows", w) for w in wids] == [0, 0, 0]
 
 
-@pytest.fixture
-async def quiet_db() -> AsyncIterator[AsyncEngine]:
-    """A database of its own: no controller (the end-to-end suite's runs on the session's) may
-    finish a workflow a test has made running."""
-    from controller.db import create_engine
-    from controller.migrate import upgrade
-    from tests.conftest import create_database, drop_database
-
-    name = f"dagsmith_retention_{uuid.uuid4().hex[:8]}"
-    url = create_database(name)
-    upgrade(url)
-    engine = create_engine(url, pool_size=2, name="retention-test")
-    yield engine
-    await engine.dispose()
-    drop_database(name)
-
-
-async def test_a_running_workflow_is_never_deleted_even_if_it_was_revived_meanwhile(quiet_db: AsyncEngine) -> None:
+async def test_a_running_workflow_is_never_deleted_even_if_it_was_revived_meanwhile(db: AsyncEngine) -> None:
     """A retry surgery brings a failed workflow back (status running) while a DELETE of it waits
     for the row: the DELETE must judge what it finds once it has the row."""
-    db = quiet_db
     ns = f"del-{uuid.uuid4().hex[:8]}"
     wid = await _workflow(db, ns, "failed", 2 * DAY)
     async with db.begin() as surgery:
