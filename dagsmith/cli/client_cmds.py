@@ -8,9 +8,10 @@ import re
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import orjson
 import typer
@@ -50,6 +51,18 @@ def connect(api: str | None, token: str | None) -> Client:
     defaults = ClientSettings()
     fallback_token = defaults.token.get_secret_value() if defaults.token else None
     return Client(api or defaults.api, token=token or fallback_token)
+
+
+T = TypeVar("T")
+
+
+def ask(api: str | None, token: str | None, call: Callable[[Client], T]) -> T:
+    """One request to the API: its answer, or the error as one line and its exit code."""
+    with connect(api, token) as client:
+        try:
+            return call(client)
+        except ClientError as exc:
+            handle(exc)
 
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -304,11 +317,7 @@ def status(
     token: TokenOption = None,
 ) -> None:
     """Show a workflow's status, progress and reward."""
-    with connect(api, token) as client:
-        try:
-            wf = client.workflow(workflow_id)
-        except ClientError as exc:
-            handle(exc)
+    wf = ask(api, token, lambda client: client.workflow(workflow_id))
     if as_json:
         print_json(wf)
         return
@@ -394,11 +403,7 @@ def _when(at: str) -> str:
 
 def result(workflow_id: str, api: ApiOption = None, token: TokenOption = None) -> None:
     """Print a finished workflow's output (exit 1 if it failed)."""
-    with connect(api, token) as client:
-        try:
-            res = client.result(workflow_id)
-        except ClientError as exc:
-            handle(exc)
+    res = ask(api, token, lambda client: client.result(workflow_id))
     if res["status"] != "succeeded":
         message = escape((res.get("error") or {}).get("message", ""))
         console.print(f"[red]{res['status']}[/red]: {message}", highlight=False)
@@ -416,11 +421,7 @@ def dag(
     """Print a workflow's DAG with each task's status."""
     if fmt not in ("json", "mermaid", "dot"):
         fail("--format must be json, mermaid or dot", 2)
-    with connect(api, token) as client:
-        try:
-            graph = client.dag(workflow_id, fmt, revision)
-        except ClientError as exc:
-            handle(exc)
+    graph = ask(api, token, lambda client: client.dag(workflow_id, fmt, revision))
     if fmt == "json":
         print_json(graph)
     else:
@@ -429,21 +430,13 @@ def dag(
 
 def cancel(workflow_id: str, api: ApiOption = None, token: TokenOption = None) -> None:
     """Cancel a workflow."""
-    with connect(api, token) as client:
-        try:
-            client.cancel(workflow_id)
-        except ClientError as exc:
-            handle(exc)
+    ask(api, token, lambda client: client.cancel(workflow_id))
     console.print(f"cancelling {workflow_id}", highlight=False)
 
 
 def delete(workflow_id: str, api: ApiOption = None, token: TokenOption = None) -> None:
     """Delete a finished workflow with its tasks, events and revisions (cancel a running one first)."""
-    with connect(api, token) as client:
-        try:
-            client.delete(workflow_id)
-        except ClientError as exc:
-            handle(exc)
+    ask(api, token, lambda client: client.delete(workflow_id))
     console.print(f"deleted {workflow_id}", highlight=False)
 
 
@@ -563,11 +556,7 @@ def executors(
     token: TokenOption = None,
 ) -> None:
     """List registered executors, their task types and liveness (live ones first)."""
-    with connect(api, token) as client:
-        try:
-            items = client.executors()
-        except ClientError as exc:
-            handle(exc)
+    items = ask(api, token, lambda client: client.executors())
     if not show_all:
         hour_ago = datetime.now(UTC) - timedelta(hours=1)
         items = [e for e in items if e["alive"] or datetime.fromisoformat(e["last_heartbeat"]) > hour_ago]

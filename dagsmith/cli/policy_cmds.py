@@ -8,8 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from dagsmith.cli.client_cmds import ApiOption, TokenOption, connect, console, handle, out
-from dagsmith.client import ClientError
+from dagsmith.cli.client_cmds import ApiOption, TokenOption, ask, console, out
 
 app = typer.Typer(help="List, activate and roll back correction-policy versions.", no_args_is_help=True)
 
@@ -17,11 +16,7 @@ app = typer.Typer(help="List, activate and roll back correction-policy versions.
 @app.command("list")
 def list_(api: ApiOption = None, token: TokenOption = None) -> None:
     """Policy versions with their gate results."""
-    with connect(api, token) as client:
-        try:
-            items = client.policies()
-        except ClientError as exc:
-            handle(exc)
+    items = ask(api, token, lambda client: client.policies())
     if not items:
         console.print(
             "no policy versions yet: the rules decide (train one with `dagsmith trainer train`)", highlight=False
@@ -52,11 +47,7 @@ def activate(
 
     Controllers switch to it within moments, without a restart.
     """
-    with connect(api, token) as client:
-        try:
-            client.activate_policy(version, force)
-        except ClientError as exc:
-            handle(exc)
+    ask(api, token, lambda client: client.activate_policy(version, force))
     console.print(f"{version} is the active policy", highlight=False)
 
 
@@ -66,9 +57,5 @@ def rollback(api: ApiOption = None, token: TokenOption = None) -> None:
 
     The version active before it (or, with none, the rules) decides again; repeat to go further back.
     """
-    with connect(api, token) as client:
-        try:
-            previous = client.rollback_policy()
-        except ClientError as exc:
-            handle(exc)
+    previous = ask(api, token, lambda client: client.rollback_policy())
     console.print(f"active policy: {previous['version'] if previous else 'none (the rules decide)'}", highlight=False)

@@ -9,8 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from dagsmith.cli.client_cmds import ApiOption, TokenOption, connect, console, fail, handle, out, print_json, short
-from dagsmith.client import ClientError
+from dagsmith.cli.client_cmds import ApiOption, TokenOption, ask, console, fail, out, print_json, short
 from dagsmith.spec import SURGERY_OPTIONS
 
 # The CLI's name for each option of a surgery request.
@@ -88,11 +87,7 @@ def surgery(
         body["name"] = name
     if delay:
         body["delay"] = delay
-    with connect(api, token) as client:
-        try:
-            done = client.surgery(workflow_id, body)
-        except ClientError as exc:
-            handle(exc)
+    done = ask(api, token, lambda client: client.surgery(workflow_id, body))
     console.print(f"revision {done['revision']}: {done['operation']} {done['task']}", highlight=False)
     for change in done["diff"]:
         console.print(f"  {escape(_describe(change))}", highlight=False)
@@ -126,11 +121,7 @@ def history(
 
     Every surgery: by whom, why and what changed.
     """
-    with connect(api, token) as client:
-        try:
-            items = client.revisions(workflow_id)
-        except ClientError as exc:
-            handle(exc)
+    items = ask(api, token, lambda client: client.revisions(workflow_id))
     if as_json:
         print_json(items)
         return

@@ -8,8 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from dagsmith.cli.client_cmds import ApiOption, TokenOption, connect, console, handle, out
-from dagsmith.client import ClientError
+from dagsmith.cli.client_cmds import ApiOption, TokenOption, ask, console, out
 
 app = typer.Typer(help="Create, list and revoke API tokens (with an admin token).", no_args_is_help=True)
 
@@ -31,11 +30,9 @@ def create(
 
     It is shown once: only its hash is stored.
     """
-    with connect(api, token) as client:
-        try:
-            created = client.create_token(name, scope or ["read"], namespace or ["default"], expires_in)
-        except ClientError as exc:
-            handle(exc)
+    created = ask(
+        api, token, lambda client: client.create_token(name, scope or ["read"], namespace or ["default"], expires_in)
+    )
     console.print(
         f"created token [bold]{created['name']}[/bold] (scopes {', '.join(created['scopes'])}; "
         f"namespaces {', '.join(created['namespaces'])}). Store it now; it cannot be shown again.",
@@ -47,11 +44,7 @@ def create(
 @app.command("list")
 def list_(api: ApiOption = None, token: TokenOption = None) -> None:
     """List tokens (names, scopes, namespaces — never the secrets)."""
-    with connect(api, token) as client:
-        try:
-            items = client.tokens()
-        except ClientError as exc:
-            handle(exc)
+    items = ask(api, token, lambda client: client.tokens())
     if not items:
         console.print(
             "no tokens (the bootstrap DAGSMITH_ADMIN_TOKEN is never listed); create one with `dagsmith tokens create`",
@@ -88,11 +81,7 @@ def revoke(
     token: TokenOption = None,
 ) -> None:
     """Revoke a token; requests with it get 401 from now on."""
-    with connect(api, token) as client:
-        try:
-            client.revoke_token(name)
-        except ClientError as exc:
-            handle(exc)
+    ask(api, token, lambda client: client.revoke_token(name))
     console.print(f"revoked {name}", highlight=False)
 
 
