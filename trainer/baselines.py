@@ -169,6 +169,7 @@ class Oracle:
             ep.max_surgeries - ep.surgeries_before,
             ep.max_inserted - ep.inserted_before,
             ep.time_budget,
+            ep.time_before,
             counts,
         )
         value = self._values.get(key)

@@ -240,6 +240,9 @@ class SimulatorParams:
     max_inserted_choices: tuple[int, ...] = (2, 5)
     inserted_left_choices: tuple[int, ...] = (0, 1, 1)
     time_budget_choices: tuple[float | None, ...] = (None, None, 150.0, 600.0)
+    # The share of that time budget already spent (by the workflow's earlier tasks and
+    # corrections) when the task first fails; the controller counts the budget from the start.
+    time_used_before_choices: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
     costs: CostModel = field(default_factory=CostModel)
     reward: RewardWeights = field(default_factory=RewardWeights)
 
@@ -296,6 +299,7 @@ class SimulatorParams:
             "max_inserted_choices",
             "inserted_left_choices",
             "time_budget_choices",
+            "time_used_before_choices",
         ):
             if key in data:
                 data[key] = tuple(data[key])

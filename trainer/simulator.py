@@ -47,6 +47,7 @@ class Episode:
     max_inserted: int
     inserted_before: int
     time_budget: float | None
+    time_before: float  # seconds of the time budget the workflow had used when the task first failed
     progress: float
     failure_rate: float
     upstream_reward: float | None
@@ -151,6 +152,8 @@ class Simulator:
             "upstream": np.clip(rng.normal(normal[:, 0], normal[:, 1]), -1.0, 1.0),
             "no_upstream": rng.random(n) < p.p_no_upstream,
             "outcome": rng.random((n, steps)),
+            # Drawn last so that adding it left every earlier draw (and seeded result) as it was.
+            "time_before": rng.random(n),
         }
         self._blocks[key] = drawn
         return drawn
@@ -166,6 +169,8 @@ class Simulator:
         classes = tuple(self._class_names[c] for c in b["classes"][i].tolist())
         max_surgeries = p.max_surgeries_choices[int(u[5] * len(p.max_surgeries_choices))]
         max_inserted = p.max_inserted_choices[int(u[6] * len(p.max_inserted_choices))]
+        time_budget = p.time_budget_choices[int(u[7] * len(p.time_budget_choices))]
+        used = p.time_used_before_choices[int(float(b["time_before"][i]) * len(p.time_used_before_choices))]
         return Episode(
             key=key,
             mode=self._modes[int(b["mode"][i])],
@@ -179,7 +184,8 @@ class Simulator:
             surgeries_before=max_surgeries - p.surgeries_left_choices[int(u[9] * len(p.surgeries_left_choices))],
             max_inserted=max_inserted,
             inserted_before=max_inserted - p.inserted_left_choices[int(u[10] * len(p.inserted_left_choices))],
-            time_budget=p.time_budget_choices[int(u[7] * len(p.time_budget_choices))],
+            time_budget=time_budget,
+            time_before=0.0 if time_budget is None else used * time_budget,
             progress=p.progress[0] + (p.progress[1] - p.progress[0]) * u[8],
             failure_rate=float(b["failure_rate"][i]),
             upstream_reward=None if b["no_upstream"][i] else float(b["upstream"][i]),
@@ -218,7 +224,8 @@ class Simulator:
             has_tunable=ep.has_tunable,
             optional=ep.optional,
             progress=ep.progress,
-            time_budget_used=None if ep.time_budget is None else st.latency / ep.time_budget,
+            # As the controller does, counted from the workflow's start, not the first failure.
+            time_budget_used=None if ep.time_budget is None else (ep.time_before + st.latency) / ep.time_budget,
             tried=tuple(c),
         )
 

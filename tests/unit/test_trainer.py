@@ -307,3 +307,22 @@ def test_the_simulator_counts_a_reroute_or_repair_against_the_retry_limit_as_the
         assert ctx.retries_used == 1, action
         valid = mask(replace(ctx, error_class="transient"))
         assert not valid[CorrectiveAction.retry_now.ordinal] and not valid[CorrectiveAction.retry_tuned.ordinal]
+
+
+def test_the_simulator_counts_the_time_budget_from_the_workflows_start_as_the_controller_does() -> None:
+    """controller.correct measures timeBudget from the workflow's start: a task that fails late in
+    its workflow meets its first decision with part of the budget already gone, and training must
+    show the policy such first decisions too."""
+    sim = Simulator()
+    budgeted = [e for e in sim.episodes(STREAM_TEST, 0, 400) if e.time_budget is not None]
+    assert budgeted and all(0.0 <= e.time_before < e.time_budget for e in budgeted)  # type: ignore[operator]
+    late = next(e for e in budgeted if e.time_before > 0)
+    first = sim.context(late, EpisodeState())
+    assert first.time_budget_used == pytest.approx(late.time_before / late.time_budget)  # type: ignore[operator]
+    # Without a budget nothing is counted.
+    unbudgeted = next(e for e in sim.episodes(STREAM_TEST, 0, 400) if e.time_budget is None)
+    assert unbudgeted.time_before == 0.0 and sim.context(unbudgeted, EpisodeState()).time_budget_used is None
+    # A workflow that spent its whole budget before the failure leaves only the terminal actions.
+    spent = replace(late, time_before=late.time_budget)  # type: ignore[arg-type]
+    valid = mask(sim.context(spent, EpisodeState()))
+    assert not valid[A.retry_now.ordinal] and valid[A.abort.ordinal]
