@@ -49,7 +49,13 @@ def structure_at(spec_tasks: list[dict[str, Any]], diffs: list[list[dict[str, An
     """The DAG as it was after the given revision diffs (structure only: no statuses)."""
     from controller.surgery import replay
 
+    submitted = {t["name"] for t in spec_tasks}
+    # The type each task started with, inserted ones too (as the current view compares them).
     original = {t["name"]: t["type"] for t in spec_tasks}
+    for diff in diffs:
+        for op in diff:
+            if op["op"] == "add":
+                original.setdefault(op["task"]["name"], op["task"]["type"])
     nodes: list[dict[str, Any]] = []
     edges: list[dict[str, str]] = []
     for t in replay(spec_tasks, diffs):
@@ -57,8 +63,8 @@ def structure_at(spec_tasks: list[dict[str, Any]], diffs: list[list[dict[str, An
             {
                 "id": t["name"],
                 "type": t["type"],
-                "inserted": t["name"] not in original,
-                "rerouted": t["name"] in original and original[t["name"]] != t["type"],
+                "inserted": t["name"] not in submitted,
+                "rerouted": original.get(t["name"], t["type"]) != t["type"],
             }
         )
         edges.extend({"from": dep, "to": t["name"]} for dep in t.get("dependsOn", []))

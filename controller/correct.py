@@ -31,7 +31,18 @@ from controller.correction import (
 from controller.policies import Choice, PolicyBox
 from controller.reconcile import Failure
 from controller.store import Event, Events, Outcome, TaskRow, WorkflowRow, _json
-from controller.surgery import Plan, SurgeryError, TaskSnapshot, abort, insert_before, over_budget, reroute, retry, tune
+from controller.surgery import (
+    Plan,
+    SurgeryError,
+    TaskSnapshot,
+    abort,
+    insert_before,
+    over_budget,
+    repair_prefix,
+    reroute,
+    retry,
+    tune,
+)
 from controller.surgery import skip as skip_plan
 from dagsmith.spec import Backoff, CorrectionMode
 
@@ -113,7 +124,7 @@ class Corrector:
         # The spec's fallbacks first (the workflow's author knows best), then those its executors declare.
         declared = [*(snap.spec.get("fallback") or []), *(capability.get("fallback") or [])]
         fallbacks = [t for t in dict.fromkeys(declared) if t != snap.type]
-        tuned_params, tuned_timeout = tune(snap.params, capability.get("tunable") or {}, task.timeout_s)
+        tuned_params, tuned_timeout = _tuned(snap, capability.get("tunable") or {}, task.timeout_s)
         surgeries = workflow.surgeries + budget.surgeries[workflow.id]
         inserted = workflow.inserted_tasks + budget.inserted[workflow.id]
         correction = workflow.correction
@@ -143,23 +154,27 @@ class Corrector:
         self._record_shadow(choice)
         action = choice.decision.action
         spent = 0.0 if outcome.started_at is None else max(outcome.finished_at - outcome.started_at, 0.0)
-        stop = over_budget(
-            correction,
-            surgeries=surgeries,
-            inserted=inserted,
-            elapsed=now - (workflow.started_at or now),
-            task_seconds=workflow.task_seconds + spent,  # the failed attempt counts too
-        )
         taken = (
-            await revisions.names_like(conn, workflow.id, f"{task.name}_repair") if action == A.insert_repair else set()
+            await revisions.names_like(conn, workflow.id, repair_prefix(task.name))
+            if action == A.insert_repair
+            else set()
         )
         chosen = action
+        stop: str | None = None
         try:
             plan = self._plan(action, snap, task, capability, fallbacks, tuned_params, tuned_timeout, taken)
         except SurgeryError as exc:
             log.warning("planned surgery impossible; aborting", action=str(action), error=str(exc))
             plan, stop = abort(snap), str(exc)
             choice = choice.overridden(f"impossible: {exc}")
+        stop = stop or over_budget(
+            correction,
+            surgeries=surgeries,
+            inserted=inserted,
+            elapsed=now - (workflow.started_at or now),
+            task_seconds=workflow.task_seconds + spent,  # the failed attempt counts too
+            plan=plan,
+        )
         if stop and action not in (A.skip, A.abort):
             plan = abort(snap)
             if choice.decision.action != A.abort:
@@ -386,6 +401,17 @@ def _duration_ratio(outcome: Outcome, timeout: float | None) -> float | None:
 def _progress(workflow: WorkflowRow) -> float:
     c = workflow.counts
     return (c.succeeded + c.skipped) / c.total if c.total else 0.0
+
+
+def _tuned(
+    snap: TaskSnapshot, tunable: dict[str, str], timeout: float | None
+) -> tuple[dict[str, Any] | None, float | None]:
+    """The params a tuned retry sets (only those the tuning changed, tuned from the values the
+    failed attempt ran with) and its new timeout."""
+    ran_with = snap.resolved if snap.resolved is not None else snap.params
+    tuned, new_timeout = tune(ran_with, tunable, timeout)
+    changed = {k: v for k, v in (tuned or {}).items() if ran_with.get(k) != v}
+    return (changed or None), new_timeout
 
 
 def _time_used(workflow: WorkflowRow, now: float) -> float | None:

@@ -63,19 +63,22 @@ def prepare(
 ) -> Prepared:
     """Build the message for one attempt. Raises TemplateError if the params cannot be resolved."""
     params = task.params
+    spec = task.spec
     resolved: dict[str, Any] | None = None
-    if params and has_templates(params):
+    # A repair task inserted by surgery takes the failed task's params as values: never rendered.
+    if params and not spec.get("literalParams") and has_templates(params):
         context = template_context(workflow, task, outputs, attempt)
         resolved = render(params, context, max_bytes=max_template_bytes, path="params")
         params = resolved
-    spec = task.spec
     repaired_by = spec.get("repairedBy")
     if repaired_by:
         # A repair task was inserted before this one (DAG surgery): its output replaces the params
-        # it names, e.g. json.repair's {"text": ...} over json.parse's {"text": ...}.
+        # it names, e.g. json.repair's {"text": ...} over json.parse's {"text": ...} — except
+        # those a later surgery set explicitly.
         repair = (outputs.get(repaired_by) or {}).get("output")
         if isinstance(repair, dict):
-            resolved = params = {**params, **{k: v for k, v in repair.items() if k in params}}
+            kept = set(spec.get("editedParams") or ())
+            resolved = params = {**params, **{k: v for k, v in repair.items() if k in params and k not in kept}}
     message = TaskMessage(
         task_id=task.id,
         attempt=attempt,

@@ -45,7 +45,7 @@ async def snapshot(conn: AsyncConnection, workflow_id: uuid.UUID, name: str) -> 
         await conn.execute(
             sa.text(
                 """
-                SELECT id, name, type, status, COALESCE(resolved_params, params) AS params, depends_on, spec,
+                SELECT id, name, type, status, params, resolved_params, depends_on, spec,
                        attempt, retries, max_retries
                 FROM tasks WHERE workflow_id = :w AND name = :n
                 """
@@ -66,6 +66,7 @@ async def snapshot(conn: AsyncConnection, workflow_id: uuid.UUID, name: str) -> 
         row.attempt,
         row.retries,
         row.max_retries,
+        row.resolved_params,
     )
 
 
@@ -89,8 +90,10 @@ async def apply(
     now: float,
     events: Events,
     outcome: Outcome | None = None,
+    refs: frozenset[str] = frozenset(),
 ) -> Applied:
-    """Apply ``plan`` to ``task``. ``outcome`` is the failed attempt that led here, if any."""
+    """Apply ``plan`` to ``task``. ``outcome`` is the failed attempt that led here, if any;
+    ``refs`` the tasks whose outputs the plan's new params read (:func:`check_references`)."""
     revision, workflow_status = (
         await conn.execute(
             sa.text(
@@ -104,17 +107,24 @@ async def apply(
         )
     ).one()
     failed_attempt = _attempt_fields(outcome)
+    # A surgery on a task that never ran re-runs nothing, so it spends none of the task's retries.
+    rerun = 1 if task.attempt > 0 else 0
     inserted_id = None
     was_finished = task.status in ("failed", "cancelled")
+    # A revived workflow gets back every task its end cancelled that can run again (an abort
+    # cancels unrelated branches too); in a running workflow, those downstream of this task.
+    whole = was_finished and workflow_status in TERMINAL_WORKFLOW
     match plan.operation:
         case Operation.retry | Operation.reroute:
             await conn.execute(
                 sa.text(
                     f"""
-                    UPDATE tasks SET status = 'pending', retries = retries + 1, not_before = :nb,
+                    UPDATE tasks SET status = 'pending', retries = retries + {rerun}, not_before = :nb,
                         type = COALESCE(:type, type), params = COALESCE(CAST(:params AS jsonb), params),
                         timeout_s = COALESCE(:timeout, timeout_s),
                         resolved_params = CASE WHEN :params IS NULL THEN resolved_params END,
+                        refs = ARRAY(SELECT DISTINCT unnest(refs || CAST(:refs AS text[]))),
+                        spec = spec || CAST(:edited AS jsonb),
                         lease_expires_at = NULL, {failed_attempt}
                     WHERE id = :id
                     """
@@ -125,20 +135,24 @@ async def apply(
                     "type": plan.new_type,
                     "timeout": plan.timeout,
                     "params": None if plan.params is None else _json(plan.params),
+                    "refs": sorted(refs),
+                    "edited": _json(_edited(task, plan)),
                     **_outcome_values(outcome),
                 },
             )
             if was_finished:
-                await _revive_downstream(conn, task.id)
+                await _revive_cancelled(conn, task.id, whole)
         case Operation.insert:
             assert plan.inserted is not None
-            inserted_id = await _insert_before(conn, workflow_id, task, plan.inserted, revision)
+            inserted_id = await _insert_before(conn, workflow_id, task, plan.inserted, revision, refs)
             await conn.execute(
                 sa.text(
                     f"""
-                    UPDATE tasks SET status = 'pending', retries = retries + 1, depends_on = ARRAY[:name],
+                    UPDATE tasks SET status = 'pending', retries = retries + {rerun}, depends_on = ARRAY[:name],
                         waiting_on = 1, refs = array_append(refs, :name), resolved_params = NULL,
-                        spec = spec || jsonb_build_object('repairedBy', :name), lease_expires_at = NULL,
+                        -- The newest surgery wins: the repair's output replaces what it names, edited or not.
+                        spec = (spec - 'editedParams') || jsonb_build_object('repairedBy', :name),
+                        lease_expires_at = NULL,
                         not_before = NULL, {failed_attempt}
                     WHERE id = :id
                     """
@@ -146,10 +160,10 @@ async def apply(
                 {"id": task.id, "name": plan.inserted["name"], **_outcome_values(outcome)},
             )
             if was_finished:
-                await _revive_downstream(conn, task.id)
+                await _revive_cancelled(conn, task.id, whole)
         case Operation.skip:
             if was_finished:
-                await _revive_downstream(conn, task.id)
+                await _revive_cancelled(conn, task.id, whole)
             await conn.execute(
                 sa.text(
                     f"""
@@ -227,6 +241,14 @@ async def apply(
     return Applied(revision, plan, inserted_id)
 
 
+def _edited(task: TaskSnapshot, plan: Plan) -> dict[str, Any]:
+    """The spec's ``editedParams`` after ``plan``: the params set by surgery, which the output of a
+    repair task inserted earlier no longer replaces (the newest change wins)."""
+    if not plan.edited:
+        return {}
+    return {"editedParams": sorted({*(task.spec.get("editedParams") or []), *plan.edited})}
+
+
 def _attempt_fields(outcome: Outcome | None) -> str:
     """SET clauses that record the failed attempt on the task (nothing for a manual surgery)."""
     if outcome is None:
@@ -252,7 +274,12 @@ def _outcome_values(outcome: Outcome | None, finished: float | None = None) -> d
 
 
 async def _insert_before(
-    conn: AsyncConnection, workflow_id: uuid.UUID, task: TaskSnapshot, inserted: dict[str, Any], revision: int
+    conn: AsyncConnection,
+    workflow_id: uuid.UUID,
+    task: TaskSnapshot,
+    inserted: dict[str, Any],
+    revision: int,
+    refs: frozenset[str],
 ) -> int:
     new_id = (await conn.execute(sa.text("SELECT nextval(pg_get_serial_sequence('tasks', 'id'))"))).scalar_one()
     spec = {
@@ -262,8 +289,9 @@ async def _insert_before(
         "dependsOn": task.depends_on,
         "insertedBefore": task.name,
     }
-    if inserted.get("secrets"):
-        spec["secrets"] = inserted["secrets"]
+    for key in ("secrets", "literalParams"):
+        if inserted.get(key):
+            spec[key] = inserted[key]
     await conn.execute(
         sa.text(
             """
@@ -272,7 +300,8 @@ async def _insert_before(
             SELECT :id, :w, :name, :type, CAST(:spec AS jsonb), CAST(:params AS jsonb), CAST(:deps AS text[]),
                    -- The failed task's references: the inserted task takes its params (templates
                    -- too, if it never got as far as resolving them) and has the same dependencies.
-                   ARRAY[CAST(:child AS bigint)], (SELECT refs FROM tasks WHERE id = :child),
+                   ARRAY[CAST(:child AS bigint)],
+                   ARRAY(SELECT DISTINCT unnest((SELECT refs FROM tasks WHERE id = :child) || CAST(:refs AS text[]))),
                    (SELECT count(*) FROM tasks p WHERE p.workflow_id = :w AND p.name = ANY(CAST(:deps AS text[]))
                     AND p.status NOT IN ('succeeded', 'skipped')),
                    :rev
@@ -288,6 +317,7 @@ async def _insert_before(
             "deps": task.depends_on,
             "child": task.id,
             "rev": revision,
+            "refs": sorted(refs),
         },
     )
     # The failed task's parents now point at the inserted task instead.
@@ -301,27 +331,27 @@ async def _insert_before(
     return int(new_id)
 
 
-async def _revive_downstream(conn: AsyncConnection, task_id: int) -> None:
-    """A finished task runs again (or is skipped): the tasks cancelled downstream of it become
-    pending again — those that can run (:func:`controller.surgery.revivable`)."""
+async def _revive_cancelled(conn: AsyncConnection, task_id: int, whole_workflow: bool) -> None:
+    """A finished task runs again (or is skipped): cancelled tasks become pending again — those
+    that can run (:func:`controller.surgery.revivable`), downstream of it or, when the workflow
+    itself is revived, anywhere in it."""
     from controller.surgery import revivable
 
-    rows = (
-        await conn.execute(
-            sa.text(
-                """
-                WITH RECURSIVE down(id) AS (
-                    SELECT unnest(children) FROM tasks WHERE id = :id
-                    UNION
-                    SELECT unnest(t.children) FROM tasks t JOIN down d ON t.id = d.id
-                )
-                SELECT t.id, t.name, t.depends_on FROM tasks t WHERE t.id IN (SELECT id FROM down)
-                AND t.status = 'cancelled'
-                """
-            ),
-            {"id": task_id},
+    downstream = """
+        WITH RECURSIVE down(id) AS (
+            SELECT unnest(children) FROM tasks WHERE id = :id
+            UNION
+            SELECT unnest(t.children) FROM tasks t JOIN down d ON t.id = d.id
         )
-    ).all()
+        SELECT t.id, t.name, t.depends_on FROM tasks t WHERE t.id IN (SELECT id FROM down)
+        AND t.status = 'cancelled'
+    """
+    anywhere = """
+        SELECT t.id, t.name, t.depends_on FROM tasks t
+        WHERE t.workflow_id = (SELECT workflow_id FROM tasks WHERE id = :id) AND t.status = 'cancelled'
+        AND t.id <> :id
+    """
+    rows = (await conn.execute(sa.text(anywhere if whole_workflow else downstream), {"id": task_id})).all()
     if not rows:
         return
     root = (await conn.execute(sa.text("SELECT workflow_id, name FROM tasks WHERE id = :id"), {"id": task_id})).one()
@@ -378,6 +408,16 @@ async def manual(
 
     await get_workflow(conn, workflow_id, namespaces)  # 404 for workflows the caller cannot see
     await store.lock_workflows(conn, [workflow_id])
+    workflow = (
+        await conn.execute(
+            sa.text("SELECT status, cancel_requested, spec->'spec'->'params' AS params FROM workflows WHERE id = :w"),
+            {"w": workflow_id},
+        )
+    ).one()
+    if workflow.status == "cancelled" or workflow.cancel_requested:
+        # Cancelling is the user's decision, and it is final (a revived run would also outlive a
+        # `spec.cancel: true` its custom resource still says): to run it again, submit it again.
+        raise SurgeryConflict("the workflow was cancelled: it cannot be operated on (submit it again to re-run it)")
     task = await snapshot(conn, workflow_id, task_name)
     if task.status == "queued" and await _served(conn, task.type, alive_window):
         raise SurgeryConflict(
@@ -394,15 +434,14 @@ async def manual(
             f"{'with new params ' if operation == 'retry' else ''}could send them elsewhere, so it needs the admin "
             "scope (a plain retry or a skip does not)"
         )
-    if operation in ("retry", "replace", "insert"):
-        await _check_upstream_can_finish(conn, workflow_id, task)
+    await _check_upstream_can_finish(conn, workflow_id, task)
+    refs = await check_references(conn, workflow_id, task, params or {}, workflow.params or {})
     if operation == "retry":
-        merged = {**task.params, **params} if params else None
-        plan = retry(task, delay=delay, params=merged, manual=True)
+        plan = retry(task, delay=delay, params=params, manual=True)
     elif operation == "replace":
         if not new_type:
             raise SurgeryError("replace needs the new task type")
-        plan = reroute(task, new_type, params={**task.params, **params} if params else None, manual=True)
+        plan = reroute(task, new_type, params=params, manual=True)
     elif operation == "insert":
         if not new_type:
             raise SurgeryError("insert needs the type of the task to insert")
@@ -426,11 +465,68 @@ async def manual(
     await close_unresolved(conn, f"superseded by {actor}", now, task_id=task.id)
     events = Events()
     applied = await apply(
-        conn, workflow_id, task, plan, actor=actor, reason={"by": actor, "message": message}, now=now, events=events
+        conn,
+        workflow_id,
+        task,
+        plan,
+        actor=actor,
+        reason={"by": actor, "message": message},
+        now=now,
+        events=events,
+        refs=refs,
     )
     await store.insert_events(conn, events)
     await conn.execute(sa.select(sa.func.pg_notify(CHANNEL_WORKFLOWS, str(workflow_id))))
     return applied
+
+
+async def check_references(
+    conn: AsyncConnection,
+    workflow_id: uuid.UUID,
+    task: TaskSnapshot,
+    params: dict[str, Any],
+    workflow_params: dict[str, Any],
+) -> frozenset[str]:
+    """The tasks whose outputs the templates in a surgery's new ``params`` read, checked as at
+    submission: valid syntax, workflow params that exist, tasks upstream of ``task`` (whose
+    dependencies an inserted task shares). The task then loads their outputs to render."""
+    from dagsmith.templating import TemplateError, iter_templates, references
+
+    wanted: dict[str, str] = {}  # task name -> the first param path that reads it
+    for path, template in iter_templates(params, "params"):
+        try:
+            found = references(template)
+        except TemplateError as exc:
+            raise SurgeryError(f"{path}: {exc}") from None
+        if found.unknown:
+            raise SurgeryError(f"{path}: refers to {', '.join(sorted(found.unknown))}, which a template cannot read")
+        for param in sorted(found.params - set(workflow_params)):
+            raise SurgeryError(f"{path}: refers to params.{param}, which the workflow's spec.params does not define")
+        for ref in sorted(found.tasks):
+            wanted.setdefault(ref, path)
+    if not wanted:
+        return frozenset()
+    rows = await conn.execute(
+        sa.text(
+            """
+            WITH RECURSIVE up(name) AS (
+                SELECT unnest(CAST(:deps AS text[]))
+                UNION
+                SELECT unnest(t.depends_on) FROM tasks t JOIN up ON t.workflow_id = :w AND t.name = up.name
+            )
+            SELECT name FROM up WHERE name = ANY(:wanted)
+            """
+        ),
+        {"w": workflow_id, "deps": task.depends_on, "wanted": sorted(wanted)},
+    )
+    upstream = {r.name for r in rows}
+    for ref, path in sorted(wanted.items()):
+        if ref not in upstream:
+            raise SurgeryError(
+                f"{path}: refers to tasks.{ref}, which is not upstream of {task.name!r} "
+                "(a task can read only the outputs of tasks it depends on, directly or not)"
+            )
+    return frozenset(wanted)
 
 
 async def _check_upstream_can_finish(conn: AsyncConnection, workflow_id: uuid.UUID, task: TaskSnapshot) -> None:

@@ -68,6 +68,9 @@ class TaskSnapshot:
     attempt: int = 0
     retries: int = 0
     max_retries: int = 0
+    # The params as the last attempt received them (templates rendered, a repair task's output
+    # merged in); None if no attempt got that far. ``params`` keeps the templates.
+    resolved: dict[str, Any] | None = None
 
     @property
     def optional(self) -> bool:
@@ -85,6 +88,7 @@ class Plan:
     task: str
     delay: float = 0.0
     params: dict[str, Any] | None = None  # new params (retry with params)
+    edited: tuple[str, ...] = ()  # the params set explicitly: a repair task's output no longer replaces them
     timeout: float | None = None  # new task timeout (retry with a tuned timeout)
     new_type: str | None = None  # reroute
     inserted: dict[str, Any] | None = None  # insert: {"name", "type", "params"}
@@ -118,34 +122,49 @@ def retry(
     old_timeout: float | None = None,
     manual: bool = False,
 ) -> Plan:
+    """A new attempt. ``params``, if given, are merged over the task's own (templates kept):
+    the keys given are set, the rest stay as the spec has them."""
     _check_operable(task, manual)
     if delay < 0:
         raise SurgeryError("delay cannot be negative")
-    diff: list[dict[str, Any]] = []
-    if params is not None and params != task.params:
-        # Revisions and events are shown to users: secret values stay masked there.
-        old, new = redact(task.params, task.secrets), redact(params, task.secrets)
-        diff.append({"op": "set", "task": task.name, "field": "params", "old": old, "new": new})
+    merged, edited, diff = _set_params(task, params)
     if timeout is not None:
         diff.append({"op": "set", "task": task.name, "field": "timeout", "old": old_timeout, "new": timeout})
     diff.append({"op": "status", "task": task.name, "to": "pending", "delay": delay})
-    return Plan(Operation.retry, task.name, delay=delay, params=params, timeout=timeout, diff=diff)
+    return Plan(Operation.retry, task.name, delay=delay, params=merged, edited=edited, timeout=timeout, diff=diff)
 
 
 def reroute(task: TaskSnapshot, new_type: str, *, params: dict[str, Any] | None = None, manual: bool = False) -> Plan:
-    """Run the task as another type; ``params``, if given, replace its params (the new type may
-    want different ones)."""
+    """Run the task as another type; ``params``, if given, are merged over its own (the new type
+    may want different ones)."""
     _check_operable(task, manual)
     if not re.match(TASK_TYPE_PATTERN, new_type):
         raise SurgeryError(f"{new_type!r} is not a task type (e.g. 'text.upper')")
     if new_type == task.type:
         raise SurgeryError(f"task {task.name!r} already runs as {new_type!r}")
     diff: list[dict[str, Any]] = [{"op": "set", "task": task.name, "field": "type", "old": task.type, "new": new_type}]
-    if params is not None and params != task.params:
-        old, new = redact(task.params, task.secrets), redact(params, task.secrets)
-        diff.append({"op": "set", "task": task.name, "field": "params", "old": old, "new": new})
+    merged, edited, set_diff = _set_params(task, params)
+    diff += set_diff
     diff.append({"op": "status", "task": task.name, "to": "pending"})
-    return Plan(Operation.reroute, task.name, new_type=new_type, params=params, diff=diff)
+    return Plan(Operation.reroute, task.name, new_type=new_type, params=merged, edited=edited, diff=diff)
+
+
+def _set_params(
+    task: TaskSnapshot, params: dict[str, Any] | None
+) -> tuple[dict[str, Any] | None, tuple[str, ...], list[dict[str, Any]]]:
+    """(the task's params with ``params`` set over them, the keys set, the diff)."""
+    if not params:
+        return None, (), []
+    merged = {**task.params, **params}
+    if merged == task.params:
+        return None, (), []
+    edited = tuple(sorted(k for k, v in params.items() if task.params.get(k, _ABSENT) != v))
+    # Revisions and events are shown to users: secret values stay masked there.
+    old, new = redact(task.params, task.secrets), redact(merged, task.secrets)
+    return merged, edited, [{"op": "set", "task": task.name, "field": "params", "old": old, "new": new}]
+
+
+_ABSENT = object()
 
 
 def insert_before(
@@ -157,36 +176,52 @@ def insert_before(
     name: str | None = None,
     manual: bool = False,
 ) -> Plan:
-    """A new task between the failed task and its dependencies; by default it gets the failed
-    task's (resolved) params, which is the contract of repair task types."""
+    """A new task between the failed task and its dependencies; by default it gets the params the
+    failed task last ran with (as values, never rendered again), which is the contract of repair
+    task types."""
     _check_operable(task, manual)
     if not re.match(TASK_TYPE_PATTERN, task_type):
         raise SurgeryError(f"{task_type!r} is not a task type")
     if name is None:
-        n = 1
-        while f"{task.name}_repair{n}" in existing:
+        prefix, n = repair_prefix(task.name), 1
+        while f"{prefix}{n}" in existing:
             n += 1
-        name = f"{task.name}_repair{n}"
+        name = f"{prefix}{n}"
     if not re.match(TASK_NAME_PATTERN, name):
         raise SurgeryError(f"{name!r} is not a valid task name (letters, digits and _; at most 63)")
     if name in existing:
         raise SurgeryError(f"a task named {name!r} already exists")
-    inserted: dict[str, Any] = {
-        "name": name,
-        "type": task_type,
-        "params": dict(task.params if params is None else params),
-    }
+    inserted: dict[str, Any] = {"name": name, "type": task_type}
+    if params is not None:
+        inserted["params"] = dict(params)
+    elif task.resolved is not None:
+        # Values an upstream task produced may contain template syntax ("{{ name }}" in an LLM's
+        # answer): they are data, so the inserted task takes them as they are.
+        inserted["params"] = dict(task.resolved)
+        inserted["literalParams"] = True
+    else:
+        inserted["params"] = dict(task.params)
     # The repair task gets the failed task's params, secrets included: they stay masked for it too.
     secrets = [key for key in task.secrets if key in inserted["params"]]
     if secrets:
         inserted["secrets"] = secrets
-    shown = {**inserted, "params": redact(inserted["params"], secrets)}
+    shown = {k: v for k, v in inserted.items() if k != "literalParams"}
+    shown["params"] = redact(inserted["params"], secrets)
     diff: list[dict[str, Any]] = [
         {"op": "add", "task": {**shown, "dependsOn": list(task.depends_on)}, "before": task.name},
         {"op": "set", "task": task.name, "field": "dependsOn", "old": list(task.depends_on), "new": [name]},
         {"op": "status", "task": task.name, "to": "pending"},
     ]
     return Plan(Operation.insert, task.name, inserted=inserted, diff=diff)
+
+
+REPAIR_SUFFIX = "_repair"
+
+
+def repair_prefix(task_name: str) -> str:
+    """What an inserted repair task's name starts with (a number follows): the task's name, cut
+    so that the whole name stays within the 63 characters a name may have, up to 9999 repairs."""
+    return task_name[: 63 - len(REPAIR_SUFFIX) - 4] + REPAIR_SUFFIX
 
 
 def skip(task: TaskSnapshot, *, manual: bool = False) -> Plan:

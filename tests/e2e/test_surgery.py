@@ -305,3 +305,113 @@ def test_a_task_whose_dependency_failed_cannot_be_brought_back_on_its_own(client
     assert client.workflow(wid)["status"] == "failed"
     client.surgery(wid, {"op": "replace", "task": "a", "type": "noop"})
     assert wait_finished(client, wid)["status"] == "succeeded"
+
+
+def test_params_set_by_a_retry_win_over_an_earlier_repair_tasks_output(client: Client) -> None:
+    wid = failed(
+        client,
+        workflow("edit-after-repair", {"name": "p", "type": "json.parse", "params": {"text": "x"}}, correction=OFF),
+    )
+    client.surgery(wid, {"op": "insert", "task": "p", "type": "echo", "params": {"text": "still bad"}})
+    assert wait_finished(client, wid)["status"] == "failed"  # the echo "repaired" nothing
+    done = client.surgery(wid, {"op": "retry", "task": "p", "params": {"text": '{"ok": 1}'}})
+    assert done["diff"][0]["new"] == {"text": '{"ok": 1}'}
+    assert wait_finished(client, wid)["status"] == "succeeded"  # what ran is what the diff said
+    tasks = {t["name"]: t for t in client.tasks(wid)["items"]}
+    assert tasks["p"]["output"] == {"value": {"ok": 1}}
+
+
+def test_a_retry_can_give_templates_that_read_any_upstream_task(client: Client) -> None:
+    wid = failed(
+        client,
+        workflow(
+            "late-template",
+            {"name": "a", "type": "echo", "params": {"text": "from a"}},
+            {"name": "side", "type": "noop"},
+            {"name": "b", "type": "chaos.fail", "dependsOn": ["a"], "params": {"class": "permanent"}},
+            correction=OFF,
+        ),
+    )
+    for params, complaint in (
+        ({"output": "{{ tasks.side.output }}"}, "params.output: refers to tasks.side, which is not upstream of 'b'"),
+        ({"output": "{{ params.nope }}"}, "params.output: refers to params.nope, which the workflow's spec.params"),
+        ({"output": "{{ tasks.a.output.text"}, "params.output: "),
+    ):
+        with pytest.raises(ClientError) as info:
+            client.surgery(wid, {"op": "retry", "task": "b", "params": params})
+        assert info.value.status == 422 and complaint in info.value.message, info.value.message
+    assert client.revisions(wid) == []  # nothing half-done
+    client.surgery(
+        wid, {"op": "retry", "task": "b", "params": {"probability": 0, "output": "{{ tasks.a.output.text }}"}}
+    )
+    assert wait_finished(client, wid)["status"] == "succeeded"
+    tasks = {t["name"]: t for t in client.tasks(wid)["items"]}
+    assert tasks["b"]["output"] == "from a"
+
+
+def test_an_inserted_task_takes_upstream_values_as_data_not_as_templates(client: Client) -> None:
+    """An upstream output that looks like a template ("{{ name }}" in a model's answer) reaches a
+    repair task as it is: rendering it again would fail (or read what it should not)."""
+    wid = failed(
+        client,
+        workflow(
+            "braces",
+            {"name": "a", "type": "echo", "params": {"text": "{{ '{{ name }} is not JSON' }}"}},
+            {"name": "p", "type": "json.parse", "dependsOn": ["a"], "params": {"text": "{{ tasks.a.output.text }}"}},
+            correction=OFF,
+        ),
+    )
+    client.surgery(wid, {"op": "insert", "task": "p", "type": "echo"})
+    assert wait_finished(client, wid)["status"] == "failed"  # p still cannot parse it
+    tasks = {t["name"]: t for t in client.tasks(wid)["items"]}
+    assert tasks["p_repair1"]["status"] == "succeeded"
+    assert tasks["p_repair1"]["output"] == {"text": "{{ name }} is not JSON"}
+
+
+def test_a_cancelled_workflow_stays_cancelled(client: Client) -> None:
+    wid = submit(client, workflow("no-revival", {"name": "a", "type": "test.nobody"}, correction=OFF))
+    client.cancel(wid)
+    assert wait_finished(client, wid)["status"] == "cancelled"
+    with pytest.raises(ClientError) as info:
+        client.surgery(wid, {"op": "replace", "task": "a", "type": "noop"})
+    assert info.value.status == 409 and "the workflow was cancelled" in info.value.message
+    assert client.workflow(wid)["status"] == "cancelled" and client.revisions(wid) == []
+
+
+def test_reviving_an_aborted_workflow_brings_back_the_branches_the_abort_cancelled(client: Client) -> None:
+    wid = submit(
+        client,
+        workflow(
+            "abort-then-retry",
+            {"name": "a", "type": "chaos.fail", "params": {"class": "permanent", "output": {"v": 1}}},
+            {"name": "a2", "type": "noop", "dependsOn": ["a"]},
+            {"name": "b", "type": "sleep", "params": {"seconds": 5}},  # still running when a fails
+            {"name": "c", "type": "noop", "dependsOn": ["b"]},
+            correction={"mode": "rules"},  # a permanent failure of a required task: abort
+        ),
+    )
+    assert wait_finished(client, wid)["status"] == "failed"
+    tasks = {t["name"]: t for t in client.tasks(wid)["items"]}
+    assert tasks["b"]["status"] == "cancelled" and tasks["c"]["status"] == "cancelled"
+    client.surgery(wid, {"op": "retry", "task": "a", "params": {"probability": 0}})
+    assert wait_finished(client, wid)["status"] == "succeeded"
+    assert {t["name"]: t["status"] for t in client.tasks(wid)["items"]} == dict.fromkeys(
+        ("a", "a2", "b", "c"), "succeeded"
+    )
+
+
+def test_a_skip_cannot_run_the_tasks_after_a_failed_dependency(client: Client) -> None:
+    wid = failed(
+        client,
+        workflow(
+            "skip-dead-upstream",
+            {"name": "a", "type": "chaos.fail", "params": {"class": "permanent"}},
+            {"name": "b", "type": "noop", "dependsOn": ["a"], "optional": True, "default": {}},
+            {"name": "c", "type": "noop", "dependsOn": ["b"]},
+            correction=OFF,
+        ),
+    )
+    with pytest.raises(ClientError) as info:
+        client.surgery(wid, {"op": "skip", "task": "b"})
+    assert info.value.status == 409 and "operate on 'a' instead" in info.value.message
+    assert client.workflow(wid)["status"] == "failed" and client.revisions(wid) == []

@@ -148,3 +148,43 @@ def test_revivable_brings_back_only_what_can_run_again() -> None:
 def test_revivable_is_linear_on_a_long_chain() -> None:
     chain = {f"t{i}": [f"t{i - 1}"] for i in range(1, 50_001)}
     assert len(revivable("t0", chain, {})) == 50_000
+
+
+def test_a_repair_task_of_a_long_named_task_gets_a_valid_unique_name() -> None:
+    long = "t" * 63
+    first = insert_before(snap(name=long), task_type="json.repair", existing=set())
+    assert first.inserted is not None and len(first.inserted["name"]) <= 63
+    assert first.inserted["name"].endswith("_repair1")
+    again = insert_before(snap(name=long), task_type="json.repair", existing={first.inserted["name"]})
+    assert (
+        again.inserted is not None and again.inserted["name"].endswith("_repair2") and len(again.inserted["name"]) <= 63
+    )
+
+
+def test_an_inserted_task_takes_the_values_the_failed_attempt_ran_with_as_literals() -> None:
+    ran = snap(params={"text": "{{ tasks.p.output.text }}"}, resolved={"text": "{{ not a template }}"})
+    plan = insert_before(ran, task_type="json.repair", existing=set())
+    assert plan.inserted is not None
+    assert plan.inserted["params"] == {"text": "{{ not a template }}"} and plan.inserted["literalParams"] is True
+    assert "literalParams" not in plan.diff[0]["task"]
+    never_ran = insert_before(snap(params={"text": "{{ tasks.p.output.text }}"}), task_type="x.y", existing=set())
+    assert never_ran.inserted is not None and "literalParams" not in never_ran.inserted  # templates, rendered later
+
+
+def test_retry_with_params_sets_only_the_keys_given_and_keeps_the_templates() -> None:
+    task = snap(params={"text": "{{ tasks.p.output.text }}", "size": 10}, resolved={"text": "hello", "size": 10})
+    plan = retry(task, params={"size": 5})
+    assert plan.params == {"text": "{{ tasks.p.output.text }}", "size": 5} and plan.edited == ("size",)
+    assert retry(task, params={"size": 10}).params is None  # nothing changes: nothing to set
+
+
+def test_a_revision_marks_a_rerouted_inserted_task_as_the_current_view_does() -> None:
+    from api.dag_render import structure_at
+
+    diffs = [
+        [{"op": "add", "task": {"name": "r", "type": "json.repair", "dependsOn": []}, "before": "t"}],
+        [{"op": "set", "task": "r", "field": "type", "old": "json.repair", "new": "text.clean"}],
+    ]
+    nodes = {n["id"]: n for n in structure_at([{"name": "t", "type": "x.y"}], diffs)["nodes"]}
+    assert nodes["r"] == {"id": "r", "type": "text.clean", "inserted": True, "rerouted": True}
+    assert nodes["t"]["rerouted"] is False
