@@ -17,11 +17,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
-import jsonschema
 import orjson
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from dagsmith import expect
 from dagsmith.errors import SpecError, TemplateError
 from dagsmith.spec import (
     MAX_DEFAULT_OUTPUT_SINKS,
@@ -444,12 +444,9 @@ def _graph_problems(doc: WorkflowDocument, limits: Limits) -> list[Problem]:
         if too_big:
             problems.append(too_big)
         if task.expect is not None:
-            try:
-                jsonschema.validators.validator_for(task.expect).check_schema(task.expect)
-            except jsonschema.SchemaError as exc:
-                problems.append(
-                    _problem(f"spec.tasks[{i}].expect", f"not a valid JSON Schema: {exc.message}", "schema")
-                )
+            wrong = expect.problem(task.expect)
+            if wrong:
+                problems.append(_problem(f"spec.tasks[{i}].expect", wrong, "schema"))
         for key in task.secrets:
             if key not in task.params:
                 problems.append(

@@ -16,9 +16,9 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-import jsonschema
 import orjson
 
+from dagsmith import expect
 from dagsmith.errors import ErrorClass
 from dagsmith.messages import Check, Evaluation, ResultMessage, TaskError
 
@@ -27,8 +27,7 @@ REWARD_VERSION = "v1"
 
 @lru_cache(maxsize=1024)
 def _validator(schema_json: str) -> Any:
-    schema = orjson.loads(schema_json)
-    return jsonschema.validators.validator_for(schema)(schema)
+    return expect.validator(orjson.loads(schema_json))
 
 
 def check_expect(expect: dict[str, Any], output: Any, limit: int = 5) -> list[str]:
@@ -80,14 +79,21 @@ def evaluate(result: ResultMessage, max_output_bytes: int | None = None) -> Eval
                 details={"size": size, "limit": max_output_bytes},
             )
     if result.ok and error is None and task.expect is not None:
-        problems = check_expect(task.expect, result.output)
-        checks.append(Check(name="expect", passed=not problems, detail="; ".join(problems)))
-        if problems:
-            error = TaskError(
-                error_class=ErrorClass.invalid_output,
-                message="output does not match expect: " + "; ".join(problems),
-                details={"problems": problems},
-            )
+        try:
+            problems = check_expect(task.expect, result.output)
+        except Exception as exc:  # a schema submission could not vet (stored before it did)
+            detail = f"expect could not be checked: {type(exc).__name__}: {str(exc)[:300]}"
+            checks.append(Check(name="expect", passed=False, detail=detail))
+            # The task's spec is at fault, not its output: no retry or repair can help.
+            error = TaskError(error_class=ErrorClass.permanent, message=detail)
+        else:
+            checks.append(Check(name="expect", passed=not problems, detail="; ".join(problems)))
+            if problems:
+                error = TaskError(
+                    error_class=ErrorClass.invalid_output,
+                    message="output does not match expect: " + "; ".join(problems),
+                    details={"problems": problems},
+                )
     duration = result.duration
     if task.timeout:
         checks.append(

@@ -11,7 +11,8 @@ from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 
 from dagsmith.amqp import BatchPublisher, Names, Topology, connect
-from dagsmith.messages import EvaluatedBatch, EvaluatedMessage, ResultBatch
+from dagsmith.errors import ErrorClass
+from dagsmith.messages import EvaluatedBatch, EvaluatedMessage, Evaluation, ResultBatch, ResultMessage, TaskError
 from dagsmith.metrics_http import serve_metrics
 from dagsmith.settings import Settings
 from evaluator.reward import REWARD_VERSION, evaluate
@@ -26,6 +27,21 @@ REWARD = Histogram(
     ["type"],
     buckets=(-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 0.9, 1.0),
 )
+
+
+def _scored(result: ResultMessage, limit: int | None) -> Evaluation:
+    """The evaluation of one result; a result the evaluator cannot score fails with the reason,
+    rather than stalling its whole batch (and the tasks whose results share it) unacknowledged."""
+    try:
+        return evaluate(result, limit)
+    except Exception as exc:
+        log.exception("could not score a result", task_id=result.task.task_id, attempt=result.task.attempt)
+        error = TaskError(
+            error_class=ErrorClass.unknown,
+            message=f"the evaluator could not score this result: {type(exc).__name__}: {str(exc)[:300]}",
+        )
+        feedback = {"verdict": "fail", "evaluator_error": True}
+        return Evaluation(verdict="fail", reward=-1.0, feedback=feedback, error=error)
 
 
 class Evaluator:
@@ -43,7 +59,7 @@ class Evaluator:
             await message.reject()
             return
         limit = self.settings.max_output_bytes
-        out = [EvaluatedMessage(result=r, evaluation=evaluate(r, limit)) for r in batch.results]
+        out = [EvaluatedMessage(result=r, evaluation=_scored(r, limit)) for r in batch.results]
         await self.publisher.publish(out)
         await message.ack()
         self.evaluated += len(out)

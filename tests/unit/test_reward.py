@@ -79,3 +79,44 @@ def test_an_output_over_the_size_limit_fails_whatever_the_executor_allowed() -> 
     assert ev.error.error_class == ErrorClass.resource_exhausted
     assert ev.error.message == "output is 2011 bytes, over the limit of 1000 (DAGSMITH_MAX_OUTPUT_BYTES)"
     assert evaluate(big, max_output_bytes=4000).verdict == "pass"
+
+
+def test_a_schema_that_cannot_be_checked_fails_the_attempt_and_scores_the_rest() -> None:
+    """A schema stored before submission vetted its references: the evaluator says so as a
+    permanent failure instead of raising (which stalled its whole batch)."""
+    bad = evaluate(result(output={"a": 1}, expect={"$ref": "#/$defs/missing"}))
+    assert bad.verdict == "fail" and bad.error is not None
+    assert bad.error.error_class == ErrorClass.permanent and "expect could not be checked" in bad.error.message
+    assert (
+        evaluate(result(output="x", expect={"$ref": "#/$defs/s", "$defs": {"s": {"type": "string"}}})).verdict == "pass"
+    )
+
+
+def test_a_remote_reference_is_never_fetched() -> None:
+    """With a listener on the referenced port, a fetch would be seen; the evaluator makes none."""
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.setblocking(False)
+        port = server.getsockname()[1]
+        ev = evaluate(result(output=1, expect={"$ref": f"http://127.0.0.1:{port}/s.json"}))
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nobody connected
+    assert ev.verdict == "fail" and ev.error is not None and ev.error.error_class == ErrorClass.permanent
+
+
+def test_the_evaluator_scores_a_result_it_cannot_evaluate_as_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    from evaluator import service
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(service, "evaluate", broken)
+    ev = service._scored(result(output=1), None)
+    assert (
+        ev.verdict == "fail"
+        and ev.error is not None
+        and "could not score this result: RuntimeError: boom" in ev.error.message
+    )

@@ -401,3 +401,21 @@ def test_a_yaml_file_splits_into_its_documents_as_written() -> None:
     assert [yaml.safe_load(p) for p in split_documents(indented)] == [{"name": "a", "x": 1}, {"name": "b"}]
     tagged = "%TAG !e! tag:example.com,2000:\n---\na: !e!x 1\n---\nb: 2\n"
     assert split_documents(tagged) == [tagged]
+
+
+@pytest.mark.parametrize(
+    ("expect", "complaint"),
+    [
+        ({"$ref": "#/$defs/missing", "$defs": {"a": {"type": "string"}}}, "$ref '#/$defs/missing' does not resolve"),
+        ({"properties": {"x": {"$ref": "http://127.0.0.1:9/schema.json"}}}, "nothing is fetched"),
+        ({"$ref": "other.json"}, "does not resolve within the schema"),
+    ],
+)
+def test_expect_references_must_resolve_inside_the_schema(expect: dict[str, object], complaint: str) -> None:
+    found = problems(doc({"name": "a", "type": "noop", "expect": expect}))
+    assert found[0]["path"] == "spec.tasks[0].expect" and complaint in found[0]["message"]
+
+
+def test_expect_with_local_references_is_accepted() -> None:
+    schema = {"$ref": "#/$defs/answer", "$defs": {"answer": {"type": "object", "required": ["text"]}}}
+    assert validate(doc({"name": "a", "type": "noop", "expect": schema})).document.spec.tasks[0].expect == schema
