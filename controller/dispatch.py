@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aio_pika
 from aio_pika.abc import AbstractChannel
 
 from controller.bundling import plan_bundles
@@ -124,18 +125,24 @@ class Publisher:
         exchange = await self.topology.tasks_exchange()
         for task_type in {m.type for m in messages}:
             await self.topology.task_queue(task_type)  # the queue holds tasks until an executor comes
-        await asyncio.gather(
-            *(
-                exchange.publish(
-                    persistent(bodies[g[0]], message_id=messages[g[0]].idempotency_key)
-                    if len(g) == 1
-                    else persistent(encode_bundle([bodies[i] for i in g]), type=BUNDLE),
-                    routing_key=messages[g[0]].type,
-                    mandatory=True,
+        try:
+            await asyncio.gather(
+                *(
+                    exchange.publish(
+                        persistent(bodies[g[0]], message_id=messages[g[0]].idempotency_key)
+                        if len(g) == 1
+                        else persistent(encode_bundle([bodies[i] for i in g]), type=BUNDLE),
+                        routing_key=messages[g[0]].type,
+                        mandatory=True,  # with the channel's on_return_raises: unroutable is an error
+                    )
+                    for g in groups
                 )
-                for g in groups
             )
-        )
+        except aio_pika.exceptions.DeliveryError:
+            # A queue was deleted while we knew it (by hand, say): the message came back instead
+            # of being dropped. The round commits nothing and runs again, declaring the queues anew.
+            self.topology.forget()
+            raise
 
 
 __all__ = ["Prepared", "Publisher", "TemplateError", "is_template", "prepare", "secret_texts", "template_context"]

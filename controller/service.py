@@ -55,6 +55,7 @@ BROKER_ERRORS = (
     aio_pika.exceptions.ChannelInvalidStateError,
     aio_pika.exceptions.AMQPConnectionError,
     aio_pika.exceptions.AMQPChannelError,
+    aio_pika.exceptions.DeliveryError,  # a task message came back unroutable (its queue was deleted)
 )
 
 
@@ -523,7 +524,8 @@ class Controller:
             heartbeat=settings.amqp_heartbeat,
             stop=stop,
         )
-        publish_channel = await connection.channel(publisher_confirms=True)
+        # Task messages are mandatory: one that no queue takes is returned, and raises.
+        publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         self.topology = Topology(publish_channel, self.names, settings.max_deliveries)
         consume_channel = await connection.channel()
         await consume_channel.set_qos(prefetch_count=256)

@@ -125,6 +125,12 @@ class Topology:
         self._task_queues: dict[str, AbstractQueue] = {}
         self._tasks_exchange: AbstractExchange | None = None
 
+    def forget(self) -> None:
+        """Declare everything again on next use: a queue was deleted under us (a message came back
+        unroutable), and declaring is how it comes back."""
+        self._task_queues.clear()
+        self._tasks_exchange = None
+
     async def tasks_exchange(self) -> AbstractExchange:
         if self._tasks_exchange is None:
             self._tasks_exchange = await self.channel.declare_exchange(
@@ -260,8 +266,16 @@ class BatchPublisher(Generic[T]):
         delay = 0.2
         while True:
             try:
-                await self.channel.default_exchange.publish(persistent(body), routing_key=self.routing_key)
+                # Mandatory, on a channel with on_return_raises: a batch its queue no longer
+                # takes (deleted by hand) comes back instead of vanishing, and the queue is made again.
+                await self.channel.default_exchange.publish(
+                    persistent(body), routing_key=self.routing_key, mandatory=True
+                )
                 return
+            except aiormq.exceptions.DeliveryError as exc:
+                log.warning("%s took no batch (%s); declaring it again", self.routing_key, exc)
+                with contextlib.suppress(*BROKER_ERRORS):
+                    await self.channel.declare_queue(self.routing_key, durable=True)
             except BROKER_ERRORS as exc:
                 log.warning("publish to %s failed (%s); retrying in %.1fs", self.routing_key, exc, delay)
                 await asyncio.sleep(delay)

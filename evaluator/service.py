@@ -75,7 +75,7 @@ class Evaluator:
             heartbeat=self.settings.amqp_heartbeat,
             stop=stop,
         )
-        channel: AbstractChannel = await connection.channel(publisher_confirms=True)
+        channel: AbstractChannel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         self.publisher: BatchPublisher[EvaluatedMessage] = BatchPublisher(
             channel,
             self.names.evaluated,

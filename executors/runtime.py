@@ -508,7 +508,7 @@ class ExecutorRuntime:
             heartbeat=self.settings.amqp_heartbeat,
             stop=stop,
         )
-        self.channel = await connection.channel(publisher_confirms=True)
+        self.channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         self.results: BatchPublisher[ResultMessage] = BatchPublisher(
             self.channel,
             self.names.results,

@@ -36,3 +36,26 @@ async def test_a_batch_published_while_the_channel_is_closed_goes_out_once_it_is
             channel = await connection.channel()
             await channel.queue_delete(queue_name)
         await connection.close()
+
+
+async def test_a_batch_for_a_deleted_queue_is_returned_and_the_queue_made_again(settings: Settings) -> None:
+    """Confirmed but routed nowhere, a batch of results would be lost (and its tasks left running):
+    it comes back, the queue is declared again, and the batch goes into it."""
+    queue_name = settings.amqp_prefix + ".batch-publisher-gone"
+    connection = await aio_pika.connect_robust(settings.amqp_url.get_secret_value())
+    try:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await channel.queue_delete(queue_name)  # nobody declared it, or it was deleted by hand
+        publisher: BatchPublisher[int] = BatchPublisher(channel, queue_name, lambda items: repr(items).encode())
+        publisher.start()
+        await asyncio.wait_for(publisher.publish([4, 5]), timeout=10)
+        queue = await channel.declare_queue(queue_name, passive=True)
+        message = await queue.get(timeout=5)
+        assert message.body == b"[4, 5]"
+        await message.ack()
+        await publisher.stop()
+    finally:
+        with contextlib.suppress(Exception):
+            channel = await connection.channel()
+            await channel.queue_delete(queue_name)
+        await connection.close()

@@ -35,3 +35,33 @@ async def test_a_task_queue_made_with_another_max_deliveries_is_used_as_it_is(
     finally:
         await connection.close()
         await delete_topology(AMQP, prefix, ["noop"])
+
+
+async def test_a_task_queue_deleted_under_the_controller_returns_the_message_and_comes_back() -> None:
+    """The controller keeps the queues it declared; deleted by hand, a cached one would swallow
+    every task message sent to it (confirmed, routed nowhere). Mandatory publishing on a channel
+    that raises on returns makes it an error; the round runs again and declares the queue anew."""
+    from controller.dispatch import Publisher
+    from dagsmith.messages import TaskMessage
+
+    prefix = f"topo{uuid.uuid4().hex[:6]}"
+    names = Names(prefix)
+    connection = await aio_pika.connect(AMQP)
+    try:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        topology = Topology(channel, names)
+        publisher = Publisher(channel, topology)
+        message = TaskMessage(task_id=1, attempt=1, workflow_id=str(uuid.uuid4()), name="t", type="noop")
+        await publisher.publish_singles([message])
+        other = await connection.channel()
+        await other.queue_delete(names.task_queue("noop"))
+        with pytest.raises(aio_pika.exceptions.DeliveryError):
+            await publisher.publish_singles([message])
+        await publisher.publish_singles([message])  # declared again, and delivered
+        queue = await channel.declare_queue(names.task_queue("noop"), passive=True)
+        got = await queue.get(timeout=5)
+        assert TaskMessage.model_validate_json(got.body).task_id == 1
+        await got.ack()
+    finally:
+        await connection.close()
+        await delete_topology(AMQP, prefix, ["noop"])
