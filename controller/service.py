@@ -137,11 +137,26 @@ class Controller:
         except ValidationError:
             await message.reject()
             return
+        # A new series each: the members' start reports in the bundle are not theirs alone.
+        singles = [t.model_copy(update={"series": t.series + 1}) for t in bundle.tasks]
+
+        async def requeue_and_send(conn: Any) -> None:
+            # As a round's redrive does, and under the same workflow locks (so a member's start
+            # report, which waits for them, comes after): the members are queued again with no
+            # lease. Left running under the crashed executor's lease, a healthy member whose single
+            # message waited longer than the lease would be failed as lost.
+            await store.lock_workflows(conn, {uuid.UUID(t.workflow_id) for t in singles})
+            await store.requeue_sent_again(conn, [(t.task_id, t.attempt) for t in singles], time.time())
+            await self.publisher.publish_singles(singles)  # before the commit, as a round publishes
+
         try:
-            # A new series each: the members' start reports in the bundle are not theirs alone.
-            await self.publisher.publish_singles([t.model_copy(update={"series": t.series + 1}) for t in bundle.tasks])
+            await in_transaction(self.db, requeue_and_send, what="split bundle", attempts=5)
         except BROKER_ERRORS as exc:
             log.warning("could not split a dead-lettered bundle; it is retried", error=str(exc)[:200])
+            await _settle(message, requeue=True)
+            return
+        except Exception:
+            log.exception("could not split a dead-lettered bundle; it is retried")
             await _settle(message, requeue=True)
             return
         metrics.BUNDLES_SPLIT.inc()
@@ -322,9 +337,14 @@ class Controller:
                 log.error("dropped a result naming no valid workflow", workflow_id=a.workflow_id[:100])
         if not keys:
             return
+
+        async def expire(conn: Any) -> None:
+            # Workflow rows first, as every status change takes them: no deadlock with a round.
+            await store.lock_workflows(conn, {workflow_id for _, _, workflow_id in keys})
+            await store.expire_leases(conn, keys)
+
         try:
-            async with engine.db.begin() as conn:
-                await store.expire_leases(conn, keys)
+            await in_transaction(engine.db, expire, what="end leases of dropped results", attempts=5)
         except Exception:
             log.exception("could not end the leases of attempts whose result was dropped", attempts=keys[:20])
             return
@@ -518,6 +538,7 @@ class Controller:
         if not await wait_for_database(db, stop, service="controller"):
             await db.dispose()
             return
+        self.db = db
         connection = await connect(
             settings.amqp_url.get_secret_value(),
             name="dagsmith-controller",

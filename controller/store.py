@@ -504,6 +504,19 @@ async def requeue(conn: AsyncConnection, attempts: Sequence[tuple[int, int, floa
     )
 
 
+async def requeue_sent_again(conn: AsyncConnection, attempts: Sequence[tuple[int, int]], now: float) -> None:
+    """:func:`requeue` for attempts (task id, attempt) sent again outside a round (the members of a
+    dead-lettered bundle), their queue deadlines read from their specs."""
+    from dagsmith.durations import parse_duration
+
+    rows = await conn.execute(
+        sa.text("SELECT id, spec->>'queueTimeout' AS qt FROM tasks WHERE id = ANY(:ids)"),
+        {"ids": [i for i, _ in attempts]},
+    )
+    deadlines = {r.id: None if r.qt is None else now + parse_duration(r.qt) for r in rows}
+    await requeue(conn, [(i, a, deadlines.get(i)) for i, a in attempts])
+
+
 async def expire_leases(conn: AsyncConnection, attempts: Sequence[tuple[int, int, uuid.UUID]]) -> None:
     """Attempts (task id, attempt, the workflow the message named) whose result or dead letter
     could not be applied (the controller dropped it): running, with a lease that has already
