@@ -528,7 +528,7 @@ class Controller:
 
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.settings
-        port = serve_metrics(settings.metrics_port, DEFAULT_METRICS_PORT, "controller")
+        port = serve_metrics(settings.metrics_port, DEFAULT_METRICS_PORT, "controller", settings.metrics_host)
         # No pre-ping (it would add a round trip to every reconciliation round): rounds,
         # heartbeats, resyncs and policy reloads are transactions retried on a lost connection,
         # and the metrics gauges try again at their next tick.

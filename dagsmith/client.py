@@ -58,68 +58,84 @@ class Client:
                 ) from None
         return response
 
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._decode(self._request(method, path, **kwargs))
+
+    def _decode(self, response: httpx.Response) -> Any:
+        """The answer's JSON body. Something else (an HTML page from a proxy, another service on
+        the port) means --api does not point at a Dagsmith API: said as such, not as a traceback."""
+        try:
+            return response.json()
+        except ValueError:
+            kind = response.headers.get("content-type", "no content type")
+            message = (
+                f"{self.base_url} answered {response.status_code} with {kind}, not the API's JSON: "
+                "is --api (DAGSMITH_API) the Dagsmith API's address?"
+            )
+            raise ClientError(0, "not_the_api", message) from None
+
     def submit(
         self, body: bytes, *, content_type: str = "application/yaml", idempotency_key: str | None = None
     ) -> dict[str, Any]:
         headers = {"Content-Type": content_type}
         if idempotency_key:
             headers["Idempotency-Key"] = idempotency_key
-        return self._request("POST", "/v1/workflows", content=body, headers=headers).json()
+        return self._json("POST", "/v1/workflows", content=body, headers=headers)
 
     def workflow(self, workflow_id: str) -> dict[str, Any]:
-        return self._request("GET", f"/v1/workflows/{workflow_id}").json()
+        return self._json("GET", f"/v1/workflows/{workflow_id}")
 
     def workflows(self, **params: Any) -> dict[str, Any]:
-        return self._request("GET", "/v1/workflows", params={k: v for k, v in params.items() if v is not None}).json()
+        return self._json("GET", "/v1/workflows", params={k: v for k, v in params.items() if v is not None})
 
     def tasks(self, workflow_id: str, **params: Any) -> dict[str, Any]:
-        return self._request("GET", f"/v1/workflows/{workflow_id}/tasks", params=params).json()
+        return self._json("GET", f"/v1/workflows/{workflow_id}/tasks", params=params)
 
     def result(self, workflow_id: str) -> dict[str, Any]:
-        return self._request("GET", f"/v1/workflows/{workflow_id}/result").json()
+        return self._json("GET", f"/v1/workflows/{workflow_id}/result")
 
     def dag(self, workflow_id: str, fmt: str = "json", revision: int | None = None) -> Any:
         params: dict[str, Any] = {"format": fmt}
         if revision is not None:
             params["revision"] = revision
         response = self._request("GET", f"/v1/workflows/{workflow_id}/dag", params=params)
-        return response.json() if fmt == "json" else response.text
+        return self._decode(response) if fmt == "json" else response.text
 
     def cancel(self, workflow_id: str) -> dict[str, Any]:
-        return self._request("POST", f"/v1/workflows/{workflow_id}/cancel").json()
+        return self._json("POST", f"/v1/workflows/{workflow_id}/cancel")
 
     def delete(self, workflow_id: str) -> None:
         self._request("DELETE", f"/v1/workflows/{workflow_id}")
 
     def executors(self) -> list[dict[str, Any]]:
-        return self._request("GET", "/v1/executors").json()
+        return self._json("GET", "/v1/executors")
 
     def surgery(self, workflow_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self._request("POST", f"/v1/workflows/{workflow_id}/surgery", json=body).json()
+        return self._json("POST", f"/v1/workflows/{workflow_id}/surgery", json=body)
 
     def revisions(self, workflow_id: str) -> list[dict[str, Any]]:
-        return self._request("GET", f"/v1/workflows/{workflow_id}/revisions").json()
+        return self._json("GET", f"/v1/workflows/{workflow_id}/revisions")
 
     def policies(self) -> list[dict[str, Any]]:
-        return self._request("GET", "/v1/policies").json()
+        return self._json("GET", "/v1/policies")
 
     def activate_policy(self, version: str, force: bool = False) -> dict[str, Any]:
-        return self._request("POST", f"/v1/policies/{version}/activate", params={"force": force}).json()
+        return self._json("POST", f"/v1/policies/{version}/activate", params={"force": force})
 
     def rollback_policy(self) -> dict[str, Any] | None:
-        return self._request("POST", "/v1/policies/rollback").json()
+        return self._json("POST", "/v1/policies/rollback")
 
     def create_token(
         self, name: str, scopes: list[str], namespaces: list[str], expires_in: str | None = None
     ) -> dict[str, Any]:
         body = {"name": name, "scopes": scopes, "namespaces": namespaces, "expires_in": expires_in}
-        return self._request("POST", "/v1/tokens", json=body).json()
+        return self._json("POST", "/v1/tokens", json=body)
 
     def tokens(self) -> list[dict[str, Any]]:
-        return self._request("GET", "/v1/tokens").json()
+        return self._json("GET", "/v1/tokens")
 
     def revoke_token(self, name_or_id: str) -> dict[str, Any]:
-        return self._request("DELETE", f"/v1/tokens/{name_or_id}").json()
+        return self._json("DELETE", f"/v1/tokens/{name_or_id}")
 
     def events(
         self, workflow_id: str, after: int = 0, deadline: float | None = None, follow: bool = True

@@ -8,8 +8,9 @@ from prometheus_client import start_http_server
 log = structlog.get_logger(__name__)
 
 
-def serve_metrics(setting: int, default: int, service: str) -> int | None:
-    """Serve /metrics on ``setting`` (0: the service's ``default`` port; negative: not at all).
+def serve_metrics(setting: int, default: int, service: str, host: str = "0.0.0.0") -> int | None:
+    """Serve /metrics on ``host``, port ``setting`` (0: the service's ``default`` port; negative:
+    not at all).
 
     A taken port is not fatal: a second process of the same service on one host (two controllers,
     several executors) runs without /metrics and says so, instead of failing to start. Returns
@@ -19,7 +20,7 @@ def serve_metrics(setting: int, default: int, service: str) -> int | None:
     if port <= 0:
         return None
     try:
-        start_http_server(port)
+        start_http_server(port, addr=host)
     except OSError as exc:
         log.warning(
             "metrics port in use: this process serves no /metrics (set DAGSMITH_METRICS_PORT to give it its own)",

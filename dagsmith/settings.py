@@ -165,6 +165,10 @@ class Settings(BaseSettings):
         description="Port for /metrics of the controller, evaluator, executors and trainer (0: the service "
         "default 9101/9102/9103/9104; -1: off).",
     )
+    metrics_host: str = Field(
+        "0.0.0.0",  # in a container, the scraper is on another host
+        description="Address the /metrics ports listen on ('dagsmith dev' uses 127.0.0.1).",
+    )
     log_level: str = Field("INFO", description="Log level: DEBUG, INFO, WARNING, ERROR or CRITICAL.")
     log_format: Literal["json", "console", "auto"] = Field(
         "auto", description="'json', 'console' or 'auto' (JSON when not a TTY)."

@@ -68,7 +68,7 @@ class Evaluator:
             REWARD.labels(item.result.task.type).observe(item.evaluation.reward)
 
     async def run(self, stop: asyncio.Event) -> None:
-        serve_metrics(self.settings.metrics_port, DEFAULT_METRICS_PORT, "evaluator")
+        serve_metrics(self.settings.metrics_port, DEFAULT_METRICS_PORT, "evaluator", self.settings.metrics_host)
         connection = await connect(
             self.settings.amqp_url.get_secret_value(),
             name="dagsmith-evaluator",

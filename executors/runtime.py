@@ -501,7 +501,7 @@ class ExecutorRuntime:
             await stop_plugins(started)
 
     async def _serve(self, stop: asyncio.Event) -> None:
-        serve_metrics(self.settings.metrics_port, DEFAULT_METRICS_PORT, "executor")
+        serve_metrics(self.settings.metrics_port, DEFAULT_METRICS_PORT, "executor", self.settings.metrics_host)
         connection = await connect(
             self.settings.amqp_url.get_secret_value(),
             name=f"dagsmith-executor-{self.id}",

@@ -60,7 +60,7 @@ class TrainerService:
     async def run(self, stop: asyncio.Event) -> None:
         from trainer.loop import train_and_gate
 
-        serve_metrics(self.settings.metrics_port, DEFAULT_METRICS_PORT, "trainer")
+        serve_metrics(self.settings.metrics_port, DEFAULT_METRICS_PORT, "trainer", self.settings.metrics_host)
         db = create_engine(self.settings.database_url.get_secret_value(), pool_size=1, name="dagsmith-trainer")
         log.info("trainer started", interval=self.interval, min_new=self.min_new)
         try:

@@ -259,6 +259,7 @@ def dev(
         # The children's output comes through this process: colours only if it goes to a terminal.
         "DAGSMITH_LOG_FORMAT": os.environ.get("DAGSMITH_LOG_FORMAT", "console" if sys.stdout.isatty() else "json"),
         "DAGSMITH_AUTH": "false",
+        "DAGSMITH_METRICS_HOST": "127.0.0.1",  # like the API: nothing beyond this machine
     }
 
     def metrics(offset: int) -> dict[str, str]:
