@@ -206,13 +206,13 @@ class _Environment(ImmutableSandboxedEnvironment):
             if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
                 bits = left.bit_length() * right
                 if bits > MAX_INT_BITS:
-                    raise TemplateError(f"template computes a {bits}-bit number (limit {MAX_INT_BITS} bits)")
+                    raise TemplateError(f"template computes a number of up to {bits} bits (limit {MAX_INT_BITS} bits)")
             return operator.pow(left, right)
         # op == "*": refuse to build huge numbers, strings or lists ('a' * 10**9, [big] * 1000).
         if isinstance(left, int) and isinstance(right, int):
             bits = left.bit_length() + right.bit_length()
             if bits > MAX_INT_BITS:
-                raise TemplateError(f"template computes a {bits}-bit number (limit {MAX_INT_BITS} bits)")
+                raise TemplateError(f"template computes a number of up to {bits} bits (limit {MAX_INT_BITS} bits)")
         for seq, n in ((left, right), (right, left)):
             if isinstance(seq, str | list | tuple) and isinstance(n, int) and not isinstance(n, bool):
                 _refuse_large(len(seq) * n, "a sequence")

@@ -119,7 +119,9 @@ def handle(exc: ClientError) -> NoReturn:
                 console.print(f"  [bold]{where}[/bold]: {escape(p['message'])}", highlight=False)
         raise typer.Exit(2)
     code = {0: 3, 404: 4, 422: 2, 413: 2, 415: 2, 401: 5, 403: 5, 409: 6}.get(exc.status, 3)
-    fail(exc.message, code)
+    # The API speaks of headers; on the command line a token comes from a flag or the environment.
+    hint = " — give one with --token or DAGSMITH_TOKEN" if exc.status == 401 else ""
+    fail(exc.message + hint, code)
 
 
 def _natural(path: str) -> list[Any]:

@@ -455,3 +455,10 @@ def test_waiting_gives_up_at_the_timeout_and_the_workflow_goes_on(stack: Stack, 
     assert len(json.loads(cli(stack, "list", "--name", "slow", "--json").stdout)["items"]) == before  # nothing sent
     for each in ids:
         assert cli(stack, "cancel", each).returncode == 0
+
+
+def test_a_refused_token_says_how_to_give_one(stack: Stack) -> None:
+    if not stack.token:
+        pytest.skip("this stack runs without authentication")
+    done = cli(stack, "list", token="not-a-token")
+    assert done.returncode == 5 and "give one with --token or DAGSMITH_TOKEN" in done.stderr, done.stderr
