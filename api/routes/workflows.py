@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
@@ -321,8 +322,13 @@ async def surgery(workflow_id: str, body: SurgeryRequest, state: State, principa
     warnings = []
     if body.type is not None:
         async with state.db.connect() as conn:
-            if body.type not in await _known_types(state, conn):
-                warnings.append(f"no executor has declared task type {body.type!r} yet; the task waits until one does")
+            known = await _known_types(state, conn)
+            if body.type not in known:
+                close = difflib.get_close_matches(body.type, sorted(known), n=1, cutoff=0.75)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                warnings.append(
+                    f"no executor has declared task type {body.type!r} yet{hint}; the task waits until one does"
+                )
     return Surgery(
         workflow_id=str(wid),
         revision=applied.revision,
@@ -336,7 +342,11 @@ async def surgery(workflow_id: str, body: SurgeryRequest, state: State, principa
 
 @router.get(
     "/{workflow_id}/events",
-    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}},
+    responses={
+        **_ERRORS,
+        200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"},
+        503: {"model": ErrorResponse, "description": "This API serves as many streams as it may."},
+    },
     summary="Task transitions as Server-Sent Events: live until the workflow ends, or (follow=false) so far",
 )
 async def stream_events(

@@ -105,6 +105,8 @@ def test_replace_with_params_and_a_type_no_executor_has(client: Client) -> None:
     assert waiting["warnings"] == [
         "no executor has declared task type 'no.such.type' yet; the task waits until one does"
     ]
+    typo = client.surgery(other, {"op": "replace", "task": "t", "type": "text.uper"})
+    assert "(did you mean 'text.upper'?)" in typo["warnings"][0]
     client.cancel(other)
 
 
