@@ -357,6 +357,8 @@ class Controller:
             new_types = self.known_capabilities.get(hb.executor_id) != caps_key
             if hb.wants_cancellations and hb.control_queue and not hb.stopping:
                 await self._send_cancellations(db, hb.control_queue)
+            elif hb.running and hb.control_queue:
+                await self._cancel_leftovers(db, hb.running, hb.control_queue)
 
             async def record(conn: Any, hb: HeartbeatMessage = hb, new_types: bool = new_types) -> int:
                 return await store.record_heartbeat(
@@ -517,6 +519,22 @@ class Controller:
             await self.topology.channel.default_exchange.publish(persistent(body), routing_key=control_queue)
         except Exception as exc:  # the executor runs its old messages after a short wait, as before
             log.warning("could not send the recent cancellations to an executor", error=str(exc)[:200])
+
+    async def _cancel_leftovers(self, db: Any, running: list[tuple[int, int]], control_queue: str) -> None:
+        """An executor runs attempts of workflows that have ended: the cancel broadcast did not
+        reach it (a broker blip, a controller crash between the commit and the broadcast). Tell
+        it again, to itself: the heartbeat is the safety net under the broadcast."""
+        try:
+            async with db.connect() as conn:
+                ended = await store.ended_workflows_of(conn, [task_id for task_id, _ in running])
+            if not ended:
+                return
+            cancel = CancelMessage(workflow_ids=[str(w) for w, _ in ended], at=[at for _, at in ended])
+            body = cancel.model_dump_json().encode()
+            await self.topology.channel.default_exchange.publish(persistent(body), routing_key=control_queue)
+            log.info("told an executor again to cancel attempts of ended workflows", workflows=len(ended))
+        except Exception as exc:  # the next heartbeat tries again
+            log.warning("could not check an executor's attempts against ended workflows", error=str(exc)[:200])
 
     async def _broadcast_cancel(self, workflow_ids: set[uuid.UUID], at: float) -> None:
         exchange = await self.topology.control_exchange()

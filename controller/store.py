@@ -969,6 +969,22 @@ async def recently_ended(conn: AsyncConnection, seconds: float, limit: int = 10_
     return [(r.id, float(r.at)) for r in rows]
 
 
+async def ended_workflows_of(conn: AsyncConnection, task_ids: Sequence[int]) -> list[tuple[uuid.UUID, float]]:
+    """The cancelled or failed workflows among those of ``task_ids`` (attempts an executor says it
+    runs), with when they ended."""
+    rows = await conn.execute(
+        sa.text(
+            """
+            SELECT DISTINCT w.id, extract(epoch FROM w.finished_at) AS at
+            FROM tasks t JOIN workflows w ON w.id = t.workflow_id
+            WHERE t.id = ANY(:ids) AND w.status IN ('cancelled', 'failed') AND w.finished_at IS NOT NULL
+            """
+        ),
+        {"ids": list(task_ids)},
+    )
+    return [(r.id, float(r.at)) for r in rows]
+
+
 async def silent_executors(conn: AsyncConnection, heartbeat_interval: float, window: float = 900.0) -> int:
     """Executors whose heartbeats stopped without a goodbye: silent for more than three heartbeat
     intervals, heard from within ``window`` seconds, and not stopping (an executor that shuts down

@@ -316,3 +316,25 @@ def test_an_executor_that_connects_after_a_cancel_does_not_run_its_waiting_tasks
         assert client.tasks(wid)["items"][0]["status"] == "cancelled"
     finally:
         stack.stop("late")
+
+
+def test_an_executor_that_missed_a_cancel_broadcast_is_told_again_by_its_heartbeat(
+    stack: Stack, client: Client, settings: Settings
+) -> None:
+    """The broadcast is sent once, after the round commits: a broker blip or a controller crash in
+    between loses it. The workflow is cancelled here straight in Postgres, so no broadcast is sent
+    at all; the executor still running its attempt hears of it in answer to a heartbeat."""
+    wid = submit(client, workflow("missed-broadcast", {"name": "long", "type": "sleep", "params": {"seconds": 120}}))
+
+    def running() -> int:
+        return sum(e["running"] for e in client.executors() if e["alive"])
+
+    wait_until(lambda: client.tasks(wid)["items"][0]["status"] == "running", timeout=20, what="the task to start")
+    wait_until(lambda: running() >= 1, timeout=20, what="a heartbeat to report the attempt running")
+    with pg(settings) as conn:
+        conn.execute(
+            "UPDATE workflows SET status = 'cancelled', cancel_requested = true, finished_at = now() WHERE id = %s",
+            (wid,),
+        )
+        conn.execute("UPDATE tasks SET status = 'cancelled', finished_at = now() WHERE workflow_id = %s", (wid,))
+    wait_until(lambda: running() == 0, timeout=20, what="the executor to stop the attempt it was told about again")
