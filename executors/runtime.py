@@ -276,6 +276,7 @@ class ExecutorRuntime:
         # result the broker has since confirmed, with when: heartbeats list the latter for one
         # lease lifetime, so a lease set again by a late start report is ended again.
         self.reported: set[tuple[int, int]] = set()
+        self.late_reports: set[asyncio.Future[None]] = set()  # held so they are not collected mid-flight
         self.handed_off: dict[tuple[int, int], float] = {}
         self.acks = Acker()
         self.stopping = False
@@ -337,20 +338,26 @@ class ExecutorRuntime:
 
     async def _attempt(self, task: TaskMessage, spec: ExecutorSpec, delivery: int) -> None:
         started_at = time.time()
+        key = (task.task_id, task.attempt)
         if delivery > 0:
             # A redelivery is reported before it runs (and confirmed by the broker): if it then
             # crashes this process, the controller knows the message was started, and fails it as
             # poison at the delivery limit instead of taking the returns for dropped connections.
+            self.reported.add(key)
             await self._report_started(task, started_at, delivery)
             reporter = None
         else:
             # First deliveries report only if they run a while: most tasks finish sooner, and the
             # result then says when they started.
-            reporter = asyncio.get_running_loop().call_later(
-                self.settings.start_report_after,
-                lambda: asyncio.ensure_future(self._report_started(task, started_at, delivery)),
-            )
-        key = (task.task_id, task.attempt)
+            def report_late() -> None:
+                # Marked now, not when the report's coroutine first runs: the attempt may end in
+                # between, and its result must then be handed off as that of a reported attempt.
+                self.reported.add(key)
+                report = asyncio.ensure_future(self._report_started(task, started_at, delivery))
+                self.late_reports.add(report)
+                report.add_done_callback(self.late_reports.discard)
+
+            reporter = asyncio.get_running_loop().call_later(self.settings.start_report_after, report_late)
         runner = asyncio.ensure_future(self._execute(spec, task))
         self.running[key] = (task, runner)
         if self._is_cancelled(task):  # cancelled while its start report was on its way
@@ -401,7 +408,7 @@ class ExecutorRuntime:
         self.completed += 1
 
     async def _report_started(self, task: TaskMessage, started_at: float, delivery: int) -> None:
-        self.reported.add((task.task_id, task.attempt))
+        """Tell the controller the attempt started (the caller has marked it in ``reported``)."""
         event = StartedMessage(
             task_id=task.task_id,
             attempt=task.attempt,
