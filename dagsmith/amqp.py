@@ -156,6 +156,11 @@ class Topology:
                 # The broker's limit counts returns: past it, the next return dead-letters the message.
                 "x-delivery-limit": self.max_deliveries - 1,
                 "x-dead-letter-exchange": self.names.dead_exchange,
+                # The dead letter is the controller's only word that a task is poison: the broker
+                # keeps the message until the dead-letter queue has confirmed it (RabbitMQ 3.10+;
+                # needs reject-publish, which without a length limit rejects nothing).
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
             }
             # A queue's arguments are fixed when it is first declared, and declaring it again with
             # others is a channel error. Try on a channel of its own, so that a queue made with
