@@ -171,8 +171,8 @@ class Topology:
                 await trial.queue_declare(name, durable=True, arguments=arguments)
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 log.warning(
-                    "queue %s exists with other arguments and keeps them (%s); to apply "
-                    "DAGSMITH_MAX_DELIVERIES=%d, delete the queue while it is empty",
+                    "queue %s exists with other arguments and keeps them (%s); to apply this version's "
+                    "(DAGSMITH_MAX_DELIVERIES=%d, at-least-once dead-lettering), delete the queue while it is empty",
                     name,
                     exc,
                     self.max_deliveries,
