@@ -163,8 +163,14 @@ class TaskSpec(_Model):
 
     @field_validator("fallback", mode="before")
     @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
+    def _a_list(cls, value: Any, info: ValidationInfo) -> Any:
+        # A list, as the CRD's array says (the API server refuses a lone string), so the file
+        # POSTed is the file applied; a spec stored when one type alone was taken still reads.
+        if isinstance(value, str):
+            if (info.context or {}).get(SUBMISSION):
+                raise ValueError(f"fallback is a list of task types: write fallback: [{value}] (got {value!r})")
+            return [value]
+        return value
 
 
 # What each manual surgery takes besides the task (and a reason): the API's SurgeryRequest

@@ -1,15 +1,17 @@
 """The kopf handlers: feed Workflow resources to the store, and reflect the store in ``.status``.
 
 The operator never runs a DAG. On create it validates and submits the spec exactly as the REST
-API does (the resource's uid is the idempotency key, so a re-delivered create event finds the
-same workflow); the controller's reconciliation loop does the rest, as under Compose. A timer per
-resource copies the store's state into ``.status`` (through the status subresource, only when it
-changed) and posts Events for transitions. Deleting the resource cancels the workflow in the
-store; editing its spec is rejected, except ``spec.cancel: true``.
+API does, with the resource's uid as the idempotency key: a create handled again (kopf lost its
+record of the first) finds the workflow stored under that uid and adopts it, whatever changed on
+the resource meanwhile. The controller's reconciliation loop does the rest, as under Compose. A
+timer per resource copies the store's state into ``.status`` (through the status subresource,
+only when it changed) and posts Events for transitions. Deleting the resource cancels the
+workflow in the store; editing its spec is rejected, except ``spec.cancel: true``.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -53,7 +55,14 @@ class OperatorContext:
     settings: Settings
     engine: AsyncEngine
     mirror: StoreMirror
-    reported: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> last status sent
+    reported: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid -> last status sent (until final)
+    finished: dict[str, float] = field(default_factory=dict)  # uid -> when its final status was sent
+
+    @property
+    def finished_memory(self) -> float:
+        """How long a final status sent is remembered: longer than the watch can lag behind
+        (a dropped stream is noticed within a minute), as the timer runs until it shows it."""
+        return 10 * self.mirror.interval + 60
 
 
 def _ctx(memo: Any) -> OperatorContext:
@@ -107,6 +116,10 @@ async def on_create(
 ) -> None:
     ctx = _ctx(memo)
     namespace = namespace or "default"
+    stored = await _stored_by_uid(ctx, uid, namespace)
+    if stored is not None:
+        await _adopt(ctx, body, meta, namespace, status, patch, stored)
+        return
     raw = document_of(body)
     async with ctx.engine.connect() as conn:
         types = await known_task_types(conn)
@@ -168,6 +181,43 @@ async def on_create(
         kopf.warn(body, reason="SpecWarning", message=f"{warning.get('path')}: {warning.get('message')}")
 
 
+async def _adopt(
+    ctx: OperatorContext,
+    body: kopf.Body,
+    meta: kopf.Meta,
+    namespace: str,
+    status: kopf.Status,
+    patch: kopf.Patch,
+    stored: Any,
+) -> None:
+    """The create handler found the resource's uid already stored: kopf runs it again when its
+    record of the create was lost (the operator stopped before writing it). The resource may have
+    changed since (labels, ``spec.cancel``, an edit), so submitting it again would be refused as a
+    different document under the same key; the stored workflow is the resource's, and the spec is
+    then handled as an edit of it would be."""
+    generation = meta.get("generation")
+    previous = {c.get("type"): c for c in status.get("conditions") or []}
+    accepted = condition(
+        "Accepted",
+        True,
+        "Submitted",
+        f"stored as workflow {stored.id}",
+        _now(),
+        previous.get("Accepted"),
+        generation=generation,
+    )
+    updates = [accepted, *await _follow_spec(ctx, body, meta, namespace, status, stored.id, stored)]
+    change: dict[str, Any] = {
+        "workflowId": str(stored.id),
+        "observedGeneration": generation,
+        "conditions": merge_conditions(status.get("conditions"), updates),
+    }
+    if not status.get("phase") or (status.get("phase") == "Failed" and not status.get("workflowId")):
+        change["phase"] = phase_of(stored.status).value
+        change["message"] = "submitted; waiting for the controller"
+    patch.status.update(change)
+
+
 def _mirroring(status: kopf.Status, **_: Any) -> bool:
     return bool(status.get("workflowId")) and status.get("phase") not in TERMINAL_PHASES
 
@@ -185,18 +235,51 @@ async def mirror_status(
     ctx = _ctx(memo)
     if meta.get("generation") != status.get("observedGeneration", meta.get("generation")):
         return  # a spec edit is being handled; its decision must land in .status first
+    _forget_finished(ctx)
+    if uid in ctx.finished:
+        return  # its final status was sent; the resource seen here predates it (the timer stops once it shows)
     view = await ctx.mirror.view(uuid.UUID(status["workflowId"]), namespace or "default")
     if view is None:
         return
     current = dict(status)
     new = build_status(view, previous=current, generation=meta.get("generation"), now=_now())
     change = status_patch(current, new)
-    if change is None:
-        return
-    patch.status.update(change)
-    for note in events_between(ctx.reported.get(uid, current), new):
-        kopf.event(body, type=note.type, reason=note.reason, message=note.message)
-    ctx.reported[uid] = new
+    if change is not None:
+        patch.status.update(change)
+        for note in events_between(ctx.reported.get(uid, current), new):
+            kopf.event(body, type=note.type, reason=note.reason, message=note.message)
+    _remember(ctx, uid, new)
+
+
+def _remember(ctx: OperatorContext, uid: str, sent: dict[str, Any]) -> None:
+    """The status sent is what the next tick compares with: the resource that tick is given may
+    not show the patch yet (the watch lags), and the same Events must not be posted twice. A final
+    status is not kept, or every finished Workflow would hold its whole status here until it is
+    deleted: the timer stops once the resource shows it. Until then, only the uid is kept (for
+    ``finished_memory``), so that a tick in between neither patches nor posts again."""
+    if sent.get("phase") in TERMINAL_PHASES:
+        ctx.reported.pop(uid, None)
+        ctx.finished.pop(uid, None)
+        ctx.finished[uid] = time.monotonic()  # at the end: the oldest come first
+    else:
+        ctx.reported[uid] = sent
+
+
+def _forget_finished(ctx: OperatorContext) -> None:
+    expired = time.monotonic() - ctx.finished_memory
+    while ctx.finished:
+        uid, at = next(iter(ctx.finished.items()))
+        if at > expired:
+            return
+        del ctx.finished[uid]
+
+
+async def _stored_by_uid(ctx: OperatorContext, uid: str, namespace: str) -> Any:
+    """The workflow a resource was stored as, found by its uid (the idempotency key), or None."""
+    async with ctx.engine.connect() as conn:
+        query = sa.select(workflows.c.id, workflows.c.spec, workflows.c.status, workflows.c.cancel_requested)
+        query = query.where(workflows.c.idempotency_key == uid, workflows.c.namespace == namespace)
+        return (await conn.execute(query)).first()
 
 
 async def _stored(ctx: OperatorContext, workflow_id: uuid.UUID, namespace: str) -> Any:
@@ -232,11 +315,27 @@ async def on_spec_change(
     stored = await _stored(ctx, workflow_id, namespace or "default")
     if stored is None:
         raise kopf.PermanentError(f"workflow {workflow_id} is not in the store any more")
+    updates = await _follow_spec(ctx, body, meta, namespace or "default", status, workflow_id, stored)
+    patch.status["observedGeneration"] = meta.get("generation")
+    if updates:
+        patch.status["conditions"] = merge_conditions(status.get("conditions"), updates)
+
+
+async def _follow_spec(
+    ctx: OperatorContext,
+    body: kopf.Body,
+    meta: kopf.Meta,
+    namespace: str,
+    status: kopf.Status,
+    workflow_id: uuid.UUID,
+    stored: Any,
+) -> list[dict[str, Any]]:
+    """The resource's spec against the stored one: ``spec.cancel: true`` cancels, any other
+    difference is reported. Returns the conditions to update."""
     decision = _decision(stored.spec.get("spec", {}), body)
     if decision.cancel and not stored.cancel_requested and stored.status not in ("succeeded", "failed", "cancelled"):
         try:
-            ns = namespace or "default"
-            await _write(ctx, "cancel workflow", lambda conn: request_cancel(conn, workflow_id, [ns]))
+            await _write(ctx, "cancel workflow", lambda conn: request_cancel(conn, workflow_id, [namespace]))
             kopf.info(body, reason="CancelRequested", message=f"spec.cancel is true: cancelling {workflow_id}")
         except Conflict:
             pass  # finished meanwhile
@@ -264,9 +363,7 @@ async def on_spec_change(
                 generation=meta.get("generation"),
             )
         )
-    patch.status["observedGeneration"] = meta.get("generation")
-    if updates:
-        patch.status["conditions"] = merge_conditions(status.get("conditions"), updates)
+    return updates
 
 
 async def on_delete(
@@ -274,18 +371,15 @@ async def on_delete(
 ) -> None:
     ctx = _ctx(memo)
     ctx.reported.pop(uid, None)
+    ctx.finished.pop(uid, None)
     if status.get("workflowId"):
         workflow_id = uuid.UUID(status["workflowId"])
     else:
         # Stored, but its status never said so (the status patch failed): found by its uid.
-        async with ctx.engine.connect() as conn:
-            query = sa.select(workflows.c.id).where(
-                workflows.c.idempotency_key == uid, workflows.c.namespace == (namespace or "default")
-            )
-            found = (await conn.execute(query)).scalar()
+        found = await _stored_by_uid(ctx, uid, namespace or "default")
         if found is None:
             return  # never stored: nothing to cancel
-        workflow_id = found
+        workflow_id = found.id
     ctx.mirror.forget(workflow_id)
     try:
         ns = namespace or "default"

@@ -79,18 +79,23 @@ class StoreMirror:
         self._prints: dict[uuid.UUID, tuple[Any, ...]] = {}
         self._namespaces: dict[uuid.UUID, str] = {}
         self._seen: dict[uuid.UUID, float] = {}  # last time a timer asked: untrack the forgotten
+        self._queried: set[uuid.UUID] = set()  # asked for by the last refresh, found or not
         self._refreshed = 0.0
         self._lock = asyncio.Lock()
 
     async def view(self, workflow_id: uuid.UUID, namespace: str) -> StoreView | None:
         """The latest known view of a workflow (None until the first refresh that found it, and
         for a workflow of another namespace: a resource's status names its workflow, and whoever
-        may write that status must not read another namespace's workflow through it)."""
+        may write that status must not read another namespace's workflow through it).
+
+        A workflow not seen before is looked up at once; after that, only with the others, once
+        per interval. So one whose row is gone (deleted by retention) costs nothing more than one
+        in flight: not a refresh of every tracked workflow on each of its timer's ticks."""
         now = time.monotonic()
         self._seen[workflow_id] = now
-        if workflow_id not in self._views or now - self._refreshed >= self.interval:
+        if workflow_id not in self._queried or now - self._refreshed >= self.interval:
             async with self._lock:
-                if workflow_id not in self._views or time.monotonic() - self._refreshed >= self.interval:
+                if workflow_id not in self._queried or time.monotonic() - self._refreshed >= self.interval:
                     await self.refresh()
         if self._namespaces.get(workflow_id) != namespace:
             return None
@@ -101,29 +106,32 @@ class StoreMirror:
         self._prints.pop(workflow_id, None)
         self._namespaces.pop(workflow_id, None)
         self._seen.pop(workflow_id, None)
+        self._queried.discard(workflow_id)
 
     async def refresh(self) -> None:
         now = time.monotonic()
         for wid in [w for w, at in self._seen.items() if now - at > 10 * self.interval + 60]:
             self.forget(wid)
-        ids = [str(w) for w in self._seen]
+        tracked = set(self._seen)
+        ids = [str(w) for w in tracked]
         self._refreshed = now
-        if not ids:
-            return
+        changed: dict[uuid.UUID, Any] = {}
+        tasks: dict[uuid.UUID, list[Any]] = {}
         # One snapshot for both reads: counters read before a task changed and its line read after
         # would disagree, and the Events derived from them would count the failure twice.
-        async with self.engine.connect() as plain:
-            conn = await plain.execution_options(isolation_level="REPEATABLE READ")
-            async with conn.begin():
-                rows = list(await conn.execute(_ROWS, {"ids": ids}))
-                changed = {row.id: row for row in rows if self._prints.get(row.id) != _fingerprint(row)}
-                if not changed:
-                    return
-                tasks: dict[uuid.UUID, list[Any]] = {wid: [] for wid in changed}
-                params = {"ids": [str(w) for w in changed], "limit": self.max_tasks}
-                for t in await conn.execute(_TASKS, params):
-                    tasks[t.workflow_id].append(t)
+        if ids:
+            async with self.engine.connect() as plain:
+                conn = await plain.execution_options(isolation_level="REPEATABLE READ")
+                async with conn.begin():
+                    rows = list(await conn.execute(_ROWS, {"ids": ids}))
+                    changed = {row.id: row for row in rows if self._prints.get(row.id) != _fingerprint(row)}
+                    tasks = {wid: [] for wid in changed}
+                    if changed:
+                        params = {"ids": [str(w) for w in changed], "limit": self.max_tasks}
+                        for t in await conn.execute(_TASKS, params):
+                            tasks[t.workflow_id].append(t)
         for wid, row in changed.items():
             self._views[wid] = view_of(row, tasks[wid])
             self._prints[wid] = _fingerprint(row)
             self._namespaces[wid] = row.namespace
+        self._queried = tracked  # a workflow asked for meanwhile is not in it: looked up at once

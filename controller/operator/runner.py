@@ -13,7 +13,7 @@ import hashlib
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,25 +29,24 @@ FINALIZER = "dagsmith.io/cancel-on-delete"
 
 
 class SpecDigestStorage(kopf.AnnotationsDiffBaseStorage):
-    """kopf keeps what it last handled of each object in an annotation, to tell what changed. A
-    whole spec there puts a Workflow of a few thousand tasks over the API server's limit on
-    annotations (256 KiB in all), and every later patch of the object — its status, the removal of
-    its finalizer — is refused. So only a digest of the spec is kept, with ``spec.cancel`` as it
-    is: a changed digest is all the update handler needs, since it compares the spec with the
-    store's copy, not with kopf's."""
+    """kopf keeps what it last handled of each object in an annotation, to tell what changed. Its
+    own essence is the whole spec plus every label and annotation of the object: a Workflow of a
+    few thousand tasks, or one carrying large annotations of its own, puts that annotation over
+    the API server's limit on annotations (256 KiB in all), and every later patch of the object —
+    its status, the removal of its finalizer — is refused. So only what the update handler
+    watches is kept, the spec, and as a digest with ``spec.cancel`` as it is: a changed digest is
+    all that handler needs, since it compares the spec with the store's copy, not with kopf's.
+    Labels and annotations are left out: no handler reacts to them."""
 
     def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
-        essence = super().build(body=body, extra_fields=extra_fields)
-        spec = essence.get("spec")
-        if isinstance(spec, dict):
-            rest = {k: v for k, v in spec.items() if k != "cancel"}
-            digest: dict[str, Any] = {
-                "sha256": hashlib.sha256(orjson.dumps(rest, option=orjson.OPT_SORT_KEYS)).hexdigest()
-            }
-            if "cancel" in spec:
-                digest["cancel"] = spec["cancel"]
-            essence["spec"] = digest
-        return essence
+        spec = body.get("spec")
+        if not isinstance(spec, Mapping):
+            return {}
+        rest = {k: v for k, v in spec.items() if k != "cancel"}
+        digest: dict[str, Any] = {"sha256": hashlib.sha256(orjson.dumps(rest, option=orjson.OPT_SORT_KEYS)).hexdigest()}
+        if "cancel" in spec:
+            digest["cancel"] = spec["cancel"]
+        return {"spec": digest}
 
 
 def started_priority(now: float | None = None) -> int:

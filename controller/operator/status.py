@@ -157,8 +157,20 @@ def _message(view: StoreView, phase: Phase) -> str:
     elif phase is Phase.Succeeded:
         text = f"succeeded: {c.get('succeeded', 0)}/{total} tasks succeeded"
     else:
-        text = f"{phase.value.lower()}: {_error_text(view.error) or 'no reason given'}"
+        text = _outcome(phase.value.lower(), view.error)
     return _cut(text, MAX_MESSAGE)
+
+
+def _outcome(word: str, error: Mapping[str, Any] | None) -> str:
+    """``failed: task_failed: …``, but the phase said once: a cancelled workflow's error is
+    ``{code: cancelled, message: cancelled by request}``, which reads as "cancelled by request"."""
+    error = error or {}
+    code = error.get("class") or error.get("code")
+    parts = [str(code) if code and code != word else "", str(error.get("message") or "")]
+    text = ": ".join(part for part in parts if part) or "no reason given"
+    if text == word or text.startswith((f"{word} ", f"{word}:")):
+        return text
+    return f"{word}: {text}"
 
 
 def condition(

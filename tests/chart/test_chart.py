@@ -221,12 +221,44 @@ def test_components_probes_and_secrets() -> None:
             if c["name"] == "api":
                 expected["DAGSMITH_ADMIN_TOKEN"] = "dagsmith-auth"
             assert env == expected, f"{name}/{c['name']}"
-        if name != "dagsmith-controller":
-            assert d["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+        assert d["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
     [secret] = of_kind(docs, "Secret")
     assert set(secret["stringData"]) == {"DAGSMITH_DATABASE_URL"}  # RabbitMQ's comes from an existing Secret
     http_args = deployments["dagsmith-executor-http"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--types=http.request" in http_args and "--allow-host=api.example.com" in http_args
+
+
+TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"  # where kopf's login reads the token
+
+
+def test_only_the_operator_container_gets_a_token() -> None:
+    """The controller pod runs under the operator's service account, but the controller beside the
+    operator never talks to the Kubernetes API: the token is mounted into the operator's container
+    alone, with what the default mount has besides (the CA, the namespace), where kopf reads them."""
+    docs = render(VALUES["external-values"])
+    pod = next(d for d in of_kind(docs, "Deployment") if d["metadata"]["name"] == "dagsmith-controller")
+    spec = pod["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == "dagsmith-operator" and spec["automountServiceAccountToken"] is False
+    mounts = {c["name"]: {m["mountPath"]: m for m in c["volumeMounts"]} for c in spec["containers"]}
+    assert TOKEN_DIR not in mounts["controller"]
+    mount = mounts["operator"][TOKEN_DIR]
+    assert mount["readOnly"] is True
+    [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    sources = volume["projected"]["sources"]
+    assert [next(iter(source)) for source in sources] == ["serviceAccountToken", "configMap", "downwardAPI"]
+    assert sources[0]["serviceAccountToken"]["path"] == "token"
+    assert sources[1]["configMap"] == {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+    [namespace] = sources[2]["downwardAPI"]["items"]
+    assert namespace["path"] == "namespace" and namespace["fieldRef"]["fieldPath"] == "metadata.namespace"
+    accounts = {a["metadata"]["name"]: a for a in of_kind(docs, "ServiceAccount")}
+    assert {a["automountServiceAccountToken"] for a in accounts.values()} == {False}
+
+    # Without the operator, no pod mounts a token at all.
+    docs = render({**VALUES["external-values"], "operator": {"enabled": False}})
+    for deployment in of_kind(docs, "Deployment"):
+        pod_spec = deployment["spec"]["template"]["spec"]
+        assert pod_spec["automountServiceAccountToken"] is False
+        assert "projected" not in str(pod_spec["volumes"])
 
 
 def test_keda_scales_a_pool_on_its_task_queues() -> None:
@@ -243,10 +275,11 @@ def test_rbac_is_what_kopf_and_the_operator_need() -> None:
     docs = render(VALUES["external-values"])
     [role] = of_kind(docs, "ClusterRole")
     rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"]) for r in role["rules"]}
+    # kopf 1.45 (read in its source): it lists, watches and patches, and never gets one object;
+    # serving every namespace, it does not look at namespaces at all.
     assert rules == {
         (("apiextensions.k8s.io",), ("customresourcedefinitions",)): {"list", "watch"},
-        (("",), ("namespaces",)): {"list", "watch"},
-        (("kopf.dev",), ("clusterkopfpeerings",)): {"get", "list", "watch", "patch"},
+        (("kopf.dev",), ("clusterkopfpeerings",)): {"list", "watch", "patch"},
         (("dagsmith.io",), ("workflows",)): {"list", "watch", "patch"},
         (("dagsmith.io",), ("workflows/status",)): {"patch"},
         (("",), ("events",)): {"create"},
@@ -287,6 +320,16 @@ def test_an_operator_limited_to_namespaces_gets_roles_there() -> None:
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["default", "team-a"]
     [cluster_role] = of_kind(docs, "ClusterRole")
     assert {r["resources"][0] for r in cluster_role["rules"]} == {"customresourcedefinitions", "namespaces"}
+    # Listed namespaces: kopf lists and watches namespaces to notice one created later.
+    assert {r["resources"][0]: set(r["verbs"]) for r in cluster_role["rules"]}["namespaces"] == {"list", "watch"}
+    for role in roles:
+        rules = {(r["apiGroups"][0], r["resources"][0]): set(r["verbs"]) for r in role["rules"]}
+        assert rules == {
+            ("kopf.dev", "kopfpeerings"): {"list", "watch", "patch"},
+            ("dagsmith.io", "workflows"): {"list", "watch", "patch"},
+            ("dagsmith.io", "workflows/status"): {"patch"},
+            ("", "events"): {"create"},
+        }
     assert sorted(p["metadata"]["namespace"] for p in of_kind(docs, "KopfPeering")) == ["default", "team-a"]
     args = operator_args(docs)
     assert "--namespace=default" in args and "--namespace=team-a" in args
@@ -461,6 +504,33 @@ def test_a_pool_needs_only_a_name_and_task_types() -> None:
         assert executor["resources"] == DEFAULT_POOL["resources"]
 
 
+def test_values_the_components_would_refuse_are_refused_at_install() -> None:
+    """A status interval the operator refuses (below 0.1 s) made its container crash-loop; a
+    namespace or a pool given twice rendered two objects of one name; a KEDA minimum above the
+    maximum made a ScaledObject KEDA rejects."""
+    external = VALUES["external-values"]
+    with pytest.raises(helm.HelmValuesError, match="statusInterval"):
+        render({**external, "operator": {"statusInterval": 0.05}})
+    assert "--status-interval=0.1" in operator_args(render({**external, "operator": {"statusInterval": 0.1}}))
+    twice = {"allNamespaces": False, "namespaces": ["team-a", "team-a"]}
+    with pytest.raises(helm.HelmValuesError, match="namespaces"):
+        render({**external, "operator": twice})
+    pools = [{"name": "text", "types": "text.*"}, {"name": "text", "types": "json.*"}]
+    with pytest.raises(helm.HelmRenderError, match='the name "text" is given to two pools'):
+        render({**external, "executors": {"pools": pools}})
+    keda = {"enabled": True, "queues": ["text.upper"], "minReplicas": 5, "maxReplicas": 2}
+    with pytest.raises(
+        helm.HelmRenderError, match=r"pools\[text\]\.keda: minReplicas \(5\) is more than maxReplicas \(2\)"
+    ):
+        render({**external, "executors": {"pools": [{"name": "text", "types": "text.*", "keda": keda}]}})
+    keda["maxReplicas"] = 5
+    [scaled] = of_kind(
+        render({**external, "executors": {"pools": [{"name": "text", "types": "text.*", "keda": keda}]}}),
+        "ScaledObject",
+    )
+    assert scaled["spec"]["minReplicaCount"] == scaled["spec"]["maxReplicaCount"] == 5
+
+
 def test_global_values_are_accepted(tmp_path: Path) -> None:
     """Helm hands `global` to every chart, a subchart's too: the values schema must allow it."""
     values = {**VALUES["external-values"], "global": {"imageRegistry": "registry.example.com"}}
@@ -513,6 +583,19 @@ def test_names_fit_kubernetes_limits_with_the_longest_release_name() -> None:
         assert re.search(r"@([^:/]+):", url)[1] in services  # type: ignore[index]
 
 
+# The volume types the restricted Pod Security Standard allows.
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+
+
 def test_dagsmith_pods_meet_the_restricted_pod_security_standard() -> None:
     docs = render(VALUES["external-values"])
     pods = [d["spec"]["template"]["spec"] for d in of_kind(docs, "Deployment") + of_kind(docs, "Job")]
@@ -520,7 +603,7 @@ def test_dagsmith_pods_meet_the_restricted_pod_security_standard() -> None:
     for pod in pods:
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-        assert {next(iter(v)) for v in pod["volumes"] if v != {"name": v["name"]}} <= {"name", "emptyDir"}
+        assert {kind for v in pod["volumes"] for kind in v if kind != "name"} <= RESTRICTED_VOLUMES
         for container in pod["containers"]:
             context = container["securityContext"]
             assert context["allowPrivilegeEscalation"] is False

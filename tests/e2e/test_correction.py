@@ -72,7 +72,7 @@ def test_rules_reroute_to_the_fallback(client: Client) -> None:
             "name": "call",
             "type": "chaos.fail",
             "params": {"class": "unavailable"},
-            "fallback": "echo",
+            "fallback": ["echo"],
             "retry": {"backoff": {"initial": "100ms"}},
         },
     )

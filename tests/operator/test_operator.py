@@ -168,6 +168,20 @@ def test_a_workflow_of_thousands_of_tasks_gets_its_status_and_can_be_deleted(
     delete_and_see_cancelled(kube_api, engine_settings, "big", workflow_id, timeout=60)
 
 
+def test_a_workflow_with_large_annotations_of_its_own_gets_its_status_and_can_be_deleted(
+    operator: OperatorThread, kube_api: Kube, engine_settings: Settings
+) -> None:
+    """kopf's record of the last handled object held every annotation of the object: 150 KB of
+    the user's own made it 150 KB too, and the two together went over the API server's limit."""
+    doc = sleeper("annotated")
+    doc["metadata"]["annotations"] = {"example.com/notes": "x" * 150_000}
+    kube_api.create(doc)
+    obj = kube_api.wait_status("annotated", lambda s: s.get("phase") == "Running", "phase Running")
+    assert obj["metadata"]["finalizers"] == ["dagsmith.io/cancel-on-delete"]
+    assert len(obj["metadata"]["annotations"]["dagsmith.io/last-handled-configuration"]) < 300
+    delete_and_see_cancelled(kube_api, engine_settings, "annotated", obj["status"]["workflowId"], timeout=30)
+
+
 def test_a_redelivered_create_creates_nothing_twice(
     operator: OperatorThread, kube_api: Kube, engine_settings: Settings
 ) -> None:
@@ -191,6 +205,36 @@ def test_a_redelivered_create_creates_nothing_twice(
     assert [e.reason for e in kube_api.events("twice", "team-a")].count("Submitted") == 1
 
 
+def test_a_create_handled_again_after_an_edit_adopts_the_workflow_and_applies_the_cancel(
+    operator: OperatorThread, kube_api: Kube, engine_settings: Settings
+) -> None:
+    """kopf also runs the create handler again when the resource changed before the first run was
+    recorded: then ``spec.cancel: true`` or a new label made the document differ from the stored
+    one, submitting it again was refused as another document under the same key (a permanent
+    error), and the cancel was lost. The workflow stored under the uid is adopted instead."""
+    created = kube_api.create(sleeper("adopted"), namespace="team-a")
+    obj = kube_api.wait_status("adopted", lambda s: s.get("phase") == "Running", "phase Running", namespace="team-a")
+    workflow_id = obj["status"]["workflowId"]
+
+    key = "dagsmith.io/last-handled-configuration"
+    edit = {"metadata": {"annotations": {key: None}, "labels": {"team": "other"}}, "spec": {"cancel": True}}
+    kube_api.patch("adopted", edit, namespace="team-a")
+    obj = kube_api.wait_status(
+        "adopted", lambda s: s.get("phase") == "Cancelled", "phase Cancelled", namespace="team-a"
+    )
+    status = obj["status"]
+    assert status["workflowId"] == workflow_id
+    assert status["observedGeneration"] == obj["metadata"]["generation"] == 2
+    assert status["message"] == "cancelled by request"
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Accepted"]["status"] == "True" and "SpecChangeRejected" not in conditions
+    uid = created["metadata"]["uid"]
+    rows = store(engine_settings, "SELECT id, status FROM workflows WHERE idempotency_key = %s", uid)
+    assert [(str(r[0]), r[1]) for r in rows] == [(workflow_id, "cancelled")]
+    kube_api.wait_event("adopted", "CancelRequested", namespace="team-a")
+    assert [e.reason for e in kube_api.events("adopted", "team-a")].count("Submitted") == 1
+
+
 def test_spec_edits_are_rejected_but_cancel_is_honoured(
     operator: OperatorThread, kube_api: Kube, engine_settings: Settings
 ) -> None:
@@ -211,7 +255,8 @@ def test_spec_edits_are_rejected_but_cancel_is_honoured(
     assert spec["spec"]["tasks"][0]["params"] == {"seconds": 60}
 
     kube_api.patch("immutable", {"spec": {"cancel": True}})
-    kube_api.wait_status("immutable", lambda s: s.get("phase") == "Cancelled", "phase Cancelled")
+    obj = kube_api.wait_status("immutable", lambda s: s.get("phase") == "Cancelled", "phase Cancelled")
+    assert obj["status"]["message"] == "cancelled by request"  # not "cancelled: cancelled: cancelled by request"
     kube_api.wait_event("immutable", "CancelRequested")
     assert store(engine_settings, "SELECT status FROM workflows WHERE id = %s", workflow_id)[0][0] == "cancelled"
 

@@ -36,6 +36,7 @@ FIXED_SETTINGS = {
     "DAGSMITH_API_PORT",
     "DAGSMITH_API",
     "DAGSMITH_METRICS_PORT",
+    "DAGSMITH_METRICS_HOST",  # every address (the default): Prometheus scrapes from another container
     "DAGSMITH_ADMIN_TOKEN",  # given to the API alone (compose requires it), not to every service
 }
 METRICS_PORTS = {"api": 8000, "controller": 9101, "evaluator": 9102, "executor": 9103, "trainer": 9104}

@@ -240,6 +240,22 @@ def test_durations_are_strings_as_the_schema_says() -> None:
     assert TaskSpec.model_validate({"name": "a", "type": "noop", "queueTimeout": 1.5}).queue_timeout == 1.5
 
 
+def test_fallback_is_a_list_as_the_crd_says() -> None:
+    """The CRD's fallback is an array, and the API server refuses a lone string there: so does the
+    API, saying how to write it, and the file POSTed is the file a `kubectl apply` takes."""
+    from controller.operator import crd
+    from dagsmith.spec import TaskSpec
+
+    [problem] = problems(doc({"name": "a", "type": "noop", "fallback": "text.lower"}))
+    assert problem["path"] == "spec.tasks[0].fallback"
+    assert "write fallback: [text.lower]" in problem["message"]
+    assert validate(doc({"name": "a", "type": "noop", "fallback": ["text.lower"]})).tasks[0].fallback == ["text.lower"]
+    task = crd.open_api_schema()["properties"]["spec"]["properties"]["tasks"]["items"]
+    assert task["properties"]["fallback"]["type"] == "array"
+    # A spec stored when a lone type was taken still reads.
+    assert TaskSpec.model_validate({"name": "a", "type": "noop", "fallback": "echo"}).fallback == ["echo"]
+
+
 def test_undefined_params_in_the_output_and_oversized_workflow_params_are_problems() -> None:
     found = problems(doc({"name": "a", "type": "noop"}, params={"big": "x" * 70_000}, output="{{ params.nope }}"))
     by_path = {p["path"]: p["message"] for p in found}
