@@ -385,6 +385,11 @@ def _pydantic_problems(exc: ValidationError) -> list[Problem]:
             message = f"{err['input']!r} does not match {pattern}" + (f" ({meaning})" if meaning else "")
         elif err["type"] == "literal_error":
             message = f"{err['input']!r} is not allowed here: {message}"
+        elif err["type"] == "string_type" and isinstance(err["input"], bool):
+            # YAML 1.1 reads a bare yes/no/on/off as a boolean: the user wrote a word.
+            message = (
+                f"should be text, not the boolean {str(err['input']).lower()} (in YAML, quote words like off or yes)"
+            )
         problems.append(_problem(path, message, str(err["type"])))
     return problems
 

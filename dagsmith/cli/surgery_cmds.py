@@ -88,7 +88,9 @@ def surgery(
     if delay:
         body["delay"] = delay
     done = ask(api, token, lambda client: client.surgery(workflow_id, body))
-    console.print(f"revision {done['revision']}: {done['operation']} {done['task']}", highlight=False)
+    # Said with the word typed: a replace is recorded as the surgery it is, a reroute.
+    recorded = "" if done["operation"] == operation else f" (recorded as {done['operation']})"
+    console.print(f"revision {done['revision']}: {operation} {done['task']}{recorded}", highlight=False)
     for change in done["diff"]:
         console.print(f"  {escape(_describe(change))}", highlight=False)
     for warning in done.get("warnings", []):

@@ -435,3 +435,14 @@ def test_expect_references_must_resolve_inside_the_schema(expect: dict[str, obje
 def test_expect_with_local_references_is_accepted() -> None:
     schema = {"$ref": "#/$defs/answer", "$defs": {"answer": {"type": "object", "required": ["text"]}}}
     assert validate(doc({"name": "a", "type": "noop", "expect": schema})).document.spec.tasks[0].expect == schema
+
+
+def test_a_word_yaml_read_as_a_boolean_is_explained() -> None:
+    from dagsmith.validation import load_document
+
+    text = (
+        "apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {name: off}\nspec:\n  tasks: [{name: a, type: noop}]\n"
+    )
+    [problem] = problems(load_document(text))
+    assert problem["path"] == "metadata.name"
+    assert problem["message"] == "should be text, not the boolean false (in YAML, quote words like off or yes)"
