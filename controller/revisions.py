@@ -427,13 +427,23 @@ async def manual(
     # What a task with secret params receives them with — its type, its other params (a URL),
     # or an inserted task's output, which becomes its params — is the submitter's decision or an
     # admin's, not any writer's: each could send the secrets somewhere new.
+    # The same holds upstream: a task's output can become a secret-bearing task's params (a URL
+    # read by a template, a repair task's output merged in), so changing what a task downstream of
+    # which secrets are sent produces is as much a redirect.
     redirects = operation in ("replace", "insert") or (operation == "retry" and bool(params))
-    if task.secrets and redirects and not may_move_secrets:
-        raise Forbidden(
-            f"task {task.name!r} has secret params ({', '.join(task.secrets)}): {operation} "
-            f"{'with new params ' if operation == 'retry' else ''}could send them elsewhere, so it needs the admin "
-            "scope (a plain retry or a skip does not)"
-        )
+    if redirects and not may_move_secrets:
+        what = f"{operation}{' with new params' if operation == 'retry' else ''}"
+        if task.secrets:
+            raise Forbidden(
+                f"task {task.name!r} has secret params ({', '.join(task.secrets)}): {what} could send them "
+                "elsewhere, so it needs the admin scope (a plain retry or a skip does not)"
+            )
+        holder = await _secret_holder_downstream(conn, task.id)
+        if holder is not None:
+            raise Forbidden(
+                f"task {holder!r}, downstream of {task.name!r}, has secret params: {what} of {task.name!r} could "
+                f"change where {holder!r} sends them, so it needs the admin scope (a plain retry or a skip does not)"
+            )
     await _check_upstream_can_finish(conn, workflow_id, task)
     refs = await check_references(conn, workflow_id, task, params or {}, workflow.params or {})
     if operation == "retry":
@@ -527,6 +537,26 @@ async def check_references(
                 "(a task can read only the outputs of tasks it depends on, directly or not)"
             )
     return frozenset(wanted)
+
+
+async def _secret_holder_downstream(conn: AsyncConnection, task_id: int) -> str | None:
+    """A task downstream of ``task_id`` with secret params (the first by name), or None."""
+    row = await conn.execute(
+        sa.text(
+            """
+            WITH RECURSIVE down(id) AS (
+                SELECT unnest(children) FROM tasks WHERE id = :id
+                UNION
+                SELECT unnest(t.children) FROM tasks t JOIN down d ON t.id = d.id
+            )
+            SELECT t.name FROM tasks t WHERE t.id IN (SELECT id FROM down)
+            AND jsonb_array_length(COALESCE(t.spec->'secrets', '[]'::jsonb)) > 0
+            ORDER BY t.name LIMIT 1
+            """
+        ),
+        {"id": task_id},
+    )
+    return row.scalar()
 
 
 async def _check_upstream_can_finish(conn: AsyncConnection, workflow_id: uuid.UUID, task: TaskSnapshot) -> None:

@@ -417,3 +417,38 @@ def test_a_skip_cannot_run_the_tasks_after_a_failed_dependency(client: Client) -
         client.surgery(wid, {"op": "skip", "task": "b"})
     assert info.value.status == 409 and "operate on 'a' instead" in info.value.message
     assert client.workflow(wid)["status"] == "failed" and client.revisions(wid) == []
+
+
+def test_a_writer_cannot_redirect_secrets_through_an_upstream_task(client: Client, stack: Stack) -> None:
+    """Changing what an upstream task outputs changes the params a secret-bearing task renders
+    from it (here, where its header goes): that needs the admin scope too."""
+    wid = failed(
+        client,
+        workflow(
+            "secret-upstream",
+            {"name": "src", "type": "chaos.fail", "params": {"class": "permanent", "output": {"url": "http://a"}}},
+            {"name": "mid", "type": "echo", "dependsOn": ["src"], "params": {"url": "{{ tasks.src.output.url }}"}},
+            {
+                "name": "call",
+                "type": "echo",
+                "dependsOn": ["mid"],
+                "params": {"url": "{{ tasks.mid.output.url }}", "token": "t0p-secret"},
+                "secrets": ["token"],
+            },
+            {"name": "free", "type": "chaos.fail", "params": {"class": "permanent"}},
+            correction=OFF,
+        ),
+    )
+    writer = client.create_token("upstream-surgeon", ["write"], ["*"])["token"]
+    with stack.client(writer) as as_writer:
+        for body in (
+            {"op": "retry", "task": "src", "params": {"probability": 0, "output": {"url": "http://stolen"}}},
+            {"op": "replace", "task": "src", "type": "echo"},
+            {"op": "insert", "task": "src", "type": "echo"},
+        ):
+            with pytest.raises(ClientError) as info:
+                as_writer.surgery(wid, body)
+            assert info.value.status == 403, body
+            assert "task 'call', downstream of 'src', has secret params" in info.value.message, body
+        assert as_writer.surgery(wid, {"op": "retry", "task": "free", "params": {"probability": 0}})["revision"] == 1
+    assert client.surgery(wid, {"op": "retry", "task": "src", "params": {"probability": 0}})["revision"] == 2
