@@ -353,7 +353,6 @@ async def stream_events(
     workflow_id: str,
     request: Request,
     state: State,
-    conn: Conn,
     principal: Reader,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     after: Annotated[int, Query(ge=0, le=2**62, description="Only events with a larger id")] = 0,
@@ -363,15 +362,15 @@ async def stream_events(
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> EventSourceResponse:
     wid = queries.parse_id(workflow_id)
-    await queries.get_workflow(conn, wid, principal.namespace_filter)
+    # A connection of its own, returned at once: a stream lasts as long as its workflow, and a
+    # request-scoped one would be held (idle in a transaction) all that time.
+    async with state.db.connect() as conn:
+        await queries.get_workflow(conn, wid, principal.namespace_filter)
     if state.hub.streams >= state.settings.max_sse_connections:
-        raise APIError(
-            503,
-            "too_many_streams",
-            f"this API serves at most {state.settings.max_sse_connections} event streams "
-            "(DAGSMITH_MAX_SSE_CONNECTIONS)",
-        )
-    if last_event_id and last_event_id.isdigit():
+        raise _too_many_streams(state)
+    if last_event_id:
+        if not last_event_id.isdigit() or int(last_event_id) > 2**62:
+            raise APIError(422, "invalid_request", "Last-Event-ID: not an event id this API sent")
         after = max(after, int(last_event_id))
 
     async def still_allowed() -> bool:
@@ -382,6 +381,12 @@ async def stream_events(
         return True
 
     return EventSourceResponse(_events(request, state, wid, after, still_allowed, follow), ping=15)
+
+
+def _too_many_streams(state: AppState) -> APIError:
+    limit = state.settings.max_sse_connections
+    message = f"this API serves at most {limit} event streams (DAGSMITH_MAX_SSE_CONNECTIONS)"
+    return APIError(503, "too_many_streams", message)
 
 
 async def _events(
@@ -395,6 +400,12 @@ async def _events(
     wake = state.hub.watch(str(wid))
     checked = time.monotonic()
     try:
+        if state.hub.streams > state.settings.max_sse_connections:
+            # Requests that came together all passed the route's check before any was counted:
+            # counted now (nothing yields in between), those beyond the limit end here.
+            refused = _too_many_streams(state)
+            yield {"event": "error", "data": orjson.dumps(error_body(refused.code, refused.message)).decode()}
+            return
         while True:
             # A stream may last as long as its workflow (days): the token that opened it is
             # checked again now and then, so revoking it (or its expiry) ends the stream too.

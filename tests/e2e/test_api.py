@@ -180,7 +180,7 @@ def test_secret_params_are_redacted(client: Client) -> None:
     assert task["params"] == {"token": "***", "x": 1}
 
 
-def test_event_streams_are_limited_per_api_process(stack: Stack, client: Client) -> None:
+def test_event_streams_are_limited_per_api_process(stack: Stack, client: Client, settings: Settings) -> None:
     """DAGSMITH_MAX_SSE_CONNECTIONS: the stream past the limit is a 503 naming the setting, and a
     closed stream frees its place."""
     from dagsmith.local import free_port
@@ -207,6 +207,15 @@ def test_event_streams_are_limited_per_api_process(stack: Stack, client: Client)
             assert second.status_code == 503
             assert second.json()["error"]["code"] == "too_many_streams"
             assert "DAGSMITH_MAX_SSE_CONNECTIONS" in second.json()["error"]["message"]
+            # An open stream holds no database connection in a transaction (it would for days).
+            with pg(settings) as conn:
+                held = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dagsmith-api' "
+                    "AND state = 'idle in transaction'"
+                ).fetchone()
+            assert held == (0,)
+        bad = httpx.get(path, headers={**headers, "Last-Event-ID": "9" * 30}, timeout=10)
+        assert bad.status_code == 422 and "Last-Event-ID" in bad.json()["error"]["message"]
 
         def freed() -> bool:
             with httpx.stream("GET", path, headers=headers, timeout=10) as again:
