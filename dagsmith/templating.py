@@ -77,9 +77,19 @@ def _replaced_size(text: str, old: str, new: str, count: int = -1) -> int:
     return len(text) + hits * max(len(new) - len(old), 0)
 
 
-def _check_str_call(text: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Bound the result of a ``str`` method call before it runs."""
-    if name in ("center", "ljust", "rjust", "zfill") and args and isinstance(args[0], int):
+def _check_str_call(text: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """Bound the result of a ``str`` method call before it runs. Returns the arguments to call it
+    with (an iterable it had to read, now a list)."""
+    if name == "join" and args:
+        items = list(args[0])  # read once, here: a generator would be empty for the call
+        _refuse_large(sum(_weight(v) for v in items) + max(len(items) - 1, 0) * len(text), "a string ('join')")
+        return (items, *args[1:])
+    if name == "translate" and args:
+        table = args[0]
+        values = table.values() if isinstance(table, dict) else table if isinstance(table, list | tuple) else ()
+        longest = max((_weight(v) for v in values if v is not None), default=1)
+        _refuse_large(len(text) * max(longest, 1), "a string ('translate')")
+    elif name in ("center", "ljust", "rjust", "zfill") and args and isinstance(args[0], int):
         _refuse_large(args[0], f"a padded string ('{name}')")
     elif name == "expandtabs":
         size = int(args[0] if args else kwargs.get("tabsize", 8))
@@ -89,6 +99,7 @@ def _check_str_call(text: str, name: str, args: tuple[Any, ...], kwargs: dict[st
         _refuse_large(_replaced_size(text, args[0], args[1], int(count)), "a string ('replace')")
     elif name in ("format", "format_map"):
         _check_format(text)
+    return args
 
 
 def _guarded_filter(name: str, check: Any) -> Any:
@@ -228,8 +239,7 @@ def _is_method(value: Any) -> bool:
 
 def _guarded_method(text: str, name: str, method: Any) -> Any:
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        _check_str_call(text, name, args, kwargs)
-        return method(*args, **kwargs)
+        return method(*_check_str_call(text, name, args, kwargs), **kwargs)
 
     return guarded
 

@@ -153,6 +153,11 @@ INJECTIONS = [
     "{{ ('a' * 1000000) | replace('a', 'a' * 1000000) }}",
     "{{ ('a' * 1000000).replace('a', 'a' * 1000000) }}",
     "{{ range(100000) | join('a' * 1000000) }}",
+    # Built and then measured (| length) the result would never reach the output's size check.
+    "{{ (('a' * 999999).join(['b'] * 200)) | length }}",
+    "{{ ('a' * 999999).join(params.x | map('string') | list * 200) | length }}",
+    "{{ ('a' * 999999).translate(''.maketrans({'a': 'b' * 200000})) | length }}",
+    "{{ ('a' * 999999).translate(['b' * 200000] * 200) | length }}",
     "{{ ([('a' * 1000000)] * 1000000) | tojson }}",
     "{{ 'ab' | wordwrap(1, true, 'x' * 1000000) }}",
     "{{ lipsum(1000000) }}",
@@ -204,6 +209,8 @@ def test_bounded_operations_still_work_below_their_limits() -> None:
     assert render("{{ 'a b' | replace('a', 'c') }}", context, max_bytes=100) == "c b"
     assert render("{{ 'x' | center(3) }}", context, max_bytes=100) == " x "
     assert render("{{ (2 ** 40) * 3 }}", context, max_bytes=100) == 3 * 2**40
+    assert render("{{ '-'.join(params.x | map('string')) }}", context, max_bytes=100) == "1-2"
+    assert render("{{ 'ab'.translate(''.maketrans({'a': 'xy'})) }}", context, max_bytes=100) == "xyb"
 
 
 def test_the_template_size_limit_covers_all_of_a_tasks_templates_together() -> None:
