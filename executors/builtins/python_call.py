@@ -33,9 +33,19 @@ async def call(params: CallParams, ctx: TaskContext) -> dict[str, Any]:
         )
     if attr.startswith("_"):
         raise TaskFailed("invalid_input", "private functions cannot be called")
-    fn = getattr(importlib.import_module(module_name), attr, None)
+    module = importlib.import_module(module_name)
+    fn = getattr(module, attr, None)
     if not callable(fn):
         raise TaskFailed("invalid_input", f"{params.function} is not a function")
+    # What the module itself offers: a function it defines, or one it lists in __all__. Not what
+    # it imports (`from subprocess import run` would otherwise make subprocess callable too).
+    exported = getattr(module, "__all__", None)
+    if getattr(fn, "__module__", None) != module_name and not (isinstance(exported, list | tuple) and attr in exported):
+        raise TaskFailed(
+            "invalid_input",
+            f"{params.function} is not defined by {module_name!r} (it comes from {getattr(fn, '__module__', '?')!r}); "
+            f"only functions a module defines or lists in __all__ can be called",
+        )
     if inspect.iscoroutinefunction(fn):
         result = await fn(*params.args, **params.keyword_args)
     else:

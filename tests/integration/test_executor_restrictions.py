@@ -83,3 +83,13 @@ async def test_python_calls_reach_only_the_modules_given() -> None:
     assert ok and output == {"result": "[1, 2]"}
     ok, _, error = await run("python.call", allowed, function="json:_default_encoder")
     assert not ok and "private" in error.message
+
+
+async def test_python_calls_reach_only_what_an_allowed_module_defines_or_exports() -> None:
+    """shlex imports io.StringIO: allowing shlex must not make io callable through it."""
+    allowed = ExecutorOptions(python_modules=("shlex",))
+    ok, output, _ = await run("python.call", allowed, function="shlex:quote", args=["a b"])
+    assert ok and output == {"result": "'a b'"}
+    ok, _, error = await run("python.call", allowed, function="shlex:StringIO", args=["x"])
+    assert not ok and error.error_class == ErrorClass.invalid_input
+    assert "is not defined by 'shlex' (it comes from '_io')" in error.message
