@@ -135,17 +135,46 @@ def task_json(row: Any, *, redact_secrets: bool = True) -> dict[str, Any]:
     }
 
 
+# A page of tasks ends early once its params, outputs and errors pass this many bytes: 10,000
+# tasks of megabyte outputs would otherwise be one response of gigabytes, built in memory.
+PAGE_BYTES = 32 * 1024 * 1024
+
+
+def _row_bytes(row: Any) -> int:
+    return sum(len(orjson.dumps(v)) for v in (row.params, row.resolved_params, row.output, row.error) if v is not None)
+
+
 async def list_tasks(
-    conn: AsyncConnection, workflow_id: uuid.UUID, *, status: list[str] | None, after: int | None, limit: int
+    conn: AsyncConnection,
+    workflow_id: uuid.UUID,
+    *,
+    status: list[str] | None,
+    after: int | None,
+    limit: int,
+    max_bytes: int = PAGE_BYTES,
 ) -> tuple[list[Any], int | None]:
+    """Up to ``limit`` tasks after ``after``, fewer if their data passes ``max_bytes`` (at least
+    one); and where the next page starts, or None. Rows are read as they come, not all at once."""
     query = sa.select(tasks).where(tasks.c.workflow_id == workflow_id).order_by(tasks.c.id).limit(limit + 1)
     if status:
         query = query.where(tasks.c.status.in_(status))
     if after is not None:
         query = query.where(tasks.c.id > after)
-    rows = list(await conn.execute(query))
-    next_after = rows[limit - 1].id if len(rows) > limit else None
-    return rows[:limit], next_after
+    rows: list[Any] = []
+    size = 0
+    more = False
+    result = await conn.stream(query.execution_options(yield_per=100))
+    try:
+        async for row in result:
+            weight = _row_bytes(row)
+            if len(rows) == limit or (rows and size + weight > max_bytes):
+                more = True
+                break
+            rows.append(row)
+            size += weight
+    finally:
+        await result.close()
+    return rows, (rows[-1].id if more else None)
 
 
 async def dag_rows(conn: AsyncConnection, workflow_id: uuid.UUID) -> list[Any]:
