@@ -57,8 +57,12 @@ SHADOW_DECISIONS = Counter(
     ["agreed"],
 )
 SHADOW_AGREEMENT = Gauge(
-    "dagsmith_policy_shadow_agreement_ratio", "Share of shadow decisions where the learned policy agreed."
+    "dagsmith_policy_shadow_agreement_ratio",
+    "Share of shadow decisions where the learned policy agreed (NaN until this controller made one).",
 )
+SHADOW_AGREEMENT.set(float("nan"))  # no shadow decision yet is no data, not 0% agreement
+for _agreed in ("true", "false", "fallback"):  # at 0 from the start, so the first one is an increase
+    SHADOW_DECISIONS.labels(_agreed)
 ACTIVE_VERSION = Gauge("dagsmith_policy_active_version", "1 for the active learned policy version.", ["version"])
 
 

@@ -206,9 +206,10 @@ class Settings(BaseSettings):
             return value.strip().upper()
         raise ValueError(f"{value!r} is not a log level: use one of {', '.join(LOG_LEVELS)}")
 
-    @field_validator("admin_token", mode="before")
+    @field_validator("admin_token", "trainer_timesteps", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
+        """An optional setting given as "" (``DAGSMITH_X=`` in .env) is unset, not an empty value."""
         return None if value in ("", None) else value
 
     @field_validator("executor_python_modules", "executor_http_allow_hosts", mode="before")

@@ -29,6 +29,12 @@ GATE = Counter("dagsmith_policy_gate_total", "Trained policy versions by gate re
 RUNS = Counter("dagsmith_trainer_runs_total", "Training runs.", ["outcome"])
 LAST_RUN = Gauge("dagsmith_trainer_last_run_timestamp_seconds", "When the last training run finished.")
 PENDING = Gauge("dagsmith_trainer_new_decisions", "Decisions with outcomes not yet trained on.")
+# Every label series exists from the start, at 0: one first made by its first inc() starts at 1,
+# which increase() (the DagsmithPolicyGateFailed and DagsmithTrainerFailing alerts) never sees.
+for _result in ("passed", "failed"):
+    GATE.labels(_result)
+for _outcome in ("activated", "registered", "error"):
+    RUNS.labels(_outcome)
 
 
 class TrainerService:

@@ -29,6 +29,7 @@ RATE = "$__rate_interval"
 class Q:
     expr: str
     legend: str = ""
+    unit: str = ""  # when not the panel's: a field override for this query's series
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,15 @@ class Row:
     panels: tuple[Panel, ...]
 
 
-def quantiles(metric: str, by: str = "") -> tuple[Q, ...]:
+def quantiles(metric: str, by: str = "", unit: str = "") -> tuple[Q, ...]:
     group = f"le, {by}" if by else "le"
     suffix = f" {{{{{by}}}}}" if by else ""
     return tuple(
-        Q(f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket[{RATE}])))", f"p{int(q * 100)}{suffix}")
+        Q(
+            f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket[{RATE}])))",
+            f"p{int(q * 100)}{suffix}",
+            unit,
+        )
         for q in (0.5, 0.95, 0.99)
     )
 
@@ -69,6 +74,9 @@ def heatmap(title: str, metric: str, description: str, unit: str = "s") -> Panel
     )
 
 
+# The controller's gauges (dagsmith_workflows, dagsmith_queue_depth, dagsmith_executors_alive,
+# dagsmith_executors_silent) hold global values read from Postgres and RabbitMQ, and every
+# controller exports them: max over the controllers, never a sum.
 OVERVIEW = (
     Row(
         "Throughput and outcomes",
@@ -82,7 +90,7 @@ OVERVIEW = (
             ),
             Panel(
                 "Workflows by status",
-                (Q("sum by (status) (dagsmith_workflows)", "{{status}}"),),
+                (Q("max by (status) (dagsmith_workflows)", "{{status}}"),),
                 kind="bargauge",
                 width=8,
             ),
@@ -120,8 +128,10 @@ OVERVIEW = (
                         "histogram_quantile(0.95, sum by (le, route) "
                         f"(rate(dagsmith_api_request_seconds_bucket[{RATE}])))",
                         "p95 {{route}}",
+                        unit="s",
                     ),
                 ),
+                unit="ops",
                 width=8,
                 description="Submissions per second and the 95th percentile of request time (seconds) by route.",
             ),
@@ -156,7 +166,7 @@ OVERVIEW = (
             Panel(
                 "Reconciliation rounds",
                 (
-                    *quantiles("dagsmith_reconcile_duration_seconds")[1:2],
+                    *quantiles("dagsmith_reconcile_duration_seconds", unit="s")[1:2],
                     Q(
                         f"sum(rate(dagsmith_reconcile_batch_size_sum[{RATE}])) "
                         f"/ sum(rate(dagsmith_reconcile_batch_size_count[{RATE}]))",
@@ -179,12 +189,12 @@ OVERVIEW = (
             ),
             Panel(
                 "Internal queues",
-                (Q('sum by (queue) (dagsmith_queue_depth{queue!~".+\\\\.task\\\\..+"})', "{{queue}}"),),
+                (Q('max by (queue) (dagsmith_queue_depth{queue!~".+\\\\.task\\\\..+"})', "{{queue}}"),),
                 description="Results, evaluations, executor events and dead letters waiting in RabbitMQ.",
             ),
             Panel(
                 "Live executors per capability",
-                (Q("sum by (type) (dagsmith_executors_alive)", "{{type}}"),),
+                (Q("max by (type) (dagsmith_executors_alive)", "{{type}}"),),
                 kind="bargauge",
                 width=8,
                 description="Executors that sent a heartbeat in the last three heartbeat intervals.",
@@ -298,11 +308,13 @@ CORRECTION = (
             ),
             Panel(
                 "Shadow agreement",
-                (Q("dagsmith_policy_shadow_agreement_ratio", "agreement"),),
+                # NaN until a controller has made a shadow decision: no data, not 0%.
+                (Q("dagsmith_policy_shadow_agreement_ratio >= 0", "{{instance}}"),),
                 kind="stat",
                 unit="percentunit",
                 width=6,
-                description="Share of decisions on which the shadow policy agrees with the active one.",
+                description="Share of shadow-mode decisions on which the learned policy agreed with the rules, "
+                "per controller since it started (no data: no shadow decision yet).",
             ),
             Panel(
                 "Policy decisions per second, by action and mode",
@@ -339,6 +351,11 @@ def panel_json(panel: Panel, pid: int, x: int, y: int) -> dict[str, Any]:
         for i, q in enumerate(panel.queries)
     ]
     defaults: dict[str, Any] = {"unit": panel.unit}
+    overrides = [
+        {"matcher": {"id": "byFrameRefID", "options": target["refId"]}, "properties": [{"id": "unit", "value": q.unit}]}
+        for target, q in zip(targets, panel.queries, strict=True)
+        if q.unit and q.unit != panel.unit
+    ]
     options: dict[str, Any] = {}
     if panel.kind == "timeseries":
         defaults["custom"] = {
@@ -366,7 +383,7 @@ def panel_json(panel: Panel, pid: int, x: int, y: int) -> dict[str, Any]:
         "datasource": DS,
         "gridPos": {"h": 8, "w": panel.width, "x": x, "y": y},
         "targets": targets,
-        "fieldConfig": {"defaults": defaults, "overrides": []},
+        "fieldConfig": {"defaults": defaults, "overrides": overrides},
         "options": options,
     }
 

@@ -310,7 +310,12 @@ def test_the_learning_loop_runs_in_compose(compose: Compose, api: Client) -> Non
         "kind": "Workflow",
         "metadata": {"name": "shadowed"},
         "spec": {
-            "tasks": [{"name": "b", "type": "chaos.flaky", "params": {"failTimes": 1}}],
+            # A failure of each kind the demo taught it: one decision the policy is unsure of
+            # falls back to the rules, and the agreement panel needs one it made itself.
+            "tasks": [
+                {"name": f"b_{cls}", "type": "chaos.flaky", "params": {"failTimes": 1, "class": cls}}
+                for cls in ("transient", "rate_limited", "unavailable", "timeout")
+            ],
             "correction": {"mode": "shadow"},
         },
     }

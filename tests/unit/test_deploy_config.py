@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -62,6 +63,18 @@ def test_env_example_documents_every_setting_and_image() -> None:
     assert images | secrets <= named
     for secret in secrets:  # no secret has a value in the example
         assert re.search(rf"^{secret}=$", text, flags=re.MULTILINE), secret
+
+
+def test_every_setting_in_env_example_is_valid_uncommented_as_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = (ROOT / ".env.example").read_text()
+    known = setting_variables()
+    found = set()
+    for name, value in re.findall(r"^#?\s*(DAGSMITH_[A-Z0-9_]+)=(.*)$", text, flags=re.MULTILINE):
+        if name in known:
+            monkeypatch.setenv(name, re.sub(r"\s+#.*$", "", value).strip())  # Compose drops " # comments"
+            found.add(name)
+    assert "DAGSMITH_TRAINER_TIMESTEPS" in found
+    Settings(_env_file=None)
 
 
 def test_images_are_variables_with_official_defaults() -> None:
@@ -143,6 +156,64 @@ def test_alert_rules_cover_what_the_issue_asks_for() -> None:
         assert alerts[needed]["annotations"]["summary"]
 
 
+def test_every_alert_says_what_to_do() -> None:
+    groups = yaml.safe_load((ROOT / "deploy" / "prometheus" / "rules" / "alerts.yml").read_text())["groups"]
+    for rule in (r for group in groups for r in group["rules"] if "alert" in r):
+        assert rule["annotations"].get("summary") and rule["annotations"].get("description"), rule["alert"]
+        assert rule["labels"]["severity"] in ("critical", "warning", "info"), rule["alert"]
+
+
+def test_every_alert_has_a_promtool_test_case() -> None:
+    groups = yaml.safe_load((ROOT / "deploy" / "prometheus" / "rules" / "alerts.yml").read_text())["groups"]
+    alerts = {r["alert"] for group in groups for r in group["rules"] if "alert" in r}
+    tests = yaml.safe_load((ROOT / "deploy" / "prometheus" / "tests" / "alerts_test.yml").read_text())["tests"]
+    tested = {case["alertname"] for test in tests for case in test.get("alert_rule_test", [])}
+    firing = {case["alertname"] for test in tests for case in test.get("alert_rule_test", []) if case["exp_alerts"]}
+    assert tested <= alerts, "alerts_test.yml names alerts that do not exist"
+    assert alerts - {"DagsmithDeadLetters"} <= firing, "add a promtool case in which the alert fires"
+
+
+def test_alerts_read_no_recorded_series_and_never_sum_the_controllers_gauges() -> None:
+    """Rule groups are evaluated concurrently: an alert reading another group's recording lags
+    it at random. Every controller exports the same global gauges, so a sum counts them twice."""
+    groups = yaml.safe_load((ROOT / "deploy" / "prometheus" / "rules" / "alerts.yml").read_text())["groups"]
+    for rule in (r for group in groups for r in group["rules"] if "alert" in r):
+        assert "dagsmith:" not in rule["expr"], rule["alert"]
+    recording = (ROOT / "deploy" / "prometheus" / "rules" / "recording.yml").read_text()
+    alerts = (ROOT / "deploy" / "prometheus" / "rules" / "alerts.yml").read_text()
+    exprs = [recording, alerts, *(q.expr for q in panel_queries())]
+    for gauge in (
+        "dagsmith_workflows",
+        "dagsmith_queue_depth",
+        "dagsmith_executors_alive",
+        "dagsmith_executors_silent",
+    ):
+        for expr in exprs:
+            summed = rf"\bsum\s*((by|without)\s*\([^)]*\)\s*)?\(\s*(label_replace\(\s*)?(delta\(\s*)?{gauge}\b"
+            assert not re.search(summed, expr), (gauge, expr)
+
+
+def test_the_series_the_alerts_count_on_exist_from_the_start() -> None:
+    """A labelled counter's series first made by inc() starts at 1, which increase() never sees;
+    the shadow agreement is NaN, not 0%, before any shadow decision. A fresh interpreter: other
+    tests change these metrics."""
+    code = (
+        "import prometheus_client, controller.correct, trainer.service; "
+        "print(prometheus_client.generate_latest().decode())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    lines = set(done.stdout.splitlines())
+    for line in (
+        'dagsmith_policy_gate_total{result="passed"} 0.0',
+        'dagsmith_policy_gate_total{result="failed"} 0.0',
+        'dagsmith_trainer_runs_total{outcome="activated"} 0.0',
+        'dagsmith_trainer_runs_total{outcome="registered"} 0.0',
+        'dagsmith_trainer_runs_total{outcome="error"} 0.0',
+        "dagsmith_policy_shadow_agreement_ratio NaN",
+    ):
+        assert line in lines, line
+
+
 def load_generator() -> Any:
     spec = importlib.util.spec_from_file_location("generate", ROOT / "deploy" / "grafana" / "generate.py")
     assert spec and spec.loader
@@ -170,6 +241,25 @@ def test_every_panel_queries_prometheus_through_the_datasource_variable() -> Non
             for target in panel["targets"]:
                 assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
                 assert target["expr"].count("(") == target["expr"].count(")"), target["expr"]
+
+
+def test_every_latency_query_is_shown_in_seconds() -> None:
+    """A panel may mix a latency with counts: then a field override gives the latency its unit."""
+    for path in (ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"):
+        for panel in json.loads(path.read_text())["panels"]:
+            if panel["type"] == "row":
+                continue
+            config = panel["fieldConfig"]
+            units = {
+                override["matcher"]["options"]: prop["value"]
+                for override in config["overrides"]
+                if override["matcher"]["id"] == "byFrameRefID"
+                for prop in override["properties"]
+                if prop["id"] == "unit"
+            }
+            for target in panel["targets"]:
+                if re.search(r"histogram_quantile\(.*_seconds_bucket", target["expr"]):
+                    assert units.get(target["refId"], config["defaults"]["unit"]) == "s", (panel["title"], target)
 
 
 def test_dashboards_cover_what_the_issue_asks_for() -> None:

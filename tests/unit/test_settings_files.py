@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import pytest
 from pydantic import ValidationError
@@ -88,3 +89,21 @@ def test_a_service_with_invalid_settings_says_which_in_one_line_and_exits_2(env:
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: the settings are not valid: ")
     assert says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def optional_settings() -> list[str]:
+    """The settings whose type allows None (unset)."""
+    return [name for name, info in Settings.model_fields.items() if type(None) in get_args(info.annotation)]
+
+
+def test_the_optional_settings_are_found() -> None:
+    assert {"admin_token", "retention", "trainer_timesteps"} <= set(optional_settings())
+
+
+@pytest.mark.parametrize("name", optional_settings())
+def test_an_optional_setting_left_empty_is_unset(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`DAGSMITH_TRAINER_TIMESTEPS=` in .env (the example's line, uncommented) reaches every
+    Compose service as "": that must mean the default, not a value that fails to parse."""
+    monkeypatch.delenv(f"DAGSMITH_{name.upper()}_FILE", raising=False)
+    monkeypatch.setenv(f"DAGSMITH_{name.upper()}", "")
+    assert getattr(Settings(_env_file=None), name) is None
