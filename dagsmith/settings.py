@@ -79,6 +79,13 @@ class Settings(BaseSettings):
         1024 * 1024,
         description="Largest task output stored; larger outputs fail the attempt (resource_exhausted).",
     )
+    expect_time_limit: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="Seconds the evaluator may spend checking one output against its expect; past it the "
+        "attempt fails (permanent).",
+    )
     max_template_bytes: int = Field(
         1024 * 1024,
         description="Largest total the templates of one task's params (or of a workflow's output) may render to.",

@@ -13,6 +13,10 @@ A workflow's ``total_reward`` is the sum over all its evaluated attempts.
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -42,6 +46,32 @@ def check_expect(expect: dict[str, Any], output: Any, limit: int = 5) -> list[st
     return problems
 
 
+class ExpectTooSlow(Exception):
+    """Checking an output against its ``expect`` ran past the time limit."""
+
+
+@contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Interrupt what runs inside after ``seconds`` (raising :class:`ExpectTooSlow`): a regular
+    expression that backtracks catastrophically checks for signals as it goes, as Python code
+    does. Only in the main thread, where signals are delivered and where the evaluator scores;
+    elsewhere, and with no limit, nothing is interrupted."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise ExpectTooSlow
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def reward_for(
     passed: bool, error_class: ErrorClass | None, duration: float, timeout: float | None, attempt: int
 ) -> float:
@@ -55,10 +85,14 @@ def reward_for(
     return -1.0
 
 
-def evaluate(result: ResultMessage, max_output_bytes: int | None = None) -> Evaluation:
+def evaluate(
+    result: ResultMessage, max_output_bytes: int | None = None, expect_seconds: float | None = None
+) -> Evaluation:
     """Score one result. ``max_output_bytes`` (``DAGSMITH_MAX_OUTPUT_BYTES``) is checked here too,
     not only by the executor that produced the output: an executor with a larger limit, or one
-    that does not check, cannot get a larger output stored."""
+    that does not check, cannot get a larger output stored. ``expect_seconds``
+    (``DAGSMITH_EXPECT_TIME_LIMIT``) bounds the ``expect`` check: one slow schema must not hold
+    up every workflow's results."""
     task = result.task
     checks: list[Check] = [
         Check(
@@ -80,7 +114,15 @@ def evaluate(result: ResultMessage, max_output_bytes: int | None = None) -> Eval
             )
     if result.ok and error is None and task.expect is not None:
         try:
-            problems = check_expect(task.expect, result.output)
+            with time_limit(expect_seconds):
+                problems = check_expect(task.expect, result.output)
+        except ExpectTooSlow:
+            detail = (
+                f"expect took longer than {expect_seconds:g}s to check this output (DAGSMITH_EXPECT_TIME_LIMIT): "
+                "a pattern that backtracks catastrophically, such as (a+)+$?"
+            )
+            checks.append(Check(name="expect", passed=False, detail=detail))
+            error = TaskError(error_class=ErrorClass.permanent, message=detail)
         except Exception as exc:  # a schema submission could not vet (stored before it did)
             detail = f"expect could not be checked: {type(exc).__name__}: {str(exc)[:300]}"
             checks.append(Check(name="expect", passed=False, detail=detail))

@@ -29,11 +29,11 @@ REWARD = Histogram(
 )
 
 
-def _scored(result: ResultMessage, limit: int | None) -> Evaluation:
+def _scored(result: ResultMessage, limit: int | None, expect_seconds: float | None = None) -> Evaluation:
     """The evaluation of one result; a result the evaluator cannot score fails with the reason,
     rather than stalling its whole batch (and the tasks whose results share it) unacknowledged."""
     try:
-        return evaluate(result, limit)
+        return evaluate(result, limit, expect_seconds)
     except Exception as exc:
         log.exception("could not score a result", task_id=result.task.task_id, attempt=result.task.attempt)
         error = TaskError(
@@ -59,7 +59,8 @@ class Evaluator:
             await message.reject()
             return
         limit = self.settings.max_output_bytes
-        out = [EvaluatedMessage(result=r, evaluation=_scored(r, limit)) for r in batch.results]
+        seconds = self.settings.expect_time_limit
+        out = [EvaluatedMessage(result=r, evaluation=_scored(r, limit, seconds)) for r in batch.results]
         await self.publisher.publish(out)
         await message.ack()
         self.evaluated += len(out)

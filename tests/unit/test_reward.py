@@ -120,3 +120,28 @@ def test_the_evaluator_scores_a_result_it_cannot_evaluate_as_a_failure(monkeypat
         and ev.error is not None
         and "could not score this result: RuntimeError: boom" in ev.error.message
     )
+
+
+def test_an_expect_that_backtracks_for_ever_is_stopped_at_its_time_limit() -> None:
+    """`(a+)+$` against forty a's and a '!' would take longer than the age of the machine; the
+    evaluator scores its results one after another, so it must not wait (inside the event loop,
+    on uvloop, as the service runs it)."""
+    import asyncio
+    import time
+
+    import uvloop
+
+    schema = {"type": "string", "pattern": "^(a+)+$"}
+
+    async def score() -> tuple[float, str | None]:
+        started = time.monotonic()
+        ev = evaluate(result(output="a" * 40 + "!", expect=schema), expect_seconds=0.2)
+        return time.monotonic() - started, ev.error.message if ev.error else None
+
+    runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    with runner:
+        took, message = runner.run(score())
+    assert took < 5 and message is not None and "expect took longer than 0.2s" in message
+    # A quick check is untouched by the limit, and the timer is gone afterwards.
+    assert evaluate(result(output="aaa", expect=schema), expect_seconds=0.2).verdict == "pass"
+    time.sleep(0.3)  # (nothing may fire: the test would error here if a timer were left armed)
