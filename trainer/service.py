@@ -29,6 +29,10 @@ GATE = Counter("dagsmith_policy_gate_total", "Trained policy versions by gate re
 RUNS = Counter("dagsmith_trainer_runs_total", "Training runs.", ["outcome"])
 LAST_RUN = Gauge("dagsmith_trainer_last_run_timestamp_seconds", "When the last training run finished.")
 PENDING = Gauge("dagsmith_trainer_new_decisions", "Decisions with outcomes not yet trained on.")
+# A quiet installation trains rarely (it waits for new decisions), so the last run's time says
+# nothing about whether the trainer still works: the last check does (DagsmithTrainerStalled).
+LAST_CHECK = Gauge("dagsmith_trainer_last_check_timestamp_seconds", "When the trainer last read the decision log.")
+INTERVAL = Gauge("dagsmith_trainer_interval_seconds", "Seconds between checks (DAGSMITH_TRAINER_INTERVAL).")
 # Every label series exists from the start, at 0: one first made by its first inc() starts at 1,
 # which increase() (the DagsmithPolicyGateFailed and DagsmithTrainerFailing alerts) never sees.
 for _result in ("passed", "failed"):
@@ -69,11 +73,13 @@ class TrainerService:
         serve_metrics(self.settings.metrics_port, DEFAULT_METRICS_PORT, "trainer", self.settings.metrics_host)
         db = create_engine(self.settings.database_url.get_secret_value(), pool_size=1, name="dagsmith-trainer")
         log.info("trainer started", interval=self.interval, min_new=self.min_new)
+        INTERVAL.set(self.interval)
         try:
             while not stop.is_set():
                 try:
                     new = await self._new_decisions(db)
                     PENDING.set(new)
+                    LAST_CHECK.set(time.time())
                     if new >= self.min_new:
                         log.info("training on new decisions", new=new)
                         reading_from = datetime.now(UTC)
