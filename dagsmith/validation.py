@@ -168,7 +168,9 @@ def _validate(raw: Any, limits: Limits, known_types: Iterable[str] | None) -> Va
     problems = _graph_problems(doc, limits)
     order, cycle_problems = _topological_order(doc)
     problems += cycle_problems
-    refs, ref_problems = _reference_problems(doc, order if not cycle_problems else None)
+    # With a cycle, the order holds the tasks outside it and outside what depends on it: their
+    # references are still checked, so one submission lists every problem it can.
+    refs, ref_problems = _reference_problems(doc, order)
     problems += ref_problems
     if problems:
         raise SpecError(problems)
@@ -518,14 +520,12 @@ def _find_cycle(stuck: set[str], doc: WorkflowDocument) -> list[str]:
     return cycle[first:] + cycle[:first]
 
 
-def _reference_problems(
-    doc: WorkflowDocument, order: list[str] | None
-) -> tuple[dict[str, frozenset[str]], list[Problem]]:
+def _reference_problems(doc: WorkflowDocument, order: list[str]) -> tuple[dict[str, frozenset[str]], list[Problem]]:
     problems: list[Problem] = []
     refs: dict[str, frozenset[str]] = {}
     names = {t.name for t in doc.spec.tasks}
     deps = {t.name: t.depends_on for t in doc.spec.tasks}
-    topo = {n: i for i, n in enumerate(order)} if order is not None else None
+    topo = {n: i for i, n in enumerate(order)}  # without the tasks in or after a cycle, if any
     # References to tasks that are not direct dependencies, checked together at the end.
     indirect: list[tuple[str, str, str]] = []  # (referenced task, referring task, path)
     for i, task in enumerate(doc.spec.tasks):
@@ -543,8 +543,10 @@ def _reference_problems(
                     )
                 elif ref == task.name:
                     problems.append(_problem(path, f"task {task.name!r} refers to its own output", "reference"))
-                elif topo is not None and ref not in deps[task.name]:
-                    indirect.append((ref, task.name, path))
+                elif ref not in deps[task.name]:
+                    # A task in or after a dependency cycle (reported) has no upstream to judge by.
+                    if task.name in topo:
+                        indirect.append((ref, task.name, path))
                 else:
                     found.add(ref)
             problems += _unknown_names(path, found_here.unknown)
@@ -559,7 +561,7 @@ def _reference_problems(
                         )
                     )
         refs[task.name] = frozenset(found)
-    if indirect and topo is not None:
+    if indirect:
         upstream = _descendants({ref for ref, _, _ in indirect}, indirect, deps, topo)
         for ref, name, path in indirect:
             if name in upstream[ref]:
@@ -656,7 +658,7 @@ def _descendants(
         stack = [ref]
         while stack:
             for child in children[stack.pop()]:
-                if child not in seen and topo[child] <= limit:
+                if child not in seen and topo.get(child, limit + 1) <= limit:
                     seen.add(child)
                     stack.append(child)
         found[ref] = seen

@@ -446,3 +446,19 @@ def test_a_word_yaml_read_as_a_boolean_is_explained() -> None:
     [problem] = problems(load_document(text))
     assert problem["path"] == "metadata.name"
     assert problem["message"] == "should be text, not the boolean false (in YAML, quote words like off or yes)"
+
+
+def test_a_cycle_does_not_hide_the_other_reference_problems() -> None:
+    found = problems(
+        doc(
+            {"name": "a", "type": "noop", "dependsOn": ["b"]},
+            {"name": "b", "type": "noop", "dependsOn": ["a"]},
+            {"name": "d", "type": "noop"},
+            {"name": "e", "type": "noop", "params": {"x": "{{ tasks.d.output }}"}},
+            {"name": "f", "type": "noop", "dependsOn": ["a"], "params": {"x": "{{ tasks.d.output }}"}},
+        )
+    )
+    by_code = {p["code"]: p for p in found}
+    assert set(by_code) == {"cycle", "reference"}  # f, after the cycle, is not judged
+    assert by_code["reference"]["path"] == "spec.tasks[3].params.x"
+    assert "not upstream of 'e'" in by_code["reference"]["message"]
