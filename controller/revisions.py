@@ -404,7 +404,7 @@ async def manual(
     from controller import store
     from controller.db import CHANNEL_WORKFLOWS
     from controller.queries import get_workflow
-    from controller.surgery import insert_before, reroute, retry, skip
+    from controller.surgery import insert_before, repair_prefix, reroute, retry, skip
 
     await get_workflow(conn, workflow_id, namespaces)  # 404 for workflows the caller cannot see
     await store.lock_workflows(conn, [workflow_id])
@@ -464,7 +464,7 @@ async def manual(
                     f"the workflow has {total} tasks, the most one may have (DAGSMITH_MAX_TASKS): "
                     "nothing can be inserted"
                 )
-        taken = await names_like(conn, workflow_id, name or f"{task.name}_repair")
+        taken = await names_like(conn, workflow_id, name or repair_prefix(task.name))
         plan = insert_before(task, task_type=new_type, existing=taken, params=params, name=name, manual=True)
     elif operation == "skip":
         plan = skip(task, manual=True)

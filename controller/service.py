@@ -151,12 +151,8 @@ class Controller:
 
         try:
             await in_transaction(self.db, requeue_and_send, what="split bundle", attempts=5)
-        except BROKER_ERRORS as exc:
+        except Exception as exc:  # the broker or the database: nothing was committed
             log.warning("could not split a dead-lettered bundle; it is retried", error=str(exc)[:200])
-            await _settle(message, requeue=True)
-            return
-        except Exception:
-            log.exception("could not split a dead-lettered bundle; it is retried")
             await _settle(message, requeue=True)
             return
         metrics.BUNDLES_SPLIT.inc()
@@ -516,7 +512,9 @@ class Controller:
                 ended = await store.recently_ended(conn, CANCELLATION_MEMORY)
             cancel = CancelMessage(workflow_ids=[str(w) for w, _ in ended], at=[at for _, at in ended], snapshot=True)
             body = cancel.model_dump_json().encode()
-            await self.topology.channel.default_exchange.publish(persistent(body), routing_key=control_queue)
+            await self.topology.channel.default_exchange.publish(
+                persistent(body), routing_key=control_queue, mandatory=False
+            )
         except Exception as exc:  # the executor runs its old messages after a short wait, as before
             log.warning("could not send the recent cancellations to an executor", error=str(exc)[:200])
 
@@ -531,7 +529,9 @@ class Controller:
                 return
             cancel = CancelMessage(workflow_ids=[str(w) for w, _ in ended], at=[at for _, at in ended])
             body = cancel.model_dump_json().encode()
-            await self.topology.channel.default_exchange.publish(persistent(body), routing_key=control_queue)
+            await self.topology.channel.default_exchange.publish(
+                persistent(body), routing_key=control_queue, mandatory=False
+            )
             log.info("told an executor again to cancel attempts of ended workflows", workflows=len(ended))
         except Exception as exc:  # the next heartbeat tries again
             log.warning("could not check an executor's attempts against ended workflows", error=str(exc)[:200])
@@ -540,7 +540,8 @@ class Controller:
         exchange = await self.topology.control_exchange()
         ids = [str(w) for w in workflow_ids]
         body = CancelMessage(workflow_ids=ids, at=[at] * len(ids)).model_dump_json().encode()
-        await exchange.publish(persistent(body), routing_key="")
+        # Not mandatory: with no executor connected, no queue is bound, and nobody needs telling.
+        await exchange.publish(persistent(body), routing_key="", mandatory=False)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -565,6 +566,7 @@ class Controller:
         )
         # Task messages are mandatory: one that no queue takes is returned, and raises.
         publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        # (aio-pika publishes mandatory by default: control messages say mandatory=False.)
         self.topology = Topology(publish_channel, self.names, settings.max_deliveries)
         consume_channel = await connection.channel()
         await consume_channel.set_qos(prefetch_count=256)

@@ -277,14 +277,14 @@ class BatchPublisher(Generic[T]):
                     persistent(body), routing_key=self.routing_key, mandatory=True
                 )
                 return
-            except aiormq.exceptions.DeliveryError as exc:
-                log.warning("%s took no batch (%s); declaring it again", self.routing_key, exc)
+            except aiormq.exceptions.DeliveryError as exc:  # returned (no such queue) or nacked
+                log.warning("%s took no batch (%s); declaring it, retrying in %.1fs", self.routing_key, exc, delay)
                 with contextlib.suppress(*BROKER_ERRORS):
                     await self.channel.declare_queue(self.routing_key, durable=True)
             except BROKER_ERRORS as exc:
                 log.warning("publish to %s failed (%s); retrying in %.1fs", self.routing_key, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def persistent(body: bytes, *, message_id: str | None = None, type: str | None = None) -> aio_pika.Message:

@@ -288,7 +288,10 @@ class ExecutorRuntime:
         self.control_queue: str | None = None
 
     async def _publish(self, channel: AbstractChannel, queue: str, body: bytes) -> None:
-        await channel.default_exchange.publish(persistent(body), routing_key=queue)
+        # Heartbeats and start reports are sent again soon or are only an early word: one that no
+        # queue takes (no controller declared it yet) is dropped, not an error. Results are not
+        # sent this way (BatchPublisher: mandatory, declared again when they come back).
+        await channel.default_exchange.publish(persistent(body), routing_key=queue, mandatory=False)
 
     async def _on_task(self, message: AbstractIncomingMessage) -> None:
         self.acks.delivered(message)

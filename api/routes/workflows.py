@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
@@ -369,7 +370,7 @@ async def stream_events(
     if state.hub.streams >= state.settings.max_sse_connections:
         raise _too_many_streams(state)
     if last_event_id:
-        if not last_event_id.isdigit() or int(last_event_id) > 2**62:
+        if not re.fullmatch(r"[0-9]{1,19}", last_event_id) or int(last_event_id) > 2**62:
             raise APIError(422, "invalid_request", "Last-Event-ID: not an event id this API sent")
         after = max(after, int(last_event_id))
 

@@ -387,7 +387,8 @@ def test_reviving_an_aborted_workflow_brings_back_the_branches_the_abort_cancell
             "abort-then-retry",
             {"name": "a", "type": "chaos.fail", "params": {"class": "permanent", "output": {"v": 1}}},
             {"name": "a2", "type": "noop", "dependsOn": ["a"]},
-            {"name": "b", "type": "sleep", "params": {"seconds": 5}},  # still running when a fails
+            # Still running when a fails (however slow the machine), quick once revived.
+            {"name": "b", "type": "sleep", "params": {"seconds": "{{ 60 if task.attempt == 1 else 0 }}"}},
             {"name": "c", "type": "noop", "dependsOn": ["b"]},
             correction={"mode": "rules"},  # a permanent failure of a required task: abort
         ),
@@ -452,3 +453,17 @@ def test_a_writer_cannot_redirect_secrets_through_an_upstream_task(client: Clien
             assert "task 'call', downstream of 'src', has secret params" in info.value.message, body
         assert as_writer.surgery(wid, {"op": "retry", "task": "free", "params": {"probability": 0}})["revision"] == 1
     assert client.surgery(wid, {"op": "retry", "task": "src", "params": {"probability": 0}})["revision"] == 2
+
+
+def test_inserting_twice_before_a_long_named_task_picks_free_names(client: Client) -> None:
+    long = "t" * 60
+    wid = failed(
+        client,
+        workflow("long-name", {"name": long, "type": "chaos.fail", "params": {"class": "permanent"}}, correction=OFF),
+    )
+    names = []
+    for _ in range(2):
+        done = client.surgery(wid, {"op": "insert", "task": long, "type": "noop"})
+        names.append(done["diff"][0]["task"]["name"])
+        wait_finished(client, wid)
+    assert len(set(names)) == 2 and all(len(n) <= 63 and "_repair" in n for n in names), names

@@ -65,3 +65,24 @@ async def test_a_task_queue_deleted_under_the_controller_returns_the_message_and
     finally:
         await connection.close()
         await delete_topology(AMQP, prefix, ["noop"])
+
+
+async def test_a_cancel_broadcast_with_no_executor_connected_is_not_an_error() -> None:
+    """The controller publishes on a channel that raises on returned messages (task messages are
+    mandatory); its control messages are not: with no executor connected, nobody needs telling."""
+    import time
+
+    from controller.service import Controller
+    from tests.conftest import make_settings
+
+    prefix = f"topo{uuid.uuid4().hex[:6]}"
+    connection = await aio_pika.connect(AMQP)
+    try:
+        controller = Controller(make_settings("postgresql+psycopg://unused/none", prefix))
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        controller.topology = Topology(channel, Names(prefix))
+        await controller._broadcast_cancel({uuid.uuid4()}, time.time())  # no queue bound: fine
+        assert not channel.is_closed
+    finally:
+        await connection.close()
+        await delete_topology(AMQP, prefix, [])
