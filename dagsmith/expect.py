@@ -31,16 +31,27 @@ def validator(schema: dict[str, Any]) -> Any:
     return jsonschema.validators.validator_for(schema)(schema, registry=registry)
 
 
-def _refs(value: Any) -> Iterator[str]:
+# Keywords whose values are data, not schemas: a "$ref" inside them is not a reference.
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+
+
+def _unresolved(value: Any, resolver: Any) -> Iterator[str]:
+    """The references in ``value`` that do not resolve, each looked up in its own scope (a
+    subschema with an ``$id`` of its own is a new base for the references inside it)."""
     if isinstance(value, dict):
+        if isinstance(value.get("$id"), str):
+            resolver = resolver.in_subresource(Resource.from_contents(value, default_specification=DRAFT202012))
         for key, item in value.items():
             if key in ("$ref", "$dynamicRef") and isinstance(item, str):
-                yield item
-            else:
-                yield from _refs(item)
+                try:
+                    resolver.lookup(item)
+                except Unresolvable:
+                    yield item
+            elif key not in _DATA_KEYWORDS:
+                yield from _unresolved(item, resolver)
     elif isinstance(value, list):
         for item in value:
-            yield from _refs(item)
+            yield from _unresolved(item, resolver)
 
 
 def problem(schema: dict[str, Any]) -> str | None:
@@ -53,13 +64,9 @@ def problem(schema: dict[str, Any]) -> str | None:
         registry, base = _registry(schema)
     except Exception as exc:  # referencing's own complaints about the document
         return f"not a usable JSON Schema: {exc}"
-    resolver = registry.resolver(base_uri=base)
-    for ref in _refs(schema):
-        try:
-            resolver.lookup(ref)
-        except Unresolvable:
-            return (
-                f"$ref {ref!r} does not resolve within the schema (references must point inside it, "
-                "e.g. '#/$defs/name'; nothing is fetched)"
-            )
+    for ref in _unresolved(schema, registry.resolver(base_uri=base)):
+        return (
+            f"$ref {ref!r} does not resolve within the schema (references must point inside it, "
+            "e.g. '#/$defs/name'; nothing is fetched)"
+        )
     return None

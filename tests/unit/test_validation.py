@@ -462,3 +462,21 @@ def test_a_cycle_does_not_hide_the_other_reference_problems() -> None:
     assert set(by_code) == {"cycle", "reference"}  # f, after the cycle, is not judged
     assert by_code["reference"]["path"] == "spec.tasks[3].params.x"
     assert "not upstream of 'e'" in by_code["reference"]["message"]
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"const": {"$ref": "not-a-reference.json"}},  # data that looks like a reference
+        {"enum": [{"$ref": "x"}]},
+        {
+            "$id": "https://example.com/root",
+            "$defs": {
+                "sub": {"$id": "https://example.com/sub", "$defs": {"a": {"type": "string"}}, "$ref": "#/$defs/a"}
+            },
+            "$ref": "sub",
+        },
+    ],
+)
+def test_expect_references_are_judged_in_their_own_scope_and_data_is_not_a_reference(schema: dict[str, object]) -> None:
+    assert validate(doc({"name": "a", "type": "noop", "expect": schema})).document.spec.tasks[0].expect == schema
