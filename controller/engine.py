@@ -42,7 +42,6 @@ from controller.reconcile import (
 )
 from controller.states import WorkflowStatus
 from controller.store import Event, Events, Outcome, TaskRow, WorkflowRow
-from dagsmith.durations import parse_duration
 from dagsmith.errors import ErrorClass, TemplateError
 from dagsmith.logs import scrub
 from dagsmith.messages import EvaluatedMessage, StartedMessage, TaskMessage
@@ -582,8 +581,7 @@ def _latest_starts(reports: list[StartedMessage]) -> list[StartedMessage]:
 
 
 def _queue_deadline(task: TaskRow, now: float) -> float | None:
-    raw = task.spec.get("queueTimeout")
-    return None if raw is None else now + parse_duration(raw)
+    return store.queue_deadline(task.spec.get("queueTimeout"), now)
 
 
 def _error_json(failure: Failure) -> dict[str, Any]:

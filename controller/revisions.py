@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from controller.store import Event, Events, Outcome, _json, ts
+from controller.store import DOWNSTREAM, Event, Events, Outcome, _json, ts
 from controller.surgery import Operation, Plan, SurgeryConflict, SurgeryError, TaskSnapshot
 from dagsmith.errors import Forbidden, NotFound
 
@@ -337,21 +337,21 @@ async def _revive_cancelled(conn: AsyncConnection, task_id: int, whole_workflow:
     itself is revived, anywhere in it."""
     from controller.surgery import revivable
 
-    downstream = """
-        WITH RECURSIVE down(id) AS (
-            SELECT unnest(children) FROM tasks WHERE id = :id
-            UNION
-            SELECT unnest(t.children) FROM tasks t JOIN down d ON t.id = d.id
-        )
+    downstream = (
+        DOWNSTREAM
+        + """
         SELECT t.id, t.name, t.depends_on FROM tasks t WHERE t.id IN (SELECT id FROM down)
         AND t.status = 'cancelled'
-    """
+        """
+    )
     anywhere = """
         SELECT t.id, t.name, t.depends_on FROM tasks t
         WHERE t.workflow_id = (SELECT workflow_id FROM tasks WHERE id = :id) AND t.status = 'cancelled'
         AND t.id <> :id
     """
-    rows = (await conn.execute(sa.text(anywhere if whole_workflow else downstream), {"id": task_id})).all()
+    rows = (
+        await conn.execute(sa.text(anywhere if whole_workflow else downstream), {"id": task_id, "ids": [task_id]})
+    ).all()
     if not rows:
         return
     root = (await conn.execute(sa.text("SELECT workflow_id, name FROM tasks WHERE id = :id"), {"id": task_id})).one()
@@ -500,18 +500,15 @@ async def check_references(
     """The tasks whose outputs the templates in a surgery's new ``params`` read, checked as at
     submission: valid syntax, workflow params that exist, tasks upstream of ``task`` (whose
     dependencies an inserted task shares). The task then loads their outputs to render."""
-    from dagsmith.templating import TemplateError, iter_templates, references
+    from dagsmith.templating import iter_templates
+    from dagsmith.validation import template_problems
 
     wanted: dict[str, str] = {}  # task name -> the first param path that reads it
     for path, template in iter_templates(params, "params"):
-        try:
-            found = references(template)
-        except TemplateError as exc:
-            raise SurgeryError(f"{path}: {exc}") from None
-        if found.unknown:
-            raise SurgeryError(f"{path}: refers to {', '.join(sorted(found.unknown))}, which a template cannot read")
-        for param in sorted(found.params - set(workflow_params)):
-            raise SurgeryError(f"{path}: refers to params.{param}, which the workflow's spec.params does not define")
+        found, problems = template_problems(template, path, workflow_params)
+        if problems:
+            raise SurgeryError(f"{problems[0]['path']}: {problems[0]['message']}")
+        assert found is not None  # parsed, since it has no problem
         for ref in sorted(found.tasks):
             wanted.setdefault(ref, path)
     if not wanted:
@@ -543,18 +540,14 @@ async def _secret_holder_downstream(conn: AsyncConnection, task_id: int) -> str 
     """A task downstream of ``task_id`` with secret params (the first by name), or None."""
     row = await conn.execute(
         sa.text(
-            """
-            WITH RECURSIVE down(id) AS (
-                SELECT unnest(children) FROM tasks WHERE id = :id
-                UNION
-                SELECT unnest(t.children) FROM tasks t JOIN down d ON t.id = d.id
-            )
+            DOWNSTREAM
+            + """
             SELECT t.name FROM tasks t WHERE t.id IN (SELECT id FROM down)
             AND jsonb_array_length(COALESCE(t.spec->'secrets', '[]'::jsonb)) > 0
             ORDER BY t.name LIMIT 1
             """
         ),
-        {"id": task_id},
+        {"ids": [task_id]},
     )
     return row.scalar()
 

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from controller.db import CHANNEL_EVENTS
 from controller.reconcile import Counts, TaskView, WorkflowView
 from controller.states import TERMINAL_WORKFLOW, TaskStatus, WorkflowStatus
+from dagsmith.durations import parse_duration
 from dagsmith.spec import MAX_DEFAULT_OUTPUT_SINKS, Backoff, CorrectionSpec
 
 
@@ -504,16 +505,31 @@ async def requeue(conn: AsyncConnection, attempts: Sequence[tuple[int, int, floa
     )
 
 
+# The tasks downstream of the tasks :ids (their children, the children's children, ...), as the
+# table ``down(id)`` for the statement that follows.
+DOWNSTREAM = """
+    WITH RECURSIVE down(id) AS (
+        SELECT unnest(children) FROM tasks WHERE id = ANY(:ids)
+        UNION
+        SELECT unnest(t.children) FROM tasks t JOIN down d ON t.id = d.id
+    )
+"""
+
+
+def queue_deadline(queue_timeout: Any, now: float) -> float | None:
+    """When a message sent at ``now`` stops waiting for an executor (the spec's ``queueTimeout``,
+    as written there), or None."""
+    return None if queue_timeout is None else now + parse_duration(queue_timeout)
+
+
 async def requeue_sent_again(conn: AsyncConnection, attempts: Sequence[tuple[int, int]], now: float) -> None:
     """:func:`requeue` for attempts (task id, attempt) sent again outside a round (the members of a
     dead-lettered bundle), their queue deadlines read from their specs."""
-    from dagsmith.durations import parse_duration
-
     rows = await conn.execute(
-        sa.text("SELECT id, spec->>'queueTimeout' AS qt FROM tasks WHERE id = ANY(:ids)"),
+        sa.text("SELECT id, spec->'queueTimeout' AS qt FROM tasks WHERE id = ANY(:ids)"),
         {"ids": [i for i, _ in attempts]},
     )
-    deadlines = {r.id: None if r.qt is None else now + parse_duration(r.qt) for r in rows}
+    deadlines = {r.id: queue_deadline(r.qt, now) for r in rows}
     await requeue(conn, [(i, a, deadlines.get(i)) for i, a in attempts])
 
 
@@ -720,12 +736,8 @@ async def cancel_descendants(conn: AsyncConnection, failed_ids: Sequence[int], n
         return []
     rows = await conn.execute(
         sa.text(
-            """
-            WITH RECURSIVE down(id) AS (
-                SELECT unnest(children) FROM tasks WHERE id = ANY(:ids)
-                UNION
-                SELECT unnest(t.children) FROM tasks t JOIN down d ON t.id = d.id
-            )
+            DOWNSTREAM
+            + """
             UPDATE tasks t SET status = 'cancelled', finished_at = :now
             WHERE t.id IN (SELECT id FROM down) AND t.status = 'pending'
             RETURNING t.id, t.workflow_id, t.name, t.attempt

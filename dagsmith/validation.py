@@ -31,7 +31,7 @@ from dagsmith.spec import (
     TaskSpec,
     WorkflowDocument,
 )
-from dagsmith.templating import CONTEXT_FIELDS, CONTEXT_NAMES, iter_templates, references
+from dagsmith.templating import CONTEXT_FIELDS, CONTEXT_NAMES, References, iter_templates, references
 
 Problem = dict[str, Any]
 
@@ -187,14 +187,8 @@ def _validate(raw: Any, limits: Limits, known_types: Iterable[str] | None) -> Va
                 unknown.setdefault(task.type, []).append(i)
         for task_type, where in unknown.items():  # one warning per type, not per task
             more = f" ({len(where)} tasks)" if len(where) > 1 else ""
-            close = difflib.get_close_matches(task_type, sorted(known), n=1, cutoff=0.75)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
             warnings.append(
-                _problem(
-                    f"spec.tasks[{where[0]}].type",
-                    f"no executor has declared task type {task_type!r} yet{hint}; the task waits until one does{more}",
-                    "unknown_type",
-                )
+                _problem(f"spec.tasks[{where[0]}].type", unknown_type(task_type, known) + more, "unknown_type")
             )
     retry_warning = _policy_retries_warning(doc)
     if retry_warning is not None:
@@ -531,10 +525,9 @@ def _reference_problems(doc: WorkflowDocument, order: list[str]) -> tuple[dict[s
     for i, task in enumerate(doc.spec.tasks):
         found: set[str] = set()
         for path, template in iter_templates(task.params, f"spec.tasks[{i}].params"):
-            try:
-                found_here = references(template)
-            except TemplateError as exc:
-                problems.append(_problem(path, str(exc), "template"))
+            found_here, own = template_problems(template, path, doc.spec.params)
+            problems += own
+            if found_here is None:
                 continue
             for ref in sorted(found_here.tasks):
                 if ref not in names:
@@ -549,17 +542,6 @@ def _reference_problems(doc: WorkflowDocument, order: list[str]) -> tuple[dict[s
                         indirect.append((ref, task.name, path))
                 else:
                     found.add(ref)
-            problems += _unknown_names(path, found_here.unknown)
-            problems += _unknown_fields(path, found_here.fields)
-            for param in sorted(found_here.params):
-                if param not in doc.spec.params:
-                    problems.append(
-                        _problem(
-                            path,
-                            f"refers to params.{param}, which spec.params does not define",
-                            "unknown_param",
-                        )
-                    )
         refs[task.name] = frozenset(found)
     if indirect:
         upstream = _descendants({ref for ref, _, _ in indirect}, indirect, deps, topo)
@@ -598,6 +580,32 @@ def _reference_problems(doc: WorkflowDocument, order: list[str]) -> tuple[dict[s
                 _problem(path, f"refers to params.{param}, which spec.params does not define", "unknown_param")
             )
     return refs, problems
+
+
+def unknown_type(task_type: str, known: Iterable[str]) -> str:
+    """The warning for a task type no executor has declared, with the close one if there is."""
+    close = difflib.get_close_matches(task_type, sorted(known), n=1, cutoff=0.75)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"no executor has declared task type {task_type!r} yet{hint}; the task waits until one does"
+
+
+def template_problems(
+    template: str, path: str, workflow_params: Mapping[str, Any]
+) -> tuple[References | None, list[Problem]]:
+    """What one task-param template reads (None if it does not parse) and its problems on its own:
+    syntax, names and fields no template can read, workflow params ``spec.params`` lacks. Which
+    tasks it may read is a question of the graph, answered by the caller."""
+    try:
+        found = references(template)
+    except TemplateError as exc:
+        return None, [_problem(path, str(exc), "template")]
+    problems = [*_unknown_names(path, found.unknown), *_unknown_fields(path, found.fields)]
+    for param in sorted(found.params):
+        if param not in workflow_params:
+            problems.append(
+                _problem(path, f"refers to params.{param}, which spec.params does not define", "unknown_param")
+            )
+    return found, problems
 
 
 def _unknown_names(path: str, names: frozenset[str]) -> list[Problem]:

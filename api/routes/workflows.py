@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import difflib
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -38,7 +37,7 @@ from controller.store import known_task_types
 from controller.submit import submit
 from dagsmith.durations import parse_duration
 from dagsmith.errors import NotFound
-from dagsmith.validation import load_document, params_problems, validate
+from dagsmith.validation import load_document, params_problems, unknown_type, validate
 
 # What a workflow document may be sent as (none at all is read as YAML, which JSON also is).
 DOCUMENT_TYPES = frozenset(
@@ -325,11 +324,7 @@ async def surgery(workflow_id: str, body: SurgeryRequest, state: State, principa
         async with state.db.connect() as conn:
             known = await _known_types(state, conn)
             if body.type not in known:
-                close = difflib.get_close_matches(body.type, sorted(known), n=1, cutoff=0.75)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                warnings.append(
-                    f"no executor has declared task type {body.type!r} yet{hint}; the task waits until one does"
-                )
+                warnings.append(unknown_type(body.type, known))
     return Surgery(
         workflow_id=str(wid),
         revision=applied.revision,

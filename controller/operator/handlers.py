@@ -28,6 +28,7 @@ from controller.operator.edits import SpecDecision, decide
 from controller.operator.mirror import StoreMirror
 from controller.operator.status import (
     TERMINAL_PHASES,
+    Phase,
     build_status,
     condition,
     events_between,
@@ -60,9 +61,9 @@ class OperatorContext:
 
     @property
     def finished_memory(self) -> float:
-        """How long a final status sent is remembered: longer than the watch can lag behind
-        (a dropped stream is noticed within a minute), as the timer runs until it shows it."""
-        return 10 * self.mirror.interval + 60
+        """How long a final status sent is remembered: as long as the mirror tracks a workflow,
+        since the timer runs until the resource shows it."""
+        return self.mirror.memory
 
 
 def _ctx(memo: Any) -> OperatorContext:
@@ -213,8 +214,14 @@ async def _adopt(
         "conditions": merge_conditions(status.get("conditions"), updates),
     }
     if not status.get("phase") or (status.get("phase") == "Failed" and not status.get("workflowId")):
-        change["phase"] = phase_of(stored.status).value
-        change["message"] = "submitted; waiting for the controller"
+        phase = phase_of(stored.status)
+        if phase in TERMINAL_PHASES:
+            # The timer writes a finished workflow's whole status (counts, message), but runs only
+            # while the phase is not final: it starts from Pending, and its next tick ends it.
+            change["phase"], change["message"] = Phase.Pending.value, "stored; its status follows"
+            ctx.finished.pop(str(meta.get("uid")), None)  # the final status must be sent again
+        else:
+            change["phase"], change["message"] = phase.value, "submitted; waiting for the controller"
     patch.status.update(change)
 
 

@@ -83,6 +83,12 @@ class StoreMirror:
         self._refreshed = 0.0
         self._lock = asyncio.Lock()
 
+    @property
+    def memory(self) -> float:
+        """How long a workflow no timer asks about stays tracked: longer than a watch can lag
+        behind (a dropped stream is noticed within a minute)."""
+        return 10 * self.interval + 60
+
     async def view(self, workflow_id: uuid.UUID, namespace: str) -> StoreView | None:
         """The latest known view of a workflow (None until the first refresh that found it, and
         for a workflow of another namespace: a resource's status names its workflow, and whoever
@@ -110,7 +116,7 @@ class StoreMirror:
 
     async def refresh(self) -> None:
         now = time.monotonic()
-        for wid in [w for w, at in self._seen.items() if now - at > 10 * self.interval + 60]:
+        for wid in [w for w, at in self._seen.items() if now - at > self.memory]:
             self.forget(wid)
         tracked = set(self._seen)
         ids = [str(w) for w in tracked]

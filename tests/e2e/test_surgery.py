@@ -336,7 +336,7 @@ def test_a_retry_can_give_templates_that_read_any_upstream_task(client: Client) 
     )
     for params, complaint in (
         ({"output": "{{ tasks.side.output }}"}, "params.output: refers to tasks.side, which is not upstream of 'b'"),
-        ({"output": "{{ params.nope }}"}, "params.output: refers to params.nope, which the workflow's spec.params"),
+        ({"output": "{{ params.nope }}"}, "params.output: refers to params.nope, which spec.params does not define"),
         ({"output": "{{ tasks.a.output.text"}, "params.output: "),
     ):
         with pytest.raises(ClientError) as info:

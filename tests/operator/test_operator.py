@@ -235,6 +235,31 @@ def test_a_create_handled_again_after_an_edit_adopts_the_workflow_and_applies_th
     assert [e.reason for e in kube_api.events("adopted", "team-a")].count("Submitted") == 1
 
 
+def test_a_finished_workflow_adopted_again_gets_its_whole_final_status(
+    operator: OperatorThread, kube_api: Kube
+) -> None:
+    """A create handled again after the status lost its phase: the stored workflow has finished,
+    and the timer (which stops at a final phase) still fills in its counts and message."""
+    doc = yaml.safe_load((EXAMPLES / "hello.yaml").read_text())
+    doc["metadata"]["name"] = "adopted-done"
+    kube_api.create(doc)
+    kube_api.wait_status("adopted-done", lambda s: s.get("phase") == "Succeeded", "phase Succeeded")
+    kube_api.custom.patch_namespaced_custom_object_status(
+        GROUP,
+        VERSION,
+        "default",
+        PLURAL,
+        "adopted-done",
+        {"status": {"phase": None, "message": None, "progress": None}},
+    )
+    key = "dagsmith.io/last-handled-configuration"
+    kube_api.patch("adopted-done", {"metadata": {"annotations": {key: None}}})
+    obj = kube_api.wait_status(
+        "adopted-done", lambda s: s.get("phase") == "Succeeded" and s.get("progress") == "2/2", "its final status"
+    )
+    assert "waiting for the controller" not in (obj["status"].get("message") or "")
+
+
 def test_spec_edits_are_rejected_but_cancel_is_honoured(
     operator: OperatorThread, kube_api: Kube, engine_settings: Settings
 ) -> None:
