@@ -510,11 +510,7 @@ class Controller:
         try:
             async with db.connect() as conn:
                 ended = await store.recently_ended(conn, CANCELLATION_MEMORY)
-            cancel = CancelMessage(workflow_ids=[str(w) for w, _ in ended], at=[at for _, at in ended], snapshot=True)
-            body = cancel.model_dump_json().encode()
-            await self.topology.channel.default_exchange.publish(
-                persistent(body), routing_key=control_queue, mandatory=False
-            )
+            await self._tell(control_queue, ended, snapshot=True)
         except Exception as exc:  # the executor runs its old messages after a short wait, as before
             log.warning("could not send the recent cancellations to an executor", error=str(exc)[:200])
 
@@ -527,14 +523,19 @@ class Controller:
                 ended = await store.ended_workflows_of(conn, [task_id for task_id, _ in running])
             if not ended:
                 return
-            cancel = CancelMessage(workflow_ids=[str(w) for w, _ in ended], at=[at for _, at in ended])
-            body = cancel.model_dump_json().encode()
-            await self.topology.channel.default_exchange.publish(
-                persistent(body), routing_key=control_queue, mandatory=False
-            )
+            await self._tell(control_queue, ended, snapshot=False)
             log.info("told an executor again to cancel attempts of ended workflows", workflows=len(ended))
         except Exception as exc:  # the next heartbeat tries again
             log.warning("could not check an executor's attempts against ended workflows", error=str(exc)[:200])
+
+    async def _tell(self, control_queue: str, ended: list[tuple[uuid.UUID, float]], *, snapshot: bool) -> None:
+        """Send one executor, on its own control queue, workflows that ended (id, when)."""
+        ids, at = [str(w) for w, _ in ended], [when for _, when in ended]
+        body = CancelMessage(workflow_ids=ids, at=at, snapshot=snapshot).model_dump_json().encode()
+        # Not mandatory: an executor gone meanwhile has no queue, and needs telling no more.
+        await self.topology.channel.default_exchange.publish(
+            persistent(body), routing_key=control_queue, mandatory=False
+        )
 
     async def _broadcast_cancel(self, workflow_ids: set[uuid.UUID], at: float) -> None:
         exchange = await self.topology.control_exchange()

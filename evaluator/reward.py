@@ -72,6 +72,17 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+def _unchecked(exc: Exception, seconds: float | None) -> str:
+    """Why an output could not be checked against its expect."""
+    if isinstance(exc, ExpectTooSlow):
+        return (
+            f"expect took longer than {seconds:g}s to check this output (DAGSMITH_EXPECT_TIME_LIMIT): "
+            "a pattern that backtracks catastrophically, such as (a+)+$?"
+        )
+    # A schema submission could not vet (stored before it did).
+    return f"expect could not be checked: {type(exc).__name__}: {str(exc)[:300]}"
+
+
 def reward_for(
     passed: bool, error_class: ErrorClass | None, duration: float, timeout: float | None, attempt: int
 ) -> float:
@@ -116,17 +127,10 @@ def evaluate(
         try:
             with time_limit(expect_seconds):
                 problems = check_expect(task.expect, result.output)
-        except ExpectTooSlow:
-            detail = (
-                f"expect took longer than {expect_seconds:g}s to check this output (DAGSMITH_EXPECT_TIME_LIMIT): "
-                "a pattern that backtracks catastrophically, such as (a+)+$?"
-            )
-            checks.append(Check(name="expect", passed=False, detail=detail))
-            error = TaskError(error_class=ErrorClass.permanent, message=detail)
-        except Exception as exc:  # a schema submission could not vet (stored before it did)
-            detail = f"expect could not be checked: {type(exc).__name__}: {str(exc)[:300]}"
-            checks.append(Check(name="expect", passed=False, detail=detail))
+        except Exception as exc:
             # The task's spec is at fault, not its output: no retry or repair can help.
+            detail = _unchecked(exc, expect_seconds)
+            checks.append(Check(name="expect", passed=False, detail=detail))
             error = TaskError(error_class=ErrorClass.permanent, message=detail)
         else:
             checks.append(Check(name="expect", passed=not problems, detail="; ".join(problems)))

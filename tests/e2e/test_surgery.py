@@ -17,6 +17,11 @@ pytestmark = pytest.mark.e2e
 OFF = {"mode": "off"}  # these tests drive surgery by hand; the policy stays out of the way
 
 
+def tasks_of(client: Client, wid: str) -> dict[str, dict[str, Any]]:
+    """The workflow's tasks by name."""
+    return {t["name"]: t for t in client.tasks(wid)["items"]}
+
+
 def failed(client: Client, doc: dict[str, Any]) -> str:
     wid = submit(client, doc)
     assert wait_finished(client, wid)["status"] == "failed"
@@ -33,7 +38,7 @@ def test_retry_with_edited_params_revives_a_failed_workflow(client: Client, sett
         output="{{ tasks.after.output.v }}",
     )
     wid = failed(client, doc)
-    tasks = {t["name"]: t for t in client.tasks(wid)["items"]}
+    tasks = tasks_of(client, wid)
     assert tasks["after"]["status"] == "cancelled"
 
     done = client.surgery(wid, {"op": "retry", "task": "flaky", "params": {"probability": 0}, "reason": "stop failing"})
@@ -43,7 +48,7 @@ def test_retry_with_edited_params_revives_a_failed_workflow(client: Client, sett
     assert wf["status"] == "succeeded"
     assert wf["dag_revision"] == 1
     assert client.result(wid)["output"] == 7
-    tasks = {t["name"]: t for t in client.tasks(wid)["items"]}
+    tasks = tasks_of(client, wid)
     assert tasks["flaky"]["attempt"] == 2
     assert tasks["side"]["attempt"] == 1  # untouched tasks did not run again
     (rev,) = client.revisions(wid)
@@ -130,7 +135,7 @@ def test_a_task_no_executor_takes_can_be_rerouted_while_queued(client: Client) -
     assert done["revision"] == 1
     wf = wait_finished(client, wid)
     assert wf["status"] == "succeeded" and client.result(wid)["output"] == 1
-    tasks = {t["name"]: t for t in client.tasks(wid)["items"]}
+    tasks = tasks_of(client, wid)
     assert tasks["a"]["attempt"] == 1 and tasks["b"]["attempt"] == 2  # a did not run again
 
     # A queued task whose type a live executor runs may start at any moment: refused.
@@ -168,7 +173,7 @@ def test_skip_an_optional_task_gives_its_default(client: Client) -> None:
     wid = failed(client, doc)
     client.surgery(wid, {"op": "skip", "task": "enrich", "reason": "enrichment is best-effort"})
     assert wait_finished(client, wid)["status"] == "succeeded"
-    tasks = {t["name"]: t for t in client.tasks(wid)["items"]}
+    tasks = tasks_of(client, wid)
     assert tasks["enrich"]["status"] == "skipped" and tasks["enrich"]["output"] == {"score": 0.5}
     assert tasks["use"]["output"] == {"s": 0.5}
 
@@ -236,7 +241,7 @@ def test_secret_params_stay_masked_through_surgery(client: Client, stack: Stack)
     done = client.surgery(wid, {"op": "insert", "task": "s", "type": "noop"})  # (echo would output them)
     assert done["diff"][0]["task"]["params"]["password"] == "***"
     wait_finished(client, wid)
-    tasks = {t["name"]: t for t in client.tasks(wid)["items"]}
+    tasks = tasks_of(client, wid)
     assert tasks["s_repair1"]["params"]["password"] == "***"
     seen = repr(client.revisions(wid)) + repr(list(client.events(wid))) + repr(tasks)
     for proc in stack.procs.values():
@@ -276,7 +281,7 @@ def test_an_inserted_task_waits_for_the_dependencies_it_takes_over(client: Clien
     done = client.surgery(wid, {"op": "insert", "task": "child", "type": "noop", "name": "between"})
     assert done["revision"] == 1
     assert wait_finished(client, wid)["status"] == "succeeded"
-    tasks = {t["name"]: t for t in client.tasks(wid)["items"]}
+    tasks = tasks_of(client, wid)
 
     def at(name: str, field: str) -> datetime:
         return datetime.fromisoformat(tasks[name][field])
@@ -319,7 +324,7 @@ def test_params_set_by_a_retry_win_over_an_earlier_repair_tasks_output(client: C
     done = client.surgery(wid, {"op": "retry", "task": "p", "params": {"text": '{"ok": 1}'}})
     assert done["diff"][0]["new"] == {"text": '{"ok": 1}'}
     assert wait_finished(client, wid)["status"] == "succeeded"  # what ran is what the diff said
-    tasks = {t["name"]: t for t in client.tasks(wid)["items"]}
+    tasks = tasks_of(client, wid)
     assert tasks["p"]["output"] == {"value": {"ok": 1}}
 
 
@@ -347,7 +352,7 @@ def test_a_retry_can_give_templates_that_read_any_upstream_task(client: Client) 
         wid, {"op": "retry", "task": "b", "params": {"probability": 0, "output": "{{ tasks.a.output.text }}"}}
     )
     assert wait_finished(client, wid)["status"] == "succeeded"
-    tasks = {t["name"]: t for t in client.tasks(wid)["items"]}
+    tasks = tasks_of(client, wid)
     assert tasks["b"]["output"] == "from a"
 
 
@@ -365,7 +370,7 @@ def test_an_inserted_task_takes_upstream_values_as_data_not_as_templates(client:
     )
     client.surgery(wid, {"op": "insert", "task": "p", "type": "echo"})
     assert wait_finished(client, wid)["status"] == "failed"  # p still cannot parse it
-    tasks = {t["name"]: t for t in client.tasks(wid)["items"]}
+    tasks = tasks_of(client, wid)
     assert tasks["p_repair1"]["status"] == "succeeded"
     assert tasks["p_repair1"]["output"] == {"text": "{{ name }} is not JSON"}
 
@@ -394,7 +399,7 @@ def test_reviving_an_aborted_workflow_brings_back_the_branches_the_abort_cancell
         ),
     )
     assert wait_finished(client, wid)["status"] == "failed"
-    tasks = {t["name"]: t for t in client.tasks(wid)["items"]}
+    tasks = tasks_of(client, wid)
     assert tasks["b"]["status"] == "cancelled" and tasks["c"]["status"] == "cancelled"
     client.surgery(wid, {"op": "retry", "task": "a", "params": {"probability": 0}})
     assert wait_finished(client, wid)["status"] == "succeeded"
