@@ -194,6 +194,7 @@ class Corrector:
             "feedback": outcome.feedback,
             "budget": stop,
             "overrode": str(chosen) if chosen != action else None,
+            "explored": str(choice.proposed) if choice.explored else None,  # the policy's own choice
         }
         applied = await revisions.apply(
             conn, workflow.id, snap, plan, actor=choice.actor, reason=reason, now=now, events=events, outcome=outcome
@@ -321,11 +322,11 @@ class Corrector:
                     INSERT INTO correction_decisions
                         (workflow_id, task_id, task_name, task_type, attempt, error_class, mode, policy_version,
                          feature_schema_version, features, observation, mask, action, probability, probabilities,
-                         fallback_reason, shadow_action, shadow_policy_version, shadow_probabilities, revision,
-                         outcome, outcome_at, created_at)
+                         behaviour, explored, fallback_reason, shadow_action, shadow_policy_version,
+                         shadow_probabilities, revision, outcome, outcome_at, created_at)
                     VALUES (:w, :t, :name, :type, :attempt, :error_class, :mode, :version, :schema,
-                            CAST(:features AS jsonb), :obs, :mask, :action, :p, :probs, :fallback, :s_action,
-                            :s_version, :s_probs, :revision, CAST(:outcome AS jsonb),
+                            CAST(:features AS jsonb), :obs, :mask, :action, :p, :probs, :behaviour, :explored,
+                            :fallback, :s_action, :s_version, :s_probs, :revision, CAST(:outcome AS jsonb),
                             CASE WHEN :outcome IS NULL THEN NULL ELSE to_timestamp(:now) END, to_timestamp(:now))
                     RETURNING id
                     """
@@ -346,6 +347,8 @@ class Corrector:
                     "action": str(d.action),
                     "p": choice.propensity,
                     "probs": list(d.probabilities),
+                    "behaviour": list(choice.distribution),
+                    "explored": choice.explored,
                     "fallback": d.fallback_reason,
                     "s_action": str(shadow.action) if shadow else None,
                     "s_version": shadow.policy_version if shadow else None,
@@ -389,7 +392,7 @@ class Corrector:
             # The shadow policy fell back to the rules: agreeing with them says nothing about it.
             SHADOW_DECISIONS.labels("fallback").inc()
             return
-        agreed = choice.shadow.action == choice.decision.action
+        agreed = choice.shadow.action == (choice.proposed or choice.decision.action)
         self._shadowed += 1
         self._agreed += int(agreed)
         SHADOW_DECISIONS.labels(str(agreed).lower()).inc()

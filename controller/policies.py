@@ -7,6 +7,7 @@ it without a restart; a periodic check catches a missed notification.
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,8 @@ from controller.correction import (
     learned_available,
     load_learned_policy,
 )
-from controller.correction.policy import Decision, Policy
+from controller.correction.explore import behaviour, explore
+from controller.correction.policy import Decision, Policy, one_hot
 from controller.db import in_transaction
 from controller.schema import policies, policy_activations
 from dagsmith.errors import Conflict, NotFound
@@ -40,10 +42,23 @@ class Choice:
     decision: Decision  # what is done
     shadow: Decision | None  # shadow mode: what the learned policy would have done
     mode: CorrectionMode
-    # The probability with which the chosen action was actually taken (the propensity the
-    # off-policy estimate divides by): 1 for deterministic choices (rules, argmax), the
-    # distribution's entry when the policy samples.
-    propensity: float = 1.0
+    # The distribution the controller actually acted from (the propensities the off-policy
+    # estimate divides by): one-hot for a deterministic choice (rules, argmax), the policy's own
+    # when it samples, mixed with exploration (controller.correction.explore). None: one-hot.
+    behaviour: tuple[float, ...] | None = None
+    explored: bool = False  # the action was drawn by exploration, not chosen by the policy
+    proposed: CorrectiveAction | None = None  # when explored: what the policy chose
+
+    @property
+    def propensity(self) -> float:
+        """The probability with which the action taken was taken."""
+        if self.behaviour is None:
+            return 1.0
+        return self.behaviour[self.decision.action.ordinal]
+
+    @property
+    def distribution(self) -> tuple[float, ...]:
+        return self.behaviour if self.behaviour is not None else one_hot(self.decision.action)
 
     def overridden(self, reason: str) -> Choice:
         """What is logged when the controller aborts instead of the chosen action (a budget ran
@@ -52,7 +67,7 @@ class Choice:
         d = self.decision
         certain = tuple(1.0 if a == CorrectiveAction.abort else 0.0 for a in ACTIONS)
         forced = Decision(CorrectiveAction.abort, certain, 1.0, d.mask, d.policy_version, reason)
-        return Choice(forced, self.shadow, self.mode, 1.0)
+        return Choice(forced, self.shadow, self.mode)
 
     @property
     def actor(self) -> str:
@@ -61,10 +76,15 @@ class Choice:
 
 
 class PolicyBox:
-    """The rules, and the active learned policy if there is one (swapped in place on reload)."""
+    """The rules, and the active learned policy if there is one (swapped in place on reload).
 
-    def __init__(self) -> None:
+    ``exploration``: the share of decisions on which another recovery action is tried
+    (:mod:`controller.correction.explore`); ``rng`` draws them (seeded in tests)."""
+
+    def __init__(self, exploration: float = 0.0, rng: random.Random | None = None) -> None:
         self.rules = RulesPolicy()
+        self.exploration = exploration
+        self.rng = rng or random.Random()
         self.learned: Policy | None = None  # None: the rules decide
         self.version: str | None = None  # the registry's active version, loaded or not
         self.checked_at = 0.0
@@ -103,16 +123,21 @@ class PolicyBox:
         self.version = row.version
 
     def choose(self, mode: CorrectionMode, ctx: FailureContext) -> Choice:
+        shadow = None
         if mode == CorrectionMode.learned:
             if self.learned is None:
-                return Choice(self.rules.decide(ctx, fallback_reason="no_active_policy"), None, mode)
-            decision = self.learned.decide(ctx)
-            return Choice(decision, None, mode, decision.probability_of(decision.action))
-        decision = self.rules.decide(ctx)
-        shadow = None
-        if mode == CorrectionMode.shadow and self.learned is not None:
-            shadow = self.learned.decide(ctx)
-        return Choice(decision, shadow, mode)
+                decision = self.rules.decide(ctx, fallback_reason="no_active_policy")
+            else:
+                decision = self.learned.decide(ctx)
+        else:
+            decision = self.rules.decide(ctx)
+            if mode == CorrectionMode.shadow and self.learned is not None:
+                shadow = self.learned.decide(ctx)
+        acted = behaviour(decision, self.exploration)
+        explored = explore(decision, self.exploration, self.rng)
+        if explored is None:
+            return Choice(decision, shadow, mode, acted)
+        return Choice(explored, shadow, mode, acted, explored=True, proposed=decision.action)
 
 
 # --- The registry: what `dagsmith policy` and the trainer use. ---

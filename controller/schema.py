@@ -220,7 +220,10 @@ correction_decisions = sa.Table(
     sa.Column("mask", ARRAY(sa.Boolean), nullable=False),
     sa.Column("action", sa.Text, nullable=False),
     sa.Column("probability", sa.Float, nullable=False),
-    sa.Column("probabilities", ARRAY(sa.Float), nullable=False),
+    sa.Column("probabilities", ARRAY(sa.Float), nullable=False),  # the policy's own distribution
+    # What the controller acted from (exploration mixed in; NULL: the action, with certainty).
+    sa.Column("behaviour", ARRAY(sa.Float)),
+    sa.Column("explored", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("fallback_reason", sa.Text),
     sa.Column("shadow_action", sa.Text),  # shadow mode: what the learned policy would have done
     sa.Column("shadow_policy_version", sa.Text),
@@ -232,6 +235,7 @@ correction_decisions = sa.Table(
     sa.Index("ix_correction_decisions_open", "task_id", postgresql_where=sa.text("outcome IS NULL")),
     sa.Index("ix_correction_decisions_open_workflow", "workflow_id", postgresql_where=sa.text("outcome IS NULL")),
     sa.Index("ix_correction_decisions_created", "created_at"),
+    sa.Index("ix_correction_decisions_task_id", "task_id"),
 )
 
 # The policy registry: every trained version, its evaluation, and which one is active.

@@ -572,7 +572,7 @@ class Controller:
         consume_channel = await connection.channel()
         await consume_channel.set_qos(prefetch_count=256)
         consume_topology = Topology(consume_channel, self.names, settings.max_deliveries)
-        self.policies = PolicyBox()
+        self.policies = PolicyBox(settings.correction_exploration)
         await self.policies.refresh(db, force=True)
         self.publisher = Publisher(publish_channel, self.topology, settings.bundle_max)
         engine = self.engine_class(db, self.publisher, settings, Corrector(self.policies))

@@ -71,7 +71,7 @@ class Settings(BaseSettings):
 
     # API
     api_host: str = Field("127.0.0.1", description="Address the API binds to.")
-    api_port: int = Field(8000, description="Port the API listens on.")
+    api_port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
     max_body_bytes: int = Field(32 * 1024 * 1024, description="Largest request body the API accepts (413 above).")
     max_tasks: int = Field(50_000, ge=1, description="Most tasks in one workflow.")
     max_params_bytes: int = Field(65_536, description="Largest params object of one task, as JSON.")
@@ -158,6 +158,15 @@ class Settings(BaseSettings):
         default_factory=list, description="Hosts http.request may reach, comma-separated (empty: any host)."
     )
 
+    correction_exploration: float = Field(
+        0.05,
+        ge=0,
+        le=0.5,
+        description="Share of corrective decisions that try another recovery action at random (never skip "
+        "or abort), so the policy gate can estimate new policies from real decisions; 0 makes them "
+        "deterministic and the gate's real-data check impossible.",
+    )
+
     # Trainer service
     trainer_interval: float = Field(3600.0, gt=0, description="Seconds between the trainer's checks for new decisions.")
     trainer_min_new: int = Field(
@@ -169,6 +178,8 @@ class Settings(BaseSettings):
     # Observability
     metrics_port: int = Field(
         0,
+        ge=-1,
+        le=65535,
         description="Port for /metrics of the controller, evaluator, executors and trainer (0: the service "
         "default 9101/9102/9103/9104; -1: off).",
     )

@@ -47,6 +47,8 @@ def make_settings(database_url: str, prefix: str, **overrides: object) -> Settin
         "heartbeat_interval": 1.0,
         "log_format": "json",
         "shutdown_grace": 2.0,
+        # Tests assert what the rules do; exploration is switched on where it is the subject.
+        "correction_exploration": 0.0,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -25,6 +26,19 @@ def lab(stack: Stack) -> Iterator[Stack]:
     stack.stop("lab")
 
 
+@contextmanager
+def exploring(stack: Stack, share: float) -> Iterator[None]:
+    """The controller explores as a production one does (the gate's real-data check needs it);
+    the rest of the suite runs without, to assert what the rules do."""
+    stack.stop("controller")
+    stack.start("controller", "controller", env={"DAGSMITH_CORRECTION_EXPLORATION": str(share)})
+    try:
+        yield
+    finally:
+        stack.stop("controller")
+        stack.start("controller", "controller")
+
+
 def run_batch(client: Client, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ids = [submit(client, d) for d in docs]
     return [wait_finished(client, wid, timeout=120) for wid in ids]
@@ -39,19 +53,22 @@ def test_closed_loop_recovers_better_after_training(lab: Stack, client: Client, 
     from trainer.lab import lab_params, lab_workflows
     from trainer.loop import train_and_gate
 
-    before = run_batch(client, lab_workflows(80, 7, "rules"))
-    trained = train_and_gate(
-        settings.database_url.get_secret_value(), seeds=1, timesteps=20_000, prior=lab_params(), log=lambda _: None
-    )
-    assert trained.report.passed, trained.report.reason
-    assert trained.activated
-    assert trained.records >= 30
-    policy = next(p for p in client.policies() if p["version"] == trained.version)
-    assert policy["status"] == "active" and policy["evaluation"]["gate"]["passed"] is True
-    window = policy["training"]["window"]  # the version can be traced back to the decisions it learnt from
-    assert window["first_id"] < window["last_id"] and window["from"] <= window["to"]
+    with exploring(lab, 0.1):  # both batches alike, so neither pays for exploration alone
+        before = run_batch(client, lab_workflows(80, 7, "rules"))
+        trained = train_and_gate(
+            settings.database_url.get_secret_value(), seeds=1, timesteps=20_000, prior=lab_params(), log=lambda _: None
+        )
+        assert trained.report.passed, trained.report.reason
+        assert trained.activated
+        assert trained.records >= 30
+        # the real-data check saw explored decisions: the candidate was estimated, not assumed
+        assert trained.report.off_policy["explored"] > 0
+        policy = next(p for p in client.policies() if p["version"] == trained.version)
+        assert policy["status"] == "active" and policy["evaluation"]["gate"]["passed"] is True
+        window = policy["training"]["window"]  # the version can be traced back to the decisions it learnt from
+        assert window["first_id"] < window["last_id"] and window["from"] <= window["to"]
 
-    after = run_batch(client, lab_workflows(80, 7, "learned"))  # the same tasks, the same luck
+        after = run_batch(client, lab_workflows(80, 7, "learned"))  # the same tasks, the same luck
     reward_a = statistics.fmean(w["total_reward"] for w in before)
     reward_b = statistics.fmean(w["total_reward"] for w in after)
     success_a = sum(w["status"] == "succeeded" for w in before)

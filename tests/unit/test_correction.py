@@ -340,6 +340,43 @@ def test_shadow_agreement_counts_only_the_learned_policys_own_decisions() -> Non
     assert (corrector._shadowed, corrector._agreed) == (1, 1)
 
 
+def test_an_explored_decision_is_logged_with_what_the_policy_chose_and_its_propensity() -> None:
+    """Exploring every time (a share of 1) makes the draw certain: the action taken is a valid
+    recovery action, the behaviour distribution says how likely it was, and shadow agreement
+    compares the learned policy with what the rules chose, not with the explored action."""
+    import random
+
+    from controller.correct import Corrector
+    from controller.correction.explore import explorable
+    from controller.policies import PolicyBox
+    from dagsmith.spec import CorrectionMode
+
+    box = PolicyBox(exploration=1.0, rng=random.Random(3))
+    rules = RulesPolicy().decide(ROOMY)
+    choices = [box.choose(CorrectionMode.rules, ROOMY) for _ in range(50)]
+    options = explorable(rules.mask)
+    assert all(c.explored and c.proposed == rules.action for c in choices)
+    assert {c.decision.action for c in choices} == set(options)
+    assert all(c.propensity == pytest.approx(1 / len(options)) for c in choices)
+    assert all(c.distribution[CorrectiveAction.abort.ordinal] == 0.0 for c in choices)
+    assert PolicyBox().choose(CorrectionMode.rules, ROOMY).propensity == 1.0  # no exploration: certain
+
+    box.learned = _Agreeing()
+    corrector = Corrector(box)
+    for _ in range(20):
+        corrector._record_shadow(box.choose(CorrectionMode.shadow, ROOMY))
+    assert corrector._agreed == corrector._shadowed == 20
+
+
+class _Agreeing:
+    """A learned policy that always chooses what the rules choose."""
+
+    version = "v-agree"
+
+    def decide(self, ctx: FailureContext) -> Decision:
+        return replace(RulesPolicy().decide(ctx), policy_version=self.version)
+
+
 def test_the_budgets_that_ruled_actions_out_are_named() -> None:
     from controller.correction import limits_reached
 

@@ -1,18 +1,24 @@
 from __future__ import annotations
 
+import random
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from controller.correction import ACTIONS, FailureContext, RulesPolicy
+from controller.correction import ACTIONS, CorrectiveAction, FailureContext, RulesPolicy
+from controller.correction.explore import behaviour, explore
 from controller.correction.policy import Decision
-from trainer.loop import GateConfig, decision_reward, off_policy
+from trainer.loop import GateConfig
+from trainer.off_policy import decision_reward, estimate_trajectory, off_policy
+
+CTX = FailureContext(error_class="transient", task_type="x", max_retries=2, max_surgeries=3, has_tunable=True)
 
 
 def record(action: str, fixed: bool, **kw: Any) -> dict[str, Any]:
-    ctx = FailureContext(error_class="transient", task_type="x", max_retries=2, max_surgeries=3)
+    """A logged decision; without ``behaviour`` it was taken with certainty (no exploration)."""
     return {
-        "features": ctx.to_dict(),
+        "features": kw.get("ctx", CTX).to_dict(),
         "action": action,
         "probability": 1.0,
         "fixed": fixed,
@@ -20,6 +26,7 @@ def record(action: str, fixed: bool, **kw: Any) -> dict[str, Any]:
         "task_seconds": kw.get("seconds", 1.0),
         "latency_added": 0.0,
         "inserted": 0,
+        **{k: v for k, v in kw.items() if k in ("task_id", "id", "behaviour", "explored", "fallback_reason")},
     }
 
 
@@ -36,28 +43,126 @@ class Always:
         return Decision(ACTIONS[[str(a) for a in ACTIONS].index(self.action)], probs, 1.0, (True,) * 7, self.version)
 
 
+# A small world: each recovery action fixes the task with its own chance; the controller decides at
+# most twice per task (then the task fails), each attempt costing one task-second.
+FIXES = {"retry_now": 0.2, "retry_backoff": 0.3, "retry_tuned": 0.8}
+
+
+def context(tried: tuple[int, ...]) -> FailureContext:
+    return replace(CTX, tried=tried)
+
+
+def log_tasks(n: int, epsilon: float, seed: int = 0) -> list[dict[str, Any]]:
+    """Tasks corrected by the rules with exploration, logged as the controller logs them."""
+    rng = random.Random(seed)
+    rules, records = RulesPolicy(), []
+    for task in range(n):
+        tried = (0,) * len(ACTIONS)
+        for step in range(2):
+            decision = rules.decide(context(tried))
+            mixed = behaviour(decision, epsilon)
+            explored = explore(decision, epsilon, rng)
+            taken = (explored or decision).action
+            fixed = str(taken) in FIXES and rng.random() < FIXES[str(taken)]
+            records.append(
+                record(
+                    str(taken),
+                    fixed,
+                    ctx=context(tried),
+                    task_id=task,
+                    id=2 * task + step,
+                    behaviour=list(mixed),
+                    explored=explored is not None,
+                )
+            )
+            if fixed or taken == CorrectiveAction.abort:
+                break
+            tried = tuple(t + (a == taken) for t, a in zip(tried, ACTIONS, strict=True))
+    return records
+
+
+def value_of(policy: Any, tried: tuple[int, ...] = (0,) * len(ACTIONS), step: int = 0) -> float:
+    """What a deterministic policy earns in that world (exactly)."""
+    action = policy.decide(context(tried)).action
+    if step == 2 or str(action) not in FIXES:
+        return 0.0  # out of attempts, or aborted
+    p, cost = FIXES[str(action)], 0.002
+    after = tuple(t + (a == action) for t, a in zip(tried, ACTIONS, strict=True))
+    return p * (1 - cost) + (1 - p) * (-cost + value_of(policy, after, step + 1))
+
+
+class RetryOnceThenAbort:
+    version = "retry-once"
+
+    def decide(self, ctx: FailureContext) -> Decision:
+        first = ctx.tried[CorrectiveAction.retry_now.ordinal] == 0
+        return Always("retry_now" if first else "abort").decide(ctx)
+
+
 def test_decision_reward_uses_the_simulator_scale() -> None:
     assert decision_reward(record("retry_now", True, seconds=10)) == pytest.approx(1.0 - 0.02)
     assert decision_reward(record("abort", False)) == pytest.approx(-0.002)
 
 
-def test_off_policy_prefers_the_policy_that_picks_what_worked() -> None:
-    records = [record("retry_now", True) for _ in range(40)] + [record("retry_backoff", False) for _ in range(40)]
-    config = GateConfig(min_decisions=30, min_ess=10)
-    good = off_policy(records, Always("retry_now"), Always("retry_backoff"), config)
-    assert good["candidate"] > good["active"]
-    assert good["difference_low"] > 0.5
-    # The gate refuses a candidate whose interval lies wholly below -tolerance: this one's does.
-    bad = off_policy(records, Always("retry_backoff"), Always("retry_now"), config)
-    assert bad["difference_high"] < -config.tolerance
+def test_exploration_tries_only_valid_recovery_actions_and_logs_its_propensities() -> None:
+    decision = RulesPolicy().decide(CTX)
+    mixed = behaviour(decision, 0.3)
+    assert sum(mixed) == pytest.approx(1.0)
+    assert mixed[CorrectiveAction.abort.ordinal] == 0.0 and mixed[CorrectiveAction.skip.ordinal] == 0.0
+    assert mixed[CorrectiveAction.reroute.ordinal] == 0.0  # masked: no fallback
+    assert mixed[decision.action.ordinal] == pytest.approx(0.7 + 0.1)
+    rng = random.Random(1)
+    taken = [explore(decision, 0.3, rng) for _ in range(3000)]
+    tried = [t.action for t in taken if t is not None]
+    assert len(tried) / 3000 == pytest.approx(0.3, abs=0.03)
+    assert set(tried) == {CorrectiveAction.retry_now, CorrectiveAction.retry_backoff, CorrectiveAction.retry_tuned}
+    assert all(explore(decision, 0.0, rng) is None for _ in range(100))
 
 
-def test_off_policy_refuses_without_enough_data_or_overlap() -> None:
-    few = off_policy([record("retry_now", True)] * 5, Always("retry_now"), RulesPolicy(), GateConfig())
-    assert "only 5 logged decisions" in few["reason"]
-    records = [record("retry_now", True) for _ in range(50)]
-    none = off_policy(records, Always("abort"), RulesPolicy(), GateConfig())
-    assert "effective sample size" in none["reason"]
+@pytest.mark.parametrize("policy", [Always("retry_tuned"), Always("retry_backoff"), Always("abort")])
+def test_the_estimate_finds_what_a_policy_the_logs_rarely_followed_is_worth(policy: Any) -> None:
+    """The rules acted; exploration tried the other recovery actions now and then. The estimate
+    of a policy that does something else converges on its true value, unlike a mean over the
+    decisions that happened to agree with it."""
+    records = log_tasks(4000, epsilon=0.3)
+    ope = off_policy(records, policy, RulesPolicy(), n_boot=200)
+    assert ope["active"] == pytest.approx(value_of(RulesPolicy()), abs=0.03)
+    # seeded, so not a matter of luck here; over seeds the estimate is centred on the true value
+    assert ope["difference_low"] < value_of(policy) - value_of(RulesPolicy()) < ope["difference_high"]
+    assert ope["candidate"] == pytest.approx(value_of(policy), abs=0.1)
+
+
+def test_a_worse_policy_is_shown_worse_however_well_it_agrees_on_what_it_keeps() -> None:
+    """Giving up after one failed retry is worse than what the rules do; agreeing with the logged
+    first retries, which often worked, must not make it look better (the bias of scoring only
+    the decisions a policy agrees with, with a propensity of 1 for every logged one)."""
+    records = log_tasks(3000, epsilon=0.1)
+    ope = off_policy(records, RetryOnceThenAbort(), RulesPolicy(), n_boot=300)
+    assert value_of(RetryOnceThenAbort()) < value_of(RulesPolicy())
+    assert ope["difference_high"] < 0
+    assert ope["candidate"] == pytest.approx(value_of(RetryOnceThenAbort()), abs=0.03)
+
+
+def test_without_exploration_a_policy_that_differs_cannot_be_estimated() -> None:
+    records = log_tasks(200, epsilon=0.0)
+    ope = off_policy(records, Always("retry_tuned"), RulesPolicy(), n_boot=100)
+    assert "never tried there" in ope["reason"] and "DAGSMITH_CORRECTION_EXPLORATION" in ope["reason"]
+    # giving up needs no data: its value is known
+    aborting = off_policy(records, Always("abort"), RulesPolicy(), n_boot=100)
+    assert aborting["candidate"] == 0.0 and aborting["difference_high"] < 0
+
+
+def test_a_forced_abort_is_worth_the_abort_whatever_the_policy_chose() -> None:
+    forced = [
+        record("retry_now", False, task_id=1, id=1),
+        record("abort", False, task_id=1, id=2, fallback_reason="budget: maxSurgeries 3 reached"),
+    ]
+    assert estimate_trajectory(forced, RulesPolicy()).value == pytest.approx(-0.002)
+
+
+def test_off_policy_refuses_without_enough_tasks() -> None:
+    few = off_policy([record("retry_now", True, task_id=i) for i in range(5)], Always("retry_now"), RulesPolicy())
+    assert "only 5 tasks" in few["reason"]
 
 
 def test_feature_drift_flags_what_the_simulator_never_draws() -> None:
@@ -95,8 +200,8 @@ def test_the_gate_refuses_a_candidate_worse_than_the_rules_on_held_out_episodes(
     from trainer.loop import gate
     from trainer.params import SimulatorParams
 
-    records = [record("retry_now", True) for _ in range(40)]
-    config = GateConfig(test_episodes=300, min_decisions=30, min_ess=10, n_boot=500)
+    records = log_tasks(100, epsilon=0.2)
+    config = GateConfig(test_episodes=300, n_boot=500)
     report = gate(Always("abort"), None, SimulatorParams(), records, config)
     assert not report.passed
     assert "does not beat rules" in report.reason
@@ -126,20 +231,22 @@ def test_off_policy_scores_an_argmax_policy_as_it_acts_not_by_its_distribution()
     decision = candidate.decide(ctx)
     assert decision.action is CorrectiveAction.retry_now and decision.fallback_reason is None
     assert decision.probabilities[CorrectiveAction.reroute.ordinal] == pytest.approx(0.4, abs=0.01)
-    records = [{**record("retry_now", False, seconds=0.0), "features": ctx.to_dict()} for _ in range(50)] + [
-        {**record("reroute", True, seconds=0.0), "features": ctx.to_dict()} for _ in range(50)
+    half = [0.5 if a in (CorrectiveAction.retry_now, CorrectiveAction.reroute) else 0.0 for a in ACTIONS]
+    records = [record("retry_now", False, seconds=0.0, ctx=ctx, task_id=i, behaviour=half) for i in range(50)] + [
+        record("reroute", True, seconds=0.0, ctx=ctx, task_id=50 + i, behaviour=half) for i in range(50)
     ]
-    ope = off_policy(records, candidate, Always("reroute"), GateConfig(n_boot=200))
+    ope = off_policy(records, candidate, Always("reroute"), n_boot=200)
     assert ope["candidate"] == pytest.approx(0.0, abs=1e-6)
     assert ope["active"] == pytest.approx(1.0, abs=1e-6)
 
 
-def test_off_policy_refuses_when_the_active_policy_has_no_support() -> None:
-    """An active policy that agrees with 2 of 200 logged decisions has no estimate to compare
-    with (in many resamples none at all): that is a refusal, not a pass."""
-    records = [record("retry_now", False) for _ in range(198)] + [record("retry_backoff", True) for _ in range(2)]
-    ope = off_policy(records, Always("retry_now"), Always("retry_backoff"), GateConfig(n_boot=200))
-    assert "the active policy rarely chooses what was logged" in ope["reason"]
+def test_the_gate_keeps_its_verdict_on_the_tasks_it_read_whole() -> None:
+    """Records come newest first; the task the cut splits is left out, not read from its middle."""
+    from trainer.loop import recent_tasks
+
+    records = [record("retry_now", False, task_id=t, id=10 - i) for i, t in enumerate([3, 3, 2, 2, 1, 1])]
+    assert [r["task_id"] for r in recent_tasks(records, 3)] == [3, 3]
+    assert len(recent_tasks(records, 6)) == 6
 
 
 def test_a_decision_taken_by_argmax_was_certain_and_a_sampled_one_was_not() -> None:
