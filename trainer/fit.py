@@ -5,13 +5,14 @@ A record is one decision and its outcome::
     {"features": FailureContext.to_dict(), "action": "reroute", "fixed": False,
      "task_seconds": 26.0, "latency_added": 31.0, "inserted": 0}
 
-The latent mode is never logged, so the fit is expectation-maximisation over a mixture: each
-record's responsibility for each mode is its prior (``mix``) times the likelihood of what was
-observed (task type, error class, executor failure rate, upstream reward, duration ratio) under
-the mode's fixed emission model, times the likelihood of the outcome under the current outcome
-rates. The M-step re-estimates
+The latent mode is never logged, so the fit is expectation-maximisation over a mixture. The unit
+is a task (its decisions, grouped by ``task_id``), whose mode is the same for all of them: its
+responsibility for each mode is the prior (``mix``) times the likelihood of what it showed (task
+type, executor failure rate and upstream reward once; error class and duration ratio per
+failure) under the mode's fixed emission model, times the likelihood of every re-run's outcome
+under the current outcome rates. The M-step re-estimates
 
-- ``mix`` from the *first* decision of each failure (nothing tried yet): later decisions are
+- ``mix`` from the tasks seen from their first failure (nothing tried yet): tasks met later are
   over-represented by hard modes, which would bias the mix;
 - ``success[mode][action]`` from every re-running decision, responsibility-weighted;
 - each task type's run time from ``task_seconds`` (divided by the action's cost factor);
@@ -58,29 +59,57 @@ def _uniform_logpdf(x: float, lo: float, hi: float) -> float:
     return math.log((1 - _BROAD) * inside + _BROAD / 2)  # flat over ratios [0, 2]
 
 
-def emission_loglik(params: SimulatorParams, ctx: FailureContext, mode: str) -> float:
-    """log P(observed context | mode) under the params' emission model."""
+def task_loglik(params: SimulatorParams, ctx: FailureContext, mode: str) -> float:
+    """log P(what a task shows once | mode): its type, executor failure rate and upstream reward,
+    drawn once per failure episode."""
     p = params
     # A task type the params do not know says nothing about the mode (same factor for every mode).
     ll = math.log(max(p.type_given_mode[mode].get(ctx.task_type, 0.0), _FLOOR)) if ctx.task_type in p.types else 0.0
-    ll += math.log(max(p.error_given_mode[mode].get(ctx.error_class, 0.0), _FLOOR))
     ll += _beta_logpdf(ctx.executor_failure_rate, *p.failure_rate[mode])
     if ctx.upstream_reward is not None:
         ll += _normal_logpdf(ctx.upstream_reward, *p.upstream[mode])
+    return ll
+
+
+def step_loglik(params: SimulatorParams, ctx: FailureContext, mode: str) -> float:
+    """log P(what each failure shows | mode): its error class and duration ratio, drawn per attempt."""
+    p = params
+    ll = math.log(max(p.error_given_mode[mode].get(ctx.error_class, 0.0), _FLOOR))
     if ctx.duration_ratio is not None and ctx.error_class != "timeout":
         ll += _uniform_logpdf(ctx.duration_ratio, *p.duration[mode])
     return ll
 
 
+def emission_loglik(params: SimulatorParams, ctx: FailureContext, mode: str) -> float:
+    """log P(observed context | mode) under the params' emission model, for one decision alone."""
+    return task_loglik(params, ctx, mode) + step_loglik(params, ctx, mode)
+
+
+def _tasks(records: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Records grouped by task (``task_id``; a record without one stands alone), in decision order."""
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for i, record in enumerate(records):
+        groups.setdefault(record.get("task_id", ("record", i)), []).append(record)
+    return [sorted(group, key=lambda r: r.get("id", 0)) for group in groups.values()]
+
+
 def fit(
     records: Sequence[dict[str, Any]], prior: SimulatorParams, strength: float = 30.0, iterations: int = 30
 ) -> SimulatorParams:
+    """EM over tasks: one task's decisions share its latent mode, so the responsibility is the
+    task's, from everything it showed and every outcome of its re-runs (a decision scored alone
+    forgets that the attempts before it on the same task already failed)."""
     modes = [str(m) for m in MODES]
-    rows = []
-    for record in records:
-        ctx = FailureContext.from_dict(record["features"])
-        action = A(record["action"])
-        rows.append((ctx, action, bool(record.get("fixed", False)), [emission_loglik(prior, ctx, m) for m in modes]))
+    tasks = []
+    for group in _tasks(records):
+        steps = []
+        for record in group:
+            ctx = FailureContext.from_dict(record["features"])
+            steps.append((ctx, A(record["action"]), bool(record.get("fixed", False))))
+        first = steps[0][0]
+        shown = [task_loglik(prior, first, m) + sum(step_loglik(prior, c, m) for c, _, _ in steps) for m in modes]
+        # The mix is learnt from tasks seen from their first failure: later ones over-represent hard modes.
+        tasks.append((steps, shown, not any(first.tried)))
     mix = dict(prior.mix)
     success = {m: dict(prior.success[m]) for m in modes}
     for _ in range(iterations):
@@ -88,26 +117,28 @@ def fit(
         n_first = 0
         hits = {m: dict.fromkeys(map(str, RERUN_ACTIONS), 0.0) for m in modes}
         tries = {m: dict.fromkeys(map(str, RERUN_ACTIONS), 0.0) for m in modes}
-        for ctx, action, fixed, emission in rows:
+        for steps, shown, from_first in tasks:
             logs = []
-            for m, e in zip(modes, emission, strict=True):
+            for m, e in zip(modes, shown, strict=True):
                 lp = math.log(max(mix[m], 1e-12)) + e
-                if action in RERUN_ACTIONS:
-                    q = min(max(success[m][str(action)], 0.01), 0.99)
-                    lp += math.log(q if fixed else 1 - q)
+                for _, action, fixed in steps:
+                    if action in RERUN_ACTIONS:
+                        q = min(max(success[m][str(action)], 0.01), 0.99)
+                        lp += math.log(q if fixed else 1 - q)
                 logs.append(lp)
             top = max(logs)
             weights = [math.exp(v - top) for v in logs]
             total = sum(weights)
             resp = [w / total for w in weights]
-            if not any(ctx.tried):
+            if from_first:
                 n_first += 1
                 for m, r in zip(modes, resp, strict=True):
                     mix_sum[m] += r
-            if action in RERUN_ACTIONS:
-                for m, r in zip(modes, resp, strict=True):
-                    tries[m][str(action)] += r
-                    hits[m][str(action)] += r * fixed
+            for _, action, fixed in steps:
+                if action in RERUN_ACTIONS:
+                    for m, r in zip(modes, resp, strict=True):
+                        tries[m][str(action)] += r
+                        hits[m][str(action)] += r * fixed
         mix = {m: (mix_sum[m] + strength * prior.mix[m]) / (n_first + strength) for m in modes}
         success = {
             m: {
@@ -144,7 +175,7 @@ def _fit_durations(records: Sequence[dict[str, Any]], prior: SimulatorParams, st
 def simulate_records(sim: Simulator, episodes: Sequence[Episode], choose: Chooser) -> list[dict[str, Any]]:
     """Decision records, as the controller logs them, from playing ``episodes`` with ``choose``."""
     records = []
-    for ep in episodes:
+    for task_id, ep in enumerate(episodes):
         st = EpisodeState()
         while not st.done:
             ctx = sim.context(ep, st)
@@ -153,6 +184,8 @@ def simulate_records(sim: Simulator, episodes: Sequence[Episode], choose: Choose
             sim.step(ep, st, action)
             records.append(
                 {
+                    "id": len(records),
+                    "task_id": task_id,
                     "features": ctx.to_dict(),
                     "action": str(action),
                     "fixed": st.outcome == "fixed",
