@@ -174,7 +174,7 @@ def _fit_durations(records: Sequence[dict[str, Any]], prior: SimulatorParams, st
 
 def simulate_records(sim: Simulator, episodes: Sequence[Episode], choose: Chooser) -> list[dict[str, Any]]:
     """Decision records, as the controller logs them, from playing ``episodes`` with ``choose``."""
-    records = []
+    records: list[dict[str, Any]] = []
     for task_id, ep in enumerate(episodes):
         st = EpisodeState()
         while not st.done:
