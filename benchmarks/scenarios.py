@@ -1,38 +1,57 @@
-"""The benchmark scenarios. Each returns a flat dict of figures for one run."""
+"""The benchmark scenarios. Each returns a flat dict of figures for one run; raw samples that
+should be pooled across runs (latencies) go under ``samples``."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import orjson
 
-from benchmarks.harness import Bench, wait_until
+from benchmarks.harness import GATE_TYPE, Bench, cpu_used, wait_until
+
+Task = dict[str, Any]
+
+NAMES = ["throughput", "hop", "wide", "big", "scale", "idle"]  # the suite's scenarios, in report order
+
+# Below this many values a "p95" is only the largest: the report calls it that instead.
+MIN_FOR_P95 = 20
+# Figures that carry over from run to run in the same processes and database (memory a process
+# keeps, free space reused): the first run's value is reported beside the median.
+FIRST_RUN_MATTERS = ("_rss_", "bytes_per_task")
 
 
-def doc(name: str, tasks: list[dict[str, Any]]) -> dict[str, Any]:
+def doc(name: str, tasks: list[Task]) -> dict[str, Any]:
     return {"apiVersion": "dagsmith.io/v1", "kind": "Workflow", "metadata": {"name": name}, "spec": {"tasks": tasks}}
 
 
-def independent(n: int) -> list[dict[str, Any]]:
+def independent(n: int) -> list[Task]:
     return [{"name": f"t{i}", "type": "noop"} for i in range(n)]
 
 
-def chain(n: int) -> list[dict[str, Any]]:
+def chain(n: int) -> list[Task]:
     return [{"name": "t0", "type": "noop"}] + [
         {"name": f"t{i}", "type": "noop", "dependsOn": [f"t{i - 1}"]} for i in range(1, n)
     ]
 
 
-def layered(layers: int, width: int) -> list[dict[str, Any]]:
-    tasks = [{"name": f"l0_{j}", "type": "noop"} for j in range(width)]
+def layered(layers: int, width: int) -> list[Task]:
+    tasks: list[Task] = [{"name": f"l0_{j}", "type": "noop"} for j in range(width)]
     for i in range(1, layers):
         deps = [f"l{i - 1}_{j}" for j in range(width)]
         tasks += [{"name": f"l{i}_{j}", "type": "noop", "dependsOn": deps} for j in range(width)]
     return tasks
+
+
+def gated(tasks: list[Task]) -> list[Task]:
+    """The tasks behind one gate task: every root of theirs depends on it (see harness.GATE_TYPE)."""
+    return [{"name": "gate", "type": GATE_TYPE}] + [
+        t if t.get("dependsOn") else {**t, "dependsOn": ["gate"]} for t in tasks
+    ]
 
 
 def pct(values: list[float], q: float) -> float:
@@ -40,6 +59,16 @@ def pct(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def peak_in_flight(intervals: list[tuple[float, float]]) -> int:
+    """The most intervals open at one moment (one ending as another starts: not both counted)."""
+    events = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    peak = open_now = 0
+    for _, step in events:
+        open_now += step
+        peak = max(peak, open_now)
+    return peak
 
 
 def _finished_at(bench: Bench, ids: list[str]) -> float:
@@ -55,30 +84,80 @@ def _submit_many(bench: Bench, docs: list[dict[str, Any]], threads: int = 8) -> 
         return list(pool.map(bench.submit, docs))
 
 
+@dataclass
+class Burst:
+    """Gated workflows run together: times from the database, in epoch seconds."""
+
+    submit_s: float  # submitting every workflow through the API, before the gate opened
+    release: float  # the first gate task started: the burst's start
+    released: float  # the last gate task finished: every workflow free to run
+    finished: list[float]  # each workflow's end
+    peak_in_flight: int  # most workflows between their gate's start and their end at one moment
+
+    @property
+    def wall_s(self) -> float:
+        return max(self.finished) - self.release
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "workflows": len(self.finished),
+            "peak_in_flight": self.peak_in_flight,
+            "submit_s": self.submit_s,
+            "release_s": self.released - self.release,
+            "wall_s": self.wall_s,
+        }
+
+
+def burst(bench: Bench, docs: list[dict[str, Any]], timeout: float = 900) -> Burst:
+    """Submit gated workflows, wait until every one is accepted and its gate queued, then open
+    the gate: the workflows start together, however long submitting them took."""
+    t0 = time.time()
+    ids = _submit_many(bench, docs, threads=16)
+    submitted = time.time() - t0
+    bench.wait_gated(ids)
+    with bench.gate_open():
+        bench.wait_all(ids, timeout=timeout)
+    with bench.pg() as conn:
+        rows = conn.execute(
+            "SELECT extract(epoch FROM g.started_at), extract(epoch FROM g.finished_at), "
+            "extract(epoch FROM w.finished_at) FROM workflows w JOIN tasks g ON g.workflow_id = w.id "
+            "AND g.name = 'gate' WHERE w.id = ANY(%s::uuid[])",
+            (ids,),
+        ).fetchall()
+    starts, gates_done, ends = ([float(v) for v in column] for column in zip(*rows, strict=True))
+    return Burst(
+        submit_s=submitted,
+        release=min(starts),
+        released=max(gates_done),
+        finished=ends,
+        peak_in_flight=peak_in_flight(list(zip(starts, ends, strict=True))),
+    )
+
+
 def throughput_one(bench: Bench, n: int = 5000) -> dict[str, Any]:
     """n independent no-op tasks in one workflow: submit to last result applied, and the CPU each
     part of the system spent per task (where the time goes)."""
-    cpu0 = bench.cpu_by_component()
+    cpu0 = bench.cpu_snapshot()
     t0 = time.time()
     wid = bench.submit(doc("throughput", independent(n)))
     bench.wait_all([wid], timeout=600)
     wall = _finished_at(bench, [wid]) - t0
     elapsed = time.time() - t0
-    cpu = {k: v - cpu0.get(k, 0.0) for k, v in bench.cpu_by_component().items()}
+    cpu = cpu_used(cpu0, bench.cpu_snapshot())
     figures: dict[str, Any] = {"tasks": n, "wall_s": wall, "tasks_per_s": n / wall}
     figures.update({f"cpu_ms_per_task_{k}": 1000 * v / n for k, v in sorted(cpu.items())})
-    figures["cpu_ms_per_task_all"] = 1000 * sum(cpu.values()) / n
-    figures["cores_busy"] = sum(cpu.values()) / elapsed
+    # Postgres's background processes serve every database on the server: not counted as ours.
+    ours = sum(v for k, v in cpu.items() if k != "postgres_background")
+    figures["cpu_ms_per_task_all"] = 1000 * ours / n
+    figures["cores_busy"] = ours / elapsed
     return figures
 
 
 def throughput_spread(bench: Bench, workflows: int = 100, per: int = 50) -> dict[str, Any]:
-    """The same number of tasks spread over concurrent workflows."""
-    t0 = time.time()
-    ids = _submit_many(bench, [doc(f"spread-{i}", independent(per)) for i in range(workflows)])
-    bench.wait_all(ids, timeout=600)
-    wall = _finished_at(bench, ids) - t0
-    return {"tasks": workflows * per, "workflows": workflows, "wall_s": wall, "tasks_per_s": workflows * per / wall}
+    """The same number of tasks spread over workflows that start together: each is a gate task
+    and ``per - 1`` no-ops behind it. Timed from the first gate task's start."""
+    run = burst(bench, [doc(f"spread-{i}", gated(independent(per - 1))) for i in range(workflows)])
+    return {"tasks": workflows * per, **run.figures(), "tasks_per_s": workflows * per / run.wall_s}
 
 
 def hop_latency(bench: Bench, n: int = 200) -> dict[str, Any]:
@@ -93,13 +172,7 @@ def hop_latency(bench: Bench, n: int = 200) -> dict[str, Any]:
             (wid,),
         ).fetchall()
     hops = [(float(rows[i + 1][0]) - float(rows[i][1])) * 1000 for i in range(len(rows) - 1)]
-    return {
-        "tasks": n,
-        "hop_p50_ms": pct(hops, 50),
-        "hop_p95_ms": pct(hops, 95),
-        "hop_max_ms": max(hops),
-        "chain_wall_s": _finished_at(bench, [wid]) - t0,
-    }
+    return {"tasks": n, "chain_wall_s": _finished_at(bench, [wid]) - t0, "samples": {"hop_ms": hops}}
 
 
 def wide(bench: Bench, layers: int = 10, width: int = 500) -> dict[str, Any]:
@@ -120,12 +193,26 @@ def wide(bench: Bench, layers: int = 10, width: int = 500) -> dict[str, Any]:
     }
 
 
-def big_submission(bench: Bench, n: int = 10_000) -> dict[str, Any]:
-    """Validate and persist n tasks; time to first dispatch; memory; bytes per task."""
-    body = orjson.dumps(doc("big", independent(n)))
+def _db_sizes(bench: Bench) -> tuple[int, int, int]:
+    """Bytes of the tasks table (with its indexes and TOAST), of the whole database, and how many
+    times autovacuum has processed the tasks table."""
     with bench.pg() as conn:
-        before = conn.execute("SELECT pg_total_relation_size('tasks')").fetchone()[0]  # type: ignore[index]
-    api_rss0 = bench.rss_mib("api")
+        row = conn.execute(
+            "SELECT pg_total_relation_size('tasks'), pg_database_size(current_database()), "
+            "(SELECT autovacuum_count FROM pg_stat_user_tables WHERE relname = 'tasks')"
+        ).fetchone()
+    return int(row[0]), int(row[1]), int(row[2] or 0)  # type: ignore[index]
+
+
+def big_submission(bench: Bench, n: int = 10_000) -> dict[str, Any]:
+    """Validate and persist n tasks; time to first dispatch; peak memory of the API and the
+    controller over the whole run; database bytes per task once the run has finished."""
+    body = orjson.dumps(doc("big", independent(n)))
+    tasks0, db0, vacuums0 = _db_sizes(bench)
+    services = ("api", "controller")
+    for name in services:
+        bench.reset_peak_rss(name)
+    rss0 = {name: bench.rss_mib(name) for name in services}
     t0 = time.time()
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {bench.stack.token}"}
     response = httpx.post(f"{bench.stack.url}/v1/workflows", content=body, headers=headers, timeout=600)
@@ -141,56 +228,65 @@ def big_submission(bench: Bench, n: int = 10_000) -> dict[str, Any]:
             what="the first dispatch",
             interval=0.01,
         )
-        after = conn.execute("SELECT pg_total_relation_size('tasks')").fetchone()[0]  # type: ignore[index]
-    figures = {
+    bench.wait_all([wid], timeout=900)
+    wall = _finished_at(bench, [wid]) - t0
+    tasks1, db1, vacuums1 = _db_sizes(bench)
+    figures: dict[str, Any] = {
         "tasks": n,
         "body_mib": len(body) / 2**20,
         "accept_s": accepted,
         "first_dispatch_s": float(first) - t0,
-        "api_rss_mib": bench.rss_mib("api"),
-        "api_rss_growth_mib": bench.rss_mib("api") - api_rss0,
-        "controller_rss_mib": bench.rss_mib("controller"),
-        "db_bytes_per_task": (after - before) / n,
+        "wall_s": wall,
+        "tasks_per_s": n / wall,
     }
-    bench.wait_all([wid], timeout=900)
-    figures["wall_s"] = _finished_at(bench, [wid]) - t0
-    figures["tasks_per_s"] = n / figures["wall_s"]
+    for name in services:
+        peak = bench.peak_rss_mib(name)
+        figures[f"{name}_peak_rss_mib"] = peak
+        figures[f"{name}_peak_rss_growth_mib"] = peak - rss0[name]
+    # After the run, so each task's row versions from queued, running and succeeded are in it.
+    figures["tasks_table_bytes_per_task"] = (tasks1 - tasks0) / n
+    figures["database_bytes_per_task"] = (db1 - db0) / n
+    figures["tasks_autovacuums"] = vacuums1 - vacuums0
     return figures
 
 
 def scale_point(bench: Bench, workflows: int, length: int = 5) -> dict[str, Any]:
-    """``workflows`` concurrent chains of ``length`` tasks: throughput and per-workflow latency."""
-    t0 = time.time()
-    ids = _submit_many(bench, [doc(f"scale-{i}", chain(length)) for i in range(workflows)], threads=16)
-    submitted = time.time() - t0
-    bench.wait_all(ids, timeout=900)
-    with bench.pg() as conn:
-        rows = conn.execute(
-            "SELECT extract(epoch FROM finished_at - created_at) FROM workflows WHERE id = ANY(%s::uuid[])", (ids,)
-        ).fetchall()
-    latencies = [float(r[0]) * 1000 for r in rows]
-    wall = _finished_at(bench, ids) - t0
+    """``workflows`` chains of ``length`` tasks (a gate task, then no-ops) started together:
+    throughput, and each workflow's latency from the burst's start."""
+    run = burst(bench, [doc(f"scale-{i}", gated(chain(length - 1))) for i in range(workflows)])
     return {
-        "workflows": workflows,
+        **run.figures(),
         "tasks": workflows * length,
-        "submit_s": submitted,
-        "wall_s": wall,
-        "tasks_per_s": workflows * length / wall,
-        "workflow_p50_ms": pct(latencies, 50),
-        "workflow_p95_ms": pct(latencies, 95),
+        "tasks_per_s": workflows * length / run.wall_s,
+        "samples": {"workflow_ms": [(end - run.release) * 1000 for end in run.finished]},
     }
+
+
+def sleepers(bench: Bench, workflows: int, seconds: float) -> list[str]:
+    return _submit_many(
+        bench,
+        [
+            doc(f"sleep-{i}", [{"name": "wait", "type": "sleep", "params": {"seconds": seconds}}])
+            for i in range(workflows)
+        ],
+    )
+
+
+def warm_sleep(bench: Bench, workflows: int = 10) -> None:
+    """A few short sleep tasks run to the end: the sleep queue declared, connections open, and
+    the running reports' path taken once (the tasks outlast start_report_after)."""
+    bench.wait_all(sleepers(bench, workflows, 0.2), timeout=120)
 
 
 def idle_cost(bench: Bench, workflows: int = 1000, window: float = 30.0) -> dict[str, Any]:
     """Controller CPU while ``workflows`` each wait on a slow running task."""
-    ids = _submit_many(
-        bench,
-        [doc(f"idle-{i}", [{"name": "wait", "type": "sleep", "params": {"seconds": 600}}]) for i in range(workflows)],
-    )
+    ids = sleepers(bench, workflows, 600)
     with bench.pg() as conn:
         wait_until(
             lambda: (
-                conn.execute("SELECT count(*) FROM tasks WHERE status = 'running'").fetchone()[0]  # type: ignore[index]
+                conn.execute(
+                    "SELECT count(*) FROM tasks WHERE workflow_id = ANY(%s::uuid[]) AND status = 'running'", (ids,)
+                ).fetchone()[0]  # type: ignore[index]
                 >= workflows
             ),
             timeout=300,
@@ -209,11 +305,33 @@ def idle_cost(bench: Bench, workflows: int = 1000, window: float = 30.0) -> dict
     return {"workflows": workflows, "window_s": elapsed, "controller_cpu_pct": 100 * cpu / elapsed}
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    """Median and largest of some run-level figures, and their p95 when there are enough runs for
+    it to mean more than the largest."""
+    out = {"median": statistics.median(values)}
+    if len(values) >= MIN_FOR_P95:
+        out["p95"] = pct(values, 95)
+    return {**out, "max": max(values)}
+
+
+def pooled(samples: list[float]) -> dict[str, float]:
+    """Percentiles of every sample of every run together (a p95 of per-run p95s means little)."""
+    out = {"pooled": len(samples), "p50": pct(samples, 50)}
+    if len(samples) >= MIN_FOR_P95:
+        out["p95"] = pct(samples, 95)
+    return {**out, "max": max(samples)}
+
+
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median and p95 of every numeric figure over repeated runs."""
+    """Each figure's median and max over repeated runs (with the first run's where it carries over
+    between runs); samples pooled over all runs."""
     out: dict[str, Any] = {"runs": len(runs)}
     for key in runs[0]:
         values = [r[key] for r in runs if isinstance(r.get(key), int | float)]
         if values:
-            out[key] = {"median": statistics.median(values), "p95": pct(values, 95)}
+            out[key] = spread(values)
+            if any(part in key for part in FIRST_RUN_MATTERS):
+                out[key]["first"] = values[0]
+    for name in runs[0].get("samples", {}):
+        out[name] = pooled([v for r in runs for v in r["samples"][name]])
     return out

@@ -26,11 +26,18 @@ def test_quick_benchmark_run_writes_its_figures(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     (raw,) = (tmp_path / "benchmarks").glob("results-*-quick.json")
-    results = orjson.loads(raw.read_bytes())["results"]
+    data = orjson.loads(raw.read_bytes())
+    meta, results = data["meta"], data["results"]
     one = results["throughput"]["one_workflow"]
     assert one["tasks"]["median"] == 1000
     assert one["tasks_per_s"]["median"] > 0
     assert one["cpu_ms_per_task_all"]["median"] > 0
-    chain = results["hop"]["chain"]
-    assert 0 < chain["hop_p50_ms"]["median"] <= chain["hop_max_ms"]["median"]
+    spread = results["throughput"]["100_workflows"]
+    assert 1 <= spread["peak_in_flight"]["median"] <= 100  # the gate released them: measured, not assumed
+    hops = results["hop"]["chain"]["hop_ms"]
+    assert hops["pooled"] == 199
+    assert 0 < hops["p50"] <= hops["p95"] <= hops["max"]
+    assert len(meta["build"]["commit"]) == 40
+    assert set(meta["postgres_durability"]) == {"fsync", "synchronous_commit", "full_page_writes"}
+    assert meta["settings"]["hop"]["defaults_of_changed"]["executor_concurrency"] == 16
     assert not (tmp_path / "benchmarks.md").exists()  # a quick run never rewrites the report
