@@ -9,8 +9,9 @@ trainer, not in ``executors/``, because they read the simulator's tables.)
 A lab task's params carry its hidden mode (the controller's features never read params). Its
 first attempt always fails, as an episode of the simulator starts with a failure; later attempts
 succeed with the simulator's ``success[mode][action]``, where the corrective action is recognised
-from its physical effect: a larger timeout (retry_tuned), another task type (reroute), repaired
-params (insert_repair), or the time since the last failure (retry_backoff vs retry_now). The
+from what changed since the task's previous attempt: a larger timeout (retry_tuned), another
+task type (reroute), repaired params (insert_repair), or else the time since the last failure
+(retry_backoff vs retry_now). The
 error class reported, and how long a failing attempt runs, are drawn from the mode's
 distributions. Every draw is a hash of (the task's ``luck``, attempt): two batches built with the
 same seed face exactly the same failures, so policies compare pairwise, as in the simulator.
@@ -39,9 +40,13 @@ LAB_TYPES = {  # lab type -> the simulator's task type it plays
 }
 FALLBACK_TYPE = "chaos.lab.alt"
 REPAIR_TYPE = "chaos.lab.repair"
-BACKOFF_SECONDS = 0.15  # a retry this long after the last failure counts as a backoff
+# A retry this long after the last failure counts as a backoff (the lab's backoff starts at 1 s;
+# a plain retry can wait for an executor slot a few hundred milliseconds under load).
+BACKOFF_SECONDS = 0.6
 _PARAMS = SimulatorParams()
 _last_failure: dict[tuple[str, str], float] = {}
+# (timeout, rerouted, repaired) of a task's latest attempt: what the next one is compared with.
+_last_attempt: dict[tuple[str, str], tuple[float | None, bool, bool]] = {}
 
 
 class LabParams(BaseModel):
@@ -68,12 +73,17 @@ def pick(weights: dict[str, float], u: float) -> str:
 
 
 def action_of(params: LabParams, ctx: TaskContext, rerouted: bool) -> str:
-    if rerouted:
-        return "reroute"
-    if params.repaired:
-        return "insert_repair"
-    if ctx.timeout is not None and ctx.timeout > params.base_timeout * 1.5:
-        return "retry_tuned"
+    """The corrective action that led to this attempt, from what changed since the last one (a
+    tuned timeout, a reroute or a repair lasts: a later plain retry must not pass for it again)."""
+    before = _last_attempt.get((params.luck, ctx.name))
+    if before is not None:
+        timeout, was_rerouted, was_repaired = before
+        if rerouted and not was_rerouted:
+            return "reroute"
+        if params.repaired and not was_repaired:
+            return "insert_repair"
+        if ctx.timeout is not None and timeout is not None and ctx.timeout > timeout * 1.5:
+            return "retry_tuned"
     last = _last_failure.get((params.luck, ctx.name))
     waited = time.time() - last if last is not None else 0.0
     return "retry_backoff" if waited >= BACKOFF_SECONDS else "retry_now"
@@ -81,11 +91,11 @@ def action_of(params: LabParams, ctx: TaskContext, rerouted: bool) -> str:
 
 async def run(params: LabParams, ctx: TaskContext, rerouted: bool = False) -> dict[str, Any]:
     mode = params.mode
-    if ctx.attempt > 1:
-        action = action_of(params, ctx, rerouted)
-        if draw(params, ctx, "outcome") < _PARAMS.success[mode][action]:
-            await asyncio.sleep(params.seconds)
-            return {"mode": mode, "fixed_by": action, "attempt": ctx.attempt}
+    action = action_of(params, ctx, rerouted) if ctx.attempt > 1 else None
+    _last_attempt[(params.luck, ctx.name)] = (ctx.timeout or params.base_timeout, rerouted, params.repaired)
+    if action is not None and draw(params, ctx, "outcome") < _PARAMS.success[mode][action]:
+        await asyncio.sleep(params.seconds)
+        return {"mode": mode, "fixed_by": action, "attempt": ctx.attempt}
     low, high = _PARAMS.duration[mode]
     error_class = pick(_PARAMS.error_given_mode[mode], draw(params, ctx, "class"))
     timeout = ctx.timeout or params.base_timeout
@@ -190,7 +200,7 @@ def lab_workflows(n: int, seed: int, mode: str = "rules") -> list[dict[str, Any]
                 "base_timeout": LAB_TIMEOUT,
                 "repaired": False,
             },
-            "retry": {"backoff": {"initial": "200ms", "factor": 2, "max": "2s"}},
+            "retry": {"backoff": {"initial": "1s", "factor": 2, "max": "4s"}},
         }
         if rng.random() < profile.p_fallback:
             task["fallback"] = [FALLBACK_TYPE]

@@ -326,3 +326,33 @@ def test_the_simulator_counts_the_time_budget_from_the_workflows_start_as_the_co
     spent = replace(late, time_before=late.time_budget)  # type: ignore[arg-type]
     valid = mask(sim.context(spent, EpisodeState()))
     assert not valid[A.retry_now.ordinal] and valid[A.abort.ordinal]
+
+
+def test_the_lab_names_the_action_by_what_changed_since_the_last_attempt() -> None:
+    """A tuned timeout, a reroute or a repair lasts; the plain retry after one is still a plain
+    retry (counting it as the earlier action made retry_now look as good as the fix)."""
+    import time
+
+    from executors.registry import TaskContext
+    from trainer import lab
+
+    params = lab.LabParams(mode="resource", luck="t-1")
+
+    def attempt(n: int, timeout: float, rerouted: bool = False, repaired: bool = False) -> str:
+        ctx = TaskContext(1, n, "w", "work", "chaos.lab.ml", timeout)
+        p = params.model_copy(update={"repaired": repaired})
+        action = lab.action_of(p, ctx, rerouted)
+        lab._last_attempt[(p.luck, ctx.name)] = (timeout, rerouted, repaired)
+        lab._last_failure[(p.luck, ctx.name)] = time.time()
+        return action
+
+    lab._last_attempt[(params.luck, "work")] = (0.5, False, False)
+    lab._last_failure[(params.luck, "work")] = time.time()
+    assert attempt(2, 1.0) == "retry_tuned"
+    assert attempt(3, 1.0) == "retry_now"  # the doubled timeout stays; nothing new was tried
+    assert attempt(4, 1.0, repaired=True) == "insert_repair"
+    assert attempt(5, 1.0, repaired=True) == "retry_now"
+    assert attempt(6, 1.0, rerouted=True, repaired=True) == "reroute"
+    assert attempt(7, 1.0, rerouted=True, repaired=True) == "retry_now"
+    lab._last_failure[(params.luck, "work")] = time.time() - 2 * lab.BACKOFF_SECONDS
+    assert attempt(8, 1.0, rerouted=True, repaired=True) == "retry_backoff"
