@@ -152,7 +152,15 @@ def fit(
 
 def _fit_durations(records: Sequence[dict[str, Any]], prior: SimulatorParams, strength: float) -> dict[str, Any]:
     c = prior.costs
-    factor = {A.retry_now: 1.0, A.retry_backoff: 1.0, A.retry_tuned: c.tuned_factor, A.reroute: c.reroute_factor}
+    # The controller logs the fixing attempt's own run time: after a repair that is the task's
+    # plain run (the repair task's time is not in it), so it counts as it is.
+    factor = {
+        A.retry_now: 1.0,
+        A.retry_backoff: 1.0,
+        A.retry_tuned: c.tuned_factor,
+        A.reroute: c.reroute_factor,
+        A.insert_repair: 1.0,
+    }
     sums: dict[str, list[float]] = {}
     for record in records:
         task_type, action = record["features"]["task_type"], A(record["action"])
@@ -163,8 +171,6 @@ def _fit_durations(records: Sequence[dict[str, Any]], prior: SimulatorParams, st
             continue
         if action in factor:
             sums.setdefault(task_type, []).append(seconds / factor[action])
-        elif action is A.insert_repair:
-            sums.setdefault(task_type, []).append(max(seconds - c.repair_seconds, 0.0) / (1 + c.repair_factor))
     types = dict(prior.types)
     for name, values in sums.items():
         base = prior.types[name].seconds
@@ -182,6 +188,9 @@ def simulate_records(sim: Simulator, episodes: Sequence[Episode], choose: Choose
             action = choose(ep, ctx)
             before = (st.task_seconds, st.latency, st.inserted)
             sim.step(ep, st, action)
+            seconds = st.task_seconds - before[0]
+            if action is A.insert_repair and st.outcome == "fixed":
+                seconds = sim.params.types[ep.task_type].seconds  # the controller logs the re-run alone
             records.append(
                 {
                     "id": len(records),
@@ -189,7 +198,7 @@ def simulate_records(sim: Simulator, episodes: Sequence[Episode], choose: Choose
                     "features": ctx.to_dict(),
                     "action": str(action),
                     "fixed": st.outcome == "fixed",
-                    "task_seconds": st.task_seconds - before[0],
+                    "task_seconds": seconds,
                     "latency_added": st.latency - before[1],
                     "inserted": st.inserted - before[2],
                 }

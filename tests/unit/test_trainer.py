@@ -128,6 +128,9 @@ def test_fit_recovers_the_mix_and_outcome_rates(known_world: tuple[SimulatorPara
         assert fitted.mix[mode] == pytest.approx(weight, abs=0.04), mode
     assert fitted.success["degraded_executor"]["reroute"] == pytest.approx(0.5, abs=0.12)
     assert fitted.success["rate_limited"]["retry_backoff"] == pytest.approx(0.85, abs=0.12)
+    # Run times as the controller logs them (a repaired task's re-run alone, not the repair's time)
+    for name, profile in true.types.items():
+        assert fitted.types[name].seconds == pytest.approx(profile.seconds, rel=0.05), name
 
 
 def test_fit_with_few_records_stays_near_the_prior(
