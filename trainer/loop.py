@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -110,6 +111,20 @@ def load_records(conn: sa.Connection, limit: int = 20_000) -> list[dict[str, Any
             }
         )
     return records
+
+
+# Warn when more than this share of the logged decisions are on task types the simulator lacks.
+UNMODELLED_WARN = 0.2
+
+
+def unmodelled_types(records: list[dict[str, Any]], params: SimulatorParams) -> dict[str, Any]:
+    """How many logged decisions are on task types the simulator has no profile for (the policy
+    sees them only as a hashed type bucket), and the commonest of those types."""
+    counts = Counter(r["features"]["task_type"] for r in records if r["features"]["task_type"] not in params.types)
+    return {
+        "share": sum(counts.values()) / len(records) if records else 0.0,
+        "types": [name for name, _ in counts.most_common(5)],
+    }
 
 
 def data_window(records: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -231,6 +246,14 @@ def train_and_gate(
                 f"logged mean {d['real_mean']:.2f}, simulated {d['simulated_mean']:.2f}): the policy "
                 "learns from values the controller does not report"
             )
+    unknown = unmodelled_types(records, params)
+    if unknown["share"] > UNMODELLED_WARN:
+        log(
+            f"warning: {unknown['share']:.0%} of the logged decisions are on task types the simulator does not "
+            f"model ({', '.join(unknown['types'])}): the policy reads them through the type buckets it learnt "
+            "from other types (`dagsmith trainer train --from-db --params FILE` with profiles of these "
+            "types gives it theirs)"
+        )
     sim = Simulator(params)
     valid = sim.episodes(STREAM_VALID, 0, 500)
     best = None
@@ -269,6 +292,7 @@ def train_and_gate(
         "timesteps": timesteps,
         "params": params.to_dict(),
         "drift": drift,
+        "unmodelled_types": unknown,
     }
 
     async def persist() -> bool:

@@ -255,3 +255,14 @@ def test_a_decision_taken_by_argmax_was_certain_and_a_sampled_one_was_not() -> N
     assert argmax.probability_of(ACTIONS[0]) == 1.0 and argmax.probability_of(str(ACTIONS[1])) == 0.0
     sampled = Decision(ACTIONS[0], probs, 0.7, (True,) * 7, "v", sampled=True)
     assert sampled.probability_of(ACTIONS[0]) == 0.7 and sampled.probability_of(ACTIONS[1]) == 0.3
+
+
+def test_decisions_on_types_the_simulator_lacks_are_counted() -> None:
+    from trainer.loop import unmodelled_types
+    from trainer.params import SimulatorParams
+
+    known = record("retry_now", True, ctx=replace(CTX, task_type="http.fetch"))
+    unknown = [record("retry_now", True, ctx=replace(CTX, task_type=t)) for t in ("shell.run", "shell.run", "noop")]
+    summary = unmodelled_types([known, *unknown], SimulatorParams())
+    assert summary == {"share": 0.75, "types": ["shell.run", "noop"]}
+    assert unmodelled_types([], SimulatorParams())["share"] == 0.0
