@@ -127,6 +127,7 @@ def experiment(workflows: int, seed: int, seeds: int, timesteps: int | None, log
                 "off_policy": trained.report.off_policy,
             },
             "activated": trained.activated,
+            "exploration": bench.settings.correction_exploration,
             "records": trained.records,
             "training_seconds": trained.wall_seconds,
             "drift": trained.drift,
@@ -198,6 +199,11 @@ def write_report(result: dict[str, Any], command: str) -> Path:
         f"Policy `{result['version']}`: gate {'passed' if result['gate']['passed'] else 'FAILED'} — "
         f"{result['gate']['reason']}; trained on {result['records']} logged decisions in "
         f"{result['training_seconds']:.0f} s.",
+        "",
+        f"The controller explored with `DAGSMITH_CORRECTION_EXPLORATION={result.get('exploration')}`: "
+        f"{result['gate']['off_policy'].get('explored', 0)} of the {result['gate']['off_policy'].get('decisions', 0)} "
+        "decisions the gate's off-policy check read tried another recovery action than the rules chose "
+        "(in both batches alike).",
         "",
     ]
     if result.get("drift"):
