@@ -19,8 +19,12 @@ The gate a candidate must pass before it may become active:
    than ``max_unsupported`` of the tasks would see the candidate (or the active policy) try a
    recovery action that was never tried there, or there are fewer than ``min_tasks`` tasks, the
    check is impossible and the gate fails, saying so — an untested policy is never activated
-   silently. The simulator is fitted to the same decisions the check reads (its few dozen
-   parameters, not the policy, see them).
+   silently. When the candidate differs from the logging policy in more than ``max_unsupported``
+   of the tasks but exploration tried its choice in fewer than ``min_observed`` of them, the
+   estimate rests on almost nothing there (it is near zero, with an interval narrow for the wrong
+   reason): the check is *inconclusive*, the simulator's verdict stands, and the report says so.
+   The simulator is fitted to the same decisions the check reads (its few dozen parameters, not
+   the policy, see them).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class GateConfig:
     recent_decisions: int = 1000  # the OPE uses at most this many of the latest decisions
     min_tasks: int = 30  # ... of at least this many tasks
     max_unsupported: float = 0.05  # share of tasks where a policy may do what was never tried there
+    min_observed: int = 10  # tasks where exploration tried the candidate's other choice, to judge it
     tolerance: float = 0.02  # reward units: refused if the OPE shows it worse by more than this
     n_boot: int = 2000
 
@@ -172,11 +177,14 @@ def gate(
         active or rules,
         min_tasks=config.min_tasks,
         max_unsupported=config.max_unsupported,
+        min_observed=config.min_observed,
         n_boot=config.n_boot,
     )
     report.off_policy = ope
     if "reason" in ope:
         failures.append(f"off-policy check impossible: {ope['reason']}")
+    elif "inconclusive" in ope:
+        pass  # the simulator's verdict stands; the report says the real data could not tell
     elif ope["difference_high"] < -config.tolerance:
         failures.append(
             f"off-policy estimate on {ope['tasks']} logged tasks shows it worse than the active policy "
@@ -185,13 +193,19 @@ def gate(
         )
     report.passed = not failures
     compared = "the rules and the active policy" if active is not None else "the rules"
-    report.reason = (
-        "; ".join(failures)
-        if failures
-        else f"beats {compared} on held-out simulator episodes; on {ope['tasks']} logged tasks the "
-        f"off-policy estimate does not show it worse (difference 95% CI [{ope['difference_low']:.3f}, "
-        f"{ope['difference_high']:.3f}])"
-    )
+    if failures:
+        report.reason = "; ".join(failures)
+    elif "inconclusive" in ope:
+        report.reason = (
+            f"beats {compared} on held-out simulator episodes; the off-policy check on {ope['tasks']} logged "
+            f"tasks was inconclusive: {ope['inconclusive']}"
+        )
+    else:
+        report.reason = (
+            f"beats {compared} on held-out simulator episodes; on {ope['tasks']} logged tasks the off-policy "
+            f"estimate does not show it worse (difference 95% CI [{ope['difference_low']:.3f}, "
+            f"{ope['difference_high']:.3f}])"
+        )
     return report
 
 

@@ -19,7 +19,11 @@ ran out, or the surgery proved impossible) is the environment's, not the policy'
 the abort whatever the policy chose.
 
 Both policies are estimated on the same trajectories; the 95% interval of their difference comes
-from a bootstrap over trajectories (decisions of one task are not independent).
+from a bootstrap over trajectories (decisions of one task are not independent). Where the
+candidate would act otherwise than the logging policy, its estimate rests on the few tasks where
+exploration happened to try its choice, each with a large weight; with fewer than
+``min_observed`` of them the estimate sits near zero for those tasks and its interval is narrow
+for the wrong reason, so the answer says ``inconclusive`` (the real data cannot tell either way).
 """
 
 from __future__ import annotations
@@ -71,6 +75,10 @@ class TrajectoryEstimate:
     value: float
     supported: bool  # every recovery action the policy may take had a logged propensity
     agreed: bool  # the policy would have taken every logged action (with certainty)
+    # The policy would try a recovery action the logging policy would not have chosen ...
+    differed: bool
+    # ... and exploration tried it there, so the log holds what came of it.
+    observed: bool
 
 
 def estimate_trajectory(
@@ -78,7 +86,7 @@ def estimate_trajectory(
 ) -> TrajectoryEstimate:
     known = {CorrectiveAction.skip: weights.skipped, CorrectiveAction.abort: weights.failed}
     steps: list[tuple[float, CorrectiveAction, float, dict[str, Any]] | None] = []  # None: a forced abort
-    supported, agreed, reach = True, True, 1.0
+    supported, agreed, differed, observed, reach = True, True, False, False, 1.0
     for record in decisions:
         if str(record.get("fallback_reason") or "").startswith(FORCED):
             steps.append(None)
@@ -91,6 +99,10 @@ def estimate_trajectory(
         if reach > 0 and any(pi[a.ordinal] > 0 and mu[a.ordinal] <= 0 for a in ACTIONS if a not in TERMINAL_ACTIONS):
             supported = False
         agreed = agreed and pi[action.ordinal] == 1.0
+        own = max(ACTIONS, key=lambda a: mu[a.ordinal])  # what the logging policy itself chose
+        if reach > 0 and any(pi[a.ordinal] > 0 for a in ACTIONS if a not in TERMINAL_ACTIONS and a is not own):
+            differed = True
+            observed = observed or (action is not own and pi[action.ordinal] > 0)
         ratio = pi[action.ordinal] / mu[action.ordinal] if mu[action.ordinal] > 0 else 0.0
         steps.append((sum(p * known[a] for a, p in zip(ACTIONS, pi, strict=True) if a in known), action, ratio, record))
         reach *= ratio
@@ -104,7 +116,7 @@ def estimate_trajectory(
             value = giving_up
         else:
             value = giving_up + ratio * (decision_reward(record, weights) + value)
-    return TrajectoryEstimate(value, supported, agreed)
+    return TrajectoryEstimate(value, supported, agreed, differed, observed)
 
 
 def off_policy(
@@ -114,6 +126,7 @@ def off_policy(
     *,
     min_tasks: int = 30,
     max_unsupported: float = 0.05,
+    min_observed: int = 10,
     n_boot: int = 2000,
 ) -> dict[str, Any]:
     """Both policies estimated on the same logged trajectories, and the interval of their
@@ -153,6 +166,18 @@ def off_policy(
             )
             return out
         values[name] = np.array([e.value for e in estimates])
+        if name == "candidate":
+            differed, observed = sum(e.differed for e in estimates), sum(e.observed for e in estimates)
+            out.update(differed_candidate=differed, observed_candidate=observed)
+            # The importance weights of a rarely explored action are large and rare: with few
+            # tasks where the log saw it, the estimate is near zero for them and its interval is
+            # narrow for the wrong reason. Then the real data cannot tell, in either direction.
+            if differed > max_unsupported * len(tasks) and observed < min_observed:
+                out["inconclusive"] = (
+                    f"the candidate would try another recovery action than the controller chose in {differed} "
+                    f"of {len(tasks)} tasks, and exploration tried its choice in only {observed} of them "
+                    f"(needs {min_observed}): too little to tell on real decisions"
+                )
     logged = np.array([sum(decision_reward(r) for r in t) for t in tasks])
     diff = values["candidate"] - values["active"]
     rng = np.random.default_rng(0)

@@ -266,3 +266,15 @@ def test_decisions_on_types_the_simulator_lacks_are_counted() -> None:
     summary = unmodelled_types([known, *unknown], SimulatorParams())
     assert summary == {"share": 0.75, "types": ["shell.run", "noop"]}
     assert unmodelled_types([], SimulatorParams())["share"] == 0.0
+
+
+def test_a_policy_whose_choices_were_hardly_ever_tried_is_inconclusive_not_worse() -> None:
+    """With exploration this rare, the log tried the candidate's own choice on a handful of the
+    tasks where it differs: its estimate sits near zero there and the interval is narrow for the
+    wrong reason, so the check says it cannot tell (and does not refuse it as worse)."""
+    records = log_tasks(300, epsilon=0.02)
+    ope = off_policy(records, Always("retry_tuned"), RulesPolicy(), n_boot=200)
+    assert ope["differed_candidate"] > 250 and ope["observed_candidate"] < 10
+    assert "exploration tried its choice in only" in ope["inconclusive"]
+    plenty = off_policy(log_tasks(2000, epsilon=0.3), Always("retry_tuned"), RulesPolicy(), n_boot=200)
+    assert "inconclusive" not in plenty and plenty["observed_candidate"] >= 10
