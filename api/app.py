@@ -9,8 +9,11 @@ from typing import Any
 import structlog
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 import dagsmith
 from api import errors
@@ -20,6 +23,7 @@ from api.middleware import MAX_TARGET_BYTES, Observe, RequestGuard
 from api.models import ErrorResponse
 from api.routes import policies, system, tokens, workflows
 from controller.db import create_engine
+from controller.migrate import schema_state
 from dagsmith.settings import Settings, get_settings
 from dagsmith.spec import WorkflowDocument
 
@@ -58,6 +62,44 @@ async def reject_unknown_query(request: Request) -> None:
         )
 
 
+# SQLSTATEs of a query naming a table or column the database lacks: the schema is older than the
+# code (it was not migrated), which a user can fix, unlike a bug.
+_MISSING_IN_SCHEMA = {"42P01", "42703"}
+
+
+async def _log_schema(db: AsyncEngine) -> None:
+    """Say at start if the schema is not this build's. The API serves on (readyz says 503 until a
+    migration brings it to head, which needs no restart); the controller refuses to start."""
+    try:
+        async with db.connect() as conn:
+            schema = await schema_state(conn)
+    except Exception as exc:  # Postgres is down: readyz says so, and checks the schema once it is up
+        log.warning("schema not checked: postgres unreachable", error=str(exc).splitlines()[0][:200])
+        return
+    if schema.behind:
+        log.error(schema.problem())
+    elif schema.ahead:
+        log.warning(schema.problem())
+
+
+async def _missing_schema(request: Request, exc: Exception) -> JSONResponse:
+    """A query on a table or column the schema lacks: 503 with what to do, if the schema is
+    behind; otherwise the bug it is (500, as any unexpected error)."""
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    if sqlstate in _MISSING_IN_SCHEMA:
+        try:
+            async with request.app.state.dagsmith.db.connect() as conn:
+                schema = await schema_state(conn)
+        except Exception:
+            schema = None
+        if schema is not None and schema.behind:
+            return JSONResponse(errors.error_body("schema_outdated", schema.problem()), status_code=503)
+    log.error("unhandled error", path=request.url.path, exc_info=exc)
+    return JSONResponse(
+        errors.error_body("internal", "internal error; the server log has the details"), status_code=500
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -71,6 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         hub = EventsHub(settings.psycopg_dsn())
         hub.start()
         app.state.dagsmith = AppState(settings=settings, db=db, hub=hub)
+        await _log_schema(db)
         yield
         await hub.stop()
         await db.dispose()
@@ -84,6 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses={414: {"model": ErrorResponse, "description": f"Path and query over {MAX_TARGET_BYTES} bytes."}},
     )
     errors.install(app)
+    app.add_exception_handler(ProgrammingError, _missing_schema)
     app.include_router(workflows.router)
     app.include_router(system.router)
     app.include_router(tokens.router)

@@ -27,6 +27,7 @@ from controller.db import CHANNEL_WORKFLOWS, create_engine, in_transaction, wait
 from controller.dispatch import Publisher
 from controller.engine import Engine, Inbound, RoundResult
 from controller.held import HeldWorkflows
+from controller.migrate import SchemaOutdated, schema_state
 from controller.policies import CHANNEL_POLICIES, PolicyBox
 from dagsmith.amqp import Names, Topology, connect, persistent
 from dagsmith.messages import (
@@ -546,6 +547,17 @@ class Controller:
 
     # --- lifecycle -------------------------------------------------------------------------
 
+    @staticmethod
+    async def _check_schema(db: Any) -> None:
+        """Refuse an older schema before the first query: without the migrations this build needs,
+        that query would fail with a traceback about a missing table."""
+        schema = await in_transaction(db, schema_state, what="the schema check")
+        if schema.behind:
+            await db.dispose()
+            raise SchemaOutdated(schema.problem())
+        if schema.ahead:
+            log.warning(schema.problem())
+
     async def run(self, stop: asyncio.Event) -> None:
         settings = self.settings
         port = serve_metrics(settings.metrics_port, DEFAULT_METRICS_PORT, "controller", settings.metrics_host)
@@ -558,6 +570,7 @@ class Controller:
         if not await wait_for_database(db, stop, service="controller"):
             await db.dispose()
             return
+        await self._check_schema(db)
         self.db = db
         connection = await connect(
             settings.amqp_url.get_secret_value(),

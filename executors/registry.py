@@ -141,10 +141,11 @@ class Registry:
         return sorted(self._specs)
 
     def select(self, patterns: Iterable[str]) -> list[ExecutorSpec]:
-        """The registered types matching the glob patterns (``text.*``, ``noop``); ``!x`` excludes."""
+        """The registered types matching the glob patterns (``text.*``, ``noop``); ``!x`` excludes.
+        Exclusions alone (``!chaos.*``) mean every type but those, as after ``*``."""
         patterns = list(patterns)
-        include = [p for p in patterns if not p.startswith("!")]
         exclude = [p[1:] for p in patterns if p.startswith("!")]
+        include = [p for p in patterns if not p.startswith("!")] or (["*"] if exclude else [])
         return [
             self._specs[name]
             for name in self.types()

@@ -10,9 +10,10 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from api.auth import Reader
-from api.deps import Conn, State
+from api.deps import AppState, Conn, State
 from api.models import ErrorResponse, Executor, Health
 from controller import queries
+from controller.migrate import schema_state
 
 router = APIRouter()
 
@@ -40,18 +41,17 @@ async def healthz() -> Health:
 @router.get(
     "/readyz",
     response_model=Health,
-    responses={503: {"model": Health, "description": "Postgres or RabbitMQ is not reachable."}},
+    responses={
+        503: {
+            "model": Health,
+            "description": "Postgres or RabbitMQ is not reachable, or the schema is not migrated to this build's.",
+        }
+    },
     tags=["system"],
-    summary="Postgres and RabbitMQ are reachable",
+    summary="Postgres and RabbitMQ are reachable and the schema is this build's",
 )
 async def readyz(state: State) -> JSONResponse:
-    checks: dict[str, str] = {}
-    try:
-        async with state.db.connect() as conn:
-            await asyncio.wait_for(conn.execute(sa.text("SELECT 1")), timeout=3)
-        checks["postgres"] = "ok"
-    except Exception as exc:
-        checks["postgres"] = f"unreachable: {type(exc).__name__}"
+    checks = await _postgres_checks(state)
     try:
         connection = await asyncio.wait_for(
             aio_pika.connect(state.settings.amqp_url.get_secret_value(), timeout=3), timeout=4
@@ -65,3 +65,19 @@ async def readyz(state: State) -> JSONResponse:
         Health(status="ok" if ok else "unavailable", checks=checks).model_dump(),
         status_code=200 if ok else 503,
     )
+
+
+async def _postgres_checks(state: AppState) -> dict[str, str]:
+    """Postgres answers, and its schema is the one this build needs.
+
+    The schema is read on every probe (a few small queries): an API started before `dagsmith
+    migrate` becomes ready once the migration has run, without a restart. A ``schema`` check is
+    listed only when the schema is behind, naming both revisions; a ready API's checks stay
+    postgres and rabbitmq."""
+    try:
+        async with state.db.connect() as conn:
+            await asyncio.wait_for(conn.execute(sa.text("SELECT 1")), timeout=3)
+            schema = await asyncio.wait_for(schema_state(conn), timeout=3)
+    except Exception as exc:
+        return {"postgres": f"unreachable: {type(exc).__name__}"}
+    return {"postgres": "ok", "schema": schema.problem()} if schema.behind else {"postgres": "ok"}

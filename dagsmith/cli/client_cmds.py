@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Column, Table
 
 from controller.states import TaskStatus, WorkflowStatus
-from dagsmith.client import Client, ClientError, WaitTimeout
+from dagsmith.client import Backoff, Client, ClientError, WaitTimeout
 from dagsmith.durations import parse_duration
 
 # Messages on stderr are never wrapped: an error is one line, whatever the terminal (or none).
@@ -89,6 +89,17 @@ def _gave_up(wid: str, timeout: str | None) -> NoReturn:
     fail(f"workflow {wid} did not finish within {timeout}; it goes on (dagsmith watch {wid} follows it)", 7)
 
 
+def waiting(deadline: float | None) -> Backoff:
+    """Retries for a command that waits on a workflow: an API that restarts, or a proxy's
+    502/503/504 meanwhile, is waited out (said once per outage) until --timeout, as kubectl wait
+    does, instead of ending the wait with "cannot reach the API"."""
+
+    def notify(exc: ClientError) -> None:
+        console.print(f"[yellow]API unreachable, retrying…[/yellow] ({escape(exc.message)})", highlight=False)
+
+    return Backoff(deadline, notify=notify)
+
+
 def fail(message: str, code: int) -> NoReturn:
     console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(code)
@@ -121,7 +132,17 @@ def handle(exc: ClientError) -> NoReturn:
     code = {0: 3, 404: 4, 422: 2, 413: 2, 415: 2, 401: 5, 403: 5, 409: 6}.get(exc.status, 3)
     # The API speaks of headers; on the command line a token comes from a flag or the environment.
     hint = " — give one with --token or DAGSMITH_TOKEN" if exc.status == 401 else ""
-    fail(exc.message + hint, code)
+    fail(_as_flags(exc.message) + hint, code)
+
+
+# The API names its query parameters; on the command line they are flags.
+_FLAG_SPELLINGS = (("activate it anyway with force", "activate it anyway with --force"),)
+
+
+def _as_flags(message: str) -> str:
+    for api_words, cli_words in _FLAG_SPELLINGS:
+        message = message.replace(api_words, cli_words)
+    return message
 
 
 def _natural(path: str) -> list[Any]:
@@ -129,8 +150,25 @@ def _natural(path: str) -> list[Any]:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path)]
 
 
-def print_json(value: Any) -> None:
-    out.print_json(orjson.dumps(value, default=str).decode())
+def print_json(value: Any, *, plain: bool = False) -> None:
+    """``value`` as indented JSON on stdout: coloured for a person at a terminal, else (and with
+    ``plain``, for --json) written straight as orjson makes it. The same text either way, but
+    rich's highlighting takes seconds per megabyte (25 s for a 3 MB result)."""
+    if plain or not out.is_terminal:
+        write_bytes(orjson.dumps(value, default=str, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        out.print_json(orjson.dumps(value, default=str).decode())
+
+
+def write_bytes(data: bytes) -> None:
+    """UTF-8 bytes to stdout as they are, after what went through its text layer before."""
+    sys.stdout.flush()
+    binary = getattr(sys.stdout, "buffer", None)
+    if binary is None:  # a text-only stream put in its place (by a caller embedding the CLI)
+        sys.stdout.write(data.decode())
+        return
+    binary.write(data)
+    binary.flush()
 
 
 def short(text: str, width: int) -> str:
@@ -193,31 +231,34 @@ def submit(
                 out.print(wid)
             return
         finals = []
+        retry = waiting(deadline)
         for wid in ids:
             try:
-                finals.append(_watch(client, wid, deadline) if watch else _wait(client, wid, deadline))
-            except ClientError as exc:  # the API went away, or the token was revoked, while waiting
+                finals.append(_watch(client, wid, retry) if watch else _wait(client, wid, retry))
+                _print_result(client, wid, retry)
+            except ClientError as exc:  # the token was revoked, or the workflow deleted, while waiting
                 handle(exc)
             except WaitTimeout:
                 _gave_up(wid, timeout)
-            _print_result(client, wid)
         if any(status != "succeeded" for status in finals):
             raise typer.Exit(1)
 
 
-def _wait(client: Client, wid: str, deadline: float | None = None) -> str:
-    """The workflow's final status. Raises WaitTimeout past ``deadline``."""
+def _wait(client: Client, wid: str, retry: Backoff) -> str:
+    """The workflow's final status. Raises WaitTimeout past the deadline of ``retry``, which
+    also waits out the API's absences."""
+    deadline = retry.deadline
     try:
-        for event, data in client.events(wid, deadline=deadline):
+        for event, data in client.events(wid, deadline=deadline, retry=retry):
             if event == "end":
                 return str(data["status"])
     except ClientError as exc:
         if exc.status in (401, 403):
             raise  # not allowed any more: polling would not be either
-        # the stream broke: fall back to polling
+        # no stream to be had (too many streams): fall back to polling
     delay = 0.2
     while True:
-        status = str(client.workflow(wid)["status"])
+        status = str(retry.call(lambda: client.workflow(wid))["status"])
         if status in TERMINAL:
             return status
         if deadline is not None:
@@ -240,8 +281,8 @@ def _states(p: dict[str, int]) -> list[str]:
     return [f"{p[state]} {state}" for state in ("running", "queued", "pending", "failed", "cancelled") if p.get(state)]
 
 
-def _watch(client: Client, wid: str, deadline: float | None = None) -> str:
-    wf = client.workflow(wid)
+def _watch(client: Client, wid: str, retry: Backoff) -> str:
+    wf = retry.call(lambda: client.workflow(wid))
     total = wf["progress"]["total"]
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -263,7 +304,7 @@ def _watch(client: Client, wid: str, deadline: float | None = None) -> str:
 
         def refresh() -> str:
             nonlocal shown
-            w = client.workflow(wid)
+            w = retry.call(lambda: client.workflow(wid))
             for task_type in w.get("waiting_for", []):
                 if task_type not in warned:  # once per type: it is news, not progress
                     warned.add(task_type)
@@ -279,7 +320,7 @@ def _watch(client: Client, wid: str, deadline: float | None = None) -> str:
             return str(w["status"])
 
         try:
-            for event, data in client.events(wid, deadline=deadline):
+            for event, data in client.events(wid, deadline=retry.deadline, retry=retry):
                 if event == "transition" and data["to"] in ("failed",) and data.get("task"):
                     err = (data.get("data") or {}).get("error") or {}
                     where = f"{data['task']} (attempt {data['attempt']})"
@@ -294,16 +335,20 @@ def _watch(client: Client, wid: str, deadline: float | None = None) -> str:
                     last = time.monotonic()
                 if event == "end":
                     break
-        except ClientError:
-            status = _wait(client, wid, deadline)
+        except ClientError as exc:
+            if exc.status in (401, 403):
+                raise
+            status = _wait(client, wid, retry)
         return refresh() if status not in TERMINAL else status
 
 
-def _print_result(client: Client, wid: str) -> None:
+def _print_result(client: Client, wid: str, retry: Backoff) -> None:
     try:
-        result = client.result(wid)
+        result = retry.call(lambda: client.result(wid))
     except ClientError as exc:
         handle(exc)
+    except WaitTimeout:  # it finished, but the API went away before its result could be read
+        fail(f"cannot read the result of workflow {wid} before the timeout; dagsmith result {wid} prints it", 3)
     color = {"succeeded": "green", "failed": "red", "cancelled": "yellow"}.get(result["status"], "white")
     console.print(f"[{color}]{result['status']}[/{color}] · reward {result['total_reward']:.3f}", highlight=False)
     if result.get("error"):
@@ -321,7 +366,7 @@ def status(
     """Show a workflow's status, progress and reward."""
     wf = ask(api, token, lambda client: client.workflow(workflow_id))
     if as_json:
-        print_json(wf)
+        print_json(wf, plain=True)
         return
     p = wf["progress"]
     table = Table(show_header=False, box=None)
@@ -350,15 +395,15 @@ def watch(workflow_id: str, timeout: TimeoutOption = None, api: ApiOption = None
 
     Shows progress until it finishes; exits 1 unless it succeeded.
     """
-    deadline = _deadline(timeout)
+    retry = waiting(_deadline(timeout))
     with connect(api, token) as client:
         try:
-            final = _watch(client, workflow_id, deadline)
+            final = _watch(client, workflow_id, retry)
+            _print_result(client, workflow_id, retry)
         except ClientError as exc:
             handle(exc)
         except WaitTimeout:
             _gave_up(workflow_id, timeout)
-        _print_result(client, workflow_id)
     if final != "succeeded":
         raise typer.Exit(1)
 
@@ -376,13 +421,15 @@ def events(
     if timeout is not None and not follow:
         fail("--timeout goes with --follow", 2)
     deadline = _deadline(timeout)
+    # Following waits out an API that is away; the history alone is one request, as `status` is.
+    retry = waiting(deadline) if follow else None
     with connect(api, token) as client:
         try:
-            for event, data in client.events(workflow_id, after=after, deadline=deadline, follow=follow):
+            for event, data in client.events(workflow_id, after=after, deadline=deadline, follow=follow, retry=retry):
                 if event != "transition":
                     continue
                 if as_json:
-                    out.print(orjson.dumps(data).decode(), highlight=False, markup=False, soft_wrap=True)
+                    write_bytes(orjson.dumps(data) + b"\n")
                     continue
                 who = f"{data['task']} #{data['attempt']}" if data.get("task") else "workflow"
                 why = f"  {data['reason']}" if data.get("reason") else ""
@@ -425,7 +472,7 @@ def dag(
         fail("--format must be json, mermaid or dot", 2)
     graph = ask(api, token, lambda client: client.dag(workflow_id, fmt, revision))
     if fmt == "json":
-        print_json(graph)
+        print_json(graph, plain=True)
     else:
         sys.stdout.write(graph)
 
@@ -466,7 +513,7 @@ def list_(
         except ClientError as exc:
             handle(exc)
     if as_json:
-        print_json(page)
+        print_json(page, plain=True)
         return
     if not page["items"]:
         console.print("no workflows" + (" match" if status_ or name or namespace or label else ""), highlight=False)
@@ -497,6 +544,8 @@ def list_(
             again += ["-l", item]
         if limit != 20:
             again += ["--limit", str(limit)]
+        if api:  # the next page is on the same API (a token is never printed: it is a secret)
+            again += ["--api", api]
         again += ["--cursor", page["next_cursor"]]
         console.print(f"more: {shlex.join(again)}", highlight=False, markup=False)
 
@@ -527,7 +576,7 @@ def tasks(
         except ClientError as exc:
             handle(exc)
     if as_json:
-        print_json({"items": items})
+        print_json({"items": items}, plain=True)
         return
     table = Table("NAME", "TYPE", "STATUS", "ATTEMPT", "REWARD", "ERROR")
     shortened = False
@@ -563,7 +612,7 @@ def executors(
         hour_ago = datetime.now(UTC) - timedelta(hours=1)
         items = [e for e in items if e["alive"] or datetime.fromisoformat(e["last_heartbeat"]) > hour_ago]
     if as_json:
-        print_json(items)
+        print_json(items, plain=True)
         return
     if not items:
         console.print("no executors" + ("" if show_all else " heard from in the last hour (--all shows all)"))

@@ -52,7 +52,7 @@ def prune(
         raise typer.Exit(2)
     try:
         asyncio.run(_prune(age, namespace, statuses, dry_run=dry_run, yes=yes))
-    except (KeyboardInterrupt, typer.Abort):
+    except KeyboardInterrupt:  # while deleting: the batches that committed are gone
         typer.echo("stopped; what was deleted before stays deleted, the rest is untouched", err=True)
         raise typer.Exit(130) from None
 
@@ -87,7 +87,9 @@ async def _prune(
             if not sys.stdin.isatty():
                 typer.echo("error: not deleting without a terminal to ask on; pass --yes", err=True)
                 raise typer.Exit(2)
-            typer.confirm("Delete them?", abort=True, err=True)
+            if not _confirmed():
+                typer.echo("nothing deleted", err=True)
+                return
 
         async def batch(conn: AsyncConnection) -> retention.Pruned:
             return await retention.prune_batch(conn, cutoff, namespaces=namespaces, statuses=statuses)
@@ -105,6 +107,16 @@ async def _prune(
                 break
     finally:
         await db.dispose()
+
+
+def _confirmed() -> bool:
+    """The answer to "Delete them?". No is an answer (exit 0); Ctrl-C or the end of input at the
+    question is not, and exits 130, as an interrupt does, with nothing deleted either way."""
+    try:
+        return typer.confirm("Delete them?", err=True)
+    except typer.Abort:
+        typer.echo("\nnothing deleted", err=True)
+        raise typer.Exit(130) from None
 
 
 def _count(n: int, noun: str) -> str:

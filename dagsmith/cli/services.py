@@ -15,8 +15,9 @@ from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 import typer
+from pydantic import SecretStr
 
-from dagsmith.settings import effective, get_settings, settings_table
+from dagsmith.settings import effective, get_settings, masked, settings_table
 
 
 def run_service(name: str, make: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
@@ -40,6 +41,7 @@ def run_service(name: str, make: Callable[[asyncio.Event], Coroutine[Any, Any, N
     except ImportError:
         factory = None
     from dagsmith.amqp import BrokerUnreachable, StoppedWaiting
+    from dagsmith.errors import DagsmithError
 
     with asyncio.Runner(loop_factory=factory) as runner:
         try:
@@ -49,6 +51,15 @@ def run_service(name: str, make: Callable[[asyncio.Event], Coroutine[Any, Any, N
         except BrokerUnreachable as exc:
             logging.getLogger("dagsmith").error("%s", exc)
             raise typer.Exit(1) from None
+        except DagsmithError as exc:
+            # Imported only now: the executor and evaluator never load SQLAlchemy otherwise.
+            from controller.migrate import SchemaOutdated
+
+            if not isinstance(exc, SchemaOutdated):
+                raise
+            # Something to fix (run migrate), not a crash: one line, exit 2.
+            logging.getLogger("dagsmith").error("%s", exc)
+            raise typer.Exit(2) from None
 
 
 def migrate(
@@ -87,7 +98,7 @@ def migrate(
 
 def api(
     host: Annotated[str | None, typer.Option(help="Bind address [DAGSMITH_API_HOST]")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [DAGSMITH_API_PORT]")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port [DAGSMITH_API_PORT]")] = None,
     workers: Annotated[int, typer.Option(help="Worker processes")] = 1,
 ) -> None:
     """Serve the REST API."""
@@ -216,14 +227,28 @@ def config(
 
     settings = get_settings()  # invalid settings: the CLI's entry point says which, and exits 2
     table = Table("VARIABLE", Column("VALUE", overflow="fold"), "", box=None)
-    for env, value, changed in effective(settings):
+    for env, value, changed in [*effective(settings), *_client_settings()]:
         table.add_row(env, value, "*" if changed else "")
     out.print(table, highlight=False)
 
 
+def _client_settings() -> list[tuple[str, str, bool]]:
+    """The client commands' own settings (DAGSMITH_API, DAGSMITH_TOKEN) as :func:`effective`
+    gives the services': the ones a wrong address or token comes from. The token is masked."""
+    from dagsmith.settings import ClientSettings
+
+    client = ClientSettings()
+    rows = []
+    for name, info in ClientSettings.model_fields.items():
+        value = getattr(client, name)
+        shown = masked(value.get_secret_value()) if isinstance(value, SecretStr) else str(value)
+        rows.append((f"DAGSMITH_{name.upper()}", shown, value != info.get_default(call_default_factory=True)))
+    return rows
+
+
 def dev(
     executors: Annotated[int, typer.Option(help="Executor processes")] = 1,
-    port: Annotated[int | None, typer.Option(help="API port")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="API port")] = None,
     module: Annotated[
         list[str] | None,
         typer.Option("--module", "-m", help="Executors also import this module for its task types (repeatable)"),

@@ -13,7 +13,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TextIO
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TextIO
 
 import typer
 
@@ -42,16 +42,147 @@ def _require_torch() -> None:
         raise typer.Exit(2)
 
 
+def bad_input(message: str) -> NoReturn:
+    """A file given on the command line is not what it should be: one line, exit 2."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
 def load_params(params_file: Path | None, records_file: Path | None) -> SimulatorParams:
     """The simulator's parameters: defaults, or a file, then fitted to records when given."""
     from trainer.params import SimulatorParams
 
-    params = SimulatorParams.from_dict(json.loads(params_file.read_text())) if params_file else SimulatorParams()
+    params = read_params(params_file) if params_file else SimulatorParams()
     if records_file is not None:
-        records = [json.loads(line) for line in records_file.read_text().splitlines() if line.strip()]
-        params = params.fit(records)
+        records = read_records(records_file)
+        try:
+            params = params.fit(records)
+        except (KeyError, TypeError, ValueError) as exc:  # each record was checked: what is left is the set
+            bad_input(f"--records {records_file}: {_reason(exc)}")
         typer.echo(f"fitted the simulator to {len(records)} decision records", err=True)
     return params
+
+
+def read_params(path: Path) -> SimulatorParams:
+    """A params JSON file (``simulator-params.json`` as ``train`` writes it, or part of one)."""
+    from dataclasses import fields
+
+    from trainer.params import SimulatorParams
+
+    where = f"--params {path}"
+    data = _read_json(path, where)
+    if not isinstance(data, dict):
+        bad_input(f"{where}: must be a JSON object of simulator parameters, not {_json_kind(data)}")
+    known = [f.name for f in fields(SimulatorParams)]
+    unknown = sorted(set(data) - set(known))
+    if unknown:  # a misspelt key would otherwise be a TypeError about __init__
+        bad_input(
+            f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} (known: {', '.join(known)})"
+        )
+    try:
+        return SimulatorParams.from_dict(data)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        bad_input(f"{where}: {_reason(exc)}")
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Decision records, one JSON object a line; a bad one is named by its line in the file."""
+    where = f"--records {path}"
+    text = _read_text(path, where)
+    records = []
+    # split("\n"), not splitlines(): the line numbers must be the file's, and splitlines also
+    # breaks at characters (\x0c, \u2028) an editor shows inside a line.
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            bad_input(f"{where} line {number}: not JSON: {exc.msg} (column {exc.colno})")
+        try:
+            check_record(record)
+        except (KeyError, TypeError, ValueError) as exc:
+            bad_input(f"{where} line {number}: {_reason(exc)}")
+        records.append(record)
+    return records
+
+
+def check_record(record: Any) -> None:
+    """What fitting reads of a record, checked here so that an error can name its line."""
+    from controller.correction.actions import CorrectiveAction
+    from controller.correction.features import FailureContext
+
+    if not isinstance(record, dict):
+        raise ValueError(f"a record is a JSON object, not {_json_kind(record)}")
+    missing = [key for key in ("features", "action") if key not in record]
+    if missing:
+        raise ValueError(f"the record has no {' or '.join(map(repr, missing))}")
+    if not isinstance(record["features"], dict):
+        raise ValueError(f"'features' is a JSON object, not {_json_kind(record['features'])}")
+    try:
+        FailureContext.from_dict(record["features"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"'features': {_reason(exc)}") from None
+    try:
+        CorrectiveAction(record["action"])
+    except ValueError:
+        actions = ", ".join(a.value for a in CorrectiveAction)
+        raise ValueError(f"'action' {record['action']!r} is not one of {actions}") from None
+    seconds = record.get("task_seconds", 0.0)
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise ValueError(f"'task_seconds' is a number, not {_json_kind(seconds)}")
+
+
+def load_policies(paths: list[Path], threshold: float) -> list[tuple[str, Any]]:
+    """Each --policy checkpoint, loaded (and so checked) before any costly work starts."""
+    from controller.correction.learned import LearnedPolicy
+
+    policies = []
+    for path in paths:
+        data = _read_bytes(path, f"--policy {path}")
+        try:
+            policy = LearnedPolicy(data, path.stem, confidence_threshold=threshold)
+        except Exception as exc:  # torch.load fails in many ways on a file that is not a checkpoint
+            # The first sentence: torch's go on to suggest loading with weights_only=False, which
+            # would let the file run code.
+            detail = (str(exc).splitlines() or [""])[0].split(". ")[0]
+            bad_input(f"--policy {path} is not a policy checkpoint: {type(exc).__name__}: {detail}".rstrip(": "))
+        policies.append((path.name, policy))
+    return policies
+
+
+def _read_text(path: Path, where: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        bad_input(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start})")
+    except OSError as exc:
+        bad_input(f"{where}: cannot read it: {exc.strerror}")
+
+
+def _read_bytes(path: Path, where: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        bad_input(f"{where}: cannot read it: {exc.strerror}")
+
+
+def _read_json(path: Path, where: str) -> Any:
+    try:
+        return json.loads(_read_text(path, where))
+    except json.JSONDecodeError as exc:
+        bad_input(f"{where}: not JSON: {exc}")
+
+
+def _json_kind(value: Any) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as the first line of its message (a KeyError's is the bare key)."""
+    text = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+    return (text.splitlines() or [type(exc).__name__])[0]
 
 
 @app.command("train")
@@ -60,7 +191,7 @@ def train_cmd(
     out: Annotated[
         Path | None, typer.Option("--out", help="Directory for policies and diagnostics (default: trainer-out)")
     ] = None,
-    timesteps: Annotated[int | None, typer.Option("--timesteps", help="Decisions per seed")] = None,
+    timesteps: Annotated[int | None, typer.Option("--timesteps", min=1, help="Decisions per seed")] = None,
     params_file: ParamsOption = None,
     records_file: RecordsOption = None,
     from_db: Annotated[
@@ -149,12 +280,13 @@ def evaluate_cmd(
     _require_torch()
     from rich.table import Table
 
-    from controller.correction.learned import LearnedPolicy
     from dagsmith.cli.client_cmds import out
     from trainer.baselines import Oracle, always_retry, exponential_backoff, rules, tune_table
     from trainer.evaluate import bootstrap_ci, evaluate, normalised
     from trainer.simulator import STREAM_TEST, STREAM_TRAIN, Simulator
 
+    # Every input is read and checked first: a bad file is said at once, not after the tuning.
+    learned = load_policies(policy or [], threshold)
     params = load_params(params_file, records_file)
     sim = Simulator(params)
     test_sim = Simulator(params.shifted()) if shifted else sim
@@ -166,8 +298,7 @@ def evaluate_cmd(
         ("rules", rules),
         ("tuned table", table),
     ]
-    for path in policy or []:
-        candidates.append((path.name, LearnedPolicy(path.read_bytes(), path.stem, confidence_threshold=threshold)))
+    candidates += learned
     candidates.append(("oracle", Oracle(test_sim)))
     results = {name: evaluate(test_sim, test, name, [chooser]) for name, chooser in candidates}
     zero, one = results["exponential backoff"].rewards.mean(), results["oracle"].rewards.mean()
@@ -192,7 +323,7 @@ def evaluate_cmd(
 def benchmark_cmd(
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Training seeds")] = 5,
     episodes: Annotated[int, typer.Option("--episodes", min=10, help="Held-out episodes per scenario")] = 3000,
-    timesteps: Annotated[int | None, typer.Option("--timesteps", help="Decisions per seed")] = None,
+    timesteps: Annotated[int | None, typer.Option("--timesteps", min=1, help="Decisions per seed")] = None,
     holdout: Annotated[str, typer.Option("--holdout", help="Failure mode held out of training")] = "rate_limited",
     out: Annotated[Path, typer.Option("--out", help="Report directory")] = Path("project_logs/experiments"),
     params_file: ParamsOption = None,
@@ -226,7 +357,7 @@ def serve_cmd(
     interval: Annotated[float | None, typer.Option("--interval", help="[DAGSMITH_TRAINER_INTERVAL]")] = None,
     min_new: Annotated[int | None, typer.Option("--min-new", help="[DAGSMITH_TRAINER_MIN_NEW]")] = None,
     seeds: Annotated[int | None, typer.Option("--seeds", help="[DAGSMITH_TRAINER_SEEDS]")] = None,
-    timesteps: Annotated[int | None, typer.Option("--timesteps", help="[DAGSMITH_TRAINER_TIMESTEPS]")] = None,
+    timesteps: Annotated[int | None, typer.Option("--timesteps", min=1, help="[DAGSMITH_TRAINER_TIMESTEPS]")] = None,
 ) -> None:
     """Run the trainer service.
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -462,3 +463,119 @@ def test_a_refused_token_says_how_to_give_one(stack: Stack) -> None:
         pytest.skip("this stack runs without authentication")
     done = cli(stack, "list", token="not-a-token")
     assert done.returncode == 5 and "give one with --token or DAGSMITH_TOKEN" in done.stderr, done.stderr
+
+
+def test_an_argument_cannot_name_another_resource(stack: Stack) -> None:
+    """`tokens revoke ../workflows/ID` once deleted the workflow: the dots were resolved in the URL."""
+    wid = _submitted(stack, EXAMPLES / "hello.yaml")
+    revoked = cli(stack, "tokens", "revoke", f"../workflows/{wid}")
+    assert revoked.returncode == 4, revoked.stderr  # no such token
+    assert cli(stack, "status", wid).returncode == 0  # the workflow is still there
+    for command in (["tokens", "revoke", ".."], ["status", "."], ["cancel", ".."]):
+        refused = cli(stack, *command)
+        assert refused.returncode == 2 and "is not valid: it would change the URL's path" in refused.stderr
+    empty = cli(stack, "status", "")
+    assert empty.returncode == 2 and empty.stderr.strip() == "error: workflow id is empty", empty.stderr
+
+
+def test_waiting_rides_out_an_api_restart(stack: Stack, tmp_path: Path) -> None:
+    """The API away for a while (a restart) is waited out, said once, as kubectl wait does; the
+    wait goes on from the last event it had and ends with the result."""
+    import queue
+    import threading
+
+    from tests.support.wait import wait_until
+
+    spec = tmp_path / "slow.yaml"
+    spec.write_text(
+        "apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {name: outlasts}\n"
+        "spec:\n  tasks:\n    - {name: s, type: sleep, params: {seconds: 4}}\n"
+        "  output: {slept: '{{ tasks.s.output.slept }}'}\n"
+    )
+    wid = _submitted(stack, spec)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSMITH_")}
+    env.update({"DAGSMITH_API": stack.url, "DAGSMITH_TOKEN": stack.token or ""})
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "dagsmith", "watch", wid, "--timeout", "90s"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    seen: list[str] = []
+
+    def pump(stream: IO[str]) -> None:
+        for line in stream:
+            lines.put(line)
+
+    def printed(text: str) -> bool:
+        while not lines.empty():
+            seen.append(lines.get())
+        return any(text in line for line in seen)
+
+    assert watcher.stderr is not None and watcher.stdout is not None
+    reader = threading.Thread(target=pump, args=(watcher.stderr,), daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: printed("outlasts: "), timeout=30, what="watch to follow the workflow")
+        stack.kill("api")
+        wait_until(lambda: printed("API unreachable, retrying"), timeout=30, what="watch to say it retries")
+        stack.start_api()
+        watcher.wait(timeout=60)
+        reader.join(timeout=10)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+        if not stack.procs["api"].alive():
+            stack.start_api()
+    printed("")  # what came after
+    assert watcher.returncode == 0, "".join(seen)
+    out = watcher.stdout.read()
+    assert json.loads(out) == {"slept": 4}, out
+    assert sum("API unreachable, retrying" in line for line in seen) == 1, "".join(seen)
+    assert "cannot reach the API" not in "".join(seen)
+
+
+def test_prune_answered_no_deletes_nothing(stack: Stack, tmp_path: Path) -> None:
+    import pty
+
+    namespace = f"keep-{os.urandom(4).hex()}"
+    quick = tmp_path / "quick.yaml"
+    quick.write_text(
+        f"apiVersion: dagsmith.io/v1\nkind: Workflow\nmetadata: {{name: w, namespace: {namespace}}}\n"
+        "spec:\n  tasks: [{name: n, type: noop}]\n"
+    )
+    wid = _submitted(stack, quick)
+    assert cli(stack, "watch", wid).returncode == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAGSMITH_")}
+    env["DAGSMITH_DATABASE_URL"] = stack.settings.database_url.get_secret_value()
+    # The question is asked only on a terminal: answer it on one.
+    terminal, answering = pty.openpty()
+    try:
+        asked = subprocess.Popen(
+            [sys.executable, "-m", "dagsmith", "prune", "--older-than", "0s", "-n", namespace],
+            stdin=answering,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        os.write(terminal, b"n\n")
+        _, err = asked.communicate(timeout=60)
+    finally:
+        os.close(answering)
+        os.close(terminal)
+    assert asked.returncode == 0, err
+    assert "Delete them?" in err and err.strip().endswith("nothing deleted") and "stopped" not in err, err
+    assert cli(stack, "status", wid).returncode == 0
+
+
+def test_the_next_page_command_keeps_the_api_given(stack: Stack) -> None:
+    for _ in range(2):
+        _submitted(stack, EXAMPLES / "hello.yaml")
+    listed = cli(stack, "list", "--limit", "1", "--api", stack.url, url="http://127.0.0.1:9")
+    assert listed.returncode == 0, listed.stderr
+    again = shlex.split(listed.stderr.split("more: ")[1].strip())
+    assert again[again.index("--api") + 1] == stack.url
+    assert "--token" not in again  # a secret is never printed

@@ -132,3 +132,14 @@ def test_types_that_need_a_flag_are_neither_declared_nor_accepted_by_name_withou
     assert {"shell.run", "python.call", "chaos.crash"}.isdisjoint(runtime.specs) and "echo" in runtime.specs
     named = CliRunner().invoke(app, ["executor", "--types", "echo,shell.run"])
     assert named.exit_code == 2 and "shell.run runs only on an executor started with --allow-shell" in named.output
+
+
+def test_exclusions_alone_select_every_other_type() -> None:
+    """``--types '!chaos.*'`` means every type but chaos.*, not nothing."""
+    local = Registry()
+    for name in ("chaos.fail", "chaos.crash", "echo", "text.upper"):
+        executor(name, into=local)(lambda params, ctx: None)
+    assert [s.type for s in local.select(["!chaos.*"])] == ["echo", "text.upper"]
+    assert [s.type for s in local.select(["!chaos.*", "!echo"])] == ["text.upper"]
+    assert [s.type for s in local.select(["text.*", "!chaos.*"])] == ["text.upper"]  # includes still limit
+    assert local.select([]) == []  # no pattern at all selects nothing (the CLI says so)
