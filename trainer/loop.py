@@ -15,12 +15,13 @@ The gate a candidate must pass before it may become active:
    would require the interval's *lower* bound above ``-tolerance``, and so refuse nearly every
    policy until thousands of decisions exist): with little data, or little exploration where the
    candidate differs, the interval is wide and the simulator gate decides. The estimate is
-   unbiased only where the controller explored (``DAGSMITH_CORRECTION_EXPLORATION``): when more
-   than ``max_unsupported`` of the tasks would see the candidate (or the active policy) try a
-   recovery action that was never tried there, or there are fewer than ``min_tasks`` tasks, the
-   check is impossible and the gate fails, saying so — an untested policy is never activated
-   silently. When the candidate differs from the logging policy in more than ``max_unsupported``
-   of the tasks but exploration tried its choice in fewer than ``min_observed`` of them, the
+   unbiased only where the controller explored (``DAGSMITH_CORRECTION_EXPLORATION``): tasks
+   logged without exploration are left out whole, and with fewer than ``min_tasks`` tasks left,
+   or when more than ``max_unsupported`` of them would see the candidate (or the active policy)
+   try a recovery action that was never tried there, the check is impossible and the gate fails,
+   saying so — an untested policy is never activated silently. When the candidate differs from
+   the logging policy in more than ``max_unsupported`` of the tasks but exploration tried its
+   choice in fewer than ``min_observed`` of them, the
    estimate rests on almost nothing there (it is near zero, with an interval narrow for the wrong
    reason): the check is *inconclusive*, the simulator's verdict stands, and the report says so.
    The simulator is fitted to the same decisions the check reads (its few dozen parameters, not

@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from controller.correction import ACTIONS, FailureContext
-from controller.correction.actions import TERMINAL_ACTIONS, CorrectiveAction
+from controller.correction.actions import TERMINAL_ACTIONS, CorrectiveAction, mask
+from controller.correction.explore import explorable
 from controller.correction.policy import Policy, one_hot
 from trainer.params import RewardWeights
 
@@ -68,6 +69,19 @@ def _logged_distribution(record: dict[str, Any]) -> list[float]:
     if behaviour:
         return [float(p) for p in behaviour]
     return list(one_hot(CorrectiveAction(record["action"])))  # logged before exploration existed
+
+
+def _exploring(record: dict[str, Any]) -> bool:
+    """Whether the controller explored when it logged this decision: its behaviour distribution
+    gives a chance to more than one action where more than one recovery action was valid. Tasks
+    logged without exploration are left out whole (by when they were logged, not by what
+    happened to them, so leaving them out biases nothing)."""
+    behaviour = record.get("behaviour")
+    if not behaviour:
+        return False
+    if sum(p > 0 for p in behaviour) > 1:
+        return True
+    return len(explorable(mask(FailureContext.from_dict(record["features"])))) <= 1  # nothing to explore
 
 
 @dataclass(frozen=True)
@@ -147,9 +161,15 @@ def off_policy(
         except ValueError:  # another feature schema: not this policy's to judge
             continue
         readable.append(task)
-    out["unreadable"], tasks = len(tasks) - len(readable), readable
+    out["unreadable"] = len(tasks) - len(readable)
+    tasks = [t for t in readable if all(_exploring(r) for r in t)]
+    out["unexplored"] = len(readable) - len(tasks)
     if len(tasks) < min_tasks:
-        out["reason"] = f"only {len(tasks)} tasks with readable decisions (needs {min_tasks})"
+        out["reason"] = (
+            f"only {len(tasks)} tasks logged while the controller explored (needs {min_tasks}; "
+            f"{out['unexplored']} were logged without exploration, DAGSMITH_CORRECTION_EXPLORATION=0 or an "
+            "older build, and say nothing of the actions the rules did not take)"
+        )
         return out
     values = {}
     for name, policy in (("candidate", candidate), ("active", active)):

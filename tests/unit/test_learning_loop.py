@@ -143,13 +143,20 @@ def test_a_worse_policy_is_shown_worse_however_well_it_agrees_on_what_it_keeps()
     assert ope["candidate"] == pytest.approx(value_of(RetryOnceThenAbort()), abs=0.03)
 
 
-def test_without_exploration_a_policy_that_differs_cannot_be_estimated() -> None:
-    records = log_tasks(200, epsilon=0.0)
-    ope = off_policy(records, Always("retry_tuned"), RulesPolicy(), n_boot=100)
-    assert "never tried there" in ope["reason"] and "DAGSMITH_CORRECTION_EXPLORATION" in ope["reason"]
-    # giving up needs no data: its value is known
-    aborting = off_policy(records, Always("abort"), RulesPolicy(), n_boot=100)
-    assert aborting["candidate"] == 0.0 and aborting["difference_high"] < 0
+def test_tasks_logged_without_exploration_are_left_out() -> None:
+    """They say nothing of the actions the rules did not take (an installation with exploration
+    off, or decisions from before it existed); left out whole, by when they were logged."""
+    unexplored = log_tasks(200, epsilon=0.0)
+    ope = off_policy(unexplored, Always("retry_tuned"), RulesPolicy(), n_boot=100)
+    assert "only 0 tasks logged while the controller explored" in ope["reason"]
+    assert "DAGSMITH_CORRECTION_EXPLORATION" in ope["reason"]
+    explored = log_tasks(2000, epsilon=0.3, seed=5)
+    for r in explored:
+        r["task_id"] += 10_000
+    mixed = off_policy(unexplored + explored, Always("retry_tuned"), RulesPolicy(), n_boot=200)
+    assert mixed["unexplored"] == 200 and mixed["tasks"] == 2200
+    truth = value_of(Always("retry_tuned")) - value_of(RulesPolicy())
+    assert mixed["difference_low"] < truth < mixed["difference_high"]
 
 
 def test_a_forced_abort_is_worth_the_abort_whatever_the_policy_chose() -> None:
