@@ -33,6 +33,7 @@ import numpy as np
 
 from controller.correction.actions import CorrectiveAction
 from controller.correction.features import FailureContext
+from trainer.off_policy import trajectories
 from trainer.params import MODES, RERUN_ACTIONS, SimulatorParams
 from trainer.simulator import STREAM_VALID, Chooser, Episode, EpisodeState, Simulator
 
@@ -85,14 +86,6 @@ def emission_loglik(params: SimulatorParams, ctx: FailureContext, mode: str) -> 
     return task_loglik(params, ctx, mode) + step_loglik(params, ctx, mode)
 
 
-def _tasks(records: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Records grouped by task (``task_id``; a record without one stands alone), in decision order."""
-    groups: dict[Any, list[dict[str, Any]]] = {}
-    for i, record in enumerate(records):
-        groups.setdefault(record.get("task_id", ("record", i)), []).append(record)
-    return [sorted(group, key=lambda r: r.get("id", 0)) for group in groups.values()]
-
-
 def fit(
     records: Sequence[dict[str, Any]], prior: SimulatorParams, strength: float = 30.0, iterations: int = 30
 ) -> SimulatorParams:
@@ -101,7 +94,7 @@ def fit(
     forgets that the attempts before it on the same task already failed)."""
     modes = [str(m) for m in MODES]
     tasks = []
-    for group in _tasks(records):
+    for group in trajectories(records):
         steps = []
         for record in group:
             ctx = FailureContext.from_dict(record["features"])

@@ -20,9 +20,6 @@ from dataclasses import replace
 from controller.correction.actions import ACTIONS, TERMINAL_ACTIONS, CorrectiveAction
 from controller.correction.policy import Decision
 
-# The largest exploration rate the settings accept: past it the policy would hardly decide.
-MAX_EXPLORATION = 0.5
-
 
 def explorable(valid: tuple[bool, ...]) -> tuple[CorrectiveAction, ...]:
     """The recovery actions exploration may take in a situation with this validity mask."""
