@@ -111,6 +111,9 @@ class Installation:
             "executor_concurrency": CONCURRENCY,
             "shutdown_grace": 1.0,
             "log_format": "json",
+            # The workload's expected outcomes are what the rules do; an explored action (a retune of
+            # a poison task, say) would be a legitimate outcome these checks do not expect.
+            "correction_exploration": 0.0,
         }
         values.update(overrides)
         self.settings = Settings(**values)
