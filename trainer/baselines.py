@@ -156,7 +156,7 @@ class Oracle:
             cost = w.per_task_second * seconds + w.per_latency_second * latency + w.per_inserted_task * inserted
             success = p[str(action)]
             after = tuple(n + (k == action.ordinal) for k, n in enumerate(counts))
-            q[action] = -cost + success * w.fixed + (1 - success) * self._value(ep, after)
+            q[action] = -cost + success * w.fixed + (1 - success) * (self._value(ep, after) - w.failed_attempt)
         return q
 
     def _value(self, ep: Episode, counts: tuple[int, ...]) -> float:

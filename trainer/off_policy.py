@@ -2,10 +2,11 @@
 
 The unit is a task's *trajectory*: its decisions in order, from the first failure to the end of
 its correction. Each decision's reward is :func:`decision_reward` (1 if it fixed the task, 0.4 if
-it skipped it, 0 otherwise, less what it cost), so a trajectory's return is the simulator's
-episode reward. For a policy ``pi`` the estimate is doubly robust, computed backwards over the
-trajectory, with the logged propensities ``mu`` (the distribution the controller acted from,
-exploration included — ``controller.correction.explore``):
+it skipped it, less a failed attempt's charge if it re-ran the task without fixing it, less what
+it cost), so a trajectory's return is the simulator's episode reward. For a policy ``pi`` the
+estimate is doubly robust, computed backwards over the trajectory, with the logged propensities
+``mu`` (the distribution the controller acted from, exploration included —
+``controller.correction.explore``):
 
     V_t = pi(skip)·0.4 + pi(abort)·0 + [a_t is a recovery action] · pi(a_t)/mu(a_t) · (r_t + V_t+1)
 
@@ -47,8 +48,10 @@ FORCED = ("budget:", "impossible:")
 def decision_reward(record: dict[str, Any], weights: RewardWeights = RewardWeights()) -> float:
     """A logged decision's reward, on the simulator's scale (success dominates; costs subtract)."""
     outcome = weights.fixed if record["fixed"] else weights.skipped if record.get("skipped") else weights.failed
+    rerun_failed = not record["fixed"] and CorrectiveAction(record["action"]) not in TERMINAL_ACTIONS
     return (
         outcome
+        - weights.failed_attempt * rerun_failed
         - weights.per_task_second * record["task_seconds"]
         - weights.per_latency_second * record["latency_added"]
         - weights.per_inserted_task * record["inserted"]

@@ -30,8 +30,10 @@ action succeeds with probability ``success[mode][action]``, the same at every st
 simplification: a failed reroute does not make later retries healthier).
 
 Reward of an episode (``RewardWeights``; success dominates, so it is a guardrail and not just a
-term):  ``R = 1.0 * fixed + 0.4 * skipped - 0.002 * task_seconds - 0.001 * latency_s
-- 0.05 * inserted_tasks``. A failed task (abort, budgets exhausted) earns 0 plus its costs.
+term):  ``R = 1.0 * fixed + 0.4 * skipped - 0.25 * failed_reruns - 0.002 * task_seconds
+- 0.001 * latency_s - 0.05 * inserted_tasks``, where ``failed_reruns`` counts the recovery actions
+that ran the task again without fixing it. A failed task (abort, budgets exhausted) earns 0 plus
+its costs.
 
 Per-action costs, with ``S`` the task type's run time in seconds: retry_now ``S``; retry_backoff
 ``S`` plus a wait of ``20 s * 2**k`` (``k`` earlier backoffs); retry_tuned ``1.5 S`` (timeout x2,
@@ -82,6 +84,20 @@ class RewardWeights:
     per_task_second: float = 0.002
     per_latency_second: float = 0.001
     per_inserted_task: float = 0.05
+    # Charged for every re-run that does not fix the task. The evaluator scores a failed attempt -1
+    # into a workflow's reward; without a charge a hopeless retry costs only its seconds, and a
+    # policy trained on it retried more than the workflows' reward repays. A quarter keeps a fix
+    # worth four failed attempts (success still dominates); see project_logs/experiments/closed_loop.md
+    # for the charges measured.
+    failed_attempt: float = 0.25
+
+    def formula(self) -> str:
+        """The episode reward as a formula, for reports."""
+        return (
+            f"{self.fixed:g} * fixed + {self.skipped:g} * skipped - {self.failed_attempt:g} * failed_reruns "
+            f"- {self.per_task_second:g} * task_seconds - {self.per_latency_second:g} * latency_s "
+            f"- {self.per_inserted_task:g} * inserted_tasks"
+        )
 
 
 @dataclass(frozen=True)

@@ -150,8 +150,8 @@ def markdown(result: BenchmarkResult, command: str, png_name: str) -> str:
         f"it is fixed, skipped or given up. Mode mix: {_mix(result.params.mix)}. Held-out mode: "
         f"`{cfg.holdout_mode}`. Shifted mix: {_mix(result.params.shifted().mix)}.",
         "",
-        "Reward of an episode: `1.0 * fixed + 0.4 * skipped - 0.002 * task_seconds - 0.001 * latency_s "
-        "- 0.05 * inserted_tasks` (a given-up task earns 0 plus its costs).",
+        f"Reward of an episode: `{result.params.reward.formula()}` (a given-up task earns "
+        f"{result.params.reward.failed:g} plus its costs).",
         "",
         *why_table_loses(result),
         "",

@@ -257,6 +257,8 @@ class Simulator:
             if ep.outcome_draws[st.step] < self.params.success[ep.mode][str(action)]:
                 st.outcome = "fixed"
                 reward += w.fixed
+            else:
+                reward -= w.failed_attempt
         st.counts[action.ordinal] += 1
         st.step += 1
         st.total_reward += reward

@@ -11,6 +11,7 @@ from controller.correction.explore import behaviour, explore
 from controller.correction.policy import Decision
 from trainer.loop import GateConfig
 from trainer.off_policy import decision_reward, estimate_trajectory, off_policy
+from trainer.params import RewardWeights
 
 CTX = FailureContext(error_class="transient", task_type="x", max_retries=2, max_surgeries=3, has_tunable=True)
 
@@ -45,7 +46,7 @@ class Always:
 
 # A small world: each recovery action fixes the task with its own chance; the controller decides at
 # most twice per task (then the task fails), each attempt costing one task-second.
-FIXES = {"retry_now": 0.2, "retry_backoff": 0.3, "retry_tuned": 0.8}
+FIXES = {"retry_now": 0.4, "retry_backoff": 0.3, "retry_tuned": 0.8}
 
 
 def context(tried: tuple[int, ...]) -> FailureContext:
@@ -88,7 +89,7 @@ def value_of(policy: Any, tried: tuple[int, ...] = (0,) * len(ACTIONS), step: in
         return 0.0  # out of attempts, or aborted
     p, cost = FIXES[str(action)], 0.002
     after = tuple(t + (a == action) for t, a in zip(tried, ACTIONS, strict=True))
-    return p * (1 - cost) + (1 - p) * (-cost + value_of(policy, after, step + 1))
+    return p * (1 - cost) + (1 - p) * (-cost - RewardWeights().failed_attempt + value_of(policy, after, step + 1))
 
 
 class RetryOnceThenAbort:
@@ -100,8 +101,14 @@ class RetryOnceThenAbort:
 
 
 def test_decision_reward_uses_the_simulator_scale() -> None:
+    w = RewardWeights()
     assert decision_reward(record("retry_now", True, seconds=10)) == pytest.approx(1.0 - 0.02)
+    assert decision_reward(record("retry_now", False, seconds=10)) == pytest.approx(-0.02 - w.failed_attempt)
     assert decision_reward(record("abort", False)) == pytest.approx(-0.002)
+    # A failed re-run is charged as the evaluator charges it; giving up is not a failed attempt.
+    charged = RewardWeights(failed_attempt=1.0)
+    assert decision_reward(record("retry_now", False, seconds=10), charged) == pytest.approx(-1.02)
+    assert decision_reward(record("abort", False), charged) == pytest.approx(-0.002)
 
 
 def test_exploration_tries_only_valid_recovery_actions_and_logs_its_propensities() -> None:
@@ -164,7 +171,8 @@ def test_a_forced_abort_is_worth_the_abort_whatever_the_policy_chose() -> None:
         record("retry_now", False, task_id=1, id=1),
         record("abort", False, task_id=1, id=2, fallback_reason="budget: maxSurgeries 3 reached"),
     ]
-    assert estimate_trajectory(forced, RulesPolicy()).value == pytest.approx(-0.002)
+    failed_retry = -0.002 - RewardWeights().failed_attempt
+    assert estimate_trajectory(forced, RulesPolicy()).value == pytest.approx(failed_retry)
 
 
 def test_off_policy_refuses_without_enough_tasks() -> None:
@@ -217,8 +225,8 @@ def test_the_gate_refuses_a_candidate_worse_than_the_rules_on_held_out_episodes(
 
 def test_off_policy_scores_an_argmax_policy_as_it_acts_not_by_its_distribution() -> None:
     """Deployed deterministically, a policy whose network gives retry_now 0.6 and reroute 0.4
-    always retries: on logs where retrying never fixed anything, its value is 0 — not the 0.4
-    its distribution's share of the reroutes would credit it with."""
+    always retries: on logs where retrying never fixed anything, its value is a failed re-run's
+    charge — not the 0.4 its distribution's share of the reroutes would credit it with."""
     import math
 
     import torch
@@ -243,7 +251,7 @@ def test_off_policy_scores_an_argmax_policy_as_it_acts_not_by_its_distribution()
         record("reroute", True, seconds=0.0, ctx=ctx, task_id=50 + i, behaviour=half) for i in range(50)
     ]
     ope = off_policy(records, candidate, Always("reroute"), n_boot=200)
-    assert ope["candidate"] == pytest.approx(0.0, abs=1e-6)
+    assert ope["candidate"] == pytest.approx(-RewardWeights().failed_attempt, abs=1e-6)
     assert ope["active"] == pytest.approx(1.0, abs=1e-6)
 
 

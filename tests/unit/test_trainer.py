@@ -19,7 +19,7 @@ from dagsmith.cli import app
 from trainer.baselines import Oracle, always_retry, exponential_backoff, rules, tune_table
 from trainer.evaluate import bootstrap_ci, evaluate, normalised, paired_difference_ci
 from trainer.fit import simulate_records
-from trainer.params import SHIFTED_MIX, Mode, SimulatorParams
+from trainer.params import SHIFTED_MIX, Mode, RewardWeights, SimulatorParams
 from trainer.ppo import PPOConfig, greedy_results, train
 from trainer.simulator import STREAM_TEST, STREAM_TRAIN, Episode, EpisodeState, Simulator, VecEnv, episode_keys
 
@@ -225,8 +225,9 @@ def test_the_oracle_beats_every_heuristic_on_held_out_episodes() -> None:
         assert oracle > np.mean([sim.play(ep, chooser).reward for ep in test])
 
 
-def test_oracle_expected_reward_matches_its_play() -> None:
-    sim = Simulator()
+@pytest.mark.parametrize("failed_attempt", [0.0, 1.0])
+def test_oracle_expected_reward_matches_its_play(failed_attempt: float) -> None:
+    sim = Simulator(SimulatorParams(reward=RewardWeights(failed_attempt=failed_attempt)))
     oracle = Oracle(sim)
     episodes = sim.episodes(STREAM_TEST, 2, 1500)
     expected = np.mean([oracle.expected_reward(ep) for ep in episodes])
