@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from controller.surgery import SurgeryConflict, SurgeryError
 from dagsmith.errors import Conflict, Forbidden, NotFound, SpecError
+from dagsmith.validation import describe_error
 
 log = structlog.get_logger(__name__)
 
@@ -60,12 +61,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = [
-            # "Value error, " is how pydantic introduces a validator's own message: not news to a user.
-            {
-                "path": ".".join(str(p) for p in e["loc"]),
-                "message": e["msg"].removeprefix("Value error, "),
-                "code": e["type"],
-            }
+            {"path": ".".join(str(p) for p in e["loc"]), "message": describe_error(e), "code": e["type"]}
             for e in exc.errors()
         ]
         first = problems[0] if problems else None

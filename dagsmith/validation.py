@@ -357,37 +357,43 @@ def _pydantic_problems(exc: ValidationError) -> list[Problem]:
     problems = []
     for err in exc.errors(include_url=False):
         loc = tuple(err["loc"])
-        path = _loc_to_path(loc)
-        message = str(err["msg"]).removeprefix("Value error, ")
+        message = describe_error(err)
         if err["type"] == "extra_forbidden":
             key = str(loc[-1])
-            message = f"unknown field {key!r}"
             close = difflib.get_close_matches(key, _known_keys(loc[:-1]), n=1)
             if close:
                 message += f" (did you mean {close[0]!r}?)"
             elif len(loc) == 1 and key in _known_keys(("spec",)):
                 message += " (it belongs under spec: check the indentation)"
-        elif err["type"] in ("model_type", "model_attributes_type", "dict_type"):
-            message = f"should be an object (key: value pairs), not {_kind(err['input'])}"
-        elif err["type"] == "list_type":
-            message = f"should be a list, not {_kind(err['input'])}"
-            if isinstance(err["input"], str):
-                message += f" (write [{err['input']}])"
-        elif err["type"] == "missing":
-            message = f"required field {str(loc[-1])!r} is missing"
-        elif err["type"] == "string_pattern_mismatch":
-            pattern = err["ctx"]["pattern"]
-            meaning = PATTERN_MEANINGS.get(pattern)
-            message = f"{err['input']!r} does not match {pattern}" + (f" ({meaning})" if meaning else "")
-        elif err["type"] == "literal_error":
-            message = f"{err['input']!r} is not allowed here: {message}"
-        elif err["type"] == "string_type" and isinstance(err["input"], bool):
-            # YAML 1.1 reads a bare yes/no/on/off as a boolean: the user wrote a word.
-            message = (
-                f"should be text, not the boolean {str(err['input']).lower()} (in YAML, quote words like off or yes)"
-            )
-        problems.append(_problem(path, message, str(err["type"])))
+        problems.append(_problem(_loc_to_path(loc), message, str(err["type"])))
     return problems
+
+
+def describe_error(err: Mapping[str, Any]) -> str:
+    """One pydantic error in the words of someone who wrote the document (its path is said apart).
+
+    The spec's validator and the API's other request bodies both speak this way."""
+    message = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = f"unknown field {str(err['loc'][-1])!r}"
+    elif err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        message = f"should be an object (key: value pairs), not {_kind(err['input'])}"
+    elif err["type"] == "list_type":
+        message = f"should be a list, not {_kind(err['input'])}"
+        if isinstance(err["input"], str):
+            message += f" (write [{err['input']}])"
+    elif err["type"] == "missing":
+        message = f"required field {str(err['loc'][-1])!r} is missing"
+    elif err["type"] == "string_pattern_mismatch":
+        pattern = err["ctx"]["pattern"]
+        meaning = PATTERN_MEANINGS.get(pattern)
+        message = f"{err['input']!r} does not match {pattern}" + (f" ({meaning})" if meaning else "")
+    elif err["type"] == "literal_error":
+        message = f"{err['input']!r} is not allowed here: {message}"
+    elif err["type"] == "string_type" and isinstance(err["input"], bool):
+        # YAML 1.1 reads a bare yes/no/on/off as a boolean: the user wrote a word.
+        message = f"should be text, not the boolean {str(err['input']).lower()} (in YAML, quote words like off or yes)"
+    return message
 
 
 def _kind(value: Any) -> str:

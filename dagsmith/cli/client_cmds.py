@@ -8,7 +8,7 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -56,13 +56,16 @@ def connect(api: str | None, token: str | None) -> Client:
 T = TypeVar("T")
 
 
-def ask(api: str | None, token: str | None, call: Callable[[Client], T]) -> T:
-    """One request to the API: its answer, or the error as one line and its exit code."""
+def ask(api: str | None, token: str | None, call: Callable[[Client], T], flags: Mapping[str, str] | None = None) -> T:
+    """One request to the API: its answer, or the error as one line and its exit code.
+
+    ``flags`` names the command's option for each field of the request body, so a refused value
+    is reported as the option the user typed (``--name``), not as the API's field (``body.name``)."""
     with connect(api, token) as client:
         try:
             return call(client)
         except ClientError as exc:
-            handle(exc)
+            handle(exc, flags)
 
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -118,10 +121,15 @@ def check_choice(value: str | None, allowed: tuple[str, ...], flag: str) -> None
     fail(f"{flag} {value!r} is not one of {', '.join(allowed)}{hint}", 2)
 
 
-def handle(exc: ClientError) -> NoReturn:
+def handle(exc: ClientError, flags: Mapping[str, str] | None = None) -> NoReturn:
     if exc.status == 422 and exc.details.get("problems"):
         problems = exc.details["problems"]
-        if len(problems) == 1:
+        if flags:
+            problems = [{**p, "path": _as_flag(p.get("path") or "", flags)} for p in problems]
+        if len(problems) == 1 and flags:
+            where = f"{problems[0]['path']}: " if problems[0]["path"] else ""
+            console.print(f"[red]error:[/red] {escape(where + problems[0]['message'])}", highlight=False)
+        elif len(problems) == 1:
             console.print(f"[red]error:[/red] {escape(exc.message)}", highlight=False)
         else:  # the message names the first; list them all instead, in document order, under its head
             console.print(f"[red]error:[/red] {escape(exc.message.split(': ', 1)[0])}:", highlight=False)
@@ -143,6 +151,17 @@ def _as_flags(message: str) -> str:
     for api_words, cli_words in _FLAG_SPELLINGS:
         message = message.replace(api_words, cli_words)
     return message
+
+
+def _as_flag(path: str, flags: Mapping[str, str]) -> str:
+    """``body.params.x`` as ``--params (x)``; the body as a whole as nothing (the message says
+    what is wrong with it); a path outside the named fields stays as it is."""
+    field, _, rest = path.removeprefix("body").removeprefix(".").partition(".")
+    if not field:
+        return ""
+    if field not in flags:
+        return path
+    return f"{flags[field]} ({rest})" if rest else flags[field]
 
 
 def _natural(path: str) -> list[Any]:

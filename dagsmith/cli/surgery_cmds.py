@@ -10,10 +10,19 @@ from rich.markup import escape
 from rich.table import Table
 
 from dagsmith.cli.client_cmds import ApiOption, TokenOption, ask, console, fail, out, print_json, short
+from dagsmith.durations import parse_duration
 from dagsmith.spec import SURGERY_OPTIONS
 
 # The CLI's name for each option of a surgery request.
-FLAGS = {"params": "--param/--params", "type": "--type", "name": "--name", "delay": "--delay"}
+FLAGS = {
+    "params": "--param/--params",
+    "type": "--type",
+    "name": "--name",
+    "delay": "--delay",
+    "reason": "--reason",
+    "task": "the task argument",
+    "op": "the operation argument",
+}
 
 
 def _params(pairs: list[str], raw: str | None) -> dict[str, Any] | None:
@@ -77,6 +86,8 @@ def surgery(
     if wrong:
         takes = ", ".join(FLAGS[o] for o in SURGERY_OPTIONS[operation])
         fail(f"{operation} does not take {', '.join(wrong)} ({f'it takes {takes}' if takes else 'only --reason'})", 2)
+    if operation in ("replace", "insert") and not task_type:
+        fail(f"{operation} needs --type: the type of the task to run", 2)
     body: dict[str, Any] = {"op": operation, "task": task, "reason": reason}
     merged = _params(param or [], params)
     if merged is not None:
@@ -86,8 +97,12 @@ def surgery(
     if name:
         body["name"] = name
     if delay:
+        try:
+            parse_duration(delay)
+        except ValueError as exc:
+            fail(f"--delay: {exc}", 2)
         body["delay"] = delay
-    done = ask(api, token, lambda client: client.surgery(workflow_id, body))
+    done = ask(api, token, lambda client: client.surgery(workflow_id, body), FLAGS)
     # Said with the word typed: a replace is recorded as the surgery it is, a reroute.
     recorded = "" if done["operation"] == operation else f" (recorded as {done['operation']})"
     console.print(f"revision {done['revision']}: {operation} {done['task']}{recorded}", highlight=False)

@@ -377,6 +377,18 @@ def test_surgery_params_are_text_unless_given_as_json(stack: Stack, tmp_path: Pa
     assert bad.returncode == 2 and "takes a JSON value" in bad.stderr and "Traceback" not in bad.stderr
     wrong = cli(stack, "surgery", wid, "retry", "shout", "--type", "echo")  # named as the CLI spells it
     assert wrong.returncode == 2 and "retry does not take --type (it takes --param/--params, --delay)" in wrong.stderr
+    # What the API refuses is reported as the option that was typed, not as the request's field.
+    refused = cli(stack, "surgery", wid, "insert", "shout", "--type", "Text.Clean", "--name", "2nd")
+    assert refused.returncode == 2, refused.stderr
+    assert "--type: 'Text.Clean' does not match" in refused.stderr and "dotted lowercase words" in refused.stderr
+    assert "--name: '2nd' does not match" in refused.stderr and "body." not in refused.stderr
+    for args, said in (
+        (["retry", "shout", "--delay", "5x"], "--delay: invalid duration '5x'"),
+        (["replace", "shout"], "replace needs --type"),
+        (["retry", "shout", "--reason", "x" * 1001], "--reason: String should have at most 1000 characters"),
+    ):
+        done = cli(stack, "surgery", wid, *args)
+        assert done.returncode == 2 and said in done.stderr, done.stderr
 
 
 def test_tasks_marks_the_error_of_an_earlier_attempt(stack: Stack, tmp_path: Path) -> None:

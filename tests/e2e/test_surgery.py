@@ -186,8 +186,8 @@ def test_refusals_are_clear(client: Client, stack: Stack) -> None:
     cases = [
         ({"op": "skip", "task": "t"}, 422, "not optional"),
         ({"op": "retry", "task": "nope"}, 404, "no task named 'nope'"),
-        ({"op": "replace", "task": "t", "type": "Bad Type"}, 422, "body.type: String should match pattern"),
-        ({"op": "retry", "task": "t\u0000"}, 422, "body.task: String should match pattern"),
+        ({"op": "replace", "task": "t", "type": "Bad Type"}, 422, "body.type: 'Bad Type' does not match"),
+        ({"op": "retry", "task": "t\u0000"}, 422, "body.task: 't\\x00' does not match"),
         ({"op": "retry", "task": "t", "reason": "a\u0000b"}, 422, "body.reason: contains a NUL"),
         ({"op": "insert", "task": "t"}, 422, "needs the type"),
         # An option the operation does not use is refused, not ignored.
