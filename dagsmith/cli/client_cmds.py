@@ -140,7 +140,11 @@ def handle(exc: ClientError, flags: Mapping[str, str] | None = None) -> NoReturn
     code = {0: 3, 404: 4, 422: 2, 413: 2, 415: 2, 401: 5, 403: 5, 409: 6}.get(exc.status, 3)
     # The API speaks of headers; on the command line a token comes from a flag or the environment.
     hint = " — give one with --token or DAGSMITH_TOKEN" if exc.status == 401 else ""
-    fail(_as_flags(exc.message) + hint, code)
+    message = _as_flags(exc.message)
+    field, sep, rest = message.partition(": ")
+    if flags and sep and field in flags:  # "expires_in: invalid duration ..." from a check after parsing
+        message = f"{flags[field]}: {rest}"
+    fail(message + hint, code)
 
 
 # The API names its query parameters; on the command line they are flags.

@@ -31,7 +31,10 @@ def create(
     It is shown once: only its hash is stored.
     """
     created = ask(
-        api, token, lambda client: client.create_token(name, scope or ["read"], namespace or ["default"], expires_in)
+        api,
+        token,
+        lambda client: client.create_token(name, scope or ["read"], namespace or ["default"], expires_in),
+        {"name": "the name argument", "scopes": "--scope", "namespaces": "--namespace", "expires_in": "--expires-in"},
     )
     console.print(
         f"created token [bold]{created['name']}[/bold] (scopes {', '.join(created['scopes'])}; "

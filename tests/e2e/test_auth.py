@@ -235,6 +235,13 @@ def test_cli_tokens(stack: Stack) -> None:
     )
     assert denied.returncode == 5
     assert "revoked" in denied.stderr
+    # Refused values are named as the options that were typed.
+    for args, said in (
+        (["--expires-in", "5000d"], "--expires-in: "),
+        (["--scope", "root"], "--scope (0): 'root' is not allowed here"),
+    ):
+        refused = run("tokens", "create", "refused", *args)
+        assert refused.returncode == 2 and said in refused.stderr, refused.stderr
 
 
 def test_submit_body_stays_json_or_yaml(stack: Stack) -> None:
