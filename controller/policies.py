@@ -26,7 +26,7 @@ from controller.correction import (
     learned_available,
     load_learned_policy,
 )
-from controller.correction.explore import behaviour, explore
+from controller.correction.explore import behaviour, explore, share
 from controller.correction.policy import Decision, Policy, one_hot
 from controller.db import in_transaction
 from controller.schema import policies, policy_activations
@@ -133,8 +133,9 @@ class PolicyBox:
             decision = self.rules.decide(ctx)
             if mode == CorrectionMode.shadow and self.learned is not None:
                 shadow = self.learned.decide(ctx)
-        acted = behaviour(decision, self.exploration)
-        explored = explore(decision, self.exploration, self.rng)
+        epsilon = share(ctx, self.exploration)
+        acted = behaviour(decision, epsilon)
+        explored = explore(decision, epsilon, self.rng)
         if explored is None:
             return Choice(decision, shadow, mode, acted)
         return Choice(explored, shadow, mode, acted, explored=True, proposed=decision.action)

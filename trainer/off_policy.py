@@ -37,7 +37,7 @@ import numpy as np
 
 from controller.correction import ACTIONS, FailureContext
 from controller.correction.actions import TERMINAL_ACTIONS, CorrectiveAction, mask
-from controller.correction.explore import explorable
+from controller.correction.explore import explorable, share
 from controller.correction.policy import Policy, one_hot
 from trainer.params import RewardWeights
 
@@ -84,7 +84,8 @@ def _exploring(record: dict[str, Any]) -> bool:
         return False
     if sum(p > 0 for p in behaviour) > 1:
         return True
-    return len(explorable(mask(FailureContext.from_dict(record["features"])))) <= 1  # nothing to explore
+    ctx = FailureContext.from_dict(record["features"])
+    return share(ctx, 1.0) == 0 or len(explorable(mask(ctx))) <= 1  # nothing it would explore
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ so every recovery action has a known, non-zero propensity.
 
 It never explores into ``skip`` or ``abort``: giving up is not something to try at random, and an
 off-policy estimate does not need it — what giving up is worth is known without data (the task
-ends skipped or failed at once, at no further cost).
+ends skipped or failed at once, at no further cost). Nor does it explore on a ``poison`` failure:
+the task's message crashed every executor that took it, ``DAGSMITH_MAX_DELIVERIES`` times, and a
+random re-run would crash as many again (the policy may still choose one; the rules never do).
 """
 
 from __future__ import annotations
@@ -18,7 +20,16 @@ import random
 from dataclasses import replace
 
 from controller.correction.actions import ACTIONS, TERMINAL_ACTIONS, CorrectiveAction
+from controller.correction.features import FailureContext
 from controller.correction.policy import Decision
+from dagsmith.errors import ErrorClass
+
+NOT_EXPLORED: frozenset[str] = frozenset({ErrorClass.poison})
+
+
+def share(ctx: FailureContext, epsilon: float) -> float:
+    """The exploration share for this failure: ``epsilon``, or 0 where exploring is never done."""
+    return 0.0 if ctx.error_class in NOT_EXPLORED else epsilon
 
 
 def explorable(valid: tuple[bool, ...]) -> tuple[CorrectiveAction, ...]:

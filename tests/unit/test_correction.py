@@ -368,6 +368,24 @@ def test_an_explored_decision_is_logged_with_what_the_policy_chose_and_its_prope
     assert corrector._agreed == corrector._shadowed == 20
 
 
+def test_a_poison_failure_is_never_explored() -> None:
+    """A random re-run of a task whose message crashed every executor that took it would crash
+    as many again: even exploring every time, the controller acts as the policy chose, with
+    certainty, though a tuned re-run is valid there."""
+    import random
+
+    from controller.policies import PolicyBox
+    from dagsmith.spec import CorrectionMode
+
+    poison = replace(ROOMY, error_class="poison")
+    assert mask(poison)[CorrectiveAction.retry_tuned.ordinal]
+    box = PolicyBox(exploration=1.0, rng=random.Random(3))
+    for _ in range(20):
+        choice = box.choose(CorrectionMode.rules, poison)
+        assert not choice.explored and choice.propensity == 1.0
+        assert choice.decision.action == RulesPolicy().decide(poison).action
+
+
 class _Agreeing:
     """A learned policy that always chooses what the rules choose."""
 

@@ -293,3 +293,13 @@ def test_a_policy_whose_choices_were_hardly_ever_tried_is_inconclusive_not_worse
     assert "exploration tried its choice in only" in ope["inconclusive"]
     plenty = off_policy(log_tasks(2000, epsilon=0.3), Always("retry_tuned"), RulesPolicy(), n_boot=200)
     assert "inconclusive" not in plenty and plenty["observed_candidate"] >= 10
+
+
+def test_poison_tasks_count_as_logged_while_exploring() -> None:
+    """The controller never explores on a poison failure, so its certain choice there is all the
+    log could hold: such tasks stay in the check instead of being left out as unexplored."""
+    poison = replace(CTX, error_class="poison", has_fallback=True)  # a tuned re-run or a reroute is valid
+    one_hot_abort = [1.0 if a is CorrectiveAction.abort else 0.0 for a in ACTIONS]
+    records = [record("abort", False, ctx=poison, task_id=i, behaviour=one_hot_abort) for i in range(40)]
+    ope = off_policy(records, RulesPolicy(), RulesPolicy(), n_boot=50)
+    assert ope["unexplored"] == 0 and ope["tasks"] == 40
