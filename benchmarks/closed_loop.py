@@ -202,8 +202,8 @@ def write_report(result: dict[str, Any], command: str) -> Path:
         "",
         f"The controller explored with `DAGSMITH_CORRECTION_EXPLORATION={result.get('exploration')}`: "
         f"{result['gate']['off_policy'].get('explored', 0)} of the {result['gate']['off_policy'].get('decisions', 0)} "
-        "decisions the gate's off-policy check read tried another recovery action than the rules chose "
-        "(in both batches alike).",
+        "decisions the gate's off-policy check read were exploration's draws, uniform over the valid recovery "
+        "actions (the policy's own choice among them; in both batches alike).",
         "",
     ]
     if result.get("drift"):

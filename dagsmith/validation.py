@@ -365,6 +365,10 @@ def _pydantic_problems(exc: ValidationError) -> list[Problem]:
                 message += f" (did you mean {close[0]!r}?)"
             elif len(loc) == 1 and key in _known_keys(("spec",)):
                 message += " (it belongs under spec: check the indentation)"
+        elif err["type"] == "list_type" and isinstance(err["input"], str):
+            message += f" (write [{err['input']}])"
+        elif err["type"] == "string_type" and isinstance(err["input"], bool):
+            message += " (in YAML, quote words like off or yes)"  # YAML 1.1 reads bare yes/no/on/off as booleans
         problems.append(_problem(_loc_to_path(loc), message, str(err["type"])))
     return problems
 
@@ -380,20 +384,23 @@ def describe_error(err: Mapping[str, Any]) -> str:
         message = f"should be an object (key: value pairs), not {_kind(err['input'])}"
     elif err["type"] == "list_type":
         message = f"should be a list, not {_kind(err['input'])}"
-        if isinstance(err["input"], str):
-            message += f" (write [{err['input']}])"
     elif err["type"] == "missing":
         message = f"required field {str(err['loc'][-1])!r} is missing"
     elif err["type"] == "string_pattern_mismatch":
         pattern = err["ctx"]["pattern"]
         meaning = PATTERN_MEANINGS.get(pattern)
-        message = f"{err['input']!r} does not match {pattern}" + (f" ({meaning})" if meaning else "")
+        message = f"{_short(err['input'])} does not match {pattern}" + (f" ({meaning})" if meaning else "")
     elif err["type"] == "literal_error":
-        message = f"{err['input']!r} is not allowed here: {message}"
+        message = f"{_short(err['input'])} is not allowed here: {message}"
     elif err["type"] == "string_type" and isinstance(err["input"], bool):
-        # YAML 1.1 reads a bare yes/no/on/off as a boolean: the user wrote a word.
-        message = f"should be text, not the boolean {str(err['input']).lower()} (in YAML, quote words like off or yes)"
+        message = f"should be text, not the boolean {str(err['input']).lower()}"
     return message
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a refused value is echoed, not a megabyte of it."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 4]}...{text[-1]}"
 
 
 def _kind(value: Any) -> str:

@@ -180,6 +180,7 @@ def gate(
         max_unsupported=config.max_unsupported,
         min_observed=config.min_observed,
         n_boot=config.n_boot,
+        weights=params.reward,
     )
     report.off_policy = ope
     if "reason" in ope:

@@ -74,15 +74,19 @@ def _logged_distribution(record: dict[str, Any]) -> list[float]:
     return list(one_hot(CorrectiveAction(record["action"])))  # logged before exploration existed
 
 
+def _mixed(record: dict[str, Any]) -> bool:
+    """Whether the distribution the controller acted from gave a chance to more than one action."""
+    return sum(p > 0 for p in record.get("behaviour") or ()) > 1
+
+
 def _exploring(record: dict[str, Any]) -> bool:
     """Whether the controller explored when it logged this decision: its behaviour distribution
-    gives a chance to more than one action where more than one recovery action was valid. Tasks
-    logged without exploration are left out whole (by when they were logged, not by what
-    happened to them, so leaving them out biases nothing)."""
-    behaviour = record.get("behaviour")
-    if not behaviour:
+    gives a chance to more than one action wherever it would explore (more than one recovery
+    action valid, and not a poison failure). Tasks logged without exploration are left out whole
+    (by when they were logged, not by what happened to them, so leaving them out biases nothing)."""
+    if not record.get("behaviour"):
         return False
-    if sum(p > 0 for p in behaviour) > 1:
+    if _mixed(record):
         return True
     ctx = FailureContext.from_dict(record["features"])
     return share(ctx, 1.0) == 0 or len(explorable(mask(ctx))) <= 1  # nothing it would explore
@@ -146,6 +150,7 @@ def off_policy(
     max_unsupported: float = 0.05,
     min_observed: int = 10,
     n_boot: int = 2000,
+    weights: RewardWeights = RewardWeights(),
 ) -> dict[str, Any]:
     """Both policies estimated on the same logged trajectories, and the interval of their
     difference. A ``reason`` in the answer says why no estimate could be made."""
@@ -168,16 +173,19 @@ def off_policy(
     out["unreadable"] = len(tasks) - len(readable)
     tasks = [t for t in readable if all(_exploring(r) for r in t)]
     out["unexplored"] = len(readable) - len(tasks)
-    if len(tasks) < min_tasks:
+    # Counted only where a decision shows it: a task whose every decision had nothing to explore
+    # (or was poison) looks the same whether the controller explored or not.
+    exploring = sum(any(_mixed(r) for r in t) for t in tasks)
+    if exploring < min_tasks:
         out["reason"] = (
-            f"only {len(tasks)} tasks logged while the controller explored (needs {min_tasks}; "
+            f"only {exploring} tasks logged while the controller explored (needs {min_tasks}; "
             f"{out['unexplored']} were logged without exploration, DAGSMITH_CORRECTION_EXPLORATION=0 or an "
             "older build, and say nothing of the actions the rules did not take)"
         )
         return out
     values = {}
     for name, policy in (("candidate", candidate), ("active", active)):
-        estimates = [estimate_trajectory(t, policy) for t in tasks]
+        estimates = [estimate_trajectory(t, policy, weights) for t in tasks]
         unsupported = sum(not e.supported for e in estimates) / len(tasks)
         out[f"unsupported_{name}"] = unsupported
         out[f"agreed_{name}"] = sum(e.agreed for e in estimates) / len(tasks)
@@ -202,7 +210,7 @@ def off_policy(
                     f"of {len(tasks)} tasks, and exploration tried its choice in only {observed} of them "
                     f"(needs {min_observed}): too little to tell on real decisions"
                 )
-    logged = np.array([sum(decision_reward(r) for r in t) for t in tasks])
+    logged = np.array([sum(decision_reward(r, weights) for r in t) for t in tasks])
     diff = values["candidate"] - values["active"]
     rng = np.random.default_rng(0)
     boot = np.array([diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(n_boot)])

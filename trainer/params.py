@@ -32,8 +32,8 @@ simplification: a failed reroute does not make later retries healthier).
 Reward of an episode (``RewardWeights``; success dominates, so it is a guardrail and not just a
 term):  ``R = 1.0 * fixed + 0.4 * skipped - 0.25 * failed_reruns - 0.002 * task_seconds
 - 0.001 * latency_s - 0.05 * inserted_tasks``, where ``failed_reruns`` counts the recovery actions
-that ran the task again without fixing it. A failed task (abort, budgets exhausted) earns 0 plus
-its costs.
+that ran the task again without fixing it. A failed task (abort, budgets exhausted) earns 0 less
+its costs and those charges.
 
 Per-action costs, with ``S`` the task type's run time in seconds: retry_now ``S``; retry_backoff
 ``S`` plus a wait of ``20 s * 2**k`` (``k`` earlier backoffs); retry_tuned ``1.5 S`` (timeout x2,

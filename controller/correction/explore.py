@@ -44,8 +44,8 @@ def behaviour(decision: Decision, epsilon: float) -> tuple[float, ...]:
     options = explorable(decision.mask)
     if epsilon <= 0 or not options:
         return tuple(own)
-    share = epsilon / len(options)
-    return tuple((1 - epsilon) * p + (share if a in options else 0.0) for a, p in zip(ACTIONS, own, strict=True))
+    each = epsilon / len(options)
+    return tuple((1 - epsilon) * p + (each if a in options else 0.0) for a, p in zip(ACTIONS, own, strict=True))
 
 
 def explore(decision: Decision, epsilon: float, rng: random.Random) -> Decision | None:

@@ -295,11 +295,22 @@ def test_a_policy_whose_choices_were_hardly_ever_tried_is_inconclusive_not_worse
     assert "inconclusive" not in plenty and plenty["observed_candidate"] >= 10
 
 
-def test_poison_tasks_count_as_logged_while_exploring() -> None:
+def test_poison_tasks_stay_in_the_check_but_do_not_show_exploration() -> None:
     """The controller never explores on a poison failure, so its certain choice there is all the
-    log could hold: such tasks stay in the check instead of being left out as unexplored."""
+    log could hold: such tasks stay in the check instead of being left out as unexplored. They
+    look the same with exploration off, so they do not count towards the tasks the check needs."""
     poison = replace(CTX, error_class="poison", has_fallback=True)  # a tuned re-run or a reroute is valid
     one_hot_abort = [1.0 if a is CorrectiveAction.abort else 0.0 for a in ACTIONS]
-    records = [record("abort", False, ctx=poison, task_id=i, behaviour=one_hot_abort) for i in range(40)]
-    ope = off_policy(records, RulesPolicy(), RulesPolicy(), n_boot=50)
-    assert ope["unexplored"] == 0 and ope["tasks"] == 40
+    poisoned = [record("abort", False, ctx=poison, task_id=-1 - i, behaviour=one_hot_abort) for i in range(40)]
+    alone = off_policy(poisoned, RulesPolicy(), RulesPolicy(), n_boot=50)
+    assert "only 0 tasks logged while the controller explored" in alone["reason"]
+    ope = off_policy(log_tasks(60, epsilon=0.3) + poisoned, RulesPolicy(), RulesPolicy(), n_boot=50)
+    assert "reason" not in ope and ope["unexplored"] == 0 and ope["tasks"] == 100
+
+
+def test_the_check_scores_with_the_weights_it_is_given() -> None:
+    """The gate passes the simulator's reward weights, so both halves judge on one reward."""
+    records = log_tasks(200, epsilon=0.3)
+    free = off_policy(records, RulesPolicy(), RulesPolicy(), n_boot=50, weights=RewardWeights(failed_attempt=0.0))
+    charged = off_policy(records, RulesPolicy(), RulesPolicy(), n_boot=50, weights=RewardWeights(failed_attempt=1.0))
+    assert charged["active"] < free["active"] - 0.1
