@@ -37,7 +37,7 @@ import numpy as np
 
 from controller.correction import ACTIONS, FailureContext
 from controller.correction.actions import TERMINAL_ACTIONS, CorrectiveAction, mask
-from controller.correction.explore import explorable, share
+from controller.correction.explore import NOT_EXPLORED, explorable
 from controller.correction.policy import Policy, one_hot
 from trainer.params import RewardWeights
 
@@ -89,7 +89,7 @@ def _exploring(record: dict[str, Any]) -> bool:
     if _mixed(record):
         return True
     ctx = FailureContext.from_dict(record["features"])
-    return share(ctx, 1.0) == 0 or len(explorable(mask(ctx))) <= 1  # nothing it would explore
+    return ctx.error_class in NOT_EXPLORED or len(explorable(mask(ctx))) <= 1  # nothing it would explore
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,7 @@ def handle(exc: ClientError, flags: Mapping[str, str] | None = None) -> NoReturn
     hint = " — give one with --token or DAGSMITH_TOKEN" if exc.status == 401 else ""
     message = _as_flags(exc.message)
     field, sep, rest = message.partition(": ")
-    if flags and sep and field in flags:  # "expires_in: invalid duration ..." from a check after parsing
+    if flags and sep and field in flags:  # "delay: invalid duration ..." from a check after parsing
         message = f"{flags[field]}: {rest}"
     fail(message + hint, code)
 

@@ -10,7 +10,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from dagsmith.cli.client_cmds import ApiOption, TokenOption, ask, console, fail, out, print_json, short
-from dagsmith.durations import parse_duration
 from dagsmith.spec import SURGERY_OPTIONS
 
 # The CLI's name for each option of a surgery request.
@@ -97,10 +96,6 @@ def surgery(
     if name:
         body["name"] = name
     if delay:
-        try:
-            parse_duration(delay)
-        except ValueError as exc:
-            fail(f"--delay: {exc}", 2)
         body["delay"] = delay
     done = ask(api, token, lambda client: client.surgery(workflow_id, body), FLAGS)
     # Said with the word typed: a replace is recorded as the surgery it is, a reroute.
